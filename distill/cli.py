@@ -1,0 +1,237 @@
+"""``distill`` command line: argparse over the stage functions, no logic of its own.
+
+Every stage's flags are generated from its config dataclass (see config.py), so a flag and a
+pipeline TOML key are the same option; flags win. User errors exit 2 with one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+from . import config as C
+from .format import UserError
+
+DEMO_PIPELINE = "pipelines/demo.toml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):            # argparse's usage errors: one line, exit 2
+        sys.stderr.write(f"distill: error: {self.prog}: {message}\n")
+        sys.exit(2)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per config field; defaults are None so that unset flags do not override the file."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        helptext = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING and f.default not in (None, False, ()):
+            helptext += f" (default: {','.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
+        kw = dict(dest=f.name, default=None, help=helptext)
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        if tp is bool:
+            p.add_argument(flag, action="store_const", const=True, **kw)
+        elif typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
+            p.add_argument(flag, action="append", **kw)
+        else:
+            p.add_argument(flag, **kw)
+    p.add_argument("--config", metavar="PIPELINE.toml", help="read this stage's options from a pipeline file (flags win)")
+
+
+def _stage_config(cls, stage: str, args: argparse.Namespace):
+    layers = []
+    policy = None
+    if args.config:
+        pipe = C.load_pipeline(args.config)
+        layers.append(pipe.stage_layer(stage))
+        policy = pipe.policy
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    layers.append(flags)
+    return C.build(cls, *layers, where=args.config or "flags"), policy
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_make_shards(args) -> int:
+    from .shards import make_shards
+    from .progress import bar
+    pbar = bar(None, "make-shards", "img", args.quiet)
+    index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,
+                               classes_file=args.classes, overwrite=args.overwrite,
+                               progress=pbar.update if pbar else None)
+    if pbar:
+        pbar.close()
+    print(f"wrote {index.num_samples} samples in {len(index.shards)} shard(s) of {index.num_classes} classes to {args.out}; "
+          f"skipped {len(skips)}")
+    reasons: dict[str, int] = {}
+    for s in skips:
+        reasons[s.reason.split(":")[0]] = reasons.get(s.reason.split(":")[0], 0) + 1
+        print(f"  skipped {s.key}: {s.reason}")
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from .cache import cache_teacher
+    cfg, policy = _stage_config(C.CacheConfig, "cache-teacher", args)
+    res = cache_teacher(cfg, policy)
+    print(res.summary())
+    return 1 if res.failed else 0
+
+
+def cmd_filter_labels(args) -> int:
+    from .filter import filter_labels
+    cfg, _ = _stage_config(C.FilterConfig, "filter-labels", args)
+    res = filter_labels(cfg)
+    print(res.summary())
+    return 1 if res.failed else 0
+
+
+def cmd_train_student(args) -> int:
+    from .train import train_student
+    cfg, policy = _stage_config(C.TrainConfig, "train-student", args)
+    res = train_student(cfg, policy)
+    print(res.summary())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .cache import verify_cache
+    res = verify_cache(args.cache_dir, recompute=args.recompute, teacher=args.teacher or (),
+                       teacher_checkpoint=args.teacher_checkpoint or (), seed=args.seed, device=args.device)
+    print(res.summary())
+    return 0 if res.ok else 1
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import describe
+    print(describe(args.path, n=args.n))
+    return 0
+
+
+STAGES = {"filter-labels": (C.FilterConfig, "filter"), "cache-teacher": (C.CacheConfig, "cache"),
+          "train-student": (C.TrainConfig, "train")}
+
+
+def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) -> dict:
+    """Run the stages of a pipeline file in order; returns {stage: result}."""
+    from .cache import cache_teacher
+    from .filter import filter_labels
+    from .train import train_student
+    pipe = C.load_pipeline(path)
+    funcs = {"filter-labels": filter_labels, "cache-teacher": cache_teacher, "train-student": train_student}
+    results = {}
+    for stage in C.STAGE_ORDER:
+        if stage not in pipe.stages or (only and stage not in only):
+            continue
+        cls = STAGES[stage][0]
+        extra = {"quiet": True} if quiet else {}
+        cfg = C.build(cls, pipe.stage_layer(stage), extra, where=f"[{stage}] of {path}")
+        print(f"== {stage}", flush=True)
+        res = funcs[stage](cfg) if stage == "filter-labels" else funcs[stage](cfg, pipe.policy)
+        print(res.summary(), flush=True)
+        results[stage] = res
+        if getattr(res, "failed", None):
+            raise SystemExit(f"distill: {stage} failed; later stages not run")
+    return results
+
+
+def cmd_run(args) -> int:
+    run_pipeline(args.pipeline, args.only, args.quiet)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    path = args.pipeline or DEMO_PIPELINE
+    if not Path(path).exists():
+        raise UserError(f"{path} not found: run distill demo from the repository root (or pass --pipeline)")
+    results = run_pipeline(path, quiet=args.quiet)
+    print("\n== demo summary")
+    if "filter-labels" in results:
+        f = results["filter-labels"]
+        print(f"filter-labels: scored {f.samples} samples, flagged {f.dropped} ({f.dropped / max(f.samples, 1):.1%})")
+    if "cache-teacher" in results:
+        c = results["cache-teacher"]
+        print(f"cache-teacher: {c.records} records ({c.samples} samples x {c.epochs} epochs), "
+              f"{c.bytes_per_record:.1f} bytes/record, {c.records_per_s:,.0f} records/s")
+    if "train-student" in results:
+        t = results["train-student"]
+        print(t.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="distill", description="Offline knowledge distillation: run the teacher once, train students from its cache.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("make-shards", help="image folder tree or CSV -> webdataset shards + index.json",
+                       description="Turn an image-folder tree (one folder per class) or a CSV/TSV of path,label into webdataset shards.")
+    s.add_argument("src", metavar="SRC", help="image folder (one subfolder per class) or CSV/TSV file of path,label")
+    s.add_argument("out", metavar="OUT", help="output directory for <prefix>-%%06d.tar and index.json")
+    s.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    s.add_argument("--keys", choices=["stem", "path"], default="stem", help="sample keys from file stems or relative paths")
+    s.add_argument("--classes", metavar="FILE", help="class names, one per line, in label order (CSV input)")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_make_shards)
+
+    for name, cls, func, text in (
+            ("filter-labels", C.FilterConfig, cmd_filter_labels, "score samples with a model and flag noisy labels"),
+            ("cache-teacher", C.CacheConfig, cmd_cache_teacher, "run the teacher over E augmented epochs; store top-K + seeds"),
+            ("train-student", C.TrainConfig, cmd_train_student, "train a TinyViT student from the cache (or hard labels)")):
+        s = sub.add_parser(name, help=text, description=text)
+        _add_config_flags(s, cls)
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("verify", help="check a cache against its manifest; recompute records with the teacher",
+                       description="Check files, checksums and counts; with --recompute N, recompute N random records.")
+    s.add_argument("cache_dir", metavar="CACHE_DIR")
+    s.add_argument("--recompute", type=int, default=0, metavar="N", help="records to recompute with the teacher")
+    s.add_argument("--teacher", action="append", metavar="SPEC", help="teacher to use (default: the manifest's)")
+    s.add_argument("--teacher-checkpoint", action="append", metavar="PATH")
+    s.add_argument("--seed", type=int, default=0, help="which random records")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("inspect", help="summarise a shard, cache, filter or run directory",
+                       description="Print what a distill directory holds: counts, classes, sizes, sample records.")
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("-n", type=int, default=3, help="example rows to show")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("run", help="run a pipeline TOML file stage by stage", description="Run the stages of a pipeline file in order.")
+    s.add_argument("pipeline", metavar="PIPELINE.toml")
+    s.add_argument("--only", action="append", choices=list(C.STAGE_ORDER), help="run only this stage (repeatable)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="run pipelines/demo.toml on the bundled digits shards",
+                       description="Run the whole pipeline on the bundled demo data and print a summary.")
+    s.add_argument("--pipeline", help=f"pipeline file (default: {DEMO_PIPELINE})")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        sys.stderr.write(f"distill: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("distill: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Stage configs: frozen dataclasses, loaded from pipeline TOML tables and CLI flags alike.
+
+One field = one TOML key (``topk``, ``teacher-input-size``) = one CLI flag (``--topk``,
+``--teacher-input-size``). Flags win over the file. Unknown keys are refused. No torch, no Ray.
+
+A pipeline file has a ``[data]`` table (``train``, ``val`` shard specs), an optional ``[policy]``
+table (augmentation, see ``distill.augment.Policy``) and one table per stage, named like the
+subcommand (``[filter-labels]``, ``[cache-teacher]``, ``[train-student]``), run in that order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .format import UserError, atomic_write_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGE_ORDER = ("filter-labels", "cache-teacher", "train-student")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", metavar: str | None = None, **kw) -> Any:
+    """A config field with the help text its CLI flag shows."""
+    md = {"help": help, "metavar": metavar}
+    if isinstance(default, (list, dict, tuple)) and default != ():
+        return field(default_factory=lambda: default, metadata=md, **kw)
+    return field(default=default, metadata=md, **kw)
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    shards: str = opt(help="directory of .tar shards or a brace pattern (dir/train-{000000..000009}.tar)", metavar="SHARDS")
+    teacher: tuple[str, ...] = opt((), help="teacher spec: TorchScript file, .pt2 export, module.path:callable, or timm:<name>; repeat for an ensemble", metavar="SPEC")
+    out: str = opt(help="cache directory to write", metavar="CACHE_DIR")
+    epochs: int = opt(1, help="augmented views (epochs) per sample")
+    topk: int = opt(10, help="classes stored per record")
+    seed: int = opt(0, help="cache seed: every (sample, epoch) seed derives from it")
+    batch_size: int = opt(64, help="teacher batch size")
+    device: str = opt("auto", help="cpu, cuda, or auto (cuda when available)")
+    workers: int = opt(0, help="Ray workers (0: one per GPU, or one on CPU)")
+    threads: int = opt(0, help="torch intra-op threads per CPU worker (0: cores / workers)")
+    exclude: str | None = opt(None, help="filter-labels output directory: its dropped samples are left out", metavar="FILTER_DIR")
+    ray_address: str | None = opt(None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)", metavar="ADDR")
+    overwrite: bool = opt(False, help="replace an existing cache built with other settings")
+    teacher_checkpoint: tuple[str, ...] = opt((), help="weights for timm: teachers (one per --teacher, in order)", metavar="PATH")
+    teacher_input_size: int = opt(224, help="teacher input resolution")
+    teacher_mean: tuple[float, ...] = opt(IMAGENET_MEAN, help="teacher normalisation mean, comma-separated")
+    teacher_std: tuple[float, ...] = opt(IMAGENET_STD, help="teacher normalisation std, comma-separated")
+    temperature: float = opt(1.0, help="softmax temperature applied to teacher logits")
+    prob_dtype: str = opt("float16", help="stored probability dtype: float16 or float32")
+    policy: str | None = opt(None, help="TOML file with a [policy] table (default: the pipeline's [policy], else timm-like defaults)", metavar="FILE")
+    retries: int = opt(2, help="times a shard is retried after its worker dies")
+    quiet: bool = opt(False, help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a TOML or CLI value to the field's type, or raise UserError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(name, value, inner)
+    try:
+        if origin is tuple:
+            item = args[0]
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()] if item is not str else [value]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(_coerce(name, v, item) for v in value)
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise UserError(f"bad value for {name.replace('_', '-')}: {value!r} (expected {getattr(tp, '__name__', tp)})")
+
+
+def build(cls, *layers: dict[str, Any], where: str = "config"):
+    """Merge layers of {key: value} (later wins; None values are ignored) into a frozen ``cls``."""
+    types = _field_types(cls)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                valid = ", ".join(sorted(k.replace("_", "-") for k in types))
+                raise UserError(f"unknown key {key!r} in {where} (valid: {valid})")
+            if value is not None:
+                merged[name] = _coerce(name, value, types[name])
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"missing required option(s) in {where}: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return cls(**merged)
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config path is a directory, not a TOML file: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pipeline:
+    path: Path
+    data: dict
+    policy: dict | None
+    stages: dict[str, dict]
+
+    def stage_layer(self, stage: str) -> dict:
+        """The stage's table, with [data] filling the shard options it does not set itself."""
+        layer: dict[str, Any] = {}
+        if "train" in self.data:
+            layer["shards"] = self.data["train"]
+        if "val" in self.data and stage == "train-student":
+            layer["val-shards"] = self.data["val"]
+        layer.update(self.stages.get(stage, {}))
+        return layer
+
+
+def load_pipeline(path: str | os.PathLike) -> Pipeline:
+    raw = load_toml(path)
+    allowed = {"data", "policy", *STAGE_ORDER}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise UserError(f"unknown table(s) {unknown} in {path} (valid: {sorted(allowed)})")
+    data = raw.get("data", {})
+    bad = sorted(set(data) - {"train", "val"})
+    if bad:
+        raise UserError(f"unknown key(s) {bad} in [data] of {path} (valid: train, val)")
+    return Pipeline(path=Path(path), data=data, policy=raw.get("policy"),
+                    stages={k: raw[k] for k in STAGE_ORDER if k in raw})
+
+
+def to_dict(cfg) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name.replace("_", "-")] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def write_resolved(cfg, directory: str | os.PathLike, name: str = "config.json") -> None:
+    """Write the resolved config next to a stage's output."""
+    atomic_write_json(Path(directory) / name, to_dict(cfg))
+
+
+def config_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    shards: str = opt(help="directory of .tar shards or a brace pattern", metavar="SHARDS")
+    scorer: tuple[str, ...] = opt((), help="scorer spec (same forms as --teacher); repeat for an ensemble", metavar="SPEC")
+    out: str = opt(help="filter directory to write", metavar="FILTER_DIR")
+    rule: str = opt("confident", help="topk:N (keep when the label is among the N most probable), confident (confident learning on top-K), or both")
+    topk: int = opt(10, help="classes recorded per sample")
+    max_drop_frac: float = opt(0.5, help="never drop more than this fraction of a class")
+    min_per_class: int = opt(1, help="always keep at least this many samples of a class")
+    write_shards: str | None = opt(None, help="also write cleaned shards (flagged samples removed) here", metavar="DIR")
+    scorer_checkpoint: tuple[str, ...] = opt((), help="weights for timm: scorers", metavar="PATH")
+    scorer_input_size: int = opt(224, help="scorer input resolution")
+    scorer_mean: tuple[float, ...] = opt(IMAGENET_MEAN, help="scorer normalisation mean, comma-separated")
+    scorer_std: tuple[float, ...] = opt(IMAGENET_STD, help="scorer normalisation std, comma-separated")
+    crop_pct: float = opt(0.875, help="centre crop fraction of the deterministic scoring view")
+    temperature: float = opt(1.0, help="softmax temperature")
+    batch_size: int = opt(64, help="scorer batch size")
+    device: str = opt("auto", help="cpu, cuda, or auto")
+    workers: int = opt(0, help="Ray workers (0: one per GPU, or one on CPU)")
+    threads: int = opt(0, help="torch threads per CPU worker (0: cores / workers)")
+    ray_address: str | None = opt(None, help="join this Ray cluster (default: $RAY_ADDRESS, else embedded)", metavar="ADDR")
+    overwrite: bool = opt(False, help="replace an existing filter directory")
+    retries: int = opt(2, help="times a shard is retried after its worker dies")
+    quiet: bool = opt(False, help="no progress bar")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    shards: str = opt(help="training shards (directory or brace pattern)", metavar="SHARDS")
+    out: str = opt(help="run directory (checkpoints, metrics.jsonl, summary.json)", metavar="RUN_DIR")
+    cache: str | None = opt(None, help="teacher cache directory (omit with --hard-labels)", metavar="CACHE_DIR")
+    model: str = opt("tinyvit-5m", help="student model: tinyvit-5m, tinyvit-11m, tinyvit-21m, tinyvit-tiny")
+    epochs: int = opt(1, help="training epochs (epoch e uses cached epoch e mod E)")
+    val_shards: str | None = opt(None, help="validation shards, evaluated every epoch", metavar="VAL")
+    image_size: int = opt(224, help="student input size (divisible by 32)")
+    batch_size: int = opt(128, help="batch size per process")
+    lr: float = opt(1e-3, help="peak learning rate (AdamW)")
+    min_lr: float = opt(1e-5, help="final learning rate of the cosine schedule")
+    weight_decay: float = opt(0.05, help="AdamW weight decay (not on norms, biases, attention biases)")
+    warmup_epochs: float = opt(0.0, help="linear warmup length in epochs")
+    clip_grad: float = opt(5.0, help="gradient norm clip (0: off)")
+    alpha: float = opt(0.0, help="weight of the hard-label loss mixed with the soft-target loss")
+    target_fill: str = opt("uniform", help="dense target from top-K: uniform (rest spread over other classes) or renorm")
+    label_smoothing: float = opt(0.1, help="label smoothing of the hard-label loss")
+    hard_labels: bool = opt(False, help="train from the shards' labels, no cache (the baseline)")
+    compare_hard_labels: bool = opt(False, help="also train the same student from hard labels and report both")
+    policy: str | None = opt(None, help="TOML [policy] for --hard-labels runs (cache runs replay the cache's policy)", metavar="FILE")
+    exclude: str | None = opt(None, help="filter-labels output: its dropped samples are left out", metavar="FILTER_DIR")
+    init: str | None = opt(None, help="initial weights (a timm TinyViT checkpoint or ours)", metavar="PATH")
+    drop_path: float | None = opt(None, help="stochastic depth rate (default: the model's)")
+    resume: bool = opt(False, help="continue from RUN_DIR/last.pt")
+    seed: int = opt(0, help="training seed (shuffling, init)")
+    shuffle_buffer: int = opt(1000, help="sample shuffle buffer")
+    loader_workers: int = opt(0, help="DataLoader worker processes")
+    device: str = opt("auto", help="cpu, cuda, or auto")
+    compile: bool = opt(False, help="torch.compile the model")
+    threads: int = opt(0, help="torch intra-op threads (0: default)")
+    quiet: bool = opt(False, help="no progress bar")

@@ -1,0 +1,174 @@
+"""Student models: an explicit registry, optimizer parameter groups, and timm-format initialisation.
+
+    model = create_model("tinyvit-5m", num_classes=100)
+    report = load_init(model, "tiny_vit_5m_224.pth")   # a timm-format checkpoint
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=1e-3)
+
+Importing this package builds nothing and touches no file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distill.models.tinyvit import TinyVit, tinyvit_5m, tinyvit_11m, tinyvit_21m, tinyvit_tiny
+
+__all__ = [
+    "MODELS", "InitReport", "TinyVit", "create_model", "list_models", "load_init", "param_groups",
+    "resize_attention_biases",
+]
+
+# name -> builder(num_classes, img_size=224, drop_path_rate=None)
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "tinyvit-tiny": tinyvit_tiny,
+    "tinyvit-5m": tinyvit_5m,
+    "tinyvit-11m": tinyvit_11m,
+    "tinyvit-21m": tinyvit_21m,
+}
+
+# Classifier parameters: dropped from a checkpoint whose class count differs from the model's.
+HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+NO_DECAY_NAMES = ("attention_biases",)
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(name: str, num_classes: int, img_size: int = 224,
+                 drop_path_rate: float | None = None) -> nn.Module:
+    """Build a registered student. ``drop_path_rate=None`` keeps the model's own default."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return MODELS[name](num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay for weights; none for norms, biases and attention-bias tables.
+
+    A parameter goes to the no-decay group when it is 1-D (norm weights, biases) or its name contains
+    ``attention_biases``. Frozen parameters are left out; empty groups are dropped.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class InitReport:
+    """What ``load_init`` did besides copying tensors one to one."""
+
+    loaded: int = 0
+    dropped_head: list[str] = field(default_factory=list)      # classifier keys left at fresh init
+    resized: list[str] = field(default_factory=list)           # attention-bias tables interpolated
+    ignored: list[str] = field(default_factory=list)           # derived buffers in the file, not needed
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.loaded} tensors"]
+        if self.dropped_head:
+            parts.append(f"dropped head ({', '.join(self.dropped_head)})")
+        if self.resized:
+            parts.append(f"resized {len(self.resized)} attention-bias tables")
+        return "; ".join(parts)
+
+
+def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
+    """Initialise ``model`` from a timm-format checkpoint (``.pth``/``.bin``, or ``.safetensors``).
+
+    The file holds a state dict, or a dict with it under ``'model'`` or ``'state_dict'``. A leading
+    ``module.`` (DDP) is stripped. The classifier (``head.fc``) is dropped when its class count differs;
+    attention-bias tables are resized by bicubic interpolation over the offset grid when window sizes
+    differ. Any other missing, unexpected or mis-shaped tensor raises ValueError.
+    """
+    state = _read_state_dict(path)
+    target = model.state_dict()
+    report = InitReport()
+    out: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+
+    for key, value in state.items():
+        if key.endswith("attention_bias_idxs"):
+            report.ignored.append(key)
+            continue
+        if key not in target:
+            (report.dropped_head if key in HEAD_KEYS else unexpected).append(key)
+            continue
+        want = target[key].shape
+        if value.shape == want:
+            out[key] = value
+        elif key in HEAD_KEYS:
+            report.dropped_head.append(key)
+        elif key.endswith("attention_biases") and value.ndim == 2 and value.shape[0] == want[0]:
+            out[key] = resize_attention_biases(value, want[1])
+            report.resized.append(key)
+        else:
+            mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
+
+    # A file without a classifier (saved headless) is fine: the model keeps its fresh one.
+    report.dropped_head += [k for k in HEAD_KEYS if k in target and k not in state]
+    missing = [k for k in target if k not in out and k not in report.dropped_head
+               and not k.endswith("num_batches_tracked")]
+    if unexpected or missing or mismatched:
+        lines = [f"checkpoint {os.fspath(path)} does not fit {type(model).__name__}:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                lines.append(f"  {label}: {shown}")
+        raise ValueError("\n".join(lines))
+
+    full = dict(target)
+    full.update(out)
+    model.load_state_dict(full, strict=True)
+    report.loaded = len(out)
+    return report
+
+
+def resize_attention_biases(table: torch.Tensor, new_len: int) -> torch.Tensor:
+    """(heads, w*w) -> (heads, new_w*new_w): bicubic over the w x w offset grid (as timm's filter does)."""
+    heads, old_len = table.shape
+    old_w, new_w = round(old_len ** 0.5), round(new_len ** 0.5)
+    if old_w * old_w != old_len or new_w * new_w != new_len:
+        raise ValueError(f"attention-bias tables must cover square windows, got {old_len} -> {new_len} offsets")
+    grid = table.float().reshape(1, heads, old_w, old_w)
+    grid = F.interpolate(grid, size=(new_w, new_w), mode="bicubic", align_corners=False, antialias=True)
+    return grid.reshape(heads, new_len).to(table.dtype)
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import load_file  # optional dependency, only for this format
+
+        state: Any = load_file(os.fspath(path))
+    else:
+        # Tensors only, no arbitrary pickles; timm's training checkpoints also carry an argparse.Namespace.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{os.fspath(path)}: holds objects other than tensors; save its state dict "
+                                 f"alone and load that ({str(e).splitlines()[0]})") from e
+    if isinstance(state, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{os.fspath(path)}: not a state dict (nor a dict with one under 'model' or 'state_dict')")
+    prefix = "module."
+    if state and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
