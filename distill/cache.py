@@ -38,8 +38,9 @@ class ViewProducer(threading.Thread):
     images and one batch of views."""
 
     def __init__(self, path, *, policy, epochs, cache_seed, size, mean, std, batch_size, num_classes,
-                 exclude, out_queue, samples: list):
+                 exclude, out_queue, samples: list, center_crop: float | None = None):
         super().__init__(daemon=True)
+        self.center_crop = center_crop
         self.path, self.policy, self.epochs, self.cache_seed = path, policy, epochs, cache_seed
         self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
         self.num_classes, self.exclude, self.q = num_classes, exclude, out_queue
@@ -104,7 +105,10 @@ class ViewProducer(threading.Thread):
             try:
                 src = augment.SourceImage(item.data)
                 seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
-                params = [augment.decode(self.policy, s, src.width, src.height) for s in seeds]
+                if self.center_crop:
+                    params = [augment.decode_center(src.width, src.height, self.center_crop)] * self.epochs
+                else:
+                    params = [augment.decode(self.policy, s, src.width, src.height) for s in seeds]
                 src.at(min(augment.draft_factor(p, self.size) for p in params))   # the finest decode any epoch needs
             except Exception as e:
                 self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}", item_shard(self.path)))
@@ -128,7 +132,7 @@ class CacheWorker:
     """One teacher replica. ``run`` processes one whole shard for all epochs."""
 
     def __init__(self, *, specs, device, threads, temperature, policy, epochs, cache_seed, input_size, mean, std,
-                 batch_size, topk, num_classes, prob_dtype, exclude=(), progress=None):
+                 batch_size, topk, num_classes, prob_dtype, exclude=(), center_crop=None, progress=None):
         import torch
         from . import teachers
         if threads:
@@ -140,6 +144,7 @@ class CacheWorker:
         self.mean, self.std, self.batch_size, self.topk = tuple(mean), tuple(std), batch_size, topk
         self.num_classes, self.prob_dtype, self.progress = num_classes, prob_dtype, progress
         self.exclude = frozenset(exclude)
+        self.center_crop = center_crop
 
     def probe(self) -> int:
         return self.ens.output_width(self.size)
@@ -155,7 +160,7 @@ class CacheWorker:
         prod = ViewProducer(path, policy=self.policy, epochs=self.epochs, cache_seed=self.cache_seed,
                             size=self.size, mean=self.mean, std=self.std, batch_size=self.batch_size,
                             num_classes=self.num_classes, exclude=self.exclude,
-                            out_queue=q, samples=samples)
+                            out_queue=q, samples=samples, center_crop=self.center_crop)
         prod.start()
         ids, probs, lprobs = {}, {}, {}
         teacher_s = 0.0
@@ -243,12 +248,18 @@ def _validate(cfg: CacheConfig) -> None:
         raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers (std > 0)")
 
 
-def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None) -> CacheResult:
+def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_crop: float | None = None) -> CacheResult:
+    """Build (or resume) a teacher cache. ``center_crop``: score one deterministic centre view per
+    sample instead of augmented views (the filter-labels scoring pass)."""
     from . import teachers
     t_wall = time.perf_counter()
     _validate(cfg)
     paths, index = shardio.resolve_shards(cfg.shards)
     policy = load_policy(cfg.policy, policy_table)
+    if center_crop is not None:
+        if not 0 < center_crop <= 1:
+            raise UserError(f"--crop-pct must be in (0, 1], got {center_crop}")
+        policy = augment.Policy(size=cfg.teacher_input_size, auto_augment=None, hflip=0.0, re_prob=0.0)
     specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint)
     teacher_ident = teachers.identity(specs)
     exclude = read_excluded_keys(cfg.exclude) if cfg.exclude else set()
@@ -261,6 +272,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None) -> CacheRe
         "teacher": {"members": teacher_ident, "input_size": cfg.teacher_input_size,
                     "mean": list(cfg.teacher_mean), "std": list(cfg.teacher_std), "temperature": cfg.temperature},
         "policy": {"canonical": policy.canonical(), "id": policy.id, "version": augment.POLICY_VERSION},
+        "view": {"center_crop": center_crop} if center_crop else {"augment": True},
         "topk": cfg.topk, "temperature": cfg.temperature, "prob_dtype": cfg.prob_dtype,
         "epochs": cfg.epochs, "cache_seed": cfg.seed,
         "shard_set": names,
@@ -287,7 +299,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None) -> CacheRe
                     policy=policy.canonical(), epochs=cfg.epochs, cache_seed=cfg.seed,
                     input_size=cfg.teacher_input_size, mean=cfg.teacher_mean, std=cfg.teacher_std,
                     batch_size=cfg.batch_size, topk=cfg.topk, num_classes=len(classes) if classes else 0,
-                    prob_dtype=cfg.prob_dtype, exclude=exclude)
+                    prob_dtype=cfg.prob_dtype, exclude=exclude, center_crop=center_crop)
 
         # a teacher whose width does not match the classes is refused before any work
         state = {"num_classes": len(classes) if classes else None}

@@ -1,0 +1,168 @@
+"""``filter_labels(cfg)``: score every sample with a scorer model on a deterministic centre view,
+flag noisy labels from the top-K scores, write FILTER_DIR.
+
+The scoring pass is cache-teacher's engine with one centre view per sample (so it runs on Ray,
+embedded or a cluster, and resumes per shard); its cache lives in ``FILTER_DIR/scoring/``. The
+decision pass (distill.filtering) streams over those files.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import filtering
+from .cache import cache_teacher
+from .config import CacheConfig, FilterConfig
+from .format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, UserError,
+                     atomic_write_bytes, atomic_write_json, decode_cache_shard, ipc_bytes, read_ipc)
+from .reader import open_cache
+
+SCORING_DIR = "scoring"
+
+
+@dataclass
+class FilterResult:
+    out: Path
+    samples: int
+    dropped: int
+    rule: str
+    per_class: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    shards_written: int = 0
+
+    def summary(self) -> str:
+        frac = self.dropped / self.samples if self.samples else 0.0
+        worst = sorted(self.per_class, key=lambda c: -c["dropped_frac"])[:3]
+        lines = [f"filter: {self.out}",
+                 f"  scored {self.samples} samples, rule {self.rule}: flagged {self.dropped} ({frac:.1%}), "
+                 f"skipped {self.skipped}, wall {self.wall_s:.1f}s",
+                 "  most dropped classes: " + ", ".join(f"{c['name']} {c['dropped_frac']:.0%}" for c in worst)]
+        if self.shards_written:
+            lines.append(f"  wrote {self.shards_written} cleaned shard(s)")
+        if self.failed:
+            lines.append("  FAILED: " + "; ".join(self.failed))
+        return "\n".join(lines)
+
+
+def _scoring_chunks(cache) -> callable:
+    def chunks():
+        for name in cache.shard_names:
+            t = cache.shard_table(name, epochs=[0], columns=["key", "label", "label_prob", "topk_idx", "topk_prob"])
+            k = cache.topk
+            yield {"key": t.column("key"), "shard": name,
+                   "label": t.column("label").to_numpy(),
+                   "label_prob": t.column("label_prob").to_numpy(),
+                   "topk_idx": t.column("topk_idx").combine_chunks().values.to_numpy().reshape(-1, k),
+                   "topk_prob": t.column("topk_prob").combine_chunks().values.to_numpy().reshape(-1, k).astype(np.float32)}
+    return chunks
+
+
+def filter_labels(cfg: FilterConfig) -> FilterResult:
+    t0 = time.perf_counter()
+    try:
+        rule = filtering.Rule.parse(cfg.rule, cfg.topk)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not 0 <= cfg.max_drop_frac <= 1 or cfg.min_per_class < 0:
+        raise UserError("--max-drop-frac must be in [0, 1] and --min-per-class >= 0")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / FILTER_SUMMARY_NAME).exists():
+        (out / FILTER_SUMMARY_NAME).unlink()       # rewritten last
+    cc = CacheConfig(shards=cfg.shards, teacher=cfg.scorer, out=str(out / SCORING_DIR), epochs=1, topk=cfg.topk,
+                     batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers, threads=cfg.threads,
+                     ray_address=cfg.ray_address, overwrite=cfg.overwrite, teacher_checkpoint=cfg.scorer_checkpoint,
+                     teacher_input_size=cfg.scorer_input_size, teacher_mean=cfg.scorer_mean,
+                     teacher_std=cfg.scorer_std, temperature=cfg.temperature, prob_dtype="float32",
+                     retries=cfg.retries, quiet=cfg.quiet)
+    scored = cache_teacher(cc, center_crop=cfg.crop_pct)
+    if scored.failed:
+        return FilterResult(out=out, samples=scored.samples, dropped=0, rule=cfg.rule, failed=scored.failed,
+                            wall_s=time.perf_counter() - t0)
+    cache = open_cache(out / SCORING_DIR)
+    chunks = _scoring_chunks(cache)
+    dec = filtering.decide(chunks, cache.num_classes, rule, cfg.max_drop_frac, cfg.min_per_class)
+    _write_scores(out, chunks, dec, rule)
+    per_class = _per_class(dec, cache.classes)
+    skipped = [dict(s, shard=e["name"]) for e in cache.manifest["shards"] for s in e["skipped"]]
+    summary = {"format": FILTER_FORMAT, "version": FILTER_VERSION, "rule": cfg.rule, "topk": cfg.topk,
+               "max_drop_frac": cfg.max_drop_frac, "min_per_class": cfg.min_per_class,
+               "scorer": cache.teacher, "samples": int(len(dec.label)), "dropped": int((~dec.keep).sum()),
+               "guard_kept": int((dec.code == filtering.GUARD).sum()),
+               "thresholds": [None if np.isnan(x) else round(float(x), 6) for x in dec.thresholds],
+               "classes": cache.classes, "per_class": per_class, "skipped": skipped,
+               "shards": [e["name"] for e in cache.manifest["shards"]]}
+    written = 0
+    if cfg.write_shards:
+        written = _write_clean_shards(cfg, cache, set(_dropped_keys(out)))
+    from .report import write_filter_report
+    write_filter_report(out, summary, cache)
+    atomic_write_json(out / FILTER_SUMMARY_NAME, summary)
+    return FilterResult(out=out, samples=summary["samples"], dropped=summary["dropped"], rule=cfg.rule,
+                        per_class=per_class, skipped=len(skipped), wall_s=time.perf_counter() - t0,
+                        shards_written=written)
+
+
+def _write_scores(out: Path, chunks, dec: filtering.Decision, rule: filtering.Rule) -> None:
+    batches, start = [], 0
+    reasons = np.array([rule.reason(c) for c in range(max(filtering.REASONS) + 1)], dtype=object)
+    for c in chunks():
+        n = len(c["label"])
+        code = dec.code[start:start + n]
+        keep = dec.keep[start:start + n]
+        start += n
+        k = c["topk_idx"].shape[1]
+        batches.append(pa.table({
+            "key": c["key"], "shard": pa.array([c["shard"]] * n, pa.string()),
+            "label": pa.array(c["label"].astype(np.int32)),
+            "label_prob": pa.array(c["label_prob"].astype(np.float32)),
+            "label_rank": pa.array(filtering.label_rank(c["label"], c["topk_idx"])),
+            "topk_idx": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_idx"].reshape(-1)), k),
+            "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_prob"].reshape(-1)), k),
+            "margin": pa.array(filtering.margin(c["label"], c["label_prob"], c["topk_idx"], c["topk_prob"])),
+            "keep": pa.array(keep), "reason": pa.array(reasons[code].tolist(), pa.string())}))
+    table = pa.concat_tables(batches) if batches else None
+    if table is None:
+        raise UserError("no samples were scored (all skipped or excluded?)")
+    atomic_write_bytes(out / FILTER_SCORES_NAME, ipc_bytes(table))
+
+
+def _dropped_keys(out: Path) -> list[str]:
+    t = read_ipc(out / FILTER_SCORES_NAME, ["key", "keep"])
+    keep = t.column("keep").to_numpy(zero_copy_only=False)
+    return [k for k, kp in zip(t.column("key").to_pylist(), keep) if not kp]
+
+
+def _per_class(dec: filtering.Decision, classes: list[str]) -> list[dict]:
+    n = np.bincount(dec.label, minlength=len(classes))
+    d = np.bincount(dec.label[~dec.keep], minlength=len(classes))
+    return [{"label": i, "name": classes[i], "samples": int(n[i]), "dropped": int(d[i]),
+             "dropped_frac": float(d[i] / n[i]) if n[i] else 0.0} for i in range(len(classes))]
+
+
+def _write_clean_shards(cfg: FilterConfig, cache, drop: set[str]) -> int:
+    from . import shards as shardio
+    from .format import Skip
+    paths, index = shardio.resolve_shards(cfg.shards)
+    classes = index.classes if index else cache.classes
+    dest = Path(cfg.write_shards)
+
+    def samples():
+        for p in paths:
+            for item in shardio.iter_shard(p):
+                if not isinstance(item, Skip) and item.key not in drop:
+                    yield item
+
+    prefix = paths[0].name.rsplit("-", 1)[0] if "-" in paths[0].name else "clean"
+    size = max(s.samples for s in index.shards) if index and index.shards else 1000
+    idx = shardio.write_shards(samples(), dest, prefix, size, classes)
+    return len(idx.shards)

@@ -1,0 +1,567 @@
+"""Shards: find them, read them with skip-and-record, write them reproducibly, build them from images.
+
+This is the only module that opens shard tars. A shard is a plain tar of ``KEY.<jpg|png|webp>`` (the
+original image bytes) and ``KEY.cls`` (the integer label as text) members; ``index.json`` beside the
+shards (``format.ShardIndex``) names them and the classes. Images are never decoded here: callers decode.
+
+* ``resolve_shards(spec)``: a directory or a brace pattern -> shard paths (+ the index, if there is one).
+* ``iter_shard(path)``: ``Sample`` or ``Skip`` records; never raises on bad content (see its docstring).
+* ``write_shards(samples, ...)``: byte-for-byte reproducible tars, then ``index.json`` last.
+* ``make_shards(src, out, ...)``: an image-folder tree or a ``path,label`` CSV/TSV -> shards.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import lzma
+import os
+import posixpath
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from distill.format import (
+    IMAGE_EXT_ALIASES, IMAGE_EXTS, KEY_RE, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME, SHARD_PREFIX_RE,
+    SHARD_SKIP_KEY, FormatError, ShardEntry, ShardIndex, Skip, UserError, check_key, decode_label,
+    encode_label, sanitize_key, sha256_file, shard_name,
+)
+
+Progress = Callable[[int], None]
+
+# Source files make_shards takes (matched case-insensitively), and Pillow formats -> stored extension.
+SOURCE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+_PIL_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+# Fixed tar header fields: the same samples always give the same bytes.
+_TAR_FORMAT = tarfile.PAX_FORMAT
+_TAR_MODE = 0o644
+# What reading a damaged tar (or its compression layer) raises.
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset metadata members, ignored like webdataset does
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: ``data`` is the image file's bytes (undecoded), ``ext`` one of ``format.IMAGE_EXTS``."""
+    key: str
+    data: bytes = field(repr=False)
+    ext: str
+    label: int | None
+
+
+# ---------------------------------------------------------------------------------------------
+# finding shards
+
+def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], ShardIndex | None]:
+    """Shard paths named by SPEC, and the shard index that describes them (None if there is none).
+
+    SPEC is a directory (its ``index.json`` shards in index order, else its ``*.tar`` files sorted by
+    name), a brace pattern such as ``dir/train-{000000..000099}.tar`` (or ``{a,b}``), or one tar file.
+    For a pattern or a file, the ``index.json`` of their common folder is returned when it lists every
+    shard named, restricted to those shards (classes and make-time skips unchanged).
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / SHARD_INDEX_NAME).is_file():
+            index = ShardIndex.read(path)
+            paths = [path / entry.name for entry in index.shards]
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                raise FormatError(f"{path / SHARD_INDEX_NAME} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
+            if not paths:
+                raise UserError(f"no shards in {path}: its {SHARD_INDEX_NAME} lists none")
+            return paths, index
+        paths = sorted((p for p in path.iterdir() if p.suffix == ".tar" and p.is_file()), key=lambda p: p.name)
+        if not paths:
+            raise UserError(f"no .tar files in {path}")
+        return paths, None
+    if "{" in text:
+        from braceexpand import braceexpand  # webdataset's own brace expansion (a webdataset dependency)
+        paths = [Path(p).expanduser() for p in braceexpand(text)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} of the {len(paths)} shards named by {text} do not exist, e.g. {missing[0]}")
+    elif path.is_file():
+        paths = [path]
+    else:
+        raise UserError(f"shards not found: {text} (expected a directory of .tar files or a pattern like dir/train-{{000000..000009}}.tar)")
+    return paths, _index_for(paths)
+
+
+def _index_for(paths: list[Path]) -> ShardIndex | None:
+    folders = {p.parent for p in paths}
+    if len(folders) != 1 or not (next(iter(folders)) / SHARD_INDEX_NAME).is_file():
+        return None
+    index = ShardIndex.read(next(iter(folders)))
+    entries = {e.name: e for e in index.shards}
+    if not all(p.name in entries for p in paths):
+        return None
+    return ShardIndex(classes=index.classes, shards=[entries[p.name] for p in paths], skipped=index.skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterator[Sample | Skip]:
+    """Yield every sample of one shard tar as a ``Sample``, or a ``Skip(key, reason, shard)`` when it is bad.
+
+    Members are grouped like webdataset does: the key is the member name up to the first dot of its
+    file name, the extension the rest (lower-cased); members of one sample are adjacent. A sample needs
+    exactly one image member (jpg, jpeg, png, webp; ``Sample.ext`` is "jpg", "png" or "webp") and, unless
+    ``require_label=False`` (then ``label`` is None when missing), a ``cls`` member holding an integer;
+    other members are ignored. Skipped samples: no image, no label, a non-integer label, a key that is
+    invalid or contains dots (``a.b.jpg``, reported as key ``a.b``), a key seen twice, a repeated member.
+    Label range is not checked (see ``check_label``); images are not opened (see ``probe_image``).
+
+    Damaged tar: the samples read before the damage are yielded, then exactly one
+    ``Skip(key=format.SHARD_SKIP_KEY ("*"), reason, shard)`` and nothing else. ``reason`` starts with
+    "truncated tar:" (data ends early, including a cut between members: a tar must end with its
+    end-of-archive block), "corrupt tar:" (a bad header) or "not a tar file:". A sample whose members
+    were all read before the damage is still yielded if complete; an incomplete one is named in the
+    reason. Only a missing or unopenable file raises (``UserError``).
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"shard not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot open shard {path}: {e.strerror or e}") from None
+    with f:
+        yield from _samples(_members(f), path.name, require_label)
+
+
+class _Damage(str):
+    """Reason text for the end of a damaged tar (see iter_shard)."""
+
+
+def _members(f) -> Iterator[tuple[str, bytes] | _Damage]:
+    """(member name, bytes) of the regular files in a tar; a ``_Damage`` last if the tar is damaged."""
+    head = f.read(6)
+    f.seek(0)
+    plain = not (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00")
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|*")
+    except _TAR_ERRORS as e:
+        yield _Damage(f"not a tar file: {e}")
+        return
+    read = 0
+    try:
+        for info in tar:
+            tar.members = []  # stream mode keeps every header otherwise
+            if not info.isreg():
+                continue
+            data = tar.extractfile(info).read()
+            read += 1
+            yield info.name, data
+    except _TAR_ERRORS as e:
+        yield _Damage(f"truncated tar: {e} (after {read} members)")
+        return
+    if plain:  # tarfile treats a cut between members or a bad header as the end: check the end block
+        f.seek(tar.offset)
+        block = f.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE:
+            yield _Damage(f"truncated tar: no end-of-archive block at byte {tar.offset} (after {read} members)")
+        elif block.count(0) != tarfile.BLOCKSIZE:
+            yield _Damage(f"corrupt tar: invalid header at byte {tar.offset} (after {read} members)")
+
+
+def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require_label: bool) -> Iterator[Sample | Skip]:
+    seen: set[str] = set()
+    key, group, problem = None, {}, None   # the sample being gathered, its members, why it is bad
+    count = 0
+    for item in members:
+        if isinstance(item, _Damage):
+            if key is not None and (problem or _has_parts(group, require_label)):
+                yield _finish(key, group, problem, shard, require_label)
+                count += 1
+                key = None
+            note = f"; sample {key!r} incomplete" if key is not None else ""
+            yield Skip(SHARD_SKIP_KEY, f"{item}{note}", shard)
+            return
+        name, data = item
+        if _META_RE.match(name):
+            continue
+        base = name.rsplit("/", 1)[-1]
+        if "." not in base:
+            yield Skip(name, "tar member without an extension", shard)
+            continue
+        k, ext = name[: len(name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1].lower()
+        if k != key:
+            if key is not None:
+                yield _finish(key, group, problem, shard, require_label)
+                count += 1
+            key, group, problem = k, {}, None
+            if k in seen:
+                problem = "duplicate key in shard"
+            seen.add(k)
+        if ext in group and not problem:
+            problem = f"repeated member {k}.{ext}"
+        group[ext] = data
+    if key is not None:
+        yield _finish(key, group, problem, shard, require_label)
+
+
+def _has_parts(group: dict[str, bytes], require_label: bool) -> bool:
+    images = [e for e in group if IMAGE_EXT_ALIASES.get(e, e) in IMAGE_EXTS]
+    return bool(images) and (LABEL_EXT in group or not require_label)
+
+
+def _finish(key: str, group: dict[str, bytes], problem: str | None, shard: str, require_label: bool) -> Sample | Skip:
+    if problem:
+        return Skip(key, problem, shard)
+    images = [e for e in group if IMAGE_EXT_ALIASES.get(e, e) in IMAGE_EXTS]
+    if not images:
+        dotted = [e for e in group if "." in e and IMAGE_EXT_ALIASES.get(e.rsplit(".", 1)[1], e.rsplit(".", 1)[1]) in IMAGE_EXTS]
+        if dotted:
+            return Skip(f"{key}.{dotted[0].rsplit('.', 1)[0]}", "key contains a dot", shard)
+        return Skip(key, f"no image member (.{', .'.join(IMAGE_EXTS)})", shard)
+    if len(images) > 1:
+        return Skip(key, f"more than one image member ({', '.join(sorted(images))})", shard)
+    if not KEY_RE.match(key) or len(key) > MAX_KEY_LEN:
+        try:
+            check_key(key)
+        except FormatError as e:
+            return Skip(key, str(e), shard)
+    label = None
+    if LABEL_EXT in group:
+        try:
+            label = decode_label(group[LABEL_EXT])
+        except ValueError as e:
+            return Skip(key, str(e), shard)
+    elif require_label:
+        return Skip(key, f"no .{LABEL_EXT} label member", shard)
+    ext = IMAGE_EXT_ALIASES.get(images[0], images[0])
+    return Sample(key, group[images[0]], ext, label)
+
+
+def check_label(label: int, num_classes: int) -> str | None:
+    """The reason a label is invalid for ``num_classes`` classes, or None if it is fine."""
+    if not 0 <= label < num_classes:
+        return f"label {label} out of range 0..{num_classes - 1}"
+    return None
+
+
+def probe_image(data: bytes, *, decode: bool = False) -> str | None:
+    """The reason Pillow cannot read these image bytes, or None. Cheap by default (open + verify,
+    which reads headers and, for PNG, checksums); ``decode=True`` also decodes the pixels."""
+    return _image_ext(data, decode=decode)[1]
+
+
+def _image_ext(data: bytes, *, decode: bool = False) -> tuple[str | None, str | None]:
+    """(stored extension, None) for a readable JPEG/PNG/WebP, else (None, reason)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()
+        if decode:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except UnidentifiedImageError:
+        return None, "not an image Pillow can identify"
+    except Exception as e:  # Pillow raises many kinds (SyntaxError, OSError, ValueError, ...)
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))  # keep reasons reproducible
+        return None, f"unreadable image: {type(e).__name__}: {text}"
+    ext = _PIL_EXT.get(fmt)
+    if ext is None:
+        return None, f"unsupported image format {fmt} (use JPEG, PNG or WebP)"
+    return ext, None
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: str, shard_size: int,
+                 classes: list[str], *, skipped: Iterable[Skip] = (), progress: Progress | None = None) -> ShardIndex:
+    """Write ``OUT/<prefix>-%06d.tar`` shards of ``shard_size`` samples, then ``OUT/index.json`` last.
+
+    Members per sample, in input order: ``KEY.<ext>`` (the bytes unchanged) then ``KEY.cls``. Tar
+    headers are fixed (PAX format, mtime 0, uid/gid 0, empty user/group names, mode 0644), so the same
+    samples give the same bytes. Each shard is written to a hidden temporary name and renamed when
+    complete. ``skipped`` is recorded in the index; it is read after ``samples`` is exhausted, so it
+    may be a list that the ``samples`` generator fills. ``progress(n)`` is called after each sample
+    with n=1. Bad samples (invalid or duplicate key, unknown ext, label outside the classes) raise
+    ``UserError``; shards already written stay, but without an index the directory is incomplete.
+    """
+    if not isinstance(prefix, str) or not SHARD_PREFIX_RE.match(prefix):
+        raise UserError(f"invalid shard prefix {prefix!r}: use letters, digits, '_' or '-'")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise UserError(f"shard size must be a positive integer, not {shard_size!r}")
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise UserError("at least one class name is needed")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries: list[ShardEntry] = []
+    keys: set[str] = set()
+    writer: _TarWriter | None = None
+    try:
+        for sample in samples:
+            _check_sample(sample, keys, len(classes))
+            if writer is None:
+                writer = _TarWriter(out / shard_name(prefix, len(entries)))
+            writer.add(f"{sample.key}.{sample.ext}", sample.data)
+            writer.add(f"{sample.key}.{LABEL_EXT}", encode_label(sample.label))
+            if writer.samples == shard_size:
+                entries.append(writer.close())
+                writer = None
+            if progress is not None:
+                progress(1)
+        if writer is not None:
+            entries.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    index = ShardIndex(classes=classes, shards=entries, skipped=list(skipped))
+    index.write(out)
+    return index
+
+
+def _check_sample(sample: Sample, keys: set[str], num_classes: int) -> None:
+    check_key(sample.key)
+    if sample.key in keys:
+        raise UserError(f"duplicate sample key {sample.key!r}")
+    keys.add(sample.key)
+    if sample.ext not in IMAGE_EXTS:
+        raise UserError(f"sample {sample.key!r}: image extension {sample.ext!r} is not one of {', '.join(IMAGE_EXTS)}")
+    label = sample.label
+    if isinstance(label, bool) or not hasattr(label, "__index__"):
+        raise UserError(f"sample {sample.key!r}: label {label!r} is not an integer")
+    if reason := check_label(label.__index__(), num_classes):
+        raise UserError(f"sample {sample.key!r}: {reason} ({num_classes} classes)")
+
+
+class _TarWriter:
+    """One shard being written: a temporary file renamed into place by ``close``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.file = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=_TAR_FORMAT, encoding="utf-8")
+        self.members = 0
+
+    @property
+    def samples(self) -> int:
+        return self.members // 2
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = _TAR_MODE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self.tar.addfile(info, io.BytesIO(data))
+        self.members += 1
+
+    def close(self) -> ShardEntry:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return ShardEntry(name=self.path.name, samples=self.samples, bytes=self.path.stat().st_size,
+                          sha256=sha256_file(self.path))
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# make-shards: image folder tree or CSV -> shards
+
+@dataclass(frozen=True)
+class _Source:
+    path: Path   # the image file
+    name: str    # how the user names it: path relative to SRC, or as written in the CSV
+    key: str
+    label: int
+
+
+def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str = "train", shard_size: int = 1000,
+                keys: str = "stem", classes_file: str | os.PathLike | None = None, overwrite: bool = False,
+                progress: Progress | None = None) -> tuple[ShardIndex, list[Skip]]:
+    """Build shards in OUT from SRC: an image-folder tree or a ``path,label`` CSV/TSV file.
+
+    Folder tree: one sub-folder per class (searched recursively; hidden files and folders ignored);
+    classes are the sorted folder names, or the lines of ``classes_file`` (which must name every
+    folder); label = position; order = class, then relative path. Files that are not .jpg, .jpeg, .png
+    or .webp (any case) are recorded as skips, as are files directly in SRC.
+    CSV/TSV (tab-separated if the name ends in .tsv or the first line has a tab): rows ``path,label``
+    in file order, paths relative to the CSV's folder; the first row is a header if its label is not an
+    integer; classes are the lines of ``classes_file``, else "0".."C-1" for C = max label + 1.
+    Image bytes are stored unchanged with the extension of their real format (a PNG named .jpg is
+    stored as .png). Keys: ``stem`` (the sanitised file stem) or ``path`` (the sanitised path relative
+    to SRC or the CSV's folder, without extension, '/' -> '_'). Unreadable or unsupported images are
+    recorded skips (``Skip(key, reason, source name)``), kept in the index and returned. ``progress(1)``
+    is called per image file. OUT must be empty unless ``overwrite``, which first removes OUT's index and
+    ``<prefix>-NNNNNN.tar`` files.
+    """
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if keys not in ("stem", "path"):
+        raise UserError(f"keys must be 'stem' or 'path', not {keys!r}")
+    if not SHARD_PREFIX_RE.match(prefix):
+        raise UserError(f"invalid shard prefix {prefix!r}: use letters, digits, '_' or '-'")
+    if not src.exists():
+        raise UserError(f"source not found: {src}")
+    names = _read_classes(Path(classes_file).expanduser()) if classes_file is not None else None
+    if src.is_dir():
+        if out.resolve().is_relative_to(src.resolve()):
+            raise UserError(f"output folder {out} must not be inside the source folder {src}")
+        classes, sources, skips = _list_folder(src, keys, names)
+    else:
+        classes, sources, skips = _list_csv(src, keys, names, classes_file)
+    if not sources:
+        raise UserError(f"no images found in {src} (expected .jpg, .jpeg, .png or .webp files"
+                        + (" in one folder per class)" if src.is_dir() else " listed as path,label rows)"))
+    by_key: dict[str, str] = {}
+    for s in sources:
+        if s.key in by_key:
+            hint = "rename one of them" if keys == "path" else "use --keys path or rename one of them"
+            raise UserError(f"duplicate key {s.key!r} from {by_key[s.key]} and {s.name}: {hint}")
+        by_key[s.key] = s.name
+    _prepare_out(out, prefix, overwrite)
+    index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips)
+    if index.num_samples == 0:
+        (out / SHARD_INDEX_NAME).unlink()
+        first = skips[0]
+        raise UserError(f"no readable images in {src}: all {len(skips)} skipped, e.g. {first.shard}: {first.reason}")
+    return index, skips
+
+
+def _read_sources(sources: list[_Source], skips: list[Skip], progress: Progress | None) -> Iterator[Sample]:
+    for s in sources:
+        try:
+            data = s.path.read_bytes()
+        except OSError as e:
+            skips.append(Skip(s.key, f"cannot read file: {e.strerror or e}", s.name))
+        else:
+            ext, reason = _image_ext(data)
+            if reason:
+                skips.append(Skip(s.key, reason, s.name))
+            else:
+                yield Sample(s.key, data, ext, s.label)
+        if progress is not None:
+            progress(1)
+
+
+def _add_source(path: Path, name: str, rel: str, label: int, keys: str, sources: list[_Source], skips: list[Skip]) -> None:
+    """Queue one image file; ``rel`` is its path relative to SRC (or the CSV's folder), for the key."""
+    stem = posixpath.splitext(rel)[0]
+    key = sanitize_key(posixpath.basename(stem) if keys == "stem" else stem)
+    if len(key) > MAX_KEY_LEN:
+        skips.append(Skip(key[:MAX_KEY_LEN], f"key longer than {MAX_KEY_LEN} characters", name))
+    else:
+        sources.append(_Source(path, name, key, label))
+
+
+def _list_folder(src: Path, keys: str, names: list[str] | None) -> tuple[list[str], list[_Source], list[Skip]]:
+    skips: list[Skip] = []
+    folders, loose = [], []
+    for p in sorted(src.iterdir(), key=lambda p: p.name):
+        if p.name.startswith("."):
+            continue
+        (folders if p.is_dir() else loose).append(p)
+    for p in loose:
+        skips.append(Skip("", "file is not inside a class folder", p.name))
+    found = [p.name for p in folders]
+    if names is None:
+        classes = found
+    else:
+        unknown = [n for n in found if n not in names]
+        if unknown:
+            raise UserError(f"class folder {unknown[0]!r} in {src} is not listed in the classes file")
+        classes = names
+    sources: list[_Source] = []
+    for folder in folders:
+        label = classes.index(folder.name)
+        files = []
+        for root, dirs, filenames in os.walk(folder, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [Path(root, n) for n in filenames if not n.startswith(".")]
+        for p in sorted(files, key=lambda p: p.relative_to(src).as_posix()):
+            rel = p.relative_to(src).as_posix()
+            if p.suffix.lower() not in SOURCE_EXTS:
+                skips.append(Skip("", f"not an image file extension ({', '.join(SOURCE_EXTS)})", rel))
+            else:
+                _add_source(p, rel, rel, label, keys, sources, skips)
+    return classes, sources, skips
+
+
+def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tuple[list[str], list[_Source], list[Skip]]:
+    try:
+        text = src.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{src} is neither a folder nor a UTF-8 CSV/TSV file of path,label rows") from None
+    lines = text.splitlines()
+    delimiter = "\t" if src.suffix.lower() == ".tsv" or (lines and "\t" in lines[0]) else ","
+    base = src.parent
+    sources: list[_Source] = []
+    skips: list[Skip] = []
+    max_label = -1
+    for lineno, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise UserError(f"{src} line {lineno}: expected two columns path{delimiter}label, got {len(row)}")
+        name, label_text = row[0].strip(), row[1].strip()
+        if not re.fullmatch(r"-?[0-9]+", label_text):
+            if lineno == 1:
+                continue  # a header
+            raise UserError(f"{src} line {lineno}: label {label_text!r} is not an integer")
+        label = int(label_text)
+        if label < 0:
+            raise UserError(f"{src} line {lineno}: label {label} is negative")
+        if names is not None and label >= len(names):
+            raise UserError(f"{src} line {lineno}: label {label} is out of range for the {len(names)} classes in {classes_file}")
+        max_label = max(max_label, label)
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else base / path
+        if path.suffix.lower() not in SOURCE_EXTS:
+            skips.append(Skip("", f"not an image file extension ({', '.join(SOURCE_EXTS)})", name))
+            continue
+        try:
+            rel = path.relative_to(base).as_posix()
+        except ValueError:
+            rel = path.as_posix().lstrip("/")
+        _add_source(path, name, rel, label, keys, sources, skips)
+    classes = names if names is not None else [str(i) for i in range(max_label + 1)]
+    return classes, sources, skips
+
+
+def _read_classes(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"classes file not found: {path}") from None
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise UserError(f"classes file {path} is empty")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise UserError(f"classes file {path} names class {n!r} twice")
+        seen.add(n)
+    return names
+
+
+def _prepare_out(out: Path, prefix: str, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"output folder {out} is not empty (use --overwrite to replace its shards)")
+        ours = re.compile(rf"^\.?{re.escape(prefix)}-[0-9]{{6}}\.tar(\.tmp)?$")
+        (out / SHARD_INDEX_NAME).unlink(missing_ok=True)
+        for p in out.iterdir():
+            if ours.match(p.name) and p.is_file():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
