@@ -120,13 +120,20 @@ STAGES = {"filter-labels": (C.FilterConfig, "filter"), "cache-teacher": (C.Cache
           "train-student": (C.TrainConfig, "train")}
 
 
+def _stage_func(stage: str):
+    if stage == "filter-labels":
+        from .filter import filter_labels
+        return filter_labels
+    if stage == "cache-teacher":
+        from .cache import cache_teacher
+        return cache_teacher
+    from .train import train_student
+    return train_student
+
+
 def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) -> dict:
     """Run the stages of a pipeline file in order; returns {stage: result}."""
-    from .cache import cache_teacher
-    from .filter import filter_labels
-    from .train import train_student
     pipe = C.load_pipeline(path)
-    funcs = {"filter-labels": filter_labels, "cache-teacher": cache_teacher, "train-student": train_student}
     results = {}
     for stage in C.STAGE_ORDER:
         if stage not in pipe.stages or (only and stage not in only):
@@ -135,7 +142,7 @@ def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) 
         extra = {"quiet": True} if quiet else {}
         cfg = C.build(cls, pipe.stage_layer(stage), extra, where=f"[{stage}] of {path}")
         print(f"== {stage}", flush=True)
-        res = funcs[stage](cfg) if stage == "filter-labels" else funcs[stage](cfg, pipe.policy)
+        res = _stage_func(stage)(cfg) if stage == "filter-labels" else _stage_func(stage)(cfg, pipe.policy)
         print(res.summary(), flush=True)
         results[stage] = res
         if getattr(res, "failed", None):

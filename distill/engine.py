@@ -46,8 +46,6 @@ class RayContext:
                 ray.init(address=address, **kw)
             else:
                 env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-                if os.environ.get(FAULT_ENV):
-                    env[FAULT_ENV] = os.environ[FAULT_ENV]
                 ray.init(num_cpus=self.num_cpus or os.cpu_count(), runtime_env={"env_vars": env}, **kw)
         except ConnectionError as e:
             raise UserError(f"cannot connect to Ray at {address}: {e}") from None
@@ -100,7 +98,10 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
     died = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
-    Actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(worker_cls)
+    opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+    if os.environ.get(FAULT_ENV):   # test hook travels to the workers
+        opts["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+    Actor = ray.remote(**opts)(worker_cls)
     counter = ray.remote(num_cpus=0)(Progress).remote()
     init_kwargs = dict(init_kwargs, progress=counter)
     outcomes = [ShardOutcome(task=t) for t in tasks]

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from distill.format import (
-    IMAGE_EXT_ALIASES, IMAGE_EXTS, KEY_RE, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME, SHARD_PREFIX_RE,
+    IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME, SHARD_PREFIX_RE,
     SHARD_SKIP_KEY, FormatError, ShardEntry, ShardIndex, Skip, UserError, check_key, decode_label,
     encode_label, sanitize_key, sha256_file, shard_name,
 )
@@ -174,12 +174,10 @@ def _members(f) -> Iterator[tuple[str, bytes] | _Damage]:
 def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require_label: bool) -> Iterator[Sample | Skip]:
     seen: set[str] = set()
     key, group, problem = None, {}, None   # the sample being gathered, its members, why it is bad
-    count = 0
     for item in members:
         if isinstance(item, _Damage):
-            if key is not None and (problem or _has_parts(group, require_label)):
+            if key is not None and (problem or _images(group) and (LABEL_EXT in group or not require_label)):
                 yield _finish(key, group, problem, shard, require_label)
-                count += 1
                 key = None
             note = f"; sample {key!r} incomplete" if key is not None else ""
             yield Skip(SHARD_SKIP_KEY, f"{item}{note}", shard)
@@ -187,15 +185,15 @@ def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require
         name, data = item
         if _META_RE.match(name):
             continue
-        base = name.rsplit("/", 1)[-1]
+        folder, _, base = name.rpartition("/")
         if "." not in base:
             yield Skip(name, "tar member without an extension", shard)
             continue
-        k, ext = name[: len(name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1].lower()
+        stem, ext = base.split(".", 1)  # like webdataset: the key ends at the file name's first dot
+        k, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
         if k != key:
             if key is not None:
                 yield _finish(key, group, problem, shard, require_label)
-                count += 1
             key, group, problem = k, {}, None
             if k in seen:
                 problem = "duplicate key in shard"
@@ -207,27 +205,25 @@ def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require
         yield _finish(key, group, problem, shard, require_label)
 
 
-def _has_parts(group: dict[str, bytes], require_label: bool) -> bool:
-    images = [e for e in group if IMAGE_EXT_ALIASES.get(e, e) in IMAGE_EXTS]
-    return bool(images) and (LABEL_EXT in group or not require_label)
+def _images(group: dict[str, bytes]) -> list[str]:
+    return [e for e in group if IMAGE_EXT_ALIASES.get(e, e) in IMAGE_EXTS]
 
 
 def _finish(key: str, group: dict[str, bytes], problem: str | None, shard: str, require_label: bool) -> Sample | Skip:
     if problem:
         return Skip(key, problem, shard)
-    images = [e for e in group if IMAGE_EXT_ALIASES.get(e, e) in IMAGE_EXTS]
+    images = _images(group)
     if not images:
-        dotted = [e for e in group if "." in e and IMAGE_EXT_ALIASES.get(e.rsplit(".", 1)[1], e.rsplit(".", 1)[1]) in IMAGE_EXTS]
-        if dotted:
-            return Skip(f"{key}.{dotted[0].rsplit('.', 1)[0]}", "key contains a dot", shard)
+        dotted = [e.rsplit(".", 1)[0] for e in group if "." in e and _images({e.rsplit(".", 1)[1]: b""})]
+        if dotted:  # "a.b.jpg": webdataset reads key "a", extension "b.jpg"
+            return Skip(f"{key}.{dotted[0]}", "key contains a dot", shard)
         return Skip(key, f"no image member (.{', .'.join(IMAGE_EXTS)})", shard)
     if len(images) > 1:
         return Skip(key, f"more than one image member ({', '.join(sorted(images))})", shard)
-    if not KEY_RE.match(key) or len(key) > MAX_KEY_LEN:
-        try:
-            check_key(key)
-        except FormatError as e:
-            return Skip(key, str(e), shard)
+    try:
+        check_key(key)
+    except FormatError as e:
+        return Skip(key, str(e), shard)
     label = None
     if LABEL_EXT in group:
         try:
@@ -453,10 +449,15 @@ def _read_sources(sources: list[_Source], skips: list[Skip], progress: Progress 
             progress(1)
 
 
-def _add_source(path: Path, name: str, rel: str, label: int, keys: str, sources: list[_Source], skips: list[Skip]) -> None:
-    """Queue one image file; ``rel`` is its path relative to SRC (or the CSV's folder), for the key."""
+def _key(rel: str, keys: str) -> str:
+    """The key of a file at ``rel`` (relative to SRC or the CSV's folder, '/'-separated)."""
     stem = posixpath.splitext(rel)[0]
-    key = sanitize_key(posixpath.basename(stem) if keys == "stem" else stem)
+    return sanitize_key(posixpath.basename(stem) if keys == "stem" else stem)
+
+
+def _add_source(path: Path, name: str, rel: str, label: int, keys: str, sources: list[_Source], skips: list[Skip]) -> None:
+    """Queue one image file; ``name`` is how the user names it, ``rel`` what its key is made from."""
+    key = _key(rel, keys)
     if len(key) > MAX_KEY_LEN:
         skips.append(Skip(key[:MAX_KEY_LEN], f"key longer than {MAX_KEY_LEN} characters", name))
     else:
@@ -471,7 +472,7 @@ def _list_folder(src: Path, keys: str, names: list[str] | None) -> tuple[list[st
             continue
         (folders if p.is_dir() else loose).append(p)
     for p in loose:
-        skips.append(Skip("", "file is not inside a class folder", p.name))
+        skips.append(Skip(_key(p.name, keys), "file is not inside a class folder", p.name))
     found = [p.name for p in folders]
     if names is None:
         classes = found
@@ -490,7 +491,7 @@ def _list_folder(src: Path, keys: str, names: list[str] | None) -> tuple[list[st
         for p in sorted(files, key=lambda p: p.relative_to(src).as_posix()):
             rel = p.relative_to(src).as_posix()
             if p.suffix.lower() not in SOURCE_EXTS:
-                skips.append(Skip("", f"not an image file extension ({', '.join(SOURCE_EXTS)})", rel))
+                skips.append(Skip(_key(rel, keys), f"not an image file extension ({', '.join(SOURCE_EXTS)})", rel))
             else:
                 _add_source(p, rel, rel, label, keys, sources, skips)
     return classes, sources, skips
@@ -525,13 +526,13 @@ def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tu
         max_label = max(max_label, label)
         path = Path(name).expanduser()
         path = path if path.is_absolute() else base / path
-        if path.suffix.lower() not in SOURCE_EXTS:
-            skips.append(Skip("", f"not an image file extension ({', '.join(SOURCE_EXTS)})", name))
-            continue
         try:
             rel = path.relative_to(base).as_posix()
-        except ValueError:
+        except ValueError:  # an absolute path elsewhere
             rel = path.as_posix().lstrip("/")
+        if path.suffix.lower() not in SOURCE_EXTS:
+            skips.append(Skip(_key(rel, keys), f"not an image file extension ({', '.join(SOURCE_EXTS)})", name))
+            continue
         _add_source(path, name, rel, label, keys, sources, skips)
     classes = names if names is not None else [str(i) for i in range(max_label + 1)]
     return classes, sources, skips

@@ -89,3 +89,48 @@ def demo_dir() -> Path:
     if not (DEMO_DIR / "train" / "index.json").is_file():
         pytest.skip("demo shards not generated (python tools/make_demo_data.py)")
     return DEMO_DIR
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray and the demo teacher (stage tests)
+
+DEMO_TEACHER = DEMO_DIR / "teacher.pt"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole test session: stages reuse it instead of starting their own."""
+    import os
+    import sys
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    yield
+    ray.shutdown()
+
+
+def demo_subset(tmp: Path, shards: list[str], split: str = "train") -> Path:
+    """Copy some demo shards (by name) plus a matching index.json into tmp/<split>."""
+    import shutil
+    from distill.format import ShardIndex
+    src = DEMO_DIR / split
+    dst = tmp / split
+    dst.mkdir(parents=True, exist_ok=True)
+    index = ShardIndex.read(src)
+    for name in shards:
+        shutil.copy2(src / name, dst / name)
+    ShardIndex(classes=index.classes, shards=[s for s in index.shards if s.name in shards]).write(dst)
+    return dst
+
+
+def cache_config(shards, out, **kw):
+    """A CacheConfig for the demo teacher (32x32 input), small and quiet."""
+    from distill.config import CacheConfig
+    base = dict(shards=str(shards), teacher=(str(DEMO_TEACHER),), out=str(out), epochs=2, topk=5,
+                teacher_input_size=32, batch_size=64, quiet=True, workers=1, threads=1)
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+DEMO_POLICY = {"size": 32, "scale": [0.35, 1.0], "hflip": 0.0, "auto_augment": "rand-n1-m5-mstd0.5-inc1", "re_prob": 0.0}

@@ -1,6 +1,6 @@
 """Benchmark distill.augment against a plain Pillow pipeline, per core.
 
-    python tools/bench_augment.py [--quick] [--sizes 224,128] [--repeats 9]
+    python tools/bench_augment.py [--quick] [--sizes 224,128] [--repeats 9] [--image-size 500x375]
 
 Three pipelines over the same ImageNet-sized JPEGs (500x375, quality 90, photo-like, generated
 deterministically into a temp dir), one thread, every view decoded from the encoded bytes:
@@ -36,10 +36,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)
 
 
-def make_jpegs(folder: Path, n: int) -> list[bytes]:
-    """Photo-like 500x375 JPEGs at quality 90: smooth gradients, shapes and sensor-like noise."""
+def make_jpegs(folder: Path, n: int, w: int = 500, h: int = 375) -> list[bytes]:
+    """Photo-like JPEGs at quality 90: smooth gradients, shapes and sensor-like noise."""
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = xx * np.float32(500 / w), yy * np.float32(375 / h)  # scene coordinates: same scene at any size
     out = []
     for i in range(n):
         f = rng.uniform(0.5, 3.0, 6)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=64, help="number of generated JPEGs")
     ap.add_argument("--repeats", type=int, default=9, help="interleaved passes per pipeline")
     ap.add_argument("--sizes", default="224,128", help="output sizes, comma-separated")
+    ap.add_argument("--image-size", default="500x375", help="generated JPEG size WxH")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.repeats = 16, 3
@@ -151,18 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     policy = aug.Policy()  # rand-m9-mstd0.5-inc1, re_prob 0.25 pixel, hflip 0.5, bicubic
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        images = make_jpegs(Path(tmp), args.images)
+        iw, ih = (int(v) for v in args.image_size.split("x"))
+        images = make_jpegs(Path(tmp), args.images, iw, ih)
     n = len(images)
 
     t0 = time.perf_counter()
     for s in range(20000):
-        aug.decode(policy, s, 500, 375)
+        aug.decode(policy, s, iw, ih)
     decode_us = (time.perf_counter() - t0) / 20000 * 1e6
     t0 = time.perf_counter()
     for s in range(20000):
         aug.derive_seed(0, 3, "n01440764_10026")
     seed_us = (time.perf_counter() - t0) / 20000 * 1e6
-    print(f"{n} JPEGs 500x375 q90, {args.repeats} interleaved passes, torch threads 1, "
+    print(f"{n} JPEGs {iw}x{ih} q90, {args.repeats} interleaved passes, torch threads 1, "
           f"Pillow {Image.__version__}, torch {torch.__version__}")
     print(f"decode(): {decode_us:.1f} us/call, derive_seed(): {seed_us:.2f} us/call")
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[k].append(run_pass(k, images, size, rep, policy))
         med = {k: statistics.median(v) for k, v in times.items()}
         ratios = [s / p for s, p in zip(times["seeded"], times["plain"])]
-        factors = [aug.draft_factor(aug.decode(policy, aug.derive_seed(0, e, f"img{i:03d}"), 500, 375), size)
+        factors = [aug.draft_factor(aug.decode(policy, aug.derive_seed(0, e, f"img{i:03d}"), iw, ih), size)
                    for e in range(args.repeats) for i in range(n)]
         rows.append((size, n / med["plain"], n / med["seeded"], n / med["draft"],
                      statistics.median(ratios) - 1, med["seeded"] / med["draft"], med["plain"] / med["draft"],

@@ -5,7 +5,8 @@ Input: an RGB view resized to 32x32 (any size works: the network ends in adaptiv
 batch size. Trained on the shards' (clean) labels with views made by Pillow: a random-resized crop
 (area 0.35-1, aspect 3/4-4/3) of the image rotated by up to +-15 degrees (fill black or the ImageNet
 mean colour, like distill.augment's rotations), resized bicubically to 32x32, so it stays accurate
-on augmented views. Reproducible: fixed seeds, one CPU thread, deterministic algorithms.
+on augmented views. Reproducible: fixed seeds, one CPU thread, deterministic algorithms and a fixed
+PYTHONHASHSEED (the script re-executes itself with it), so teacher.pt is the same bytes every run.
 
 Also writes ``shards/demo/teacher.json``: the preprocessing, the val accuracy on centre views
 (the whole image resized) and on augmented views (10 seeded views per val image), and the sha256
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,12 +140,16 @@ def train(images: list[Image.Image], labels: np.ndarray, epochs: int, batch: int
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         print(f"epoch {epoch + 1:2d}/{epochs}  loss {total / len(order):.4f}", flush=True)
     return model.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
+        # TorchScript writes module constants in set order, which follows the string hash seed:
+        # fix it so teacher.pt is the same bytes on every run.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", type=Path, default=REPO / "shards" / "demo", help="demo folder with train/ and val/")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")

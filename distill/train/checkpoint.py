@@ -1,0 +1,98 @@
+"""The run directory: checkpoints (atomic, with a JSON sidecar), metrics.jsonl, summary.json.
+
+    RUN_DIR/config.json      resolved TrainConfig
+    RUN_DIR/last.pt          model, optimizer, step, epoch, RNG states, config, data identity (every epoch)
+    RUN_DIR/last.json        sidecar: epoch, step, images seen, accuracies (readable without torch)
+    RUN_DIR/best.pt          model weights of the best val top-1 epoch (+ best.json)
+    RUN_DIR/metrics.jsonl    one JSON line per epoch
+    RUN_DIR/summary.json     final and best accuracies, epochs, images seen, wall time (written last)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..format import UserError, atomic_write_bytes, atomic_write_json
+
+LAST, BEST, METRICS, SUMMARY = "last.pt", "best.pt", "metrics.jsonl", "summary.json"
+
+# Config keys a resumed run may change (how it runs, not what it computes).
+RESUME_FREE = {"out", "resume", "device", "compile", "threads", "quiet", "loader_workers", "val_shards",
+               "compare_hard_labels", "shards", "cache"}
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save(path: Path, state: dict, sidecar: dict) -> None:
+    """torch.save to memory, then temp file + rename (a crash never leaves a half-written checkpoint)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_json(path.with_suffix(".json"), sidecar)
+
+
+def load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def check_resume(ckpt: dict, config: dict, data: dict, path: Path) -> None:
+    """Refuse to resume when the run would compute something else than the checkpointed one."""
+    old = ckpt.get("config", {})
+    diff = sorted(k for k in set(old) | set(config)
+                  if k.replace("-", "_") not in RESUME_FREE and old.get(k) != config.get(k))
+    old_data = ckpt.get("data", {})
+    diff += sorted(f"data.{k}" for k in set(old_data) | set(data)
+                   if k != "world" and old_data.get(k) != data.get(k))
+    if diff:
+        shown = ", ".join(f"{k} ({_short(_get(old, old_data, k))} -> {_short(_get(config, data, k))})" for k in diff[:6])
+        raise UserError(f"cannot resume {path}: the run was started with different {shown}; "
+                        f"use the original settings or another --out")
+
+
+def _get(cfg: dict, data: dict, k: str):
+    return data.get(k[5:]) if k.startswith("data.") else cfg.get(k)
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    p = run_dir / METRICS
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

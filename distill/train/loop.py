@@ -1,0 +1,555 @@
+"""``train_student(cfg)``: train a TinyViT student from a teacher cache (or from hard labels).
+
+AdamW (no weight decay on norms, biases, attention-bias tables), linear warmup then cosine decay per
+step, gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``, a checkpoint every epoch
+(``--resume`` continues from it exactly), centre-view validation every epoch. Under ``torchrun``
+(WORLD_SIZE > 1) it runs DDP (nccl on CUDA, gloo on CPU); rank 0 writes the files.
+
+The teacher is never loaded: soft targets come from the cache, views are replayed from its seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import augment
+from ..config import TrainConfig, load_toml, to_dict, write_resolved
+from ..format import UserError, atomic_write_json, read_excluded_keys
+from ..losses import FILLS, DistillLoss, topk_correct
+from ..models import MODELS, create_model, load_init, param_groups
+from ..progress import bar
+from ..reader import Cache, open_cache
+from ..shards import iter_shard, resolve_shards
+from . import checkpoint as ck
+from .data import ShardRef, TrainStream, ValStream, loader, shard_refs
+
+VAL_CACHE_BYTES = 512 << 20   # keep the validation views in memory between epochs below this size
+
+
+# ----------------------------------------------------------------------------- result
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: str
+    source: str                      # "cache" or "hard labels"
+    epochs: int                      # epochs completed
+    images_seen: int
+    wall_s: float
+    img_s: float
+    final_top1: float | None = None
+    final_top5: float | None = None
+    best_top1: float | None = None
+    best_top5: float | None = None
+    best_epoch: int | None = None
+    complete: bool = True
+    hard_labels: "TrainResult | None" = None   # the --compare-hard-labels run
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = {"run_dir": str(self.run_dir), "model": self.model, "source": self.source, "epochs": self.epochs,
+             "complete": self.complete, "images_seen": self.images_seen, "wall_s": round(self.wall_s, 3),
+             "img_s": round(self.img_s, 1),
+             "final": {"val_top1": self.final_top1, "val_top5": self.final_top5},
+             "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch}}
+        if self.hard_labels is not None:
+            d["hard_labels"] = self.hard_labels.to_dict()
+        return d
+
+    def summary(self) -> str:
+        lines = [f"train-student: {self.run_dir} ({self.model} from {self.source}, {self.epochs} epochs"
+                 + ("" if self.complete else ", stopped early: --resume to continue") + ")"]
+        if self.final_top1 is not None:
+            lines.append(f"  val top-1 {_pct(self.final_top1)} (best {_pct(self.best_top1)} at epoch {self.best_epoch}), "
+                         f"top-5 {_pct(self.final_top5)}")
+        lines.append(f"  {self.images_seen:,} images seen, {self.img_s:,.0f} img/s, wall {_hms(self.wall_s)}")
+        h = self.hard_labels
+        if h is not None and self.final_top1 is not None and h.final_top1 is not None:
+            lines.append(f"  student from cache: {_pct(self.final_top1)}, from hard labels: {_pct(h.final_top1)} "
+                         f"(val top-1 after {self.epochs} epochs; {self.final_top1 - h.final_top1:+.1f} points)")
+            lines.append(f"    {'':<18}{'top-1':>8}{'best':>8}{'top-5':>8}")
+            for name, r in (("from cache", self), ("from hard labels", h)):
+                lines.append(f"    {name:<18}{_pct(r.final_top1):>8}{_pct(r.best_top1):>8}{_pct(r.final_top5):>8}")
+        return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}%"
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _note(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        sys.stderr.write(f"distill: {msg}\n")
+        sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owned: bool = False           # we initialised the process group (and tear it down)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_dist(cfg: TrainConfig) -> Dist:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if want not in ("cpu", "cuda") and not want.startswith("cuda:"):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device(want))
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    owned = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owned = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owned=owned)
+
+
+def _all_sum(values: list[float], d: Dist) -> list[float]:
+    if d.world == 1:
+        return values
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+@dataclass
+class Data:
+    refs: list[ShardRef]
+    val_refs: list[ShardRef]
+    policy: augment.Policy
+    num_classes: int
+    cache: Cache | None
+    samples: int                 # training samples per epoch
+    exclude: frozenset
+    identity: dict               # what a resumed run must share with its checkpoint
+    source: str
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.model not in MODELS:
+        raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(sorted(MODELS))}")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 32)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.image_size % 32:
+        raise UserError(f"--image-size must be a multiple of 32 (TinyViT), got {cfg.image_size}")
+    if not cfg.lr > 0 or cfg.min_lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.clip_grad < 0:
+        raise UserError("--lr must be > 0; --min-lr, --weight-decay, --warmup-epochs and --clip-grad must be >= 0")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {cfg.alpha}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.target_fill not in FILLS:
+        raise UserError(f"--target-fill must be one of {', '.join(FILLS)}, got {cfg.target_fill!r}")
+    if cfg.loader_workers < 0 or cfg.threads < 0 or cfg.shuffle_buffer < 0:
+        raise UserError("--loader-workers, --threads and --shuffle-buffer must be >= 0")
+    if not cfg.hard_labels and not cfg.cache:
+        raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
+
+
+def load_policy(path: str | None, table: dict | None, image_size: int) -> augment.Policy:
+    """--policy FILE, else the pipeline's [policy] table, else timm-like defaults at the student size."""
+    if path:
+        raw = load_toml(path)
+        table = raw.get("policy", raw)
+    try:
+        return augment.Policy.from_dict(table if table else {"size": image_size})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad augmentation policy: {e}") from None
+
+
+def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
+    """Refuse a cache built over other shards (names, sizes or checksums differ)."""
+    names = [p.name for p in paths]
+    have = cache.shard_names
+    only_cache, only_train = sorted(set(have) - set(names)), sorted(set(names) - set(have))
+    if only_cache or only_train:
+        parts = []
+        if only_train:
+            parts.append(f"{len(only_train)} training shard(s) not in the cache (e.g. {only_train[0]})")
+        if only_cache:
+            parts.append(f"{len(only_cache)} cached shard(s) not in --shards (e.g. {only_cache[0]})")
+        raise UserError(f"the cache {cache.path} was built over a different shard set: {'; '.join(parts)}")
+    idx = {e.name: e for e in index.shards} if index is not None else {}
+    for p in paths:
+        entry = cache._entry(p.name)
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            raise UserError(f"shard {p} has {size} bytes, the cache was built from {entry['bytes']}: "
+                            f"the shards changed since cache-teacher ran; rebuild the cache")
+        ie = idx.get(p.name)
+        if ie is not None and ie.sha256:
+            digest = ie.sha256
+        elif p.stat().st_mtime_ns == entry.get("mtime_ns"):
+            continue
+        else:
+            from ..format import sha256_file
+            digest = sha256_file(p)
+        if digest != entry["sha256"]:
+            raise UserError(f"shard {p} differs from the one the cache was built from (checksum); rebuild the cache")
+
+
+def _scan_classes(paths: list[Path]) -> tuple[int, int]:
+    """(num_classes = max label + 1, samples) of shards without an index (reads them once)."""
+    top, n = -1, 0
+    for p in paths:
+        for item in iter_shard(p):
+            if getattr(item, "label", None) is not None:
+                top, n = max(top, item.label), n + 1
+    if top < 0:
+        raise UserError(f"no labelled samples in {paths[0].parent}")
+    return top + 1, n
+
+
+def prepare_data(cfg: TrainConfig, policy_table: dict | None, policy: augment.Policy | None = None,
+                 world: int = 1) -> Data:
+    """Resolve shards, cache and policy; every refusal happens here, before any training."""
+    paths, index = resolve_shards(cfg.shards)
+    exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
+    cache = None
+    if not cfg.hard_labels:
+        cache = open_cache(cfg.cache, shards_dir=paths[0].parent)
+        _check_shard_set(cache, paths, index)
+        num_classes = int(cache.num_classes)
+        if index is not None and index.num_classes != num_classes:
+            raise UserError(f"the cache has {num_classes} classes but the shards' index lists {index.num_classes}")
+        if index is not None and list(index.classes) != list(cache.classes):
+            _note("class names of the cache and the shard index differ (same count): check they are the same dataset", cfg.quiet)
+        policy = cache.policy                        # refuses a policy version this code cannot replay
+        if cache.topk < 1:
+            raise UserError("the cache stores no classes (topk 0)")
+        samples = sum(e["samples"] for e in cache.manifest["shards"])
+        if exclude:
+            for name in cache.shard_names:
+                samples -= sum(k in exclude for k in cache.physical(name, ["key"]).column("key").to_pylist())
+        identity = {"source": "cache", "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
+                    "policy_id": policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
+    else:
+        policy = policy or load_policy(cfg.policy, policy_table, cfg.image_size)
+        if index is not None:
+            num_classes, samples = index.num_classes, index.num_samples
+        else:
+            num_classes, samples = _scan_classes(paths)
+        identity = {"source": "hard labels", "shards": [p.name for p in paths], "policy_id": policy.id,
+                    "num_classes": num_classes, "world": world}
+    val_refs: list[ShardRef] = []
+    if cfg.val_shards:
+        vpaths, vindex = resolve_shards(cfg.val_shards)
+        if vindex is not None and vindex.num_classes != num_classes:
+            raise UserError(f"validation shards have {vindex.num_classes} classes, training uses {num_classes}")
+        val_refs = shard_refs(vpaths)
+    return Data(refs=shard_refs(paths), val_refs=val_refs, policy=policy, num_classes=num_classes, cache=cache,
+                samples=max(0, samples), exclude=exclude, identity=identity,
+                source="cache" if cache is not None else "hard labels")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup from lr/warmup to lr over ``warmup`` steps, then cosine down to ``min_lr`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------------- the API
+
+def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_after: int | None = None) -> TrainResult:
+    """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
+    (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
+    same student from hard labels (same policy, epochs and seed) into ``RUN_DIR/hard-labels``."""
+    _validate(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    d = _setup_dist(cfg)
+    try:
+        if cfg.hard_labels and cfg.cache:
+            _note("--hard-labels: the cache is not used", cfg.quiet or not d.main)
+        data = prepare_data(cfg, policy_table, world=d.world)
+        res = _run(cfg, data, d, stop_after)
+        if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
+            hcfg = dataclasses.replace(cfg, hard_labels=True, compare_hard_labels=False, alpha=0.0,
+                                       out=str(Path(cfg.out) / "hard-labels"))
+            _note(f"--compare-hard-labels: training the same student from hard labels into {hcfg.out}",
+                  cfg.quiet or not d.main)
+            hdata = prepare_data(hcfg, policy_table, policy=data.policy, world=d.world)
+            res.hard_labels = _run(hcfg, hdata, d, stop_after)
+            if d.main:
+                atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
+        return res
+    finally:
+        if d.owned:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
+    out = Path(cfg.out)
+    quiet = cfg.quiet or not d.main
+    last = out / ck.LAST
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if last.exists() and not cfg.resume:
+        raise UserError(f"{out} already holds a run ({ck.LAST}); pass --resume to continue it or choose another --out")
+    config = to_dict(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, data.num_classes, img_size=cfg.image_size, drop_path_rate=cfg.drop_path)
+    ckpt = None
+    if cfg.resume and last.exists():
+        ckpt = ck.load(last)
+        ck.check_resume(ckpt, config, data.identity, last)
+        model.load_state_dict(ckpt["model"])
+    elif cfg.init:
+        try:
+            rep = load_init(model, cfg.init)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"--init: {e}") from None
+        _note(f"--init {cfg.init}: {rep.summary()}", quiet)
+    elif cfg.resume:
+        _note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
+    model.to(d.device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+
+    state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
+             "best_top1": None, "best_top5": None, "best_epoch": None}
+    rows: list[dict] = []
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["state"])
+        ck.set_rng_state(ckpt["rng"])
+        rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
+        if ckpt["data"].get("world") != d.world:
+            _note(f"resuming with {d.world} processes instead of {ckpt['data'].get('world')}: the data split differs", quiet)
+        _note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, out)
+        ck.write_metrics(out, rows)
+    _barrier(d)
+
+    fwd = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        fwd = torch.compile(fwd)
+    crit = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
+                       hard_only=data.cache is None)
+    cuda = d.device.type == "cuda"
+
+    per_step = cfg.batch_size * d.world
+    drop_last = data.samples >= per_step
+    steps_per_epoch = max(1, data.samples // per_step if drop_last else 1)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    train_ds = TrainStream(data.refs, policy=data.policy, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                           seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=data.cache,
+                           num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
+                           drop_last=drop_last)
+    nsplit = d.world * max(1, cfg.loader_workers)
+    if len(data.refs) < nsplit:
+        _note(f"{len(data.refs)} shard(s) for {nsplit} readers ({d.world} process(es) x {max(1, cfg.loader_workers)} "
+              f"worker(s)): some readers idle; use more, smaller shards", quiet)
+    train_loader = loader(train_ds, cfg.loader_workers, pin_memory=cuda)
+    val = _Validator(data, cfg, d) if data.val_refs else None
+
+    def batches(epoch: int):
+        """This rank's batches of an epoch; under DDP exactly steps_per_epoch (ranks run dry -> another pass)."""
+        cap = steps_per_epoch if d.world > 1 else None
+        count, repeat = 0, 0
+        while True:
+            train_ds.set_epoch(epoch, repeat)
+            got = 0
+            for b in train_loader:
+                got += 1
+                yield b
+                count += 1
+                if cap is not None and count >= cap:
+                    return
+            if cap is None:
+                return
+            if got == 0:
+                raise UserError(f"rank {d.rank} got no training data: use at least {nsplit} shards")
+            repeat += 1
+
+    wrapped_note = False
+    stats = {"excluded": 0, "skipped": 0}
+    done_here = 0
+    lr = lr_at(state["step"], total_steps, warmup, cfg.lr, cfg.min_lr)
+    for epoch in range(state["epoch"], cfg.epochs):
+        if stop_after is not None and done_here >= stop_after:
+            break
+        t_epoch = time.perf_counter()
+        if data.cache is not None and epoch >= data.cache.epochs and not wrapped_note:
+            _note(f"epoch {epoch + 1} > the cache's {data.cache.epochs} epochs: reusing cached views "
+                  f"(training epoch e uses cached epoch e mod {data.cache.epochs})", quiet)
+            wrapped_note = True
+        torch.manual_seed(hash((cfg.seed, epoch, d.rank)) & 0x7FFFFFFF)
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        part_sums: dict[str, torch.Tensor] = {}
+        n = 0
+        pbar = bar(steps_per_epoch * per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", quiet)
+        for b in batches(epoch):
+            st = b.pop("stats")
+            stats["excluded"] += int(st[0])
+            stats["skipped"] += int(st[1])
+            lr = lr_at(state["step"], total_steps, warmup, cfg.lr, cfg.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits = fwd(b["image"])
+            loss, parts = crit(logits, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            state["step"] += 1
+            bs = b["label"].shape[0]
+            n += bs
+            loss_sum += loss.detach().double() * bs
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, 0) + v.double() * bs
+            if pbar:
+                pbar.update(bs * d.world)
+        if pbar:
+            pbar.close()
+        keys = sorted(part_sums)
+        tot = _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d)
+        n_all = int(tot[1])
+        train_s = time.perf_counter() - t_epoch
+        top1, top5 = val.evaluate(model) if val else (None, None)
+        state["epoch"] = epoch + 1
+        state["images_seen"] += n_all
+        state["train_s"] += train_s
+        row = {"epoch": epoch + 1, "train_loss": tot[0] / max(n_all, 1), "lr": lr, "val_top1": top1, "val_top5": top5,
+               "img_s": n_all / max(train_s, 1e-9), "images": n_all, "time_s": round(time.perf_counter() - t_epoch, 3)}
+        row.update({f"{k}_loss": tot[2 + i] / max(n_all, 1) for i, k in enumerate(keys)})
+        if data.cache is not None:
+            row["cache_epoch"] = epoch % data.cache.epochs
+        best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
+        if best:
+            state.update(best_top1=top1, best_top5=top5, best_epoch=epoch + 1)
+        state["wall_s"] += time.perf_counter() - t_epoch
+        if d.main:
+            side = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
+                    "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
+                    "image_size": cfg.image_size}
+            ck.save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
+                           "rng": ck.rng_state(), "config": config, "data": data.identity, "epoch": epoch + 1,
+                           "step": state["step"]}, side)
+            if best:
+                ck.save(out / ck.BEST, {"model": model.state_dict(), "config": config, "data": data.identity,
+                                        "epoch": epoch + 1, "val_top1": top1, "val_top5": top5}, side)
+            ck.append_metrics(out, row)
+            if not cfg.quiet:
+                acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
+                _note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {lr:.2e}{acc}, "
+                      f"{row['img_s']:,.0f} img/s")
+        _barrier(d)
+        done_here += 1
+
+    if d.main and (stats["excluded"] or stats["skipped"]) and data.cache is None:
+        _note(f"left out {stats['excluded']} excluded and {stats['skipped']} invalid sample(s) (seen by this process)", quiet)
+    if data.cache is not None and data.exclude:
+        dropped = data.cache.num_samples - data.samples
+        _note(f"--exclude: {dropped} cached sample(s) left out (plus {data.cache.manifest['totals'].get('excluded', 0)} "
+              f"already excluded by cache-teacher)", quiet)
+    rows = ck.read_metrics(out) if d.main else []
+    final = rows[-1] if rows else {}
+    complete = state["epoch"] >= cfg.epochs
+    res = TrainResult(run_dir=out, model=cfg.model, source=data.source, epochs=state["epoch"],
+                      images_seen=state["images_seen"], wall_s=state["wall_s"],
+                      img_s=state["images_seen"] / max(state["train_s"], 1e-9),
+                      final_top1=final.get("val_top1"), final_top5=final.get("val_top5"),
+                      best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
+                      complete=complete)
+    if d.main and complete:
+        atomic_write_json(out / ck.SUMMARY, res.to_dict())
+    return res
+
+
+class _Validator:
+    """Top-1/top-5 on the centre views of the validation shards (kept in memory when small)."""
+
+    def __init__(self, data: Data, cfg: TrainConfig, d: Dist):
+        self.d, self.cuda = d, d.device.type == "cuda"
+        self.ds = ValStream(data.val_refs, image_size=cfg.image_size, batch_size=max(cfg.batch_size, 64),
+                            num_classes=data.num_classes, rank=d.rank, world=d.world)
+        self.loader = loader(self.ds, cfg.loader_workers, pin_memory=self.cuda)
+        self.kept: list | None = None
+        self.keep = True
+
+    def _batches(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept, size = [], 0
+        for b in self.loader:
+            if self.keep:
+                size += b["image"].numel() * 4
+                if size > VAL_CACHE_BYTES:
+                    self.keep, kept = False, []
+                else:
+                    kept.append(b)
+            yield b
+        if self.keep:
+            self.kept = kept
+
+    @torch.inference_mode()
+    def evaluate(self, model) -> tuple[float, float]:
+        was = model.training
+        model.eval()
+        c1 = c5 = n = 0
+        for b in self._batches():
+            x, y = b["image"].to(self.d.device, non_blocking=True), b["label"].to(self.d.device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                logits = model(x)
+            a, b5 = topk_correct(logits.float(), y, (1, 5))
+            c1, c5, n = c1 + a, c5 + b5, n + y.shape[0]
+        model.train(was)
+        c1, c5, n = _all_sum([c1, c5, n], self.d)
+        return (100.0 * c1 / n, 100.0 * c5 / n) if n else (None, None)
