@@ -69,12 +69,14 @@ def cmd_make_shards(args) -> int:
                                progress=pbar.update if pbar else None)
     if pbar:
         pbar.close()
-    print(f"wrote {index.num_samples} samples in {len(index.shards)} shard(s) of {index.num_classes} classes to {args.out}; "
-          f"skipped {len(skips)}")
     reasons: dict[str, int] = {}
-    for s in skips:
-        reasons[s.reason.split(":")[0]] = reasons.get(s.reason.split(":")[0], 0) + 1
-        print(f"  skipped {s.key}: {s.reason}")
+    for sk in skips:
+        reasons[sk.reason.split(":")[0]] = reasons.get(sk.reason.split(":")[0], 0) + 1
+    why = " (" + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")" if reasons else ""
+    print(f"wrote {index.num_samples} samples in {len(index.shards)} shard(s) of {index.num_classes} classes "
+          f"to {args.out}; skipped {len(skips)}{why}")
+    for sk in skips:
+        print(f"  skipped {sk.shard or sk.key}: {sk.reason}")
     return 0
 
 

@@ -397,7 +397,9 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     Image bytes are stored unchanged with the extension of their real format (a PNG named .jpg is
     stored as .png). Keys: ``stem`` (the sanitised file stem) or ``path`` (the sanitised path relative
     to SRC or the CSV's folder, without extension, '/' -> '_'). Unreadable or unsupported images are
-    recorded skips (``Skip(key, reason, source name)``), kept in the index and returned. ``progress(1)``
+    recorded skips (``Skip(key, reason, source name)``), kept in the index and returned; the check is
+    ``probe_image``'s cheap one, so a JPEG cut short inside its pixel data gets through (readers skip it
+    when they decode). ``progress(1)``
     is called per image file. OUT must be empty unless ``overwrite``, which first removes OUT's index and
     ``<prefix>-NNNNNN.tar`` files.
     """

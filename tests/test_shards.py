@@ -314,3 +314,14 @@ def test_demo_data_regenerates_byte_for_byte(demo_dir, tmp_path):
         assert (tmp_path / split / "index.json").read_bytes() == (demo_dir / split / "index.json").read_bytes()
         for entry in ShardIndex.read(demo_dir / split).shards:
             assert hashlib.sha256((tmp_path / split / entry.name).read_bytes()).hexdigest() == entry.sha256
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_demo_teacher(demo_dir):
+    torch = pytest.importorskip("torch")
+    import json
+    meta = json.loads((demo_dir / "teacher.json").read_text())
+    assert hashlib.sha256((demo_dir / "teacher.pt").read_bytes()).hexdigest() == meta["sha256"]
+    assert meta["input_size"] == 32 and meta["num_classes"] == 10 and meta["val_accuracy_centre"] >= 0.97
+    model = torch.jit.load(str(demo_dir / "teacher.pt"))
+    assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10) and model(torch.zeros(1, 3, 48, 40)).shape == (1, 10)
