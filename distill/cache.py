@@ -164,12 +164,17 @@ class CacheWorker:
         prod.start()
         ids, probs, lprobs = {}, {}, {}
         teacher_s = 0.0
+        first_at, last_at, done = None, None, 0
         while (item := q.get()) is not None:
             x, labels, where = item
             t0 = time.perf_counter()
+            if first_at is None:
+                first_at = t0
             p = self.ens(x)
             i, v, lp = teachers.topk(p, self.topk, torch.as_tensor(labels))
             teacher_s += time.perf_counter() - t0
+            done += len(where)
+            last_at = time.perf_counter()
             i, v, lp = i.numpy(), v.numpy(), lp.numpy()
             for r, (s, e) in enumerate(where):
                 ids[s, e], probs[s, e], lprobs[s, e] = i[r], v[r], lp[r]
@@ -195,7 +200,9 @@ class CacheWorker:
         table = table.replace_schema_metadata({**table.schema.metadata, b"entry": json.dumps(entry).encode(),
                                                b"run_id": task["run_id"].encode()})
         return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
-                "teacher_s": teacher_s, "decode_s": prod.decode_s, "wall_s": time.perf_counter() - t_start}
+                "teacher_s": teacher_s, "decode_s": prod.decode_s, "wall_s": time.perf_counter() - t_start,
+                # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
+                "steady_records": done, "steady_s": (last_at - first_at) if first_at else 0.0}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -215,6 +222,8 @@ class CacheResult:
     wall_s: float
     reused_shards: int
     failed: list[str]
+    worker_s: float = 0.0          # summed time workers spent inside shard tasks (excludes Ray start, model load)
+    steady_records_per_s: float = 0.0   # per worker, after its first batch reached the teacher
 
     def summary(self) -> str:
         lines = [f"cache: {self.out}",
@@ -333,7 +342,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
         reused = len(entries)
         total = sum(_count_hint(index, t["name"]) for t in tasks)
         pbar = bar(total * cfg.epochs if total else None, "cache-teacher", "rec", cfg.quiet)
-        timing = {"teacher_s": 0.0, "wall_s": 0.0}
+        timing = {"teacher_s": 0.0, "wall_s": 0.0, "steady_records": 0, "steady_s": 0.0}
 
         def on_result(o: engine.ShardOutcome) -> None:
             if o.result is None:
@@ -342,7 +351,8 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
             atomic_write_bytes(out / r["entry"]["file"], r["data"])
             entries[r["name"]] = r["entry"]
             timing["teacher_s"] += r["teacher_s"]
-            timing["wall_s"] += r["wall_s"]
+            for k in ("wall_s", "steady_records", "steady_s"):
+                timing[k] += r[k]
 
         outcomes = engine.run_pool(CacheWorker, init, tasks, workers=workers, num_cpus=num_cpus, num_gpus=num_gpus,
                                    retries=cfg.retries, on_result=on_result,
@@ -385,7 +395,8 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
                        bytes_per_record=nbytes / records if records else float("nan"),
                        records_per_s=new_records / wall if new_records else 0.0,
                        teacher_share=timing["teacher_s"] / timing["wall_s"] if timing["wall_s"] else 0.0,
-                       wall_s=wall, reused_shards=reused, failed=failed)
+                       wall_s=wall, reused_shards=reused, failed=failed, worker_s=timing["wall_s"],
+                       steady_records_per_s=timing["steady_records"] / timing["steady_s"] if timing["steady_s"] else 0.0)
 
 
 def _shard_name(p: Path, paths: list[Path]) -> str:

@@ -1,17 +1,24 @@
 """Read a finished cache: ``open_cache(dir)`` -> ``Cache``. Lazy: opening reads only the manifest;
-tables are read per shard and per column on demand. No teacher code, no Ray.
+tables are read per shard and per column on demand. No teacher code, no Ray; torch is imported only
+to replay views, matplotlib (``distill[viz]``) only to draw them, pandas only for ``to_pandas``.
 """
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from .format import (CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, FormatError, UserError, decode_cache_shard,
-                     read_ipc, read_json, sha256_file)
+from .format import (CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, FormatError, UserError,
+                     decode_cache_shard, read_ipc, read_json, sha256_file)
+
+# logical column -> the physical columns it is decoded from (FORMAT.md 2.2)
+_PHYSICAL = {"key": ["key"], "label": ["label"], "seed": ["seed"], "topk_idx": ["classes", "local"],
+             "topk_prob": ["prob_planes"], "label_prob": ["label_prob_planes"], "shard": [], "epoch": []}
+_READ_THREADS = min(4, os.cpu_count() or 1)
 
 
 class Cache:
@@ -54,31 +61,92 @@ class Cache:
                 f"top-{self.topk} of {self.num_classes} classes, {len(self.shard_names)} shards)")
 
     # ------------------------------------------------------------------ tables
+    @cached_property
+    def _entries(self) -> dict[str, dict]:
+        return {s["name"]: s for s in self.manifest["shards"]}
+
     def _entry(self, shard: str) -> dict:
-        for s in self.manifest["shards"]:
-            if s["name"] == shard:
-                return s
-        raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)")
+        try:
+            return self._entries[shard]
+        except KeyError:
+            raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)") from None
 
     def physical(self, shard: str, columns=None) -> pa.Table:
-        return read_ipc(self.path / self._entry(shard)["file"], columns=columns)
+        """The shard's file as stored (FORMAT.md 2.2); only ``columns`` are read and decompressed."""
+        return _read_columns(self.path / self._entry(shard)["file"], columns)
+
+    @staticmethod
+    def _need(columns) -> list[str] | None:
+        if columns is None:
+            return None
+        return sorted({c for col in columns for c in _PHYSICAL.get(col, [])}) or ["label"]
 
     def shard_table(self, shard: str, epochs=None, columns=None) -> pa.Table:
-        need = None
-        if columns is not None:
-            phys = {"key": ["key"], "label": ["label"], "seed": ["seed"], "topk_idx": ["classes", "local"],
-                    "topk_prob": ["prob_planes"], "label_prob": ["label_prob_planes"], "shard": [], "epoch": []}
-            need = sorted({c for col in columns for c in phys.get(col, [])}) or ["label"]
-        return decode_cache_shard(self.physical(shard, need), epochs=epochs, columns=columns)
+        return decode_cache_shard(self.physical(shard, self._need(columns)), epochs=epochs, columns=columns)
+
+    def _names(self, shards) -> list[str]:
+        names = self.shard_names if shards is None else [shards] if isinstance(shards, str) else list(shards)
+        for n in names:
+            self._entry(n)
+        return names
 
     def to_table(self, epochs=None, shards=None, columns=None) -> pa.Table:
-        """The logical view (key, shard, epoch, seed, topk_idx, topk_prob, label, label_prob)."""
-        names = self.shard_names if shards is None else [shards] if isinstance(shards, str) else list(shards)
-        tables = [self.shard_table(n, epochs, columns) for n in names]
-        return pa.concat_tables(tables) if tables else decode_cache_shard(pa.table({}), epochs, columns)
+        """The logical view (key, shard, epoch, seed, topk_idx, topk_prob, label, label_prob), one row per
+        (sample, epoch) in spec order. Lazy: only the named shards' files and the physical columns behind
+        ``columns`` are read (files in parallel); ``epochs`` picks epochs (all by default)."""
+        names = self._names(shards)
+        if not names:
+            return decode_cache_shard(pa.table({}), epochs, columns)
+        cols = list(LOGICAL_COLUMNS if columns is None else columns)
+        need = self._need(columns)
+        if len(names) == 1:
+            return decode_cache_shard(self.physical(names[0], need), epochs=epochs, columns=cols)
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            tables = list(pool.map(lambda n: _read_columns(self.path / self._entry(n)["file"], need, threads=False),
+                                   names))
+        # Decode runs of files with one physical schema together (a concatenation is zero-copy), so the
+        # per-file Python overhead is paid once per run, not once per shard; the shard column is rebuilt.
+        inner = [c for c in cols if c != "shard"]
+        out, start = [], 0
+        while start < len(tables):
+            stop = start + 1
+            while stop < len(tables) and tables[stop].schema.equals(tables[start].schema, check_metadata=False):
+                stop += 1
+            run = tables[start:stop]
+            t = decode_cache_shard(pa.concat_tables(run) if len(run) > 1 else run[0], epochs=epochs,
+                                   columns=inner or ["label"])
+            if "shard" in cols:
+                rows = [x.num_rows for x in run]
+                per = t.num_rows // max(1, sum(rows))             # records per sample: len(epochs)
+                shard_col = _repeat_strings(names[start:stop], np.asarray(rows, dtype=np.int64) * per)
+                if inner:
+                    t = t.add_column(cols.index("shard"), "shard", shard_col)
+                else:
+                    t = pa.table({"shard": shard_col})
+            out.append(t)
+            start = stop
+        return pa.concat_tables(out) if len(out) > 1 else out[0]
+
+    def iter_tables(self, epochs=None, shards=None, columns=None):
+        """Yield the logical view one shard at a time (constant memory over any cache size)."""
+        for n in self._names(shards):
+            yield self.shard_table(n, epochs, columns)
 
     def to_pandas(self, epochs=None, shards=None, columns=None):
+        """``to_table(...)`` as a pandas DataFrame (needs pandas: ``pip install 'distill[viz]'``)."""
+        _need_pandas("Cache.to_pandas")
         return self.to_table(epochs, shards, columns).to_pandas()
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(LOGICAL_COLUMNS)
+
+    def keys(self, shard: str | None = None) -> list[str]:
+        """Sample keys in record order (one shard's when ``shard`` is given)."""
+        return self.to_table(epochs=[0], shards=shard, columns=["key"]).column("key").to_pylist()
 
     # ------------------------------------------------------------------ single records
     @cached_property
@@ -175,6 +243,42 @@ class Cache:
         v = views[keys[pos]]
         return v if plan is None else augment.mix(v, views[need[1]], plan)
 
+    def image(self, key: str):
+        """The sample's source image (PIL, RGB, full resolution) from its shard."""
+        from . import augment
+        shard, _ = self.locate(key)
+        return augment.open_image(self._sources(shard, [key])[key].data)
+
+    def replay(self, key: str, epoch: int, view: str = "teacher", size: int | None = None):
+        """The view of (key, epoch) as a PIL image, exactly as cache-teacher cut it, before normalisation.
+
+        ``view="teacher"``: at the manifest's teacher input size; ``"student"``: at ``policy.size``
+        (or ``size``). These are the pixels of ``augment.render``: crop + resize, flip, RandAugment ops
+        or colour jitter. Random erasing (``params["erase"]``) and Mixup/CutMix (``params["mix"]``,
+        see ``augmentation``) act later, on the normalised tensor; ``view_tensor`` returns that tensor,
+        and ``show`` draws it. For a record without erasing or mixing,
+        ``augment.to_tensor(replay(...), {}, mean, std)`` equals ``view_tensor(...)`` bit for bit.
+        """
+        from . import augment
+        self._check_epoch(epoch)
+        size = self._side_size(view, size)
+        shard, keys, pos = self._block(key)
+        src = self._sources(shard, [key])[key]
+        seed = self._seeds(shard, keys, epoch)[pos]
+        return augment.render(src, augment.decode(self.policy, seed, src.width, src.height), size)
+
+    def _side_size(self, view: str, size: int | None) -> int:
+        if view not in ("teacher", "student"):
+            raise UserError(f"view must be 'teacher' or 'student', got {view!r}")
+        return size or (self.teacher["input_size"] if view == "teacher" else self.policy.size)
+
+    def show(self, key: str, epochs=None, view: str = "teacher", size: int | None = None):
+        """A matplotlib figure of (key, epochs): the source image with the crop boxes, then per epoch the
+        view as the model saw it (erasing and mixing included) above bars of its top-K classes by name.
+        ``epochs``: an int, a list, or None for the first 8. Needs ``distill[viz]``."""
+        from .notebook import show_cache_views
+        return show_cache_views(self, key, epochs, view, size)
+
 
 def dense_target(idx: np.ndarray, prob: np.ndarray, num_classes: int, fill: str = "uniform") -> np.ndarray:
     """Top-K (ids, probs) -> a dense distribution. ``uniform``: the mass outside the top-K is spread
@@ -194,7 +298,49 @@ def dense_target(idx: np.ndarray, prob: np.ndarray, num_classes: int, fill: str 
 
 
 def open_cache(path: str | os.PathLike, shards_dir: str | os.PathLike | None = None) -> Cache:
+    """Open a finished cache directory (reads only manifest.json). ``shards_dir``: where the source
+    shards are now, when they moved since cache-teacher ran (needed only to replay views)."""
     return Cache(path, shards_dir)
+
+
+def _read_columns(path: str | os.PathLike, columns=None, threads: bool = True) -> pa.Table:
+    """An Arrow IPC file like ``format.read_ipc``, but reading (and decompressing) only ``columns``."""
+    if not columns:
+        return read_ipc(path)
+    try:
+        with pa.memory_map(str(path)) as src:
+            schema = pa.ipc.open_file(src).schema
+            missing = [c for c in columns if schema.get_field_index(c) < 0]
+            if missing:
+                raise KeyError(f"Field \"{missing[0]}\" does not exist in schema")
+            fields = sorted({schema.get_field_index(c) for c in columns})
+            opts = pa.ipc.IpcReadOptions(included_fields=fields, use_threads=threads)
+            table = pa.ipc.open_file(src, options=opts).read_all()
+    except FileNotFoundError:
+        raise FormatError(f"cache file missing: {path}") from None
+    except pa.ArrowInvalid as e:
+        raise FormatError(f"cache file unreadable: {path} ({e})") from None
+    return table.select(columns)
+
+
+def _repeat_strings(values: list[str], counts: np.ndarray) -> pa.Array:
+    """A string array holding values[i] counts[i] times, built from buffers (no per-row Python)."""
+    enc = [v.encode() for v in values]
+    lengths = np.repeat(np.array([len(b) for b in enc], dtype=np.int64), counts)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = b"".join(b * int(c) for b, c in zip(enc, counts))
+    arr = pa.Array.from_buffers(pa.large_string(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return arr.cast(pa.string())
+
+
+def _need_pandas(what: str):
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError(f"{what} needs pandas, which is not installed: pip install 'distill[viz]' "
+                          f"(or pip install pandas)") from None
+    return pandas
 
 
 def verify_files(cache: Cache) -> list[str]:

@@ -15,7 +15,8 @@ Shards are shuffled per epoch with the training seed and split across (DDP rank,
 by index. A batch is a dict of CPU tensors: ``image`` (B, 3, S, S) float32, ``idx`` (B, K) int64 and
 ``prob`` (B, K) float32 (the cached top-K, K = 0 in hard-label runs), ``label``/``label2`` (B,) int64
 and ``lam`` (B,) float32 (hard labels of the sample and its mix partner, weight of its own image),
-``stats`` (2,) int64 (samples excluded, samples skipped since the previous batch of this worker).
+``stats`` (2,) int64 (samples excluded, samples skipped since the previous batch of this worker) and
+``key`` (a list of B sample keys).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def _collate(items: list, stats: list) -> dict:
         "label2": torch.tensor([it[4] for it in items], dtype=torch.int64),
         "lam": torch.tensor([it[5] for it in items], dtype=torch.float32),
         "stats": torch.tensor(stats, dtype=torch.int64),
+        "key": [it[6] for it in items],
     }
     stats[0] = stats[1] = 0
     return out
@@ -125,7 +127,7 @@ class TrainStream(IterableDataset):
             yield _collate(batch, stats)
 
     def shard_samples(self, ref: ShardRef, stats: list) -> Iterator[tuple]:
-        """(view, topk ids, topk probs, label, partner label, own-image weight) of one shard, in shard order."""
+        """(view, topk ids, topk probs, label, partner label, own-image weight, key) of one shard, in shard order."""
         blocks = self._cache_blocks(ref, stats) if self.cache is not None else self._hard_blocks(ref, stats)
         for keys, srcs, seeds, labels, ids, probs, params in blocks:
             if params is None:
@@ -138,7 +140,7 @@ class TrainStream(IterableDataset):
                     continue
                 label2 = labels[plan["partner"]] if plan else labels[i]
                 lam = augment.mix_lam(plan, (self.size, self.size))
-                yield v, ids[i], probs[i], labels[i], label2, lam
+                yield v, ids[i], probs[i], labels[i], label2, lam, key
 
     def _cache_blocks(self, ref: ShardRef, stats: list):
         """Blocks of the cache rows of one shard: (keys, sources, seeds, labels, topk ids, topk probs)."""

@@ -433,6 +433,7 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
         pbar = bar(steps_per_epoch * per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", quiet)
         for b in batches(epoch):
             st = b.pop("stats")
+            b.pop("key", None)
             stats["excluded"] += int(st[0])
             stats["skipped"] += int(st[1])
             lr = lr_at(state["step"], total_steps, warmup, cfg.lr, cfg.min_lr)

@@ -1,0 +1,365 @@
+"""Notebook readers and figures for the three output directories.
+
+    distill.open_cache(CACHE_DIR)    -> reader.Cache    (tables, records, soft targets, replayed views, show)
+    distill.open_filter(FILTER_DIR)  -> FilterOutput    (scores table, summary, show_flagged)
+    distill.open_run(RUN_DIR)        -> Run             (metrics DataFrame, summary, plot; .baseline)
+
+Everything reads files only (no teacher, no Ray). Figures are plain ``matplotlib.figure.Figure``
+objects made without pyplot, so they work headless and never pile up in pyplot's global state:
+``fig.savefig("x.png")``; in Jupyter a figure that ends a cell is drawn inline. matplotlib and pandas
+are the ``viz`` extra (``pip install 'distill[viz]'``); a function that needs one says so when it
+is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .format import (FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FormatError, Skip, UserError, decode_cache_shard,
+                     read_filter_summary, read_json)
+from .reader import Cache, _need_pandas, _read_columns, open_cache
+
+__all__ = ["open_cache", "open_filter", "open_run", "Cache", "FilterOutput", "Run", "show_cache_views"]
+
+GIVEN, OTHER = "#2a9d55", "#9aa5b1"        # bar colours: the given label, the other classes
+
+
+# ----------------------------------------------------------------------------- matplotlib, optional
+
+def _figure(what: str, width: float, height: float):
+    """A new pyplot-free Figure; a clear ImportError naming the extra when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(f"{what} draws with matplotlib, which is not installed: pip install 'distill[viz]' "
+                          f"(or pip install matplotlib)") from None
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _epochs(cache: Cache, epochs) -> list[int]:
+    if epochs is None:
+        return list(range(min(cache.epochs, 8)))
+    ep = [int(epochs)] if np.isscalar(epochs) else [int(e) for e in epochs]
+    for e in ep:
+        cache._check_epoch(e)
+    if not ep:
+        raise UserError("show: no epochs given")
+    return ep
+
+
+def _to_image(x, mean, std) -> np.ndarray:
+    """A normalised C x H x W tensor back to H x W x 3 floats in [0, 1] (for display)."""
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    return np.clip(x.numpy() * s + m, 0.0, 1.0).transpose(1, 2, 0)
+
+
+def _describe(params: dict, plan: dict | None, partner: str | None) -> str:
+    bits = [f"{o['op']} {o['magnitude']:g}" if isinstance(o["magnitude"], (int, float)) else o["op"]
+            for o in params["ops"]]
+    if params["flip"]:
+        bits.append("flip")
+    if params.get("jitter"):
+        bits.append("jitter")
+    if params["erase"]:
+        bits.append(f"erase x{len(params['erase'])}")
+    if plan is not None:
+        bits.append(f"{plan['mode']} {partner} lam {plan['lam']:.2f}")
+    return ", ".join(bits) if bits else "crop only"
+
+
+def show_cache_views(cache: Cache, key: str, epochs=None, view: str = "teacher", size: int | None = None):
+    """The figure behind ``Cache.show``: source image with each epoch's crop box, then per epoch the
+    exact tensor the ``view`` side got (erasing and mixing included, de-normalised for display) over
+    bars of the record's top-K classes by name (the given label in green)."""
+    from . import augment, replay
+    eps = _epochs(cache, epochs)
+    fig = _figure("Cache.show", 1.9 * (len(eps) + 1) + 0.6, 4.6)
+    size = cache._side_size(view, size)
+    if view == "teacher":
+        mean, std = cache.teacher["mean"], cache.teacher["std"]
+    else:
+        mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
+    shard, keys, pos = cache._block(key)
+    _, row = cache.locate(key)
+    recs = decode_cache_shard(cache.physical(shard).slice(row, 1), epochs=eps).to_pylist()
+    seeds = {e: cache._seeds(shard, keys, e) for e in eps}
+    plans = {e: replay.block_plan(cache.policy, seeds[e])[pos] for e in eps}
+    need = {key} | {keys[p["partner"]] for p in plans.values() if p is not None}
+    srcs = cache._sources(shard, sorted(need))
+    src = srcs[key]
+
+    def tensor(k: str, e: int):
+        s = srcs[k]
+        return augment.view(s, augment.decode(cache.policy, seeds[e][keys.index(k)], s.width, s.height), size, mean, std)
+
+    grid = fig.add_gridspec(2, len(eps) + 1, height_ratios=[1.0, 0.85])
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(augment.open_image(src.data))
+    colours = [f"C{i % 10}" for i in range(len(eps))]
+    from matplotlib.patches import Rectangle
+    params = {}
+    for c, e in zip(colours, eps):
+        params[e] = augment.decode(cache.policy, seeds[e][pos], src.width, src.height)
+        x0, y0, x1, y1 = params[e]["crop"]
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.5))
+    ax.set_title(f"source {src.width}x{src.height}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    info = fig.add_subplot(grid[1, 0])
+    info.axis("off")
+    label = recs[0]["label"]
+    info.text(0.0, 1.0, f"key {key}\nshard {shard}\nlabel {cache.classes[label]} ({label})\n"
+              f"{view} view {size}px\npolicy {cache.manifest['policy']['id']}", va="top", fontsize=8,
+              family="monospace", transform=info.transAxes)
+    for j, (c, e, rec) in enumerate(zip(colours, eps, recs)):
+        plan = plans[e]
+        partner = keys[plan["partner"]] if plan is not None else None
+        x = tensor(key, e)
+        if plan is not None:
+            x = augment.mix(x, tensor(partner, e), plan)
+        ax = fig.add_subplot(grid[0, j + 1])
+        ax.imshow(_to_image(x, mean, std), interpolation="nearest")
+        ax.set_title(f"epoch {e}\n{_describe(params[e], plan, partner)}", fontsize=8, color=c)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        bars = fig.add_subplot(grid[1, j + 1])
+        idx, prob = rec["topk_idx"], [float(p) for p in rec["topk_prob"]]
+        ypos = np.arange(len(idx))
+        bars.barh(ypos, prob, color=[GIVEN if i == label else OTHER for i in idx])
+        bars.set_yticks(ypos, [cache.classes[i] for i in idx], fontsize=7)
+        bars.invert_yaxis()
+        bars.set_xlim(0, 1)
+        bars.tick_params(axis="x", labelsize=7)
+        bars.set_xlabel(f"p(label) {rec['label_prob']:.3f}", fontsize=8)
+    fig.suptitle(f"{key}: {len(eps)} cached view(s) and the teacher's top-{cache.topk}", fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------- filter directory
+
+class FilterOutput:
+    """A finished filter-labels directory: ``scores.arrow`` (one row per scored sample), ``summary.json``,
+    ``report.md`` and the scoring pass's cache (``scoring/``, used to find the source images)."""
+
+    def __init__(self, path: str | os.PathLike, shards_dir: str | os.PathLike | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"filter directory not found: {self.path}")
+        self.summary: dict = read_filter_summary(self.path)
+        self._shards_dir = shards_dir
+
+    classes = property(lambda self: self.summary["classes"])
+    rule = property(lambda self: self.summary["rule"])
+    num_samples = property(lambda self: self.summary["samples"])
+    num_flagged = property(lambda self: self.summary["dropped"])
+    per_class = property(lambda self: self.summary["per_class"])
+    report = property(lambda self: self.path / "report.md")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        return (f"FilterOutput({str(self.path)!r}: rule {self.rule}, {self.num_flagged} of {self.num_samples} "
+                f"samples flagged, {len(self.classes)} classes)")
+
+    def to_table(self, columns=None) -> pa.Table:
+        """The scores: key, shard, label, label_prob, label_rank, topk_idx, topk_prob, margin, keep, reason."""
+        return _read_columns(self.path / FILTER_SCORES_NAME, columns)
+
+    def to_pandas(self, columns=None):
+        _need_pandas("FilterOutput.to_pandas")
+        return self.to_table(columns).to_pandas()
+
+    def flagged(self, n: int | None = None) -> pa.Table:
+        """The flagged samples (keep is false), most suspicious first (lowest margin), with class names:
+        ``label_name``, ``pred`` (the scorer's top-1) and ``pred_name`` appended."""
+        t = self.to_table()
+        t = t.filter(pa.compute.invert(t.column("keep")))
+        t = t.take(pa.compute.sort_indices(t, [("margin", "ascending"), ("key", "ascending")]))
+        if n is not None:
+            t = t.slice(0, n)
+        k = t.schema.field("topk_idx").type.list_size
+        pred = t.column("topk_idx").combine_chunks().values.to_numpy().reshape(-1, k)[:, 0].astype(np.int64)
+        names = np.asarray(self.classes, dtype=object)
+        t = t.append_column("label_name", pa.array(names[t.column("label").to_numpy()].tolist(), pa.string()))
+        t = t.append_column("pred", pa.array(pred.astype(np.int32)))
+        return t.append_column("pred_name", pa.array(names[pred].tolist(), pa.string()))
+
+    @cached_property
+    def scoring(self) -> Cache:
+        """The scoring pass's cache (one centre view per sample): the scorer's identity and the shard paths."""
+        return open_cache(self.path / "scoring", self._shards_dir)
+
+    def images(self, keys, shards=None) -> dict:
+        """{key: PIL image} of these samples, read from the source shards (``shards``: their shard names,
+        looked up in the scores when omitted)."""
+        from . import augment, shards as shardio
+        keys = list(keys)
+        if shards is None:
+            t = self.to_table(["key", "shard"])
+            where = dict(zip(t.column("key").to_pylist(), t.column("shard").to_pylist()))
+            shards = [where[k] for k in keys]
+        want: dict[str, set] = {}
+        for k, s in zip(keys, shards):
+            want.setdefault(s, set()).add(k)
+        out = {}
+        for shard, ks in want.items():
+            for item in shardio.iter_shard(self.scoring.shard_path(shard)):
+                if not isinstance(item, Skip) and item.key in ks:
+                    out[item.key] = augment.open_image(item.data)
+        return out
+
+    def show_flagged(self, n: int = 24, cols: int = 6):
+        """A montage of the ``n`` most suspicious flagged samples: the image, the given label (red) and
+        the scorer's top-1 (green) by name, with their probabilities. Needs ``distill[viz]``."""
+        top = self.flagged(n)
+        m = top.num_rows
+        cols = max(1, min(cols, m))
+        rows = max(1, -(-m // cols))
+        fig = _figure("FilterOutput.show_flagged", 1.8 * cols + 0.4, 2.05 * rows + 0.5)
+        if m == 0:
+            ax = fig.add_subplot()
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"no flagged samples (rule {self.rule}, {self.num_samples} scored)",
+                    ha="center", va="center")
+            return fig
+        r = top.to_pylist()
+        imgs = self.images([x["key"] for x in r], [x["shard"] for x in r])
+        for i, x in enumerate(r):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            if x["key"] in imgs:
+                ax.imshow(imgs[x["key"]])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(x["key"][-18:], fontsize=7)
+            ax.set_xlabel(f"given {x['label_name']} {x['label_prob']:.2f}", fontsize=7, color="#c0392b")
+            ax.text(0.5, -0.30, f"pred {x['pred_name']} {x['topk_prob'][0]:.2f}", fontsize=7, color=GIVEN,
+                    ha="center", va="top", transform=ax.transAxes)
+        fig.suptitle(f"{m} most suspicious of {self.num_flagged} flagged (lowest margin), rule {self.rule}",
+                     fontsize=10)
+        return fig
+
+
+def open_filter(path: str | os.PathLike, shards_dir: str | os.PathLike | None = None) -> FilterOutput:
+    """Open a finished filter-labels directory. ``shards_dir``: where the scored shards are now, if they
+    moved (needed only for images)."""
+    return FilterOutput(path, shards_dir)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+METRICS_NAME, SUMMARY_NAME, CONFIG_NAME, BASELINE_DIR = "metrics.jsonl", "summary.json", "config.json", "hard-labels"
+
+
+class Run:
+    """A train-student run directory: ``metrics.jsonl`` (one row per epoch), ``summary.json`` (written
+    when the run completes), ``config.json``, checkpoints. ``baseline`` is the ``hard-labels/`` run of
+    ``--compare-hard-labels`` (None without one). Metrics are re-read on each access, so a notebook can
+    follow a run in progress."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"run directory not found: {self.path}")
+        if not ((self.path / METRICS_NAME).exists() or (self.path / SUMMARY_NAME).exists()):
+            raise UserError(f"{self.path} is not a train-student run directory (no {METRICS_NAME} or {SUMMARY_NAME})")
+
+    @property
+    def rows(self) -> list[dict]:
+        """The metrics as a list of dicts (epoch, train_loss, lr, val_top1, val_top5, img_s, ...)."""
+        p = self.path / METRICS_NAME
+        if not p.exists():
+            return []
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise FormatError(f"{p}:{i + 1} is not a JSON line") from None
+        return rows
+
+    @property
+    def metrics(self):
+        """The metrics as a pandas DataFrame, one row per epoch (needs pandas: ``distill[viz]``)."""
+        pd = _need_pandas("Run.metrics")
+        return pd.DataFrame(self.rows)
+
+    def to_table(self) -> pa.Table:
+        rows = self.rows
+        return pa.Table.from_pylist(rows) if rows else pa.table({"epoch": pa.array([], pa.int64())})
+
+    def to_pandas(self):
+        return self.metrics
+
+    @property
+    def summary(self) -> dict | None:
+        p = self.path / SUMMARY_NAME
+        return read_json(p, "run summary") if p.exists() else None
+
+    @property
+    def config(self) -> dict | None:
+        p = self.path / CONFIG_NAME
+        return read_json(p, "run config") if p.exists() else None
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def baseline(self) -> "Run | None":
+        p = self.path / BASELINE_DIR
+        try:
+            return Run(p) if p.is_dir() else None
+        except UserError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        rows = self.rows
+        last = rows[-1] if rows else {}
+        acc = f", val top-1 {last['val_top1']:.1f}%" if last.get("val_top1") is not None else ""
+        state = "complete" if self.complete else "in progress or stopped"
+        base = ", with hard-labels baseline" if self.baseline is not None else ""
+        return f"Run({str(self.path)!r}: {len(rows)} epoch(s){acc}, {state}{base})"
+
+    def plot(self):
+        """Training loss and validation top-1/top-5 against epoch (the hard-labels baseline dashed, when
+        there is one). Needs ``distill[viz]``."""
+        fig = _figure("Run.plot", 10, 3.6)
+        loss_ax, acc_ax = fig.subplots(1, 2)
+        series = [("from cache" if self.baseline is not None else self.path.name, self.rows, "-")]
+        if self.baseline is not None:
+            series.append(("from hard labels", self.baseline.rows, "--"))
+        for name, rows, style in series:
+            ep = [r["epoch"] for r in rows]
+            loss_ax.plot(ep, [r.get("train_loss") for r in rows], style, marker="o", ms=3, label=name)
+            for k, c in (("val_top1", "C0"), ("val_top5", "C1")):
+                vals = [np.nan if r.get(k) is None else r[k] for r in rows]
+                if not all(np.isnan(vals)):
+                    acc_ax.plot(ep, vals, style, color=c, marker="o", ms=3,
+                                label=f"{k.replace('val_', '')} {name}")
+        loss_ax.set_xlabel("epoch")
+        loss_ax.set_ylabel("train loss")
+        loss_ax.legend(fontsize=8)
+        acc_ax.set_xlabel("epoch")
+        acc_ax.set_ylabel("val accuracy (%)")
+        if acc_ax.lines:
+            acc_ax.legend(fontsize=8)
+        s = self.summary or {}
+        fig.suptitle(f"{self.path.name}: {s.get('model', '')} {('from ' + s['source']) if s.get('source') else ''}".strip(),
+                     fontsize=10)
+        return fig
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open a train-student run directory (complete or still running)."""
+    return Run(path)

@@ -1,0 +1,288 @@
+"""distill.train: replayed views + sparse targets, the training loop, checkpoints/resume, refusals.
+
+One session cache (two demo shards, 2 epochs, K = all 10 classes, float32, Mixup/CutMix on) is built
+with a copy of the demo teacher that is deleted right after: every training test below runs from a
+cache whose teacher file no longer exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from distill.config import CacheConfig, TrainConfig
+from distill.format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, UserError, ipc_bytes
+from distill.losses import dense_targets
+from distill.reader import open_cache
+from distill.train import prepare_data, train_student
+from distill.train.data import TrainStream
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "shards" / "demo"
+TEACHER = DEMO / "teacher.pt"
+TRAIN2 = f"{DEMO}/train/train-{{000000..000001}}.tar"
+VAL1 = str(DEMO / "val" / "val-000000.tar")
+MIX_POLICY = {"size": 32, "scale": [0.35, 1.0], "hflip": 0.0, "auto_augment": "rand-n1-m5-mstd0.5-inc1",
+              "re_prob": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 0.6, "mix_block": 16}
+
+pytestmark = pytest.mark.skipif(not TEACHER.is_file() or not (DEMO / "train" / "index.json").is_file(),
+                                reason="demo shards/teacher not generated")
+
+
+def _cache_teacher(**kw):
+    from distill.cache import cache_teacher   # test side only: the trainer never imports it
+    policy = kw.pop("policy", None)
+    return cache_teacher(CacheConfig(teacher_input_size=32, quiet=True, **kw), policy)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-cache")
+    teacher = root / "teacher.pt"
+    shutil.copy(TEACHER, teacher)
+    res = _cache_teacher(shards=TRAIN2, teacher=(str(teacher),), out=str(root / "cache"), epochs=2, topk=10,
+                         prob_dtype="float32", policy=MIX_POLICY)
+    assert not res.failed and res.samples == 720
+    teacher.unlink()
+    return root / "cache"
+
+
+def _cfg(cache_dir, out, **kw) -> TrainConfig:
+    base = dict(shards=TRAIN2, cache=str(cache_dir), val_shards=VAL1, out=str(out), model="tinyvit-tiny",
+                image_size=32, epochs=2, batch_size=64, lr=2e-3, warmup_epochs=0.5, quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _stream(data, **kw) -> TrainStream:
+    return TrainStream(data.refs, policy=data.policy, image_size=32, batch_size=kw.pop("batch_size", 100), seed=0,
+                       shuffle_buffer=200, cache=data.cache, num_classes=data.num_classes, drop_last=False, **kw)
+
+
+# ----------------------------------------------------------------------------- offline equals online
+
+def test_offline_targets_equal_teacher_on_replayed_view(cache_dir, tmp_path):
+    """K = C, float32: the dense target built for (sample, epoch) is softmax(teacher(replayed view)),
+    mixed views included, also when training epochs wrap around the cached ones."""
+    data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
+    teacher = torch.jit.load(str(TEACHER)).eval()
+    cache = open_cache(cache_dir)
+    ds = _stream(data)
+    for epoch in (0, 1, 2):                       # training epoch 2 replays cached epoch 0
+        ds.set_epoch(epoch)
+        seen, mixed, worst = 0, 0, 0.0
+        for b in ds:
+            with torch.no_grad():
+                p = teacher(b["image"]).softmax(-1)
+            t = dense_targets(b["idx"], b["prob"], data.num_classes, "uniform")
+            worst = max(worst, float((p - t).abs().max()))
+            seen += len(b["key"])
+            mixed += int((b["lam"] < 1).sum())
+            if seen <= 100:                       # the view is the teacher-side replay, bit for bit
+                k = b["key"][3]
+                assert torch.equal(b["image"][3], cache.view_tensor(k, epoch % 2, "teacher"))
+        assert seen == 720 and mixed > 100
+        assert worst < 1e-3, (epoch, worst)
+
+
+def test_views_do_not_depend_on_batching(cache_dir, tmp_path):
+    data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
+    views = []
+    for bs, buf in ((100, 200), (7, 1)):
+        ds = TrainStream(data.refs, policy=data.policy, image_size=32, batch_size=bs, seed=0, shuffle_buffer=buf,
+                         cache=data.cache, num_classes=10, drop_last=False)
+        ds.set_epoch(1)
+        views.append({k: (x, y) for b in ds for k, x, y in zip(b["key"], b["image"], b["prob"])})
+    assert views[0].keys() == views[1].keys() and len(views[0]) == 720
+    for k in list(views[0])[:50]:
+        assert torch.equal(views[0][k][0], views[1][k][0]) and torch.equal(views[0][k][1], views[1][k][1])
+
+
+# ----------------------------------------------------------------------------- training, files, resume
+
+def test_train_resume_matches_uninterrupted(cache_dir, tmp_path):
+    full = train_student(_cfg(cache_dir, tmp_path / "full"))
+    assert full.complete and full.epochs == 2 and full.final_top1 is not None
+    run = tmp_path / "full"
+    for name in ("config.json", "last.pt", "last.json", "best.pt", "best.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"epoch", "train_loss", "lr", "val_top1", "val_top5", "img_s"} <= set(r)
+    summ = json.loads((run / "summary.json").read_text())
+    assert summ["epochs"] == 2 and summ["images_seen"] == 2 * 704 and summ["final"]["val_top1"] == rows[-1]["val_top1"]
+    assert "val top-1" in full.summary()
+
+    part = train_student(_cfg(cache_dir, tmp_path / "part"), stop_after=1)
+    assert not part.complete and part.epochs == 1 and not (tmp_path / "part" / "summary.json").exists()
+    with pytest.raises(UserError, match="--resume"):
+        train_student(_cfg(cache_dir, tmp_path / "part"))
+    with pytest.raises(UserError, match="lr"):
+        train_student(_cfg(cache_dir, tmp_path / "part", lr=1e-3, resume=True))
+    resumed = train_student(_cfg(cache_dir, tmp_path / "part", resume=True))
+    rows2 = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows2] == [1, 2]
+    for a, b in zip(rows, rows2):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_top1"] == pytest.approx(b["val_top1"], abs=0.6)
+    assert resumed.images_seen == full.images_seen and resumed.complete
+    again = train_student(_cfg(cache_dir, tmp_path / "part", resume=True))     # finished: nothing to do
+    assert again.epochs == 2 and again.final_top1 == resumed.final_top1
+
+
+def test_hard_labels_run_and_reproducible_views(cache_dir, tmp_path):
+    cfg = _cfg(None, tmp_path / "hard", cache=None, hard_labels=True, epochs=1, val_shards=None)
+    data = prepare_data(cfg, MIX_POLICY)
+    assert data.cache is None and data.num_classes == 10 and data.samples == 720
+    runs = []
+    for _ in range(2):
+        ds = TrainStream(data.refs, policy=data.policy, image_size=32, batch_size=64, seed=3, shuffle_buffer=50,
+                         num_classes=10, drop_last=False)
+        ds.set_epoch(0)
+        runs.append([b for b in ds])
+    a, b = runs
+    assert sum(len(x["key"]) for x in a) == 720 and a[0]["idx"].shape == (64, 0)
+    assert all(torch.equal(x["image"], y["image"]) and x["key"] == y["key"] for x, y in zip(a, b))
+    lam = torch.cat([x["lam"] for x in a])
+    assert 0 < int((lam < 1).sum()) < 720
+    res = train_student(cfg, MIX_POLICY)
+    assert res.source == "hard labels" and res.images_seen == 704 and res.final_top1 is None
+
+
+def test_exclude_drops_keys_and_keeps_views(cache_dir, tmp_path):
+    keys = open_cache(cache_dir).physical("train-000000.tar", ["key"]).column("key").to_pylist()
+    drop = set(keys[5:25])
+    fdir = tmp_path / "filter"
+    fdir.mkdir()
+    (fdir / FILTER_SCORES_NAME).write_bytes(ipc_bytes(pa.table({"key": keys, "keep": [k not in drop for k in keys]})))
+    (fdir / FILTER_SUMMARY_NAME).write_text(json.dumps({"format": FILTER_FORMAT, "version": FILTER_VERSION}))
+    plain = prepare_data(_cfg(cache_dir, tmp_path / "a"), None)
+    excl = prepare_data(_cfg(cache_dir, tmp_path / "b", exclude=str(fdir)), None)
+    assert excl.samples == plain.samples - 20
+    got = []
+    for data in (plain, excl):
+        ds = _stream(data, exclude=data.exclude)
+        ds.set_epoch(0)
+        got.append({k: x for b in ds for k, x in zip(b["key"], b["image"])})
+    assert set(got[1]) == set(got[0]) - drop
+    assert all(torch.equal(got[0][k], got[1][k]) for k in keys[:40] if k not in drop)   # mix partners unchanged
+
+
+# ----------------------------------------------------------------------------- refusals (exit 2)
+
+def _edit_manifest(cache_dir, dst, fn):
+    shutil.copytree(cache_dir, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    fn(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_refusals_before_training(cache_dir, tmp_path):
+    with pytest.raises(UserError, match="different shard set"):
+        train_student(_cfg(cache_dir, tmp_path / "r1", shards=f"{DEMO}/train/train-000002.tar"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in ("train-000000.tar", "train-000001.tar"):
+        shutil.copy(DEMO / "train" / n, shards / n)
+    with open(shards / "train-000001.tar", "r+b") as f:   # same size, one byte of image data changed
+        f.seek(2000)
+        c = f.read(1)
+        f.seek(2000)
+        f.write(bytes([c[0] ^ 0xFF]))
+    with pytest.raises(UserError, match="checksum"):
+        train_student(_cfg(cache_dir, tmp_path / "r2", shards=str(shards)))
+
+    def more_classes(m):
+        m["num_classes"] = 11
+        m["classes"] = m["classes"] + ["extra"]
+    bad = _edit_manifest(cache_dir, tmp_path / "c11", more_classes)
+    with pytest.raises(UserError, match="classes"):
+        train_student(_cfg(bad, tmp_path / "r3"))
+
+    def new_policy(m):
+        m["policy"]["version"] = 999
+    bad = _edit_manifest(cache_dir, tmp_path / "pol", new_policy)
+    from distill.cli import main
+    code = main(["train-student", "--shards", TRAIN2, "--cache", str(bad), "--out", str(tmp_path / "r4"),
+                 "--model", "tinyvit-tiny", "--image-size", "32", "--quiet"])
+    assert code == 2
+    assert not (tmp_path / "r4").exists()
+
+
+# ----------------------------------------------------------------------------- the teacher is never imported
+
+def test_trainer_never_imports_teachers(cache_dir, tmp_path):
+    code = f"""
+import sys
+from distill.config import TrainConfig
+from distill.train import train_student
+import distill.losses
+r = train_student(TrainConfig(shards={TRAIN2!r}, cache={str(cache_dir)!r}, out={str(tmp_path / 'sub')!r},
+                  model="tinyvit-tiny", image_size=32, epochs=1, batch_size=64, quiet=True))
+assert r.images_seen == 704, r
+bad = sorted(m for m in sys.modules if m == "distill.teachers" or m == "distill.cache" or m.split(".")[0] == "ray")
+assert not bad, bad
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- DDP (gloo, 2 processes)
+
+def test_ddp_two_processes_on_cpu(cache_dir, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import torch
+torch.set_num_threads(1)
+from distill.config import TrainConfig
+from distill.train import train_student
+train_student(TrainConfig(shards={TRAIN2!r}, cache={str(cache_dir)!r}, val_shards={VAL1!r}, out={str(tmp_path / 'ddp')!r},
+              model="tinyvit-tiny", image_size=32, epochs=1, batch_size=32, quiet=True, device="cpu"))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["images"] == 720 // 64 * 64     # 2 ranks x 11 steps x 32
+    assert rows[0]["val_top1"] is not None
+
+
+# ----------------------------------------------------------------------------- usefulness on noisy labels
+
+def _flip_tool():
+    spec = importlib.util.spec_from_file_location("flip_labels", REPO / "tools" / "flip_labels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cache_beats_hard_labels_on_flipped_labels(tmp_path):
+    """20% of the demo train labels flipped: the student distilled from the (clean) demo teacher's
+    cache beats the same student trained on the flipped labels by >= 3 points val top-1."""
+    import tomllib
+    policy = tomllib.loads((REPO / "pipelines" / "demo.toml").read_text())["policy"]
+    truth = _flip_tool().flip_labels(str(DEMO / "train"), str(tmp_path / "flipped"), frac=0.2, seed=0)
+    assert truth["flipped_count"] == round(0.2 * truth["samples"])
+    epochs = 3
+    _cache_teacher(shards=str(tmp_path / "flipped"), teacher=(str(TEACHER),), out=str(tmp_path / "cache"),
+                   epochs=epochs, topk=5, policy=policy)
+    cfg = _cfg(tmp_path / "cache", tmp_path / "run", shards=str(tmp_path / "flipped"), val_shards=str(DEMO / "val"),
+               epochs=epochs, warmup_epochs=1, compare_hard_labels=True, seed=0)
+    res = train_student(cfg, policy)
+    assert res.hard_labels is not None and (tmp_path / "run" / "hard-labels" / "summary.json").is_file()
+    assert "from hard labels" in res.summary()
+    assert res.final_top1 - res.hard_labels.final_top1 >= 3.0, res.summary()

@@ -1,0 +1,151 @@
+"""Benchmark the student side: what replaying the cache and sparse soft targets cost.
+
+(a) loader: images/s of ``TrainStream`` replaying the cache (seeds + top-K read from Arrow, sparse
+    targets collated) vs the same stream with hard labels. The hard-label stream uses the training
+    seed = the cache seed, so both make exactly the same views: the difference is the cache alone.
+(b) train step: forward + backward + AdamW with sparse targets densified on the device + soft
+    cross-entropy vs the same step with ``F.cross_entropy`` on hard labels.
+
+Repeats are interleaved (A, B, A, B, ...) and the medians compared, so machine noise hits both.
+
+    python tools/bench_train.py [--shards shards/demo/train] [--cache DIR] [--model tinyvit-tiny]
+        [--image-size 32] [--batch-size 64] [--repeats 5] [--device cpu]
+
+Without --cache a temporary one is built from the demo teacher (2 epochs, K=10).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from distill.config import TrainConfig  # noqa: E402
+from distill.losses import dense_targets, soft_cross_entropy  # noqa: E402
+from distill.models import create_model, param_groups  # noqa: E402
+from distill.train import prepare_data  # noqa: E402
+from distill.train.data import TrainStream  # noqa: E402
+
+
+def build_cache(shards: str, out: str) -> None:
+    from distill.cache import cache_teacher
+    from distill.config import CacheConfig
+    import tomllib
+    policy = tomllib.loads((REPO / "pipelines" / "demo.toml").read_text())["policy"]
+    cache_teacher(CacheConfig(shards=shards, teacher=(str(REPO / "shards" / "demo" / "teacher.pt"),), out=out,
+                              epochs=2, topk=10, teacher_input_size=32, quiet=True), policy)
+
+
+def loader_rate(ds: TrainStream, epoch: int) -> float:
+    ds.set_epoch(epoch)
+    t = time.perf_counter()
+    n = sum(len(b["label"]) for b in ds)
+    return n / (time.perf_counter() - t)
+
+
+def bench_loader(args) -> tuple[float, float]:
+    cfg = TrainConfig(shards=args.shards, cache=args.cache, out="-", image_size=args.image_size)
+    data = prepare_data(cfg, None)
+    seed = int(data.cache.manifest["cache_seed"])
+    common = dict(policy=data.policy, image_size=args.image_size, batch_size=args.batch_size, seed=seed,
+                  shuffle_buffer=1000, num_classes=data.num_classes, drop_last=False)
+    cached = TrainStream(data.refs, cache=data.cache, **common)
+    hard = TrainStream(data.refs, cache=None, **common)
+    # same views: the hard-label seeds derive from (seed, epoch, key) exactly like the cache's
+    cached.set_epoch(0)
+    hard.set_epoch(0)
+    a, b = next(iter(cached)), next(iter(hard))
+    assert torch.equal(a["image"], b["image"]), "hard-label stream does not reproduce the cached views"
+    ra, rb = [], []
+    for r in range(args.repeats):
+        ra.append(loader_rate(cached, r % 2))
+        rb.append(loader_rate(hard, r % 2))
+    return statistics.median(ra), statistics.median(rb)
+
+
+def bench_step(args, num_classes: int = 10, k: int = 10) -> tuple[float, float]:
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes, img_size=args.image_size).to(dev)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    bsz = args.batch_size
+    x = torch.randn(bsz, 3, args.image_size, args.image_size, device=dev)
+    y = torch.randint(0, num_classes, (bsz,), device=dev)
+    idx = torch.stack([torch.randperm(num_classes)[:k] for _ in range(bsz)]).to(dev)
+    prob = torch.rand(bsz, k).softmax(-1).mul(0.95).to(dev)
+    cuda = dev.type == "cuda"
+
+    def step(sparse: bool) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(x)
+        if sparse:
+            loss = soft_cross_entropy(logits, dense_targets(idx, prob, num_classes, "uniform"))
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    def rate(sparse: bool) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step(sparse)
+        if cuda:
+            torch.cuda.synchronize()
+        return args.steps * bsz / (time.perf_counter() - t)
+
+    step(True), step(False)   # warm-up
+    ra, rb = [], []
+    for _ in range(args.repeats):
+        ra.append(rate(True))
+        rb.append(rate(False))
+    return statistics.median(ra), statistics.median(rb)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="train-student loader and step benchmarks (ratios in one run)")
+    ap.add_argument("--shards", default=str(REPO / "shards" / "demo" / "train"))
+    ap.add_argument("--cache", help="cache of --shards (default: build a temporary one with the demo teacher)")
+    ap.add_argument("--model", default="tinyvit-tiny")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="train steps per timed repeat")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.cache:
+            args.cache = str(Path(tmp) / "cache")
+            print(f"building a temporary cache of {args.shards} ...", flush=True)
+            build_cache(args.shards, args.cache)
+        la, lb = bench_loader(args)
+    print(f"(a) loader, {args.image_size}px, batch {args.batch_size}, median of {args.repeats}:")
+    print(f"    cache replay + sparse targets {la:8.1f} img/s")
+    print(f"    hard labels (same views)      {lb:8.1f} img/s")
+    print(f"    ratio {la / lb:.3f}  (target >= 0.95)")
+    sa, sb = bench_step(args)
+    print(f"(b) train step, {args.model} at {args.image_size}px, batch {args.batch_size}, {args.device}, "
+          f"median of {args.repeats} x {args.steps} steps:")
+    print(f"    sparse targets (densify + soft CE) {sa:8.1f} img/s")
+    print(f"    hard labels (cross-entropy)        {sb:8.1f} img/s")
+    print(f"    ratio {sa / sb:.3f}  (target >= 0.97)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
