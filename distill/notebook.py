@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .format import (FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FormatError, Skip, UserError, decode_cache_shard,
                      read_filter_summary, read_json)
@@ -60,7 +61,7 @@ def _to_image(x, mean, std) -> np.ndarray:
 
 
 def _describe(params: dict, plan: dict | None, partner: str | None) -> str:
-    bits = [f"{o['op']} {o['magnitude']:g}" if isinstance(o["magnitude"], (int, float)) else o["op"]
+    bits = [f"{o['op']} {o['magnitude']:.3g}" if isinstance(o["magnitude"], (int, float)) else o["op"]
             for o in params["ops"]]
     if params["flip"]:
         bits.append("flip")
@@ -180,8 +181,8 @@ class FilterOutput:
         """The flagged samples (keep is false), most suspicious first (lowest margin), with class names:
         ``label_name``, ``pred`` (the scorer's top-1) and ``pred_name`` appended."""
         t = self.to_table()
-        t = t.filter(pa.compute.invert(t.column("keep")))
-        t = t.take(pa.compute.sort_indices(t, [("margin", "ascending"), ("key", "ascending")]))
+        t = t.filter(pc.invert(t.column("keep")))
+        t = t.take(pc.sort_indices(t, [("margin", "ascending"), ("key", "ascending")]))
         if n is not None:
             t = t.slice(0, n)
         k = t.schema.field("topk_idx").type.list_size
@@ -224,6 +225,7 @@ class FilterOutput:
         rows = max(1, -(-m // cols))
         fig = _figure("FilterOutput.show_flagged", 1.8 * cols + 0.4, 2.05 * rows + 0.5)
         if m == 0:
+            fig.set_layout_engine("none")
             ax = fig.add_subplot()
             ax.axis("off")
             ax.text(0.5, 0.5, f"no flagged samples (rule {self.rule}, {self.num_samples} scored)",
@@ -347,6 +349,9 @@ class Run:
                 if not all(np.isnan(vals)):
                     acc_ax.plot(ep, vals, style, color=c, marker="o", ms=3,
                                 label=f"{k.replace('val_', '')} {name}")
+        from matplotlib.ticker import MaxNLocator
+        for ax in (loss_ax, acc_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         loss_ax.set_xlabel("epoch")
         loss_ax.set_ylabel("train loss")
         loss_ax.legend(fontsize=8)
