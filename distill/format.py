@@ -216,7 +216,7 @@ def _planes(values: np.ndarray) -> np.ndarray:
     bytes (sign/exponent) apart from the noisy low bytes."""
     n, m = values.shape
     b = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"))).view(np.uint8)
-    return np.ascontiguousarray(b.reshape(n, m, values.dtype.itemsize).transpose(0, 2, 1)).reshape(n, -1)
+    return np.ascontiguousarray(b.reshape(n, m, values.dtype.itemsize).transpose(0, 2, 1)).reshape(n, m * values.dtype.itemsize)
 
 
 def _unplanes(data: np.ndarray, dtype: str, m: int) -> np.ndarray:

@@ -32,20 +32,36 @@ GIVEN, OTHER = "#2a9d55", "#9aa5b1"        # bar colours: the given label, the o
 
 # ----------------------------------------------------------------------------- matplotlib, optional
 
+_FIGURE_CLASS = None
+
+
 def _figure(what: str, width: float, height: float):
     """A new pyplot-free Figure; a clear ImportError naming the extra when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(f"{what} draws with matplotlib, which is not installed: pip install 'distill[viz]' "
-                          f"(or pip install matplotlib)") from None
-    return Figure(figsize=(width, height), layout="constrained")
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError(f"{what} draws with matplotlib, which is not installed: pip install 'distill[viz]' "
+                              f"(or pip install matplotlib)") from None
+
+        class NotebookFigure(Figure):
+            """A Figure that Jupyter/IPython draws inline as PNG whatever the backend (no pyplot needed)."""
+
+            def _repr_png_(self) -> bytes:
+                import io
+                buf = io.BytesIO()
+                self.savefig(buf, format="png", dpi=100)
+                return buf.getvalue()
+
+        _FIGURE_CLASS = NotebookFigure
+    return _FIGURE_CLASS(figsize=(width, height), layout="constrained")
 
 
 def _epochs(cache: Cache, epochs) -> list[int]:
     if epochs is None:
         return list(range(min(cache.epochs, 8)))
-    ep = [int(epochs)] if np.isscalar(epochs) else [int(e) for e in epochs]
+    ep = [int(epochs)] if np.isscalar(epochs) else list(dict.fromkeys(int(e) for e in epochs))
     for e in ep:
         cache._check_epoch(e)
     if not ep:
@@ -88,7 +104,8 @@ def show_cache_views(cache: Cache, key: str, epochs=None, view: str = "teacher",
         mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
     shard, keys, pos = cache._block(key)
     _, row = cache.locate(key)
-    recs = decode_cache_shard(cache.physical(shard).slice(row, 1), epochs=eps).to_pylist()
+    by_epoch = {r["epoch"]: r for r in decode_cache_shard(cache.physical(shard).slice(row, 1), epochs=eps).to_pylist()}
+    recs = [by_epoch[e] for e in eps]
     seeds = {e: cache._seeds(shard, keys, e) for e in eps}
     plans = {e: replay.block_plan(cache.policy, seeds[e])[pos] for e in eps}
     need = {key} | {keys[p["partner"]] for p in plans.values() if p is not None}
@@ -97,7 +114,7 @@ def show_cache_views(cache: Cache, key: str, epochs=None, view: str = "teacher",
 
     def tensor(k: str, e: int):
         s = srcs[k]
-        return augment.view(s, augment.decode(cache.policy, seeds[e][keys.index(k)], s.width, s.height), size, mean, std)
+        return augment.view(s, cache._params(s, seeds[e][keys.index(k)]), size, mean, std)
 
     grid = fig.add_gridspec(2, len(eps) + 1, height_ratios=[1.0, 0.85])
     ax = fig.add_subplot(grid[0, 0])
@@ -106,7 +123,7 @@ def show_cache_views(cache: Cache, key: str, epochs=None, view: str = "teacher",
     from matplotlib.patches import Rectangle
     params = {}
     for c, e in zip(colours, eps):
-        params[e] = augment.decode(cache.policy, seeds[e][pos], src.width, src.height)
+        params[e] = cache._params(src, seeds[e][pos])
         x0, y0, x1, y1 = params[e]["crop"]
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.5))
     ax.set_title(f"source {src.width}x{src.height}", fontsize=9)

@@ -4,6 +4,7 @@ to replay views, matplotlib (``distill[viz]``) only to draw them, pandas only fo
 """
 from __future__ import annotations
 
+import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -105,26 +106,33 @@ class Cache:
             tables = list(pool.map(lambda n: _read_columns(self.path / self._entry(n)["file"], need, threads=False),
                                    names))
         # Decode runs of files with one physical schema together (a concatenation is zero-copy), so the
-        # per-file Python overhead is paid once per run, not once per shard; the shard column is rebuilt.
+        # per-file Python overhead is paid once per run, not once per shard; runs are cut in one piece
+        # per thread and decoded in parallel (numpy releases the GIL); the shard column is rebuilt.
         inner = [c for c in cols if c != "shard"]
-        out, start = [], 0
+        most = -(-len(tables) // _READ_THREADS)
+        runs, start = [], 0
         while start < len(tables):
             stop = start + 1
-            while stop < len(tables) and tables[stop].schema.equals(tables[start].schema, check_metadata=False):
+            while (stop < len(tables) and stop - start < most
+                   and tables[stop].schema.equals(tables[start].schema, check_metadata=False)):
                 stop += 1
+            runs.append((start, stop))
+            start = stop
+
+        def decode(span: tuple[int, int]) -> pa.Table:
+            start, stop = span
             run = tables[start:stop]
             t = decode_cache_shard(pa.concat_tables(run) if len(run) > 1 else run[0], epochs=epochs,
                                    columns=inner or ["label"])
-            if "shard" in cols:
-                rows = [x.num_rows for x in run]
-                per = t.num_rows // max(1, sum(rows))             # records per sample: len(epochs)
-                shard_col = _repeat_strings(names[start:stop], np.asarray(rows, dtype=np.int64) * per)
-                if inner:
-                    t = t.add_column(cols.index("shard"), "shard", shard_col)
-                else:
-                    t = pa.table({"shard": shard_col})
-            out.append(t)
-            start = stop
+            if "shard" not in cols:
+                return t
+            rows = [x.num_rows for x in run]
+            per = t.num_rows // max(1, sum(rows))             # records per sample: len(epochs)
+            shard_col = _repeat_strings(names[start:stop], np.asarray(rows, dtype=np.int64) * per)
+            return t.add_column(cols.index("shard"), "shard", shard_col) if inner else pa.table({"shard": shard_col})
+
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            out = list(pool.map(decode, runs))
         return pa.concat_tables(out) if len(out) > 1 else out[0]
 
     def iter_tables(self, epochs=None, shards=None, columns=None):
@@ -139,6 +147,28 @@ class Cache:
 
     def __len__(self) -> int:
         return self.num_records
+
+    def __getitem__(self, item):
+        """``cache[i]``: record i (``to_table`` order, negative from the end) as a dict;
+        ``cache["label_prob"]``: one logical column over the whole cache (a pyarrow ChunkedArray)."""
+        if isinstance(item, str):
+            return self.to_table(columns=[item]).column(0)
+        i = operator.index(item)
+        i += self.num_records if i < 0 else 0
+        if not 0 <= i < self.num_records:
+            raise IndexError(f"record {item} out of range: this cache holds {self.num_records} records")
+        for e in self.manifest["shards"]:
+            if i < e["records"]:
+                row, epoch = divmod(i, self.epochs)
+                t = decode_cache_shard(self.physical(e["name"]).slice(row, 1), epochs=[epoch])
+                return {c: t.column(c)[0].as_py() for c in t.column_names}
+            i -= e["records"]
+        raise IndexError(f"record {item} not found (manifest totals disagree with its shards)")
+
+    def __iter__(self):
+        """Records as dicts, one shard decoded at a time."""
+        for t in self.iter_tables():
+            yield from t.to_pylist()
 
     @property
     def column_names(self) -> list[str]:
@@ -210,11 +240,20 @@ class Cache:
         shard, keys, pos = self._block(key)
         seeds = self._seeds(shard, keys, epoch)
         src = self._sources(shard, [key])[key]
-        params = dict(augment.decode(self.policy, seeds[pos], src.width, src.height))
+        params = dict(self._params(src, seeds[pos]))
         plan = replay.block_plan(self.policy, seeds)[pos]
         if plan is not None:
             params["mix"] = dict(plan, partner_key=keys[plan["partner"]])
         return params
+
+    def _params(self, src, seed: int) -> dict:
+        """The view parameters cache-teacher used: the policy's decode of the seed, or the fixed centre
+        view of a scoring cache (filter-labels' ``scoring/``, manifest ``view.center_crop``)."""
+        from . import augment
+        crop = (self.manifest.get("view") or {}).get("center_crop")
+        if crop:
+            return augment.decode_center(src.width, src.height, crop)
+        return augment.decode(self.policy, seed, src.width, src.height)
 
     def _seeds(self, shard: str, keys: list[str], epoch: int) -> list[int]:
         _, row = self.locate(keys[0])
@@ -238,8 +277,7 @@ class Cache:
         views = {}
         for k in need:
             i = keys.index(k)
-            views[k] = augment.view(srcs[k], augment.decode(self.policy, seeds[i], srcs[k].width, srcs[k].height),
-                                    size, mean, std)
+            views[k] = augment.view(srcs[k], self._params(srcs[k], seeds[i]), size, mean, std)
         v = views[keys[pos]]
         return v if plan is None else augment.mix(v, views[need[1]], plan)
 
@@ -265,7 +303,7 @@ class Cache:
         shard, keys, pos = self._block(key)
         src = self._sources(shard, [key])[key]
         seed = self._seeds(shard, keys, epoch)[pos]
-        return augment.render(src, augment.decode(self.policy, seed, src.width, src.height), size)
+        return augment.render(src, self._params(src, seed), size)
 
     def _side_size(self, view: str, size: int | None) -> int:
         if view not in ("teacher", "student"):

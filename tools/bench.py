@@ -1,0 +1,759 @@
+"""Run every distill benchmark and write BENCHMARKS.md.
+
+    python tools/bench.py                 # full run: regenerates BENCHMARKS.md (tens of minutes on 2 cores)
+    python tools/bench.py --quick         # smoke run (< 5 min on 2 cores); prints, writes nothing
+    python tools/bench.py --quick --write --out /tmp/B.md --only augment,projection
+
+Parts (``--only`` takes a comma-separated subset):
+
+  augment     tools/bench_augment.py    seeded augmentation vs plain Pillow, draft-mode speedup (one core)
+  views       here                      per-core decode and view costs (the projection's CPU input)
+  cache       tools/bench_cache.py      cache-teacher vs the bare teacher; bytes per record
+  scaling     tools/bench_cache.py      1 vs 2 one-thread Ray workers; growth with samples, epochs, K
+  storage_k   here                      synthetic 21,841-class cache at K=10 and K=100
+  filter      tools/bench_filter.py     filter-labels decision pass at 14M samples: peak memory
+  train       tools/bench_train.py      loader and train-step ratios (cache vs hard labels)
+  notebook    tools/bench_notebook.py   open_cache / to_table read times
+  projection  here                      ImageNet-21K at 90 epochs, K=10 and K=100, from anchors + measurements
+
+Stage scripts run as subprocesses; their JSON (``--json``) is used where they offer it, else their
+printed lines are parsed. A script that is missing or fails is reported as "not run" / "failed" and
+the rest goes on. Each figure is a ratio measured in one run against its baseline; absolute rates
+are for orientation on this (shared) machine, whose load average is recorded with every part.
+The projection is computed here from the anchors below and the measured numbers, never typed in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "projection")
+
+# Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
+ANCHORS = {
+    "teacher_img_s": 2260,            # CLIP ViT-L/14 forward, bf16, batch 256, 21,841 classes, one H100
+    "student_img_s": 2653,            # TinyViT-21M train step (fwd+bwd+AdamW), one H100
+    "student_online_img_s": 1234,     # the same + online ViT-L/14 teacher forward
+    "student5m_img_s": 4040,          # TinyViT-5M train step
+    "student5m_online_img_s": 1493,   # the same + online ViT-L/14
+    "pillow_per_core_img_s": 315,     # Pillow decode + RandomResizedCrop + flip, 500x375 JPEG, one core
+    "imagenet21k_images": 14_200_000,  # TinyViT's released cache: ~14.2M records per epoch
+    "epochs": 90,
+    "tinyvit_k100_published_gb": 481,  # TinyViT's released K=100, 90-epoch cache (values), "GB"
+}
+GOALS = {"efficiency": 0.85, "scaling": 1.7, "filter_mb": 2048, "loader": 0.95, "step": 0.97,
+         "open_s": 1.0, "table_s": 2.0}
+
+
+# ----------------------------------------------------------------------------- environment
+
+def machine() -> dict:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for mod, name in (("torch", "torch"), ("ray", "ray"), ("pyarrow", "pyarrow"), ("PIL", "pillow")):
+        try:
+            versions[name] = __import__(mod).__version__
+        except Exception:
+            versions[name] = "not installed"
+    return {"cores": os.cpu_count(), "cpu": cpu, "os": f"{platform.system()} {platform.release()}",
+            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def wait_quiet(limit_s: float, threshold: float = 1.0) -> list[float]:
+    """Wait (up to limit_s) for the 1-minute load average to drop under threshold; returns it."""
+    t0 = time.time()
+    while os.getloadavg()[0] >= threshold and time.time() - t0 < limit_s:
+        print(f"   load {os.getloadavg()[0]:.2f} >= {threshold}: waiting for a quieter machine ...", flush=True)
+        time.sleep(60)
+    return load()
+
+
+# ----------------------------------------------------------------------------- running the stage scripts
+
+def run_script(name: str, args: list[str], timeout: float) -> dict:
+    """Run tools/<name> with args; {"status", "stdout", "seconds", "load"} ("not run" if missing)."""
+    path = HERE / name
+    if not path.is_file():
+        return {"status": "not run", "why": f"tools/{name} does not exist"}
+    t0, before = time.perf_counter(), load()
+    try:
+        p = subprocess.run([sys.executable, str(path), *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "why": f"timed out after {timeout:.0f}s", "seconds": timeout}
+    out = {"status": "ok" if p.returncode == 0 else "failed", "stdout": p.stdout, "args": args,
+           "seconds": round(time.perf_counter() - t0, 1), "load": [before, load()]}
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()
+        out["why"] = f"exit {p.returncode}: " + (tail[-1] if tail else "")
+    return out
+
+
+def script_flags(name: str) -> str:
+    """The script's source (to see which flags it offers today: its CLI may change)."""
+    try:
+        return (HERE / name).read_text()
+    except OSError:
+        return ""
+
+
+def _args_if_offered(name: str, wanted: list[tuple[str, str | None]]) -> list[str]:
+    src, out = script_flags(name), []
+    for flag, value in wanted:
+        if f'"{flag}"' in src:
+            out += [flag] if value is None else [flag, value]
+    return out
+
+
+def part_augment(quick: bool, tmp: Path) -> dict:
+    r = run_script("bench_augment.py", ["--quick"] if quick else [], 900 if quick else 3600)
+    rows = []
+    for line in r.get("stdout", "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 9 and cells[0].isdigit():
+            num = lambda s: float(re.sub(r"[^0-9.+-]", "", s))  # noqa: E731
+            rows.append({"size": int(cells[0]), "plain_img_s": num(cells[1]), "seeded_img_s": num(cells[2]),
+                         "draft_img_s": num(cells[3]), "seeded_vs_plain_pct": num(cells[4]),
+                         "decode_share_pct": num(cells[5]), "draft_speedup": num(cells[6]),
+                         "draft_vs_plain": num(cells[7]), "views_using_draft_pct": num(cells[8])})
+    r["rows"] = rows
+    if r["status"] == "ok" and not rows:
+        r.update(status="failed", why="no result table in the output")
+    return r
+
+
+def part_cache(quick: bool, tmp: Path, parts: str) -> dict:
+    j = tmp / "bench_cache.json"
+    r = run_script("bench_cache.py", (["--quick"] if quick else []) + ["--only", parts, "--json", str(j)],
+                   1200 if quick else 5400)
+    if j.is_file():
+        r["json"] = json.loads(j.read_text())
+    elif r["status"] == "ok":
+        r.update(status="failed", why="no JSON written")
+    return r
+
+
+def part_filter(quick: bool, tmp: Path) -> dict:
+    r = run_script("bench_filter.py", ["--quick"] if quick else [], 900 if quick else 3600)
+    vals = {}
+    for line in r.get("stdout", "").splitlines():
+        m = re.match(r"^(\w+): ([-\d.e+]+)$", line.strip())
+        if m:
+            vals[m.group(1)] = float(m.group(2))
+    r["values"] = vals
+    if r["status"] == "ok" and "peak_rss_mb" not in vals:
+        r.update(status="failed", why="no peak_rss_mb in the output")
+    return r
+
+
+def part_train(quick: bool, tmp: Path) -> dict:
+    name = "bench_train.py"
+    src = script_flags(name)
+    if quick:
+        args = ["--quick"] if '"--quick"' in src else _args_if_offered(name, [("--repeats", "2"), ("--steps", "3")])
+    else:
+        args = []
+    if '"--json"' in src:
+        args += ["--json", str(tmp / "train.json")]
+    r = run_script(name, args, 900 if quick else 3600)
+    if (tmp / "train.json").is_file():
+        r["json"] = json.loads((tmp / "train.json").read_text())
+    ratios, rates, section = {}, {}, None
+    for line in r.get("stdout", "").splitlines():
+        s = line.strip()
+        m = re.match(r"^\((\w)\)\s*(.*)$", s)
+        if m:
+            section = "loader" if "loader" in m.group(2) else "step" if "step" in m.group(2) else m.group(2)
+            rates[section] = {"about": m.group(2).rstrip(":")}
+            continue
+        m = re.match(r"^ratio ([\d.]+)(?:\s*\(target >= ([\d.]+)\))?", s)
+        if m and section:
+            ratios[section] = {"ratio": float(m.group(1)), "target": float(m.group(2)) if m.group(2) else None}
+            continue
+        m = re.match(r"^(.*?)\s+([\d.,]+)\s*img/s", s)
+        if m and section:
+            rates[section][m.group(1).strip()] = float(m.group(2).replace(",", ""))
+    r["ratios"], r["rates"] = ratios, rates
+    if r["status"] == "ok" and not ratios:
+        r.update(status="failed", why="no ratio lines in the output")
+    return r
+
+
+def part_notebook(quick: bool, tmp: Path) -> dict:
+    name = "bench_notebook.py"
+    src = script_flags(name)
+    if quick:
+        args = ["--quick"] if '"--quick"' in src else _args_if_offered(
+            name, [("--shards", "100"), ("--repeats", "3"), ("--dir", str(tmp / "nb-cache"))])
+    else:
+        args = []
+    r = run_script(name, args, 900 if quick else 3600)
+    vals = {}
+    for line in r.get("stdout", "").splitlines():
+        m = re.match(r"^open_cache\((\d+) shards\):\s+median\s+([\d.]+) ms", line.strip())
+        if m:
+            vals.update(shards=int(m.group(1)), open_ms=float(m.group(2)))
+        m = re.match(r"^to_table\(.*?\) ([\d,]+) records: median\s+([\d.]+) ms.*?first run ([\d.]+) ms", line.strip())
+        if m:
+            vals.update(records=int(m.group(1).replace(",", "")), table_ms=float(m.group(2)),
+                        table_first_ms=float(m.group(3)))
+    r["values"] = vals
+    if r["status"] in ("ok", "failed") and "open_ms" not in vals:
+        r.update(status="failed", why=r.get("why") or "no open_cache line in the output")
+    elif r["status"] == "failed" and "open_ms" in vals:
+        r["status"] = "ok"   # the script exits 1 when a limit is missed; the numbers are still the result
+    return r
+
+
+# ----------------------------------------------------------------------------- measured here
+
+def part_views(quick: bool, tmp: Path) -> dict:
+    """Per-core costs of the cache's CPU side at 224 px from 500x375 JPEGs (one thread): a full
+    decode, and one view cut from an already decoded image (params decode + crop/resize + flip +
+    RandAugment + to-tensor + erasing: the default policy), and the same view without RandAugment /
+    erasing (the anchor's decode + RandomResizedCrop + flip)."""
+    import torch
+    sys.path[:0] = [str(REPO), str(HERE)]
+    from bench_augment import make_jpegs
+    from distill import augment as aug
+    torch.set_num_threads(1)
+    n, passes = (16, 3) if quick else (48, 7)
+    (tmp / "views").mkdir(exist_ok=True)
+    imgs = make_jpegs(tmp / "views", n)
+    policies = {"full": aug.Policy(size=224), "crop_flip": aug.Policy(size=224, auto_augment=None, re_prob=0.0)}
+    t = {"decode": [], "full": [], "crop_flip": []}
+    for p in range(passes):            # interleaved passes, medians: noise hits all alike
+        t0 = time.perf_counter()
+        srcs = [aug.SourceImage(b) for b in imgs]
+        for s in srcs:
+            s.at(1)
+        t["decode"].append((time.perf_counter() - t0) / n)
+        for name, pol in policies.items():
+            t0 = time.perf_counter()
+            for e in range(4):
+                for i, s in enumerate(srcs):
+                    params = aug.decode(pol, aug.derive_seed(0, 4 * p + e, f"k{i}"), s.width, s.height)
+                    aug.view(s, params, 224)
+            t[name].append((time.perf_counter() - t0) / (4 * n))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    E = ANCHORS["epochs"]
+    return {"status": "ok", "images": n, "passes": passes, "load": load(),
+            "decode_ms": round(med["decode"] * 1e3, 3), "view_ms": round(med["full"] * 1e3, 3),
+            "crop_flip_view_ms": round(med["crop_flip"] * 1e3, 3),
+            # decode + view every time (a student epoch, or no decode-once)
+            "per_core_decode_and_view_img_s": round(1 / (med["decode"] + med["full"]), 1),
+            # cache-teacher: one decode per image for all E epochs
+            "per_core_cache_views_s": round(1 / (med["full"] + med["decode"] / E), 1),
+            # the anchor's pipeline measured here, to compare this CPU with the anchor's
+            "per_core_decode_crop_flip_img_s": round(1 / (med["decode"] + med["crop_flip"]), 1)}
+
+
+def part_storage_k(quick: bool, tmp: Path) -> dict:
+    """Bytes per record of a synthetic 21,841-class cache at 90 epochs, K=10 and K=100, written with
+    the cache's own encoder. Overlap model (tools/bench_teachers.synthetic_records): each image has a
+    pool of plausible classes whose per-view probabilities are perturbed; K=10 uses a pool of 48
+    (about 28 distinct top-10 classes over 90 views, the overlap measured on a real teacher); K=100
+    keeps the same pool-to-K ratio (480). The K=100 overlap is a model, not a measurement: pools of
+    240 and 960 are measured too, to show how much the figure depends on it."""
+    import numpy as np
+    sys.path[:0] = [str(REPO), str(HERE)]
+    import bench_teachers
+    from distill.augment import derive_seed
+    from distill.format import encode_cache_shard, ipc_bytes
+    n, E, C = (60 if quick else 300), ANCHORS["epochs"], 21841
+    out = {"status": "ok", "samples": n, "epochs": E, "classes": C}
+    def measure(k: int, pool: int) -> dict:
+        labels, ids, probs, lp = bench_teachers.synthetic_records(n, E, k=k, candidates=pool, seed=k + pool)
+        keys = [f"n{i:08d}" for i in range(n)]
+        seeds = np.array([[derive_seed(0, e, key) for e in range(E)] for key in keys], np.uint32)
+        table = encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=C, shard="train-000000.tar")
+        return {"pool": pool, "bytes_per_record": round(len(ipc_bytes(table)) / (n * E), 2),
+                "distinct_classes_per_image": round(float(np.mean([len(np.unique(ids[i])) for i in range(n)])), 1),
+                "tinyvit_bytes_per_record": 4 * k + 4}
+
+    out["K=10"] = measure(10, 48)
+    out["K=100"] = measure(100, 480)
+    # how much the K=100 figure depends on the overlap model: half and twice the pool
+    out["K=100 sensitivity"] = [measure(100, pool) for pool in (240, 960)]
+    return out
+
+
+def projection(views: dict, storage: dict) -> dict:
+    """ImageNet-21K, 90 epochs, one H100 per teacher/student: computed from ANCHORS and measurements."""
+    A = ANCHORS
+    N, E = A["imagenet21k_images"], A["epochs"]
+    R = N * E
+    gib = 2 ** 30
+    out = {"status": "ok", "records": R}
+    sizes = {}
+    for k in (10, 100):
+        s = storage.get(f"K={k}", {})
+        ours = s.get("bytes_per_record")
+        sizes[k] = {"distill_bytes_per_record": ours,
+                    "distill_gb": round(R * ours / 1e9, 1) if ours else None,
+                    "distill_gb_range": [round(R * x["bytes_per_record"] / 1e9, 1)
+                                         for x in storage.get(f"K={k} sensitivity", [])],
+                    "tinyvit_bytes_per_record": 4 * k + 4,
+                    "tinyvit_gb": round(R * (4 * k + 4) / 1e9, 1), "tinyvit_gib": round(R * (4 * k + 4) / gib, 1)}
+    out["cache_size"] = sizes
+    teacher_h = R / A["teacher_img_s"] / 3600
+    out["teacher_gpu_hours"] = round(teacher_h, 1)
+    # CPU cores to keep one H100 running the teacher fed with views
+    cores = {"anchor_decode_crop_flip_every_view": round(A["teacher_img_s"] / A["pillow_per_core_img_s"], 1),
+             "student_feed_cores_anchor": round(A["student_img_s"] / A["pillow_per_core_img_s"], 1)}
+    if views.get("status") == "ok":
+        # this CPU vs the anchor's: the anchor's own pipeline (decode + crop + flip) measured here
+        speed = views["per_core_decode_crop_flip_img_s"] / A["pillow_per_core_img_s"]
+        cores["this_cpu_vs_anchor_cpu"] = round(speed, 3)
+        for name, rate in (("decode_once_full_policy", views["per_core_cache_views_s"]),
+                           ("decode_every_view_full_policy", views["per_core_decode_and_view_img_s"])):
+            cores[f"{name}_views_s_this_cpu"] = rate
+            cores[f"{name}_views_s_anchor_cpu"] = round(rate / speed, 1)
+            cores[f"{name}_cores_this_cpu"] = round(A["teacher_img_s"] / rate, 1)
+            cores[f"{name}_cores_anchor_cpu"] = round(A["teacher_img_s"] / (rate / speed), 1)
+        cores["student_feed_cores_anchor_cpu"] = round(A["student_img_s"] / (views["per_core_decode_and_view_img_s"] / speed), 1)
+        # one producer thread per GPU worker (distill.cache.ViewProducer) caps a worker at one core's views
+        cores["one_producer_thread_share_of_teacher_rate"] = round(views["per_core_cache_views_s"] / speed / A["teacher_img_s"], 3)
+    out["cores_per_gpu"] = cores
+    # break-even: r runs with r * (online - offline) >= one-time cache cost (all in H100-hours)
+    be = {}
+    for name, off, on in (("TinyViT-21M", A["student_img_s"], A["student_online_img_s"]),
+                          ("TinyViT-5M", A["student5m_img_s"], A["student5m_online_img_s"])):
+        online_h, offline_h = R / on / 3600, R / off / 3600
+        r = teacher_h / (online_h - offline_h)
+        be[name] = {"online_h_per_run": round(online_h, 1), "offline_h_per_run": round(offline_h, 1),
+                    "cache_h_once": round(teacher_h, 1), "break_even_runs": round(r, 3),
+                    "first_cheaper_run": math.ceil(r),
+                    "cumulative_h": {n: {"online": round(n * online_h), "offline": round(teacher_h + n * offline_h)}
+                                     for n in (1, 2, 5, 10)}}
+    out["break_even"] = be
+    return out
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md
+
+def _f(v, fmt="{:,.2f}", none="n/a"):
+    return none if v is None else fmt.format(v)
+
+
+def _run_line(env: dict, r: dict | None = None) -> str:
+    v = env["versions"]
+    s = (f"_{env['date']}; {env['cores']} cores, {env['cpu']}, {env['os']}; Python {v['python']}, torch {v['torch']}, "
+         f"ray {v['ray']}, pyarrow {v['pyarrow']}, Pillow {v['pillow']}")
+    if r and r.get("load"):
+        ld = r["load"]
+        s += f"; load average {ld[0][0] if isinstance(ld[0], list) else ld[0]}"
+    if r and r.get("seconds"):
+        s += f"; {r['seconds']:.0f} s"
+    return s + "._"
+
+
+def _status(r: dict | None) -> str | None:
+    if r is None:
+        return "not run in this invocation"
+    if r.get("status") != "ok":
+        return f"{r.get('status', 'failed')}: {r.get('why', '')}"
+    return None
+
+
+def _ok(v, goal, higher=True) -> str:
+    if v is None:
+        return "n/a"
+    return "meets" if (v >= goal if higher else v <= goal) else "**misses**"
+
+
+def render(res: dict, env: dict, quick: bool) -> str:
+    L = ["# Benchmarks", "",
+         f"Generated by `python tools/bench.py{' --quick' if quick else ''}` — do not edit by hand.",
+         f"Machine: {env['cores']} cores ({env['cpu']}), {env['os']}; Python {env['versions']['python']}, "
+         f"torch {env['versions']['torch']}, ray {env['versions']['ray']}, pyarrow {env['versions']['pyarrow']}, "
+         f"Pillow {env['versions']['pillow']}; {env['date']}.", "",
+         "Every figure is a ratio measured in one run against its baseline (same machine, same moment); "
+         "absolute rates are for orientation only. The machine is shared with other work: each section gives "
+         "the load average when it ran.", ""]
+    if quick:
+        L += ["**Quick (smoke) run: small sizes, numbers are not representative.**", ""]
+
+    # summary
+    L += ["## Summary", "", "| figure | measured | goal | |", "|---|---:|---:|---|"]
+    ce = res.get("cache", {}).get("json", {})
+    eff = ce.get("efficiency", {}).get("ratio")
+    L.append(f"| cache-teacher records/s ÷ bare teacher forward img/s | {_f(eff, '{:.3f}')} | ≥ {GOALS['efficiency']} | {_ok(eff, GOALS['efficiency'])} |")
+    sc = res.get("scaling", {}).get("json", {}).get("scaling", {}).get("workers", {})
+    sp = sc.get("speedup")
+    L.append(f"| cache-teacher, 2 one-thread workers ÷ 1 one-thread worker | {_f(sp, '{:.2f}×')} | ≥ {GOALS['scaling']}× | {_ok(sp, GOALS['scaling'])} |")
+    st = ce.get("storage", {}).get("synthetic_21k", {})
+    bpr = st.get("bytes_per_record_shard_files")
+    L.append(f"| bytes/record, synthetic 21k classes, K=10, 90 epochs ÷ TinyViT's 44 B | {_f(bpr / 44 if bpr else None, '{:.2f}')} ({_f(bpr, '{:.1f}')} B) | < 1 | {_ok(bpr / 44 if bpr else None, 1.0, False)} |")
+    fv = res.get("filter", {}).get("values", {})
+    pk = fv.get("peak_rss_mb")
+    L.append(f"| filter decision, {int(fv.get('samples', 0)):,} samples: peak RSS ÷ 2 GB | {_f(pk / GOALS['filter_mb'] if pk else None, '{:.3f}')} ({_f(pk, '{:,.0f}')} MB) | ≤ 1 | {_ok(pk, GOALS['filter_mb'], False)} |")
+    tr = res.get("train", {}).get("ratios", {})
+    for key, label in (("loader", "train loader, cache replay ÷ hard labels"), ("step", "train step, sparse soft targets ÷ hard labels")):
+        v = tr.get(key, {}).get("ratio")
+        L.append(f"| {label} | {_f(v, '{:.3f}')} | ≥ {GOALS[key]} | {_ok(v, GOALS[key])} |")
+    nb = res.get("notebook", {}).get("values", {})
+    if nb:
+        L.append(f"| open_cache({nb.get('shards', '?')} shards) ÷ 1 s | {_f(nb['open_ms'] / 1e3 if 'open_ms' in nb else None, '{:.3f}')} | ≤ 1 | {_ok(nb.get('open_ms', 0) / 1e3 if 'open_ms' in nb else None, 1.0, False)} |")
+        L.append(f"| to_table(epochs=[0]), {nb.get('records', 0):,} records ÷ 2 s | {_f(nb['table_ms'] / 2e3 if 'table_ms' in nb else None, '{:.3f}')} | ≤ 1 | {_ok(nb.get('table_ms', 0) / 2e3 if 'table_ms' in nb else None, 1.0, False)} |")
+    else:
+        L.append("| notebook reads | n/a | | not run |")
+    L.append("")
+
+    L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
+    L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
+    L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
+          "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
+    return "\n".join(L)
+
+
+def _strip(res: dict) -> dict:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "stdout"} if isinstance(v, dict) else v for k, v in res.items()}
+
+
+def _sec_augment(res, env):
+    r = res.get("augment")
+    L = ["## 1. Augmentation, per core", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    L += ["`tools/bench_augment.py`: one thread, 500×375 JPEGs (quality 90), every view decoded from the bytes. "
+          "*plain* = Pillow + Python `random` (RandomResizedCrop, flip, timm RandAugment rand-m9-mstd0.5-inc1, "
+          "to-tensor, RandomErasing 0.25); *seeded* = `distill.augment` (derive_seed → decode → view), draft off; "
+          "*draft* = the same with JPEG draft mode (the default).", "",
+          "| size | plain img/s | seeded img/s | seeded + draft img/s | seeded time vs plain | draft speedup (seeded ÷ draft time) | views using draft |",
+          "|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        L.append(f"| {x['size']} | {x['plain_img_s']:.0f} | {x['seeded_img_s']:.0f} | {x['draft_img_s']:.0f} | "
+                 f"{x['seeded_vs_plain_pct']:+.1f}% | ×{x['draft_speedup']:.2f} | {x['views_using_draft_pct']:.0f}% |")
+    v = res.get("views", {})
+    if v.get("status") == "ok":
+        L += ["", f"Decode once, cut many views (measured here, one thread, 224 px, {v['images']} images, median of {v['passes']} passes; "
+              f"_load average {v['load'][0]}_): full decode {v['decode_ms']:.2f} ms/image; one view from a decoded image "
+              f"{v['view_ms']:.2f} ms (default policy with RandAugment and erasing), {v['crop_flip_view_ms']:.2f} ms (crop + flip only). "
+              f"Per core: **{v['per_core_cache_views_s']:.0f} views/s** when one decode serves 90 epochs (cache-teacher), "
+              f"{v['per_core_decode_and_view_img_s']:.0f} img/s decoding every view (a student epoch), "
+              f"{v['per_core_decode_crop_flip_img_s']:.0f} img/s for decode + crop + flip (the anchor's 315 img/s pipeline: "
+              f"this core is ×{v['per_core_decode_crop_flip_img_s'] / ANCHORS['pillow_per_core_img_s']:.2f} the anchor machine's)."]
+    return L + [""]
+
+
+def _sec_cache(res, env):
+    r = res.get("cache")
+    L = ["## 2. cache-teacher efficiency", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    e = r["json"].get("efficiency")
+    if not e:
+        return L + ["not run in this invocation", ""]
+    L += [f"`tools/bench_cache.py efficiency`: {e['teacher']} ({e['gmacs_per_image']} GMACs/image at 224 px), one worker with "
+          f"{e['threads']} torch threads, batch {e['batch']}, {e['records']} records. Steady-state records/s of the shard task "
+          "(decode once, producer thread, teacher, top-K, Arrow encode; Ray start and model load excluded) against the bare "
+          "teacher forward on ready tensors (same threads and batch).", "",
+          "| cache-teacher records/s | bare teacher img/s | ratio | goal | teacher forward share of worker time |",
+          "|---:|---:|---:|---:|---:|",
+          f"| {e['cache_records_per_s']:.1f} | {e['bare_images_per_s']:.1f} | **{e['ratio']:.3f}** | ≥ {GOALS['efficiency']} | "
+          f"{e['teacher_share_of_worker_time']:.0%} |", ""]
+    return L
+
+
+def _sec_storage(res, env):
+    r = res.get("cache")
+    L = ["## 3. Storage: bytes per record", "", _run_line(env, r), ""]
+    s = (r or {}).get("json", {}).get("storage")
+    if _status(r) or not s:
+        L += [_status(r) or "not run in this invocation", ""]
+    else:
+        d, y = s["demo"], s["synthetic_21k"]
+        L += ["Every file in CACHE_DIR counted (manifest included) unless said otherwise; TinyViT's format stores "
+              "4K+4 bytes per record (K=10: 44 B) plus separate key files.", "",
+              "| cache | records | bytes/record | ÷ TinyViT 44 B |", "|---|---:|---:|---:|",
+              f"| demo teacher on the demo shards (10 classes, {d['epochs']} epochs, K=10) | {d['records']:,} | {d['bytes_per_record']:.1f} | {d['bytes_per_record'] / 44:.2f} |",
+              f"| synthetic 21,841 classes, {y['epochs']} epochs, K=10 (shard files) | {y['records']:,} | {y['bytes_per_record_shard_files']:.1f} | {y['bytes_per_record_shard_files'] / 44:.2f} |",
+              f"| the same with its manifest (21,841 class names once per cache) | | {y['bytes_per_record_with_manifest']:.1f} | |",
+              "", f"Synthetic views overlap like a real teacher's: {y['distinct_top10_classes_per_image']} distinct top-10 classes "
+              "per image over 90 views (DESIGN.md: about 28).", ""]
+    k = res.get("storage_k")
+    if k and k.get("status") == "ok":
+        k10, k100 = k["K=10"], k["K=100"]
+        L += [f"K=10 vs K=100 (measured here with the cache's encoder, {k['samples']} synthetic samples × 90 epochs; "
+              "each image has a pool of plausible classes (K=10: 48, which gives the ~28 distinct top-10 classes over "
+              "90 views measured on a real teacher); the K=100 overlap is a model: a pool of 480, the same pool-to-K ratio, "
+              "with half and twice that pool below it to show the sensitivity):", "",
+              "| K | distinct classes per image (90 views) | distill B/record | TinyViT B/record | ratio |", "|---:|---:|---:|---:|---:|",
+              f"| 10 | {k10['distinct_classes_per_image']} | {k10['bytes_per_record']:.1f} | 44 | {k10['bytes_per_record'] / 44:.2f} |",
+              f"| 100 | {k100['distinct_classes_per_image']} | {k100['bytes_per_record']:.1f} | 404 | {k100['bytes_per_record'] / 404:.2f} |",
+              *[f"| 100 (pool {x['pool']}) | {x['distinct_classes_per_image']} | {x['bytes_per_record']:.1f} | 404 | {x['bytes_per_record'] / 404:.2f} |"
+                for x in k.get("K=100 sensitivity", [])], ""]
+    return L
+
+
+def _verdict(fit: dict | None) -> str:
+    if not fit:
+        return "two points only (quick run): no fit"
+    lin = fit["r2"] >= 0.99
+    return (f"{'linear' if lin else '**not linear**'} (affine fit R² = {fit['r2']:.4f}, "
+            f"worst residual {fit['max_rel_residual']:.1%})")
+
+
+def _sec_scaling(res, env):
+    r = res.get("scaling")
+    L = ["## 4. Scaling", "", _run_line(env, r), ""]
+    s = (r or {}).get("json", {}).get("scaling")
+    if _status(r) or not s:
+        return L + [_status(r) or "not run in this invocation", ""]
+    w = s["workers"]
+    w1, w2 = w["workers=1"], w["workers=2"]
+    L += ["### Ray workers (torch limited to one intra-op thread per worker)", "",
+          f"ResNet-18-like teacher at {w['input_size']} px, {w['shards']} equal shards × {w['samples_per_shard']} samples × "
+          f"{w['epochs']} epochs (RandAugment policy). Aggregate rate = records ÷ makespan of the shard tasks (first task "
+          "start to last task end, on the shared monotonic clock): Ray start and model load are out, everything while "
+          f"workers run is in. Load average before {s['load_avg_before'][0]}, after {w['load_avg_after'][0]}.", "",
+          "| workers | records | makespan s | records/s | wall s incl. Ray start | records/s incl. Ray start |",
+          "|---:|---:|---:|---:|---:|---:|",
+          f"| 1 | {w1['records']} | {w1['makespan_s']:.2f} | {w1['records_per_s']:.1f} | {w1['wall_s_incl_ray_start']:.1f} | {w1['records_per_s_incl_ray_start']:.1f} |",
+          f"| 2 | {w2['records']} | {w2['makespan_s']:.2f} | {w2['records_per_s']:.1f} | {w2['wall_s_incl_ray_start']:.1f} | {w2['records_per_s_incl_ray_start']:.1f} |",
+          "", f"**2 workers ÷ 1 worker = {w['speedup']:.2f}×** (goal ≥ {GOALS['scaling']}×: {_ok(w['speedup'], GOALS['scaling'])}); "
+          f"including Ray start and model loading: {w['speedup_incl_ray_start']:.2f}×.", ""]
+    g = s["growth"]
+    b = g["base"]
+    L += ["### Growth with samples, epochs and K", "",
+          f"One worker, one thread, ResNet-18-like at 112 px; base = {b['samples']} samples × {b['epochs']} epochs × K={b['K']} "
+          "in one shard, each series multiplies one of them by 4 and 16 (K: 10, 40, 100). Time = shard task time (Ray "
+          "start and model load excluded); bytes = every file in CACHE_DIR (includes a fixed manifest with the 1,000 "
+          "class names and the Arrow schema, hence the intercept). Linear = an affine fit y = a + b·x explains the points "
+          "(R² ≥ 0.99); the slope b is the marginal cost.", "",
+          "| series | point | records | time s | time ÷ base | bytes | bytes ÷ base |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name in ("samples", "epochs", "K"):
+        ser = g[name]
+        for label, p in ser["points"].items():
+            m = label.split()[0]
+            tr, br = ser["time_ratio"].get(m, 1.0), ser["bytes_ratio"].get(m, 1.0)
+            L.append(f"| {name} | {label} | {p['records']:,} | {p['task_s']:.2f} | {tr:.2f} | {p['bytes']:,} | {br:.3f} |")
+    L.append("")
+    base_records = g["samples"]["points"]["x1"]["records"]
+    for name in ("samples", "epochs", "K"):
+        ser = g[name]
+        tf, bf = ser.get("time_fit"), ser.get("bytes_fit")
+        if name == "K":   # x = K; records fixed at the base
+            t_slope = f"; {tf['slope'] * 1e3:.2f} ms per unit of K, fixed {tf['intercept']:.2f} s" if tf else ""
+            b_slope = f"; {bf['slope'] / base_records:.2f} B per record per unit of K, fixed {bf['intercept']:,.0f} B" if bf else ""
+        else:             # x = multiplier of the base's records
+            t_slope = (f"; marginal {tf['slope'] / base_records * 1e3:.1f} ms per record, fixed {tf['intercept']:.2f} s"
+                       if tf else "")
+            b_slope = (f"; marginal {bf['slope'] / base_records:.1f} B per record, fixed {bf['intercept']:,.0f} B"
+                       if bf else "")
+        L.append(f"- **{name}**: time {_verdict(tf)}{t_slope}; bytes {_verdict(bf)}{b_slope}.")
+    L += ["", "Time per record falls with more epochs (each image is decoded once for all its epochs) and is flat in K "
+          "(top-K is a small part of the teacher step); bytes per record fall with epochs and grow less than K because "
+          "each sample's class dictionary is shared by its epochs.", ""]
+    return L
+
+
+def _sec_filter(res, env):
+    r = res.get("filter")
+    L = ["## 5. filter-labels decision memory", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    v = r["values"]
+    L += [f"`tools/bench_filter.py`: the confident-learning decision over {int(v['samples']):,} synthetic samples "
+          f"(21,841 classes, top-{int(v['topk'])}, 10% wrong labels), streamed in chunks.", "",
+          "| samples | peak RSS MB | ÷ 2 GB limit | dense N×C fp16 matrix (cleanlab) | time s (incl. generating data) | flagged |",
+          "|---:|---:|---:|---:|---:|---:|",
+          f"| {int(v['samples']):,} | {v['peak_rss_mb']:,.0f} | **{v['ratio_to_limit']:.3f}** | {v['dense_fp16_matrix_gb']:,.1f} GB | "
+          f"{v['decide_s']:.1f} | {v['flagged_frac']:.1%} |", ""]
+    return L
+
+
+def _sec_train(res, env):
+    r = res.get("train")
+    L = ["## 6. train-student loader and step", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    L += ["`tools/bench_train.py`: (a) the loader replaying the cache (seeds + top-K from Arrow, sparse targets "
+          "collated) vs the same views with hard labels; (b) a train step with sparse targets densified on the device + "
+          "soft cross-entropy vs `F.cross_entropy` on hard labels. Interleaved repeats, medians.", "",
+          "| part | setting | with the cache img/s | hard labels img/s | ratio | goal |", "|---|---|---:|---:|---:|---:|"]
+    for key in ("loader", "step"):
+        rt, ra = r["rates"].get(key, {}), r["ratios"].get(key, {})
+        nums = [v for k, v in rt.items() if k != "about"]
+        a, b = (nums + [None, None])[:2]
+        L.append(f"| {key} | {rt.get('about', '')} | {_f(a, '{:,.1f}')} | {_f(b, '{:,.1f}')} | **{_f(ra.get('ratio'), '{:.3f}')}** | "
+                 f"≥ {ra.get('target') or GOALS[key]} |")
+    return L + [""]
+
+
+def _sec_notebook(res, env):
+    r = res.get("notebook")
+    L = ["## 7. Notebook reads", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    v = r["values"]
+    L += ["`tools/bench_notebook.py`: a synthetic 21,841-class cache written with the cache's encoder; medians of repeated runs.", "",
+          "| operation | median | limit | ÷ limit |", "|---|---:|---:|---:|",
+          f"| `open_cache` ({v['shards']:,} shards) | {v['open_ms']:.1f} ms | 1 s | **{v['open_ms'] / 1e3:.3f}** |",
+          f"| `to_table(epochs=[0])` ({v['records']:,} records) | {v['table_ms']:.1f} ms (first run {v['table_first_ms']:.0f} ms) | 2 s | **{v['table_ms'] / 2e3:.3f}** |", ""]
+    return L
+
+
+def _sec_projection(res, env):
+    p = res.get("projection")
+    L = ["## 8. Projection: ImageNet-21K, 90 epochs", "", _run_line(env), ""]
+    if not p:
+        return L + ["not run in this invocation", ""]
+    A = ANCHORS
+    L += [f"Inputs — anchors (DESIGN.md §3, one H100): ViT-L/14 bf16 forward {A['teacher_img_s']:,} img/s; TinyViT-21M train "
+          f"step {A['student_img_s']:,} img/s, {A['student_online_img_s']:,} img/s with the online teacher (5M: "
+          f"{A['student5m_img_s']:,} / {A['student5m_online_img_s']:,}); Pillow decode + crop + flip {A['pillow_per_core_img_s']} img/s per core. "
+          f"Data: {A['imagenet21k_images'] / 1e6:.1f}M images × {A['epochs']} epochs = {p['records'] / 1e9:.3f}G records. "
+          "Measured here: bytes per record (section 3) and per-core view costs (section 1). Computed by `tools/bench.py`.", "",
+          "### Cache size", "", "| | K=10 | K=100 |", "|---|---:|---:|"]
+    cs = p["cache_size"]
+    L.append(f"| distill, measured B/record (synthetic overlap model) | {_f(cs[10]['distill_bytes_per_record'], '{:.1f}')} B | {_f(cs[100]['distill_bytes_per_record'], '{:.1f}')} B |")
+    L.append(f"| **distill cache size** | **{_f(cs[10]['distill_gb'], '{:,.0f}')} GB** | **{_f(cs[100]['distill_gb'], '{:,.0f}')} GB** |")
+    if cs[100].get("distill_gb_range"):
+        L.append("| distill, K=100 with half / twice the overlap model's class pool | | "
+                 + " / ".join(f"{x:,.0f} GB" for x in cs[100]["distill_gb_range"]) + " |")
+    L.append(f"| TinyViT format, 4K+4 B/record | {cs[10]['tinyvit_gb']:,.0f} GB ({cs[10]['tinyvit_gib']:,.0f} GiB) | "
+             f"{cs[100]['tinyvit_gb']:,.0f} GB ({cs[100]['tinyvit_gib']:,.0f} GiB) |")
+    L.append(f"| TinyViT's released cache (published) | | {A['tinyvit_k100_published_gb']} \"GB\" + 18 GB keys |")
+    L += ["", f"The 4K+4 model reproduces TinyViT's published K=100 figure when their \"GB\" is GiB "
+          f"({cs[100]['tinyvit_gib']:,.0f} GiB vs {A['tinyvit_k100_published_gb']}), which checks the record count.", "",
+          "### Teacher GPU time", "",
+          f"{p['records'] / 1e9:.3f}G records ÷ {A['teacher_img_s']:,} img/s = **{p['teacher_gpu_hours']:,.0f} H100-hours**, the same "
+          "for K=10 and K=100 (top-K selection and the copy to the host add about 0.2%); "
+          f"{p['teacher_gpu_hours'] / 8:,.0f} hours on 8 H100s.", "", "### CPU cores to keep one H100 fed", "",
+          "| pipeline | views/s per anchor core | views/s per core here | cores per H100 (anchor CPU) |",
+          "|---|---:|---:|---:|"]
+    c = p["cores_per_gpu"]
+    L.append(f"| anchor: Pillow decode + crop + flip for every view | {A['pillow_per_core_img_s']} | — | "
+             f"{c['anchor_decode_crop_flip_every_view']} |")
+    if "this_cpu_vs_anchor_cpu" in c:
+        for name, label in (("decode_once_full_policy", "**cache-teacher**: decode once per image for 90 epochs, default policy (RandAugment, erasing)"),
+                            ("decode_every_view_full_policy", "decode every view, default policy (a student epoch)")):
+            L.append(f"| {label} | {c[name + '_views_s_anchor_cpu']:.0f} | {c[name + '_views_s_this_cpu']:.0f} | "
+                     f"**{c[name + '_cores_anchor_cpu']}** ({c[name + '_cores_this_cpu']} of this CPU's cores) |")
+        L += ["", f"Column 2 converts the rates measured here to the anchor machine's cores: this CPU runs the anchor's own "
+              f"pipeline (decode + crop + flip) at ×{c['this_cpu_vs_anchor_cpu']:.2f} its 315 img/s. Feeding the student "
+              f"(TinyViT-21M at {A['student_img_s']:,} img/s, one decode per view each epoch) takes "
+              f"{c['student_feed_cores_anchor_cpu']} anchor cores with the default policy ({c['student_feed_cores_anchor']} "
+              "with crop + flip only).", "",
+              f"**Engine consequence:** a GPU worker cuts all its views in one producer thread (`distill.cache.ViewProducer`), "
+              f"i.e. on at most one core: about {c['decode_once_full_policy_views_s_anchor_cpu']:.0f} views/s on the anchor's CPU, "
+              f"{c['one_producer_thread_share_of_teacher_rate']:.0%} of what the H100 teacher can take. Keeping the GPU busy "
+              f"needs about {math.ceil(c['decode_once_full_policy_cores_anchor_cpu'])} producers per GPU (threads or processes "
+              "feeding the GPU actor), or GPU-side decode and augmentation."]
+    L += ["", "### Break-even against online distillation", "",
+          "Online: every student run pays student + teacher forward (1,234 img/s). Offline: the cache once (teacher "
+          "forward, 2,260 img/s), then each run is the student alone (2,653 img/s). Break-even r: "
+          "r × (online − offline per run) ≥ cache cost.", "",
+          "| student | online H100-h/run | offline H100-h/run | cache H100-h (once) | break-even runs | cumulative H100-h after 1 / 2 / 5 / 10 runs (online vs offline) |",
+          "|---|---:|---:|---:|---:|---|"]
+    for name, b in p["break_even"].items():
+        cum = " / ".join(f"{x['online']:,} vs {x['offline']:,}" for x in b["cumulative_h"].values())
+        L.append(f"| {name} | {b['online_h_per_run']:,.0f} | {b['offline_h_per_run']:,.0f} | {b['cache_h_once']:,.0f} | "
+                 f"**{b['break_even_runs']:.2f}** (cheaper from run {b['first_cheaper_run']}) | {cum} |")
+    L += ["", "The break-even does not depend on K: K changes the cache size (above), not the GPU time.", ""]
+    return L
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run (< 5 min on 2 cores); "
+                                                         "BENCHMARKS.md is written only with --write")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {','.join(PARTS)}")
+    ap.add_argument("--write", action="store_true", help="write the report even in --quick mode")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="report path (default: BENCHMARKS.md)")
+    ap.add_argument("--json", help="also write all parsed results here")
+    ap.add_argument("--wait-quiet", type=float, default=None,
+                    help="seconds to wait for load average < 1 before the scaling part (default: 900 full, 0 quick)")
+    a = ap.parse_args(argv)
+    parts = [p.strip() for p in a.only.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 900)
+    env = machine()
+    res: dict = {"quick": a.quick, "machine": env, "anchors": ANCHORS}
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as d:
+        tmp = Path(d)
+
+        def go(name, fn):
+            t0 = time.perf_counter()
+            print(f"== {name} ...", flush=True)
+            try:
+                r = fn()
+            except Exception as e:   # one broken part must not lose the others
+                r = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
+            r.setdefault("seconds", round(time.perf_counter() - t0, 1))
+            res[name] = r
+            print(f"   {r.get('status')} in {time.perf_counter() - t0:.0f}s" + (f" ({r['why']})" if r.get("why") else ""), flush=True)
+
+        if "augment" in parts:
+            go("augment", lambda: part_augment(a.quick, tmp))
+        if "views" in parts or "projection" in parts:
+            go("views", lambda: part_views(a.quick, tmp))
+        cache_parts = [p for p in ("efficiency", "storage") if "cache" in parts]
+        if cache_parts:
+            go("cache", lambda: part_cache(a.quick, tmp, ",".join(cache_parts)))
+        if "storage_k" in parts or "projection" in parts:
+            go("storage_k", lambda: part_storage_k(a.quick, tmp))
+        if "filter" in parts:
+            go("filter", lambda: part_filter(a.quick, tmp))
+        if "train" in parts:
+            go("train", lambda: part_train(a.quick, tmp))
+        if "notebook" in parts:
+            go("notebook", lambda: part_notebook(a.quick, tmp))
+        if "scaling" in parts:
+            if wait:
+                print(f"   load average {wait_quiet(wait)}", flush=True)
+            go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
+        if "projection" in parts:
+            go("projection", lambda: projection(res.get("views", {}), res.get("storage_k", {})))
+    res["total_seconds"] = round(time.perf_counter() - t_all, 1)
+
+    text = render(res, env, a.quick)
+    summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    print("\n## Summary" + summary)
+    if "projection" in res:
+        p = res["projection"]
+        print("projection:", json.dumps({"cache_gb": {k: v["distill_gb"] for k, v in p["cache_size"].items()},
+                                         "teacher_gpu_hours": p["teacher_gpu_hours"], "cores_per_gpu": p["cores_per_gpu"],
+                                         "break_even": {k: v["break_even_runs"] for k, v in p["break_even"].items()}}))
+    print(f"total {res['total_seconds']:.0f}s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(_strip(res), indent=1, default=str))
+    if not a.quick or a.write:
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    failed = [k for k in PARTS if isinstance(res.get(k), dict) and res[k].get("status") == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
