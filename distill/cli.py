@@ -172,7 +172,11 @@ def cmd_demo(args) -> int:
               f"{c.bytes_per_record:.1f} bytes/record, {c.records_per_s:,.0f} records/s")
     if "train-student" in results:
         t = results["train-student"]
-        print(t.summary())
+        pct = lambda x: "n/a" if x is None else f"{x:.1f}%"
+        line = f"train-student: {t.run_dir}: val top-1 {pct(t.final_top1)} from the cache"
+        if getattr(t, "hard_labels", None) is not None:
+            line += f", {pct(t.hard_labels.final_top1)} from hard labels (same student, epochs, seed)"
+        print(line)
     return 0
 
 

@@ -6,7 +6,6 @@ cache whose teacher file no longer exists.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -15,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -106,6 +104,21 @@ def test_views_do_not_depend_on_batching(cache_dir, tmp_path):
     assert views[0].keys() == views[1].keys() and len(views[0]) == 720
     for k in list(views[0])[:50]:
         assert torch.equal(views[0][k][0], views[1][k][0]) and torch.equal(views[0][k][1], views[1][k][1])
+
+
+def test_loader_workers_and_ranks_split_shards(cache_dir, tmp_path):
+    from distill.train.data import loader
+    data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
+    everything = sorted(open_cache(cache_dir).to_table(epochs=[0], columns=["key"]).column("key").to_pylist())
+    ds = _stream(data)
+    ds.set_epoch(0)
+    assert sorted(k for b in loader(ds, 2) for k in b["key"]) == everything      # 2 workers, one shard each
+    per_rank = []
+    for rank in (0, 1):
+        ds = _stream(data, rank=rank, world=2)
+        ds.set_epoch(1)
+        per_rank.append([k for b in ds for k in b["key"]])
+    assert len(per_rank[0]) == len(per_rank[1]) == 360 and sorted(per_rank[0] + per_rank[1]) == everything
 
 
 # ----------------------------------------------------------------------------- training, files, resume

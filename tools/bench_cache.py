@@ -131,29 +131,41 @@ def storage(tmp: Path, quick: bool) -> dict:
 def scaling(tmp: Path, quick: bool) -> dict:
     """Worker scaling and growth, ResNet-18-like teacher, torch limited to one intra-op thread per worker.
 
-    workers: the same 8 equal shards (4 in quick mode) with 1 and then 2 Ray workers; the aggregate
-    rate is records / makespan of the shard tasks (first task start to last task end), so Ray start-up
-    and model loading are out but everything while the workers run is in. Full: 224 px input (the
-    teacher dominates a worker's time, as with any real teacher); quick: 112 px.
+    workers: the same 8 equal shards (4 in quick mode) with 1 and with 2 Ray workers, in interleaved
+    pairs (3 in full mode: 1-2, 2-1, 1-2), each run started when the machine is quiet (other load
+    < 5% of the cores, waiting up to 3 minutes). The aggregate rate is records / makespan of the shard
+    tasks (first task start to last task end), so Ray start-up and model loading are out but
+    everything while the workers run is in. Each run also reports the CPU the workers got (process
+    CPU seconds / task seconds, producer thread included): on a shared machine it shows whether a run
+    was starved. Full: 224 px input (the teacher dominates a worker's time, as with any real teacher);
+    quick: 112 px, one pair.
     growth: one worker, one thread, 112 px; samples, epochs and K each at x1, x4, x16 (K 10, 40, 100)
     around a base of S samples x 2 epochs x K=10, one shard each. Time = shard task time (excludes Ray
     start and model load), bytes = every file in CACHE_DIR. An affine fit y = a + b*x per series:
     linear means R^2 close to 1 (the intercept a is the fixed per-run cost)."""
+    from distill.cache import CacheWorker
+
+    class TimedWorker(CacheWorker):   # + the process CPU time of each shard task
+        def run(self, task: dict) -> dict:
+            c0 = time.process_time()
+            r = CacheWorker.run(self, task)
+            r["cpu_s"] = time.process_time() - c0
+            return r
 
     def timed_run(shards: Path, out: Path, teacher: str, **kw):
-        """run_cache, also recording when each shard task started and ended (driver clock; perf_counter is
-        the system-wide monotonic clock on Linux, and a task's start = its arrival minus its own wall time)."""
+        """run_cache with TimedWorker, recording each shard task's (start, end, cpu_s, wall_s) on the
+        driver's clock (perf_counter is the system-wide monotonic clock on Linux; start = arrival - wall)."""
         import distill.engine as engine
         spans, orig = [], engine.run_pool
 
-        def run_pool(*a, on_result=None, **k):
+        def run_pool(worker_cls, *a, on_result=None, **k):
             def record(o):
                 if o.result is not None:
                     t = time.perf_counter()
-                    spans.append((t - o.result["wall_s"], t, o.result["entry"]["records"]))
+                    spans.append((t - o.result["wall_s"], t, o.result.get("cpu_s", 0.0), o.result["wall_s"]))
                 if on_result is not None:
                     on_result(o)
-            return orig(*a, on_result=record, **k)
+            return orig(TimedWorker if worker_cls is CacheWorker else worker_cls, *a, on_result=record, **k)
 
         engine.run_pool = run_pool
         try:
@@ -161,6 +173,27 @@ def scaling(tmp: Path, quick: bool) -> dict:
         finally:
             engine.run_pool = orig
         return res, spans
+
+    def busy(seconds: float = 3.0) -> float:
+        """Fraction of all cores busy over the next few seconds (/proc/stat)."""
+        def snap():
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            return sum(v), v[3] + v[4]
+        try:
+            t0, i0 = snap()
+            time.sleep(seconds)
+            t1, i1 = snap()
+            return 1 - (i1 - i0) / max(t1 - t0, 1)
+        except OSError:
+            return float("nan")
+
+    def wait_quiet(limit_s: float) -> float:
+        t0, b = time.time(), busy()
+        while b > 0.05 and time.time() - t0 < limit_s:
+            time.sleep(10)
+            b = busy()
+        return round(b, 3)
 
     def affine_fit(xs, ys) -> dict:
         """Least-squares y = a + b*x: slope, intercept, R^2 and the worst relative residual."""
@@ -177,25 +210,33 @@ def scaling(tmp: Path, quick: bool) -> dict:
     torch.jit.script(model).save(str(script))
     out: dict = {"threads_per_worker": 1, "load_avg_before": [round(v, 2) for v in os.getloadavg()]}
 
-    # ---- 1 vs 2 one-thread workers
+    # ---- 1 vs 2 one-thread workers, interleaved pairs
     size = 112 if quick else 224
     per, n_shards, epochs = (8, 4, 2) if quick else (16, 8, 4)
+    orders = [(1, 2)] if quick else [(1, 2), (2, 1), (1, 2)]
     sd = make_shard_dir(tmp / "sw", per * n_shards, per)
     kw = dict(teacher_input_size=size, batch_size=16, threads=1, policy_table=dict(POLICY, size=size))
-    rows = {}
-    for w in (1, 2):
-        r, spans = timed_run(sd, tmp / f"sw-c{w}", str(script), workers=w, epochs=epochs, **kw)
-        makespan = max(s[1] for s in spans) - min(s[0] for s in spans)
-        rows[f"workers={w}"] = {"records": r.records, "shards": len(spans), "makespan_s": round(makespan, 2),
-                                "records_per_s": round(r.records / makespan, 2),
-                                "wall_s_incl_ray_start": round(r.wall_s, 2),
-                                "records_per_s_incl_ray_start": round(r.records / r.wall_s, 2),
-                                "worker_task_s": round(r.worker_s, 2)}
-    out["workers"] = dict(rows, input_size=size, epochs=epochs, shards=n_shards, samples_per_shard=per,
-                          speedup=round(rows["workers=2"]["records_per_s"] / rows["workers=1"]["records_per_s"], 3),
-                          speedup_incl_ray_start=round(rows["workers=2"]["records_per_s_incl_ray_start"]
-                                                       / rows["workers=1"]["records_per_s_incl_ray_start"], 3),
-                          load_avg_after=[round(v, 2) for v in os.getloadavg()])
+    runs, pairs = [], []
+    for i, order in enumerate(orders):
+        pair = {}
+        for w in order:
+            quiet = wait_quiet(0 if quick else 180)
+            r, spans = timed_run(sd, tmp / f"sw-{i}-{w}", str(script), workers=w, epochs=epochs, **kw)
+            makespan = max(s[1] for s in spans) - min(s[0] for s in spans)
+            row = {"pair": i, "workers": w, "records": r.records, "shards": len(spans), "busy_before": quiet,
+                   "makespan_s": round(makespan, 2), "records_per_s": round(r.records / makespan, 2),
+                   "cpu_per_worker": round(sum(s[2] for s in spans) / sum(s[3] for s in spans), 2),
+                   "wall_s_incl_ray_start": round(r.wall_s, 2), "records_per_s_incl_ray_start": round(r.records / r.wall_s, 2)}
+            runs.append(row)
+            pair[w] = row
+        pairs.append({"speedup": round(pair[2]["records_per_s"] / pair[1]["records_per_s"], 3),
+                      "speedup_incl_ray_start": round(pair[2]["records_per_s_incl_ray_start"]
+                                                      / pair[1]["records_per_s_incl_ray_start"], 3)})
+    out["workers"] = {"input_size": size, "epochs": epochs, "shards": n_shards, "samples_per_shard": per,
+                      "runs": runs, "pair_speedups": [p_["speedup"] for p_ in pairs],
+                      "speedup": round(float(np.median([p_["speedup"] for p_ in pairs])), 3),
+                      "speedup_incl_ray_start": round(float(np.median([p_["speedup_incl_ray_start"] for p_ in pairs])), 3),
+                      "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
 
     # ---- growth with samples, epochs and K (one worker, one thread, 112 px)
     s0 = 8 if quick else 32

@@ -4,6 +4,7 @@
 (AdamW, cosine schedule, checkpoints, validation, DDP); ``checkpoint`` owns the run directory.
 Nothing here imports ``distill.teachers``: the student never runs the teacher.
 """
-from .loop import TrainResult, lr_at, prepare_data, train_student
+from .loop import TrainResult, lr_at, train_student
+from .prepare import prepare_data
 
 __all__ = ["TrainResult", "lr_at", "prepare_data", "train_student"]

@@ -60,8 +60,8 @@ def _collate(items: list, stats: list) -> dict:
     k = items[0][1].shape[0]
     out = {
         "image": torch.stack([it[0] for it in items]),
-        "idx": torch.from_numpy(np.stack([it[1] for it in items]).astype(np.int64)) if k else torch.zeros(len(items), 0, dtype=torch.int64),
-        "prob": torch.from_numpy(np.stack([it[2] for it in items]).astype(np.float32)) if k else torch.zeros(len(items), 0),
+        "idx": torch.from_numpy(np.stack([it[1] for it in items])) if k else torch.zeros(len(items), 0, dtype=torch.int64),
+        "prob": torch.from_numpy(np.stack([it[2] for it in items])) if k else torch.zeros(len(items), 0),
         "label": torch.tensor([it[3] for it in items], dtype=torch.int64),
         "label2": torch.tensor([it[4] for it in items], dtype=torch.int64),
         "lam": torch.tensor([it[5] for it in items], dtype=torch.float32),
@@ -149,7 +149,7 @@ class TrainStream(IterableDataset):
         keys = t.column("key").to_pylist()
         labels = t.column("label").to_numpy().astype(np.int64).tolist()
         seeds = t.column("seed").to_numpy().astype(np.int64).tolist()
-        ids = _fixed(t, "topk_idx")
+        ids = _fixed(t, "topk_idx").astype(np.int64)
         probs = _fixed(t, "topk_prob").astype(np.float32)
         row_of = {k: i for i, k in enumerate(keys)}
         n, mb = len(keys), self.policy.mix_block

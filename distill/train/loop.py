@@ -12,23 +12,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import augment
-from ..config import TrainConfig, load_toml, to_dict, write_resolved
-from ..format import UserError, atomic_write_json, read_excluded_keys
-from ..losses import FILLS, DistillLoss, topk_correct
-from ..models import MODELS, create_model, load_init, param_groups
+from ..config import TrainConfig, to_dict, write_resolved
+from ..format import UserError, atomic_write_json
+from ..losses import DistillLoss, topk_correct
+from ..models import create_model, load_init, param_groups
 from ..progress import bar
-from ..reader import Cache, open_cache
-from ..shards import iter_shard, resolve_shards
 from . import checkpoint as ck
-from .data import ShardRef, TrainStream, ValStream, loader, shard_refs
+from .data import TrainStream, ValStream, loader
+from .prepare import Data, note, prepare_data, validate
 
 VAL_CACHE_BYTES = 512 << 20   # keep the validation views in memory between epochs below this size
 
@@ -89,12 +86,6 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _note(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        sys.stderr.write(f"distill: {msg}\n")
-        sys.stderr.flush()
-
-
 # ----------------------------------------------------------------------------- distributed
 
 @dataclass
@@ -149,139 +140,6 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------- data preparation
-
-@dataclass
-class Data:
-    refs: list[ShardRef]
-    val_refs: list[ShardRef]
-    policy: augment.Policy
-    num_classes: int
-    cache: Cache | None
-    samples: int                 # training samples per epoch
-    exclude: frozenset
-    identity: dict               # what a resumed run must share with its checkpoint
-    source: str
-
-
-def _validate(cfg: TrainConfig) -> None:
-    if cfg.model not in MODELS:
-        raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(sorted(MODELS))}")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 32)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if cfg.image_size % 32:
-        raise UserError(f"--image-size must be a multiple of 32 (TinyViT), got {cfg.image_size}")
-    if not cfg.lr > 0 or cfg.min_lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.clip_grad < 0:
-        raise UserError("--lr must be > 0; --min-lr, --weight-decay, --warmup-epochs and --clip-grad must be >= 0")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1], got {cfg.alpha}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.target_fill not in FILLS:
-        raise UserError(f"--target-fill must be one of {', '.join(FILLS)}, got {cfg.target_fill!r}")
-    if cfg.loader_workers < 0 or cfg.threads < 0 or cfg.shuffle_buffer < 0:
-        raise UserError("--loader-workers, --threads and --shuffle-buffer must be >= 0")
-    if not cfg.hard_labels and not cfg.cache:
-        raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
-
-
-def load_policy(path: str | None, table: dict | None, image_size: int) -> augment.Policy:
-    """--policy FILE, else the pipeline's [policy] table, else timm-like defaults at the student size."""
-    if path:
-        raw = load_toml(path)
-        table = raw.get("policy", raw)
-    try:
-        return augment.Policy.from_dict(table if table else {"size": image_size})
-    except (ValueError, TypeError) as e:
-        raise UserError(f"bad augmentation policy: {e}") from None
-
-
-def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
-    """Refuse a cache built over other shards (names, sizes or checksums differ)."""
-    names = [p.name for p in paths]
-    have = cache.shard_names
-    only_cache, only_train = sorted(set(have) - set(names)), sorted(set(names) - set(have))
-    if only_cache or only_train:
-        parts = []
-        if only_train:
-            parts.append(f"{len(only_train)} training shard(s) not in the cache (e.g. {only_train[0]})")
-        if only_cache:
-            parts.append(f"{len(only_cache)} cached shard(s) not in --shards (e.g. {only_cache[0]})")
-        raise UserError(f"the cache {cache.path} was built over a different shard set: {'; '.join(parts)}")
-    idx = {e.name: e for e in index.shards} if index is not None else {}
-    for p in paths:
-        entry = cache._entry(p.name)
-        size = p.stat().st_size
-        if size != entry["bytes"]:
-            raise UserError(f"shard {p} has {size} bytes, the cache was built from {entry['bytes']}: "
-                            f"the shards changed since cache-teacher ran; rebuild the cache")
-        ie = idx.get(p.name)
-        if ie is not None and ie.sha256:
-            digest = ie.sha256
-        elif p.stat().st_mtime_ns == entry.get("mtime_ns"):
-            continue
-        else:
-            from ..format import sha256_file
-            digest = sha256_file(p)
-        if digest != entry["sha256"]:
-            raise UserError(f"shard {p} differs from the one the cache was built from (checksum); rebuild the cache")
-
-
-def _scan_classes(paths: list[Path]) -> tuple[int, int]:
-    """(num_classes = max label + 1, samples) of shards without an index (reads them once)."""
-    top, n = -1, 0
-    for p in paths:
-        for item in iter_shard(p):
-            if getattr(item, "label", None) is not None:
-                top, n = max(top, item.label), n + 1
-    if top < 0:
-        raise UserError(f"no labelled samples in {paths[0].parent}")
-    return top + 1, n
-
-
-def prepare_data(cfg: TrainConfig, policy_table: dict | None, policy: augment.Policy | None = None,
-                 world: int = 1) -> Data:
-    """Resolve shards, cache and policy; every refusal happens here, before any training."""
-    paths, index = resolve_shards(cfg.shards)
-    exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
-    cache = None
-    if not cfg.hard_labels:
-        cache = open_cache(cfg.cache, shards_dir=paths[0].parent)
-        _check_shard_set(cache, paths, index)
-        num_classes = int(cache.num_classes)
-        if index is not None and index.num_classes != num_classes:
-            raise UserError(f"the cache has {num_classes} classes but the shards' index lists {index.num_classes}")
-        if index is not None and list(index.classes) != list(cache.classes):
-            _note("class names of the cache and the shard index differ (same count): check they are the same dataset", cfg.quiet)
-        policy = cache.policy                        # refuses a policy version this code cannot replay
-        if cache.topk < 1:
-            raise UserError("the cache stores no classes (topk 0)")
-        samples = sum(e["samples"] for e in cache.manifest["shards"])
-        if exclude:
-            for name in cache.shard_names:
-                samples -= sum(k in exclude for k in cache.physical(name, ["key"]).column("key").to_pylist())
-        identity = {"source": "cache", "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
-                    "policy_id": policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
-    else:
-        policy = policy or load_policy(cfg.policy, policy_table, cfg.image_size)
-        if index is not None:
-            num_classes, samples = index.num_classes, index.num_samples
-        else:
-            num_classes, samples = _scan_classes(paths)
-        identity = {"source": "hard labels", "shards": [p.name for p in paths], "policy_id": policy.id,
-                    "num_classes": num_classes, "world": world}
-    val_refs: list[ShardRef] = []
-    if cfg.val_shards:
-        vpaths, vindex = resolve_shards(cfg.val_shards)
-        if vindex is not None and vindex.num_classes != num_classes:
-            raise UserError(f"validation shards have {vindex.num_classes} classes, training uses {num_classes}")
-        val_refs = shard_refs(vpaths)
-    return Data(refs=shard_refs(paths), val_refs=val_refs, policy=policy, num_classes=num_classes, cache=cache,
-                samples=max(0, samples), exclude=exclude, identity=identity,
-                source="cache" if cache is not None else "hard labels")
-
-
 # ----------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -298,20 +156,20 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
     (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
     same student from hard labels (same policy, epochs and seed) into ``RUN_DIR/hard-labels``."""
-    _validate(cfg)
+    validate(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
     try:
         if cfg.hard_labels and cfg.cache:
-            _note("--hard-labels: the cache is not used", cfg.quiet or not d.main)
+            note("--hard-labels: the cache is not used", cfg.quiet or not d.main)
         data = prepare_data(cfg, policy_table, world=d.world)
         res = _run(cfg, data, d, stop_after)
         if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
             hcfg = dataclasses.replace(cfg, hard_labels=True, compare_hard_labels=False, alpha=0.0,
                                        out=str(Path(cfg.out) / "hard-labels"))
-            _note(f"--compare-hard-labels: training the same student from hard labels into {hcfg.out}",
-                  cfg.quiet or not d.main)
+            note(f"--compare-hard-labels: training the same student from hard labels into {hcfg.out}",
+                 cfg.quiet or not d.main)
             hdata = prepare_data(hcfg, policy_table, policy=data.policy, world=d.world)
             res.hard_labels = _run(hcfg, hdata, d, stop_after)
             if d.main:
@@ -345,9 +203,9 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             rep = load_init(model, cfg.init)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(f"--init: {e}") from None
-        _note(f"--init {cfg.init}: {rep.summary()}", quiet)
+        note(f"--init {cfg.init}: {rep.summary()}", quiet)
     elif cfg.resume:
-        _note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
+        note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
     model.to(d.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
 
@@ -360,8 +218,9 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
         ck.set_rng_state(ckpt["rng"])
         rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
         if ckpt["data"].get("world") != d.world:
-            _note(f"resuming with {d.world} processes instead of {ckpt['data'].get('world')}: the data split differs", quiet)
-        _note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
+            note(f"warning: resuming with {d.world} processes instead of {ckpt['data'].get('world')}: the data split differs",
+                 not d.main)
+        note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, out)
@@ -388,9 +247,12 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                            num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
                            drop_last=drop_last)
     nsplit = d.world * max(1, cfg.loader_workers)
+    if len(data.refs) < d.world:
+        raise UserError(f"{len(data.refs)} training shard(s) for {d.world} processes: every process needs at least "
+                        f"one shard; re-shard with make-shards --shard-size smaller")
     if len(data.refs) < nsplit:
-        _note(f"{len(data.refs)} shard(s) for {nsplit} readers ({d.world} process(es) x {max(1, cfg.loader_workers)} "
-              f"worker(s)): some readers idle; use more, smaller shards", quiet)
+        note(f"warning: {len(data.refs)} shard(s) for {nsplit} readers ({d.world} process(es) x {max(1, cfg.loader_workers)} "
+             f"worker(s)): some readers idle; use more, smaller shards", not d.main)
     train_loader = loader(train_ds, cfg.loader_workers, pin_memory=cuda)
     val = _Validator(data, cfg, d) if data.val_refs else None
 
@@ -414,6 +276,7 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             repeat += 1
 
     wrapped_note = False
+    row = None
     stats = {"excluded": 0, "skipped": 0}
     done_here = 0
     lr = lr_at(state["step"], total_steps, warmup, cfg.lr, cfg.min_lr)
@@ -422,8 +285,8 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             break
         t_epoch = time.perf_counter()
         if data.cache is not None and epoch >= data.cache.epochs and not wrapped_note:
-            _note(f"epoch {epoch + 1} > the cache's {data.cache.epochs} epochs: reusing cached views "
-                  f"(training epoch e uses cached epoch e mod {data.cache.epochs})", quiet)
+            note(f"warning: epoch {epoch + 1} > the cache's {data.cache.epochs} epochs: reusing cached views "
+                 f"(training epoch e uses cached epoch e mod {data.cache.epochs})", not d.main)
             wrapped_note = True
         torch.manual_seed(hash((cfg.seed, epoch, d.rank)) & 0x7FFFFFFF)
         model.train()
@@ -488,19 +351,21 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             ck.append_metrics(out, row)
             if not cfg.quiet:
                 acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
-                _note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {lr:.2e}{acc}, "
-                      f"{row['img_s']:,.0f} img/s")
+                note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {lr:.2e}{acc}, "
+                     f"{row['img_s']:,.0f} img/s")
         _barrier(d)
         done_here += 1
 
     if d.main and (stats["excluded"] or stats["skipped"]) and data.cache is None:
-        _note(f"left out {stats['excluded']} excluded and {stats['skipped']} invalid sample(s) (seen by this process)", quiet)
+        note(f"left out {stats['excluded']} excluded and {stats['skipped']} invalid sample(s) (seen by this process)", quiet)
     if data.cache is not None and data.exclude:
         dropped = data.cache.num_samples - data.samples
-        _note(f"--exclude: {dropped} cached sample(s) left out (plus {data.cache.manifest['totals'].get('excluded', 0)} "
-              f"already excluded by cache-teacher)", quiet)
-    rows = ck.read_metrics(out) if d.main else []
-    final = rows[-1] if rows else {}
+        note(f"--exclude: {dropped} cached sample(s) left out (plus {data.cache.manifest['totals'].get('excluded', 0)} "
+             f"already excluded by cache-teacher)", quiet)
+    if row is None and d.main:                     # nothing trained in this call (finished run resumed)
+        rows = ck.read_metrics(out)
+        row = rows[-1] if rows else None
+    final = row or {}
     complete = state["epoch"] >= cfg.epochs
     res = TrainResult(run_dir=out, model=cfg.model, source=data.source, epochs=state["epoch"],
                       images_seen=state["images_seen"], wall_s=state["wall_s"],

@@ -1,0 +1,157 @@
+"""Before any training: resolve shards, cache, policy and classes, and refuse what cannot work.
+
+Every refusal of train-student (a cache built over other shards, other classes, a policy this
+version cannot replay, bad options) is raised here as ``UserError``, before a model is built.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import augment
+from ..config import TrainConfig, load_toml
+from ..format import UserError, read_excluded_keys, sha256_file
+from ..losses import FILLS
+from ..models import MODELS
+from ..reader import Cache, open_cache
+from ..shards import iter_shard, resolve_shards
+from .data import ShardRef, shard_refs
+
+
+def note(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        sys.stderr.write(f"distill: {msg}\n")
+        sys.stderr.flush()
+
+
+@dataclass
+class Data:
+    refs: list[ShardRef]
+    val_refs: list[ShardRef]
+    policy: augment.Policy
+    num_classes: int
+    cache: Cache | None
+    samples: int                 # training samples per epoch
+    exclude: frozenset
+    identity: dict               # what a resumed run must share with its checkpoint
+    source: str
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.model not in MODELS:
+        raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(sorted(MODELS))}")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 32)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.image_size % 32:
+        raise UserError(f"--image-size must be a multiple of 32 (TinyViT), got {cfg.image_size}")
+    if not cfg.lr > 0 or cfg.min_lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.clip_grad < 0:
+        raise UserError("--lr must be > 0; --min-lr, --weight-decay, --warmup-epochs and --clip-grad must be >= 0")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {cfg.alpha}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.target_fill not in FILLS:
+        raise UserError(f"--target-fill must be one of {', '.join(FILLS)}, got {cfg.target_fill!r}")
+    if cfg.loader_workers < 0 or cfg.threads < 0 or cfg.shuffle_buffer < 0:
+        raise UserError("--loader-workers, --threads and --shuffle-buffer must be >= 0")
+    if not cfg.hard_labels and not cfg.cache:
+        raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
+
+
+def load_policy(path: str | None, table: dict | None, image_size: int) -> augment.Policy:
+    """--policy FILE, else the pipeline's [policy] table, else timm-like defaults at the student size."""
+    if path:
+        raw = load_toml(path)
+        table = raw.get("policy", raw)
+    try:
+        return augment.Policy.from_dict(table if table else {"size": image_size})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad augmentation policy: {e}") from None
+
+
+def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
+    """Refuse a cache built over other shards (names, sizes or checksums differ)."""
+    names = [p.name for p in paths]
+    have = cache.shard_names
+    only_cache, only_train = sorted(set(have) - set(names)), sorted(set(names) - set(have))
+    if only_cache or only_train:
+        parts = []
+        if only_train:
+            parts.append(f"{len(only_train)} training shard(s) not in the cache (e.g. {only_train[0]})")
+        if only_cache:
+            parts.append(f"{len(only_cache)} cached shard(s) not in --shards (e.g. {only_cache[0]})")
+        raise UserError(f"the cache {cache.path} was built over a different shard set: {'; '.join(parts)}")
+    idx = {e.name: e for e in index.shards} if index is not None else {}
+    for p in paths:
+        entry = cache._entry(p.name)
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            raise UserError(f"shard {p} has {size} bytes, the cache was built from {entry['bytes']}: "
+                            f"the shards changed since cache-teacher ran; rebuild the cache")
+        ie = idx.get(p.name)
+        if ie is not None and ie.sha256:
+            digest = ie.sha256
+        elif p.stat().st_mtime_ns == entry.get("mtime_ns"):
+            continue
+        else:
+            digest = sha256_file(p)
+        if digest != entry["sha256"]:
+            raise UserError(f"shard {p} differs from the one the cache was built from (checksum); rebuild the cache")
+
+
+def _scan_classes(paths: list[Path]) -> tuple[int, int]:
+    """(num_classes = max label + 1, samples) of shards without an index (reads them once)."""
+    top, n = -1, 0
+    for p in paths:
+        for item in iter_shard(p):
+            if getattr(item, "label", None) is not None:
+                top, n = max(top, item.label), n + 1
+    if top < 0:
+        raise UserError(f"no labelled samples in {paths[0].parent}")
+    return top + 1, n
+
+
+def prepare_data(cfg: TrainConfig, policy_table: dict | None, policy: augment.Policy | None = None,
+                 world: int = 1) -> Data:
+    """Resolve shards, cache and policy; every refusal happens here, before any training."""
+    paths, index = resolve_shards(cfg.shards)
+    exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
+    cache = None
+    if not cfg.hard_labels:
+        cache = open_cache(cfg.cache, shards_dir=paths[0].parent)
+        _check_shard_set(cache, paths, index)
+        num_classes = int(cache.num_classes)
+        if index is not None and index.num_classes != num_classes:
+            raise UserError(f"the cache has {num_classes} classes but the shards' index lists {index.num_classes}")
+        if index is not None and list(index.classes) != list(cache.classes):
+            note("warning: class names of the cache and the shard index differ (same count): same dataset?",
+                 os.environ.get("RANK", "0") != "0")
+        policy = cache.policy                        # refuses a policy version this code cannot replay
+        if cache.topk < 1:
+            raise UserError("the cache stores no classes (topk 0)")
+        samples = sum(e["samples"] for e in cache.manifest["shards"])
+        if exclude:
+            for name in cache.shard_names:
+                samples -= sum(k in exclude for k in cache.physical(name, ["key"]).column("key").to_pylist())
+        identity = {"source": "cache", "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
+                    "policy_id": policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
+    else:
+        policy = policy or load_policy(cfg.policy, policy_table, cfg.image_size)
+        if index is not None:
+            num_classes, samples = index.num_classes, index.num_samples
+        else:
+            num_classes, samples = _scan_classes(paths)
+        identity = {"source": "hard labels", "shards": [p.name for p in paths], "policy_id": policy.id,
+                    "num_classes": num_classes, "world": world}
+    val_refs: list[ShardRef] = []
+    if cfg.val_shards:
+        vpaths, vindex = resolve_shards(cfg.val_shards)
+        if vindex is not None and vindex.num_classes != num_classes:
+            raise UserError(f"validation shards have {vindex.num_classes} classes, training uses {num_classes}")
+        val_refs = shard_refs(vpaths)
+    return Data(refs=shard_refs(paths), val_refs=val_refs, policy=policy, num_classes=num_classes, cache=cache,
+                samples=max(0, samples), exclude=exclude, identity=identity,
+                source="cache" if cache is not None else "hard labels")
