@@ -404,20 +404,23 @@ def test_open_run_in_progress_and_bad_directories(tmp_path):
 # ----------------------------------------------------------------------------- README snippets and the notebook
 
 def _python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+    """The python blocks of the README's "From notebooks" section (what a user copies)."""
+    text = path.read_text()
+    section = text[text.index("## From notebooks"):text.index("## On a Ray cluster")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
 def test_readme_snippets_run_and_match_the_reader(outs, capsys):
     pytest.importorskip("pandas")
     pytest.importorskip("matplotlib")
     pytest.importorskip("duckdb")
-    blocks = _python_blocks(REPO / "examples" / "README-snippets.md")
+    blocks = _python_blocks(REPO / "README.md")
     assert len(blocks) == 4
     ns: dict = {}
     for code in blocks:
         code = (code.replace("out/demo/cache", str(outs["cache"])).replace("out/demo/filter", str(outs["filter"]))
                 .replace("out/demo/student", str(outs["run"])))
-        exec(compile(code, "README-snippets.md", "exec"), ns)
+        exec(compile(code, "README.md", "exec"), ns)
     assert ns["records"].equals(distill.open_cache(outs["cache"]).to_table())   # plain pyarrow == the reader
     out = capsys.readouterr().out
     assert "mean_label_prob" in out and "epoch" in out

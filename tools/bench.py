@@ -9,7 +9,8 @@ Parts (``--only`` takes a comma-separated subset):
   augment     tools/bench_augment.py    seeded augmentation vs plain Pillow, draft-mode speedup (one core)
   views       here                      per-core decode and view costs (the projection's CPU input)
   cache       tools/bench_cache.py      cache-teacher vs the bare teacher; bytes per record
-  scaling     tools/bench_cache.py      1 vs 2 one-thread Ray workers; growth with samples, epochs, K
+  scaling     tools/bench_cache.py      1 vs 2 one-thread Ray workers (waits for a quiet machine in full
+                                        mode); growth with samples, epochs, K
   storage_k   here                      synthetic 21,841-class cache at K=10 and K=100
   filter      tools/bench_filter.py     filter-labels decision pass at 14M samples: peak memory
   train       tools/bench_train.py      loader and train-step ratios (cache vs hard labels)
@@ -80,15 +81,6 @@ def machine() -> dict:
 
 def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
-
-
-def wait_quiet(limit_s: float, threshold: float = 1.0) -> list[float]:
-    """Wait (up to limit_s) for the 1-minute load average to drop under threshold; returns it."""
-    t0 = time.time()
-    while os.getloadavg()[0] >= threshold and time.time() - t0 < limit_s:
-        print(f"   load {os.getloadavg()[0]:.2f} >= {threshold}: waiting for a quieter machine ...", flush=True)
-        time.sleep(60)
-    return load()
 
 
 # ----------------------------------------------------------------------------- running the stage scripts
@@ -513,6 +505,9 @@ def _sec_storage(res, env):
 def _verdict(fit: dict | None) -> str:
     if not fit:
         return "two points only (quick run): no fit"
+    change = fit.get("rel_change_over_range")
+    if change is not None and abs(change) < 0.05 and fit["max_rel_residual"] < 0.05:
+        return f"flat (changes {change:+.1%} over the range, all points within {fit['max_rel_residual']:.1%} of the fit)"
     lin = fit["r2"] >= 0.99
     return (f"{'linear' if lin else '**not linear**'} (affine fit R² = {fit['r2']:.4f}, "
             f"worst residual {fit['max_rel_residual']:.1%})")
@@ -572,9 +567,14 @@ def _sec_scaling(res, env):
             b_slope = (f"; marginal {bf['slope'] / base_records:.1f} B per record, fixed {bf['intercept']:,.0f} B"
                        if bf else "")
         L.append(f"- **{name}**: time {_verdict(tf)}{t_slope}; bytes {_verdict(bf)}{b_slope}.")
-    L += ["", "Time per record falls with more epochs (each image is decoded once for all its epochs) and is flat in K "
-          "(top-K is a small part of the teacher step); bytes per record fall with epochs and grow less than K because "
-          "each sample's class dictionary is shared by its epochs.", ""]
+    fs = {n: (g[n].get("time_fit"), g[n].get("bytes_fit")) for n in ("samples", "epochs")}
+    if all(t and b_ for t, b_ in fs.values()):
+        (ts, bs), (te, be) = fs["samples"], fs["epochs"]
+        L += ["", f"Marginal cost per record: {ts['slope'] / base_records * 1e3:.1f} ms and {bs['slope'] / base_records:.1f} B "
+              f"when samples grow, {te['slope'] / base_records * 1e3:.1f} ms and {be['slope'] / base_records:.1f} B when epochs "
+              "grow: an extra epoch reuses the image's decode and its class dictionary (the classes its views share), "
+              "an extra sample brings its own."]
+    L.append("")
     return L
 
 
@@ -695,14 +695,11 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write the report even in --quick mode")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="report path (default: BENCHMARKS.md)")
     ap.add_argument("--json", help="also write all parsed results here")
-    ap.add_argument("--wait-quiet", type=float, default=None,
-                    help="seconds to wait for load average < 1 before the scaling part (default: 900 full, 0 quick)")
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
-    wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 900)
     env = machine()
     res: dict = {"quick": a.quick, "machine": env, "anchors": ANCHORS}
     t_all = time.perf_counter()
@@ -735,9 +732,7 @@ def main(argv=None) -> int:
             go("train", lambda: part_train(a.quick, tmp))
         if "notebook" in parts:
             go("notebook", lambda: part_notebook(a.quick, tmp))
-        if "scaling" in parts:
-            if wait:
-                print(f"   load average {wait_quiet(wait)}", flush=True)
+        if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:
             go("projection", lambda: projection(res.get("views", {}), res.get("storage_k", {})))

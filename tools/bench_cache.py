@@ -203,7 +203,9 @@ def scaling(tmp: Path, quick: bool) -> dict:
         ss = float(((y - y.mean()) ** 2).sum())
         r2 = 1 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0
         return {"slope": float(b), "intercept": float(a), "r2": round(r2, 4),
-                "max_rel_residual": round(float(np.max(np.abs(y - pred) / np.maximum(np.abs(y), 1e-12))), 4)}
+                "max_rel_residual": round(float(np.max(np.abs(y - pred) / np.maximum(np.abs(y), 1e-12))), 4),
+                # growth over the measured range relative to the mean: ~0 means flat (R^2 says nothing then)
+                "rel_change_over_range": round(float(b * (x.max() - x.min()) / y.mean()), 4)}
 
     model = bench_teachers.resnet18_like()
     script = tmp / "r18.pt"
