@@ -2,7 +2,7 @@
 top-K predictions per (sample, epoch) in one Arrow file per shard plus a manifest.
 
 Per shard (one Ray task): every image is decoded once (per JPEG draft scale) and all E epoch views
-are cut from it; a producer thread decodes/augments into batches while the teacher runs on the
+are cut from it; producer threads (``--decode-threads``) decode/augment into batches while the teacher runs on the
 previous batch. The driver writes each shard's file atomically as it arrives; the manifest is
 written last, so its presence means the cache is complete.
 """
@@ -30,16 +30,18 @@ from .progress import bar
 
 # ----------------------------------------------------------------------------- the worker (runs in a Ray actor)
 
-class ViewProducer(threading.Thread):
+class ViewProducer:
     """Reads a shard and puts (batch tensor, labels, [(sample, epoch)]) on a queue, block by block.
 
     Samples are grouped in blocks of ``policy.mix_block`` valid samples (the unit of mix pairing);
     for each epoch the block's views are made (and mixed), so memory holds one block of decoded
-    images and one batch of views."""
+    images and one batch of views per thread. ``threads`` decode/augment threads take whole blocks
+    in turn (a GPU teacher needs several cores of views); each puts ``None`` on the queue when done.
+    Records are keyed by (sample, epoch), so the order batches arrive in does not matter."""
 
     def __init__(self, path, *, policy, epochs, cache_seed, size, mean, std, batch_size, num_classes,
-                 exclude, out_queue, samples: list, center_crop: float | None = None):
-        super().__init__(daemon=True)
+                 exclude, out_queue, samples: list, center_crop: float | None = None, threads: int = 1):
+        self.threads = max(1, threads)
         self.center_crop = center_crop
         self.path, self.policy, self.epochs, self.cache_seed = path, policy, epochs, cache_seed
         self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
@@ -50,7 +52,22 @@ class ViewProducer(threading.Thread):
         self.error: str | None = None
         self.decode_s = 0.0
 
-    def run(self):
+    def start(self) -> None:
+        self._gen = self._blocks()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._work, daemon=True) for _ in range(self.threads)]
+        for t in self._workers:
+            t.start()
+
+    def join(self) -> None:
+        for t in self._workers:
+            t.join()
+
+    def _next_block(self):
+        with self._lock:
+            return next(self._gen, None)
+
+    def _work(self):
         import torch
         try:
             batch, meta = [], []
@@ -61,7 +78,7 @@ class ViewProducer(threading.Thread):
                     batch.clear()
                     meta.clear()
 
-            for block in self._blocks():
+            while (block := self._next_block()) is not None:
                 t0 = time.perf_counter()
                 srcs = [b[2] for b in block]
                 for e in range(self.epochs):
@@ -132,7 +149,8 @@ class CacheWorker:
     """One teacher replica. ``run`` processes one whole shard for all epochs."""
 
     def __init__(self, *, specs, device, threads, temperature, policy, epochs, cache_seed, input_size, mean, std,
-                 batch_size, topk, num_classes, prob_dtype, exclude=(), center_crop=None, progress=None):
+                 batch_size, topk, num_classes, prob_dtype, exclude=(), center_crop=None, decode_threads=1,
+                 progress=None):
         import torch
         from . import teachers
         if threads:
@@ -145,6 +163,7 @@ class CacheWorker:
         self.num_classes, self.prob_dtype, self.progress = num_classes, prob_dtype, progress
         self.exclude = frozenset(exclude)
         self.center_crop = center_crop
+        self.decode_threads = decode_threads
 
     def probe(self) -> int:
         return self.ens.output_width(self.size)
@@ -160,12 +179,18 @@ class CacheWorker:
         prod = ViewProducer(path, policy=self.policy, epochs=self.epochs, cache_seed=self.cache_seed,
                             size=self.size, mean=self.mean, std=self.std, batch_size=self.batch_size,
                             num_classes=self.num_classes, exclude=self.exclude,
-                            out_queue=q, samples=samples, center_crop=self.center_crop)
+                            out_queue=q, samples=samples, center_crop=self.center_crop,
+                            threads=self.decode_threads)
         prod.start()
+        running = prod.threads
         ids, probs, lprobs = {}, {}, {}
         teacher_s = 0.0
         first_at, last_at, done = None, None, 0
-        while (item := q.get()) is not None:
+        while running:
+            item = q.get()
+            if item is None:
+                running -= 1
+                continue
             x, labels, where = item
             t0 = time.perf_counter()
             if first_at is None:
@@ -296,19 +321,22 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
         use_gpu = device == "cuda" or device.startswith("cuda:") or (device == "auto" and res.get("GPU", 0) > 0)
         if use_gpu:
             workers = cfg.workers or max(1, int(res.get("GPU", 1)))
-            threads, num_cpus, num_gpus = cfg.threads or 0, 1, 1
+            per_gpu = int(res.get("CPU", 1)) // workers
+            decode = cfg.decode_threads or max(1, min(16, per_gpu - 1))
+            threads, num_cpus, num_gpus = cfg.threads or 0, min(decode, max(per_gpu, 1)), 1
             device = "cuda"
         else:
             cpus = int(res.get("CPU", os.cpu_count() or 1))
             workers = cfg.workers or 1
             threads = cfg.threads or max(1, cpus // workers)
             num_cpus, num_gpus = min(threads, cpus), 0
+            decode = cfg.decode_threads or 1
             device = "cpu"
         init = dict(specs=specs, device=device, threads=threads, temperature=cfg.temperature,
                     policy=policy.canonical(), epochs=cfg.epochs, cache_seed=cfg.seed,
                     input_size=cfg.teacher_input_size, mean=cfg.teacher_mean, std=cfg.teacher_std,
                     batch_size=cfg.batch_size, topk=cfg.topk, num_classes=len(classes) if classes else 0,
-                    prob_dtype=cfg.prob_dtype, exclude=exclude, center_crop=center_crop)
+                    prob_dtype=cfg.prob_dtype, exclude=exclude, center_crop=center_crop, decode_threads=decode)
 
         # a teacher whose width does not match the classes is refused before any work
         state = {"num_classes": len(classes) if classes else None}

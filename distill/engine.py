@@ -46,7 +46,8 @@ class RayContext:
                 ray.init(address=address, **kw)
             else:
                 env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-                ray.init(num_cpus=self.num_cpus or os.cpu_count(), runtime_env={"env_vars": env}, **kw)
+                # address="local": always a new embedded Ray, even when a `ray start` cluster runs here
+                ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), runtime_env={"env_vars": env}, **kw)
         except ConnectionError as e:
             raise UserError(f"cannot connect to Ray at {address}: {e}") from None
         self.started = True

@@ -115,7 +115,7 @@ def load_module(spec: TeacherSpec) -> torch.nn.Module:
             raise UserError(f"timm cannot create {name!r}: {e}") from None
     if spec.checkpoint and kind in ("callable", "timm"):
         _load_checkpoint(model, spec.checkpoint)
-    if hasattr(model, "eval"):
+    if kind != "export":      # an exported program is traced in the mode it was exported in; eval() is refused
         model.eval()
     return model
 

@@ -111,6 +111,14 @@ def test_rerun_resumes_and_refuses_other_settings(demo_cache, tmp_path):
     assert open_cache(again).topk == 3 and res.reused_shards == 0
 
 
+def test_several_decode_threads_give_the_same_records(demo_cache, tmp_path):
+    shards, out, _ = demo_cache
+    res = cache_teacher(cache_config(shards, tmp_path / "threads", decode_threads=3), dict(DEMO_POLICY, mixup_alpha=0.8,
+                                                                                             mix_block=16))
+    ref = cache_teacher(cache_config(shards, tmp_path / "one"), dict(DEMO_POLICY, mixup_alpha=0.8, mix_block=16))
+    assert not res.failed and _records(tmp_path / "threads").equals(_records(tmp_path / "one"))
+
+
 def test_worker_killed_mid_shard_is_retried(demo_cache, tmp_path, monkeypatch):
     shards, out, _ = demo_cache
     marker = tmp_path / "killed-once"

@@ -101,3 +101,11 @@ def test_layering_format_and_trainer_imports():
             "assert 'ray' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    import re
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    test_cmd = [line for b in blocks for line in b.splitlines() if "pytest" in line and not line.startswith("#")][0]
+    assert test_cmd.strip() in (REPO / ".ci" / "run").read_text()
