@@ -105,8 +105,9 @@ def two_node_cluster():
         return p
 
     try:
-        head = start(["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={_free_port()}",
-                      f"--ray-client-server-port={_free_port()}"], "head.log")
+        # no --ray-client-server-port: that needs ray[client]; the runtime dependency is plain `ray`
+        head = start(["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={_free_port()}"],
+                     "head.log")
         _wait_port(port, head)
         common[-1] = f"--dashboard-agent-listen-port={_free_port()}"
         start([f"--address=127.0.0.1:{port}"], "node.log")

@@ -68,7 +68,8 @@ def _producer_views(cache, exclude=()) -> dict:
                      cache_seed=cache.manifest["cache_seed"], size=t["input_size"], mean=tuple(t["mean"]),
                      std=tuple(t["std"]), batch_size=64, num_classes=cache.num_classes, exclude=frozenset(exclude),
                      out_queue=q, samples=samples)
-    p.run()                                    # in this thread
+    p.start()
+    p.join()                                   # one thread; the queue is unbounded, so it finishes on its own
     assert p.error is None, p.error
     views = {}
     while (item := q.get()) is not None:
