@@ -8,6 +8,7 @@ written last, so its presence means the cache is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,47 @@ from .progress import bar
 
 # ----------------------------------------------------------------------------- the worker (runs in a Ray actor)
 
+class CpuGate:
+    """On a CPU teacher, views and the teacher's forward take turns instead of overlapping.
+
+    The teacher's intra-op threads already use every core of the worker; a producer thread running at
+    the same time preempts one of them and the others wait at the next barrier, so overlap loses more
+    than it gains. Producers hold the gate in shared mode around each view; the teacher holds it
+    exclusively (and is preferred) for each forward. On GPU there is no gate: views overlap the GPU."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._producers = 0
+        self._teacher = self._teacher_waiting = False
+
+    @contextlib.contextmanager
+    def producer(self):
+        with self._cond:
+            while self._teacher or self._teacher_waiting:
+                self._cond.wait()
+            self._producers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._producers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def teacher(self):
+        with self._cond:
+            self._teacher_waiting = True
+            while self._producers:
+                self._cond.wait()
+            self._teacher, self._teacher_waiting = True, False
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._teacher = False
+                self._cond.notify_all()
+
+
 class ViewProducer:
     """Reads a shard and puts (batch tensor, labels, [(sample, epoch)]) on a queue, block by block.
 
@@ -40,8 +82,10 @@ class ViewProducer:
     Records are keyed by (sample, epoch), so the order batches arrive in does not matter."""
 
     def __init__(self, path, *, policy, epochs, cache_seed, size, mean, std, batch_size, num_classes,
-                 exclude, out_queue, samples: list, center_crop: float | None = None, threads: int = 1):
+                 exclude, out_queue, samples: list, center_crop: float | None = None, threads: int = 1,
+                 gate: CpuGate | None = None):
         self.threads = max(1, threads)
+        self.gate = gate
         self.center_crop = center_crop
         self.path, self.policy, self.epochs, self.cache_seed = path, policy, epochs, cache_seed
         self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
@@ -83,7 +127,8 @@ class ViewProducer:
                 srcs = [b[2] for b in block]
                 for e in range(self.epochs):
                     views = replay.block_views(self.policy, srcs, [b[4][e] for b in block], [b[3][e] for b in block],
-                                               self.size, self.mean, self.std)
+                                               self.size, self.mean, self.std,
+                                               guard=self.gate.producer if self.gate else None)
                     for v, b in zip(views, block):
                         batch.append(v)
                         meta.append((b[0], e, b[1]))
@@ -164,6 +209,11 @@ class CacheWorker:
         self.exclude = frozenset(exclude)
         self.center_crop = center_crop
         self.decode_threads = decode_threads
+        # warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
+        # spend their first calls optimising, which would otherwise land in the first shard
+        x = torch.zeros(batch_size, 3, input_size, input_size)
+        for _ in range(2):
+            self.ens(x)
 
     def probe(self) -> int:
         return self.ens.output_width(self.size)
@@ -176,11 +226,12 @@ class CacheWorker:
         path = task["path"]
         q: queue.Queue = queue.Queue(maxsize=4)
         samples: list = []
+        gate = CpuGate() if self.device.type == "cpu" else None
         prod = ViewProducer(path, policy=self.policy, epochs=self.epochs, cache_seed=self.cache_seed,
                             size=self.size, mean=self.mean, std=self.std, batch_size=self.batch_size,
                             num_classes=self.num_classes, exclude=self.exclude,
                             out_queue=q, samples=samples, center_crop=self.center_crop,
-                            threads=self.decode_threads)
+                            threads=self.decode_threads, gate=gate)
         prod.start()
         running = prod.threads
         ids, probs, lprobs = {}, {}, {}
@@ -195,8 +246,9 @@ class CacheWorker:
             t0 = time.perf_counter()
             if first_at is None:
                 first_at = t0
-            p = self.ens(x)
-            i, v, lp = teachers.topk(p, self.topk, torch.as_tensor(labels))
+            with gate.teacher() if gate else contextlib.nullcontext():
+                p = self.ens(x)
+                i, v, lp = teachers.topk(p, self.topk, torch.as_tensor(labels))
             teacher_s += time.perf_counter() - t0
             done += len(where)
             last_at = time.perf_counter()
@@ -330,7 +382,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
             workers = cfg.workers or 1
             threads = cfg.threads or max(1, cpus // workers)
             num_cpus, num_gpus = min(threads, cpus), 0
-            decode = cfg.decode_threads or 1
+            decode = cfg.decode_threads or threads     # they take turns with the teacher (CpuGate)
             device = "cpu"
         init = dict(specs=specs, device=device, threads=threads, temperature=cfg.temperature,
                     policy=policy.canonical(), epochs=cfg.epochs, cache_seed=cfg.seed,

@@ -12,10 +12,17 @@ from . import augment
 
 
 def block_views(policy: "augment.Policy", srcs: Sequence["augment.SourceImage"], params: Sequence[dict],
-                seeds: Sequence[int], size: int, mean, std) -> list:
+                seeds: Sequence[int], size: int, mean, std, guard=None) -> list:
     """Tensors of one epoch for one block: view of each sample, mixed with its partner when the
-    policy mixes. ``srcs[i]``, ``params[i]`` and ``seeds[i]`` belong to position i of the block."""
-    views = [augment.view(s, p, size, mean, std) for s, p in zip(srcs, params)]
+    policy mixes. ``srcs[i]``, ``params[i]`` and ``seeds[i]`` belong to position i of the block.
+    ``guard``: a context manager factory entered around each view (cache-teacher's CPU gate)."""
+    if guard is None:
+        views = [augment.view(s, p, size, mean, std) for s, p in zip(srcs, params)]
+    else:
+        views = []
+        for s, p in zip(srcs, params):
+            with guard():
+                views.append(augment.view(s, p, size, mean, std))
     if not policy.mixing:
         return views
     plan = augment.mix_plan(policy, list(seeds))
