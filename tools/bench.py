@@ -462,7 +462,8 @@ def _sec_cache(res, env):
         return L + ["not run in this invocation", ""]
     L += [f"`tools/bench_cache.py efficiency`: {e['teacher']} ({e['gmacs_per_image']} GMACs/image at 224 px), one worker with "
           f"{e['threads']} torch threads, batch {e['batch']}, {e['records']} records. Steady-state records/s of the shard task "
-          "(decode once, producer thread, teacher, top-K, Arrow encode; Ray start and model load excluded) against the bare "
+          "(decode once; on the CPU views and the teacher take turns on the cores; top-K, Arrow encode; Ray start and model "
+          "load excluded) against the bare "
           "teacher forward on ready tensors (same threads and batch).", "",
           "| cache-teacher records/s | bare teacher img/s | ratio | goal | teacher forward share of worker time |",
           "|---:|---:|---:|---:|---:|",
@@ -527,7 +528,7 @@ def _sec_scaling(res, env):
           "machine was quiet (other load < 5% of the cores, waiting up to 3 minutes; *busy before* is what it was). "
           "Aggregate rate = records ÷ makespan of the shard tasks (first task start to last task end, on the shared "
           "monotonic clock): Ray start and model load are out, everything while the workers run is in. *CPU per worker* = "
-          "process CPU seconds ÷ task seconds (producer thread included): below ~1 the worker was starved by other load. "
+          "process CPU seconds ÷ task seconds (view producers included): below ~1 the worker was starved by other load. "
           f"Load average before {s['load_avg_before'][0]}, after {w['load_avg_after'][0]}.", "",
           "| pair | workers | records | busy before | makespan s | records/s | CPU per worker | wall s incl. Ray start | records/s incl. Ray start |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -667,11 +668,12 @@ def _sec_projection(res, env):
               f"(TinyViT-21M at {A['student_img_s']:,} img/s, one decode per view each epoch) takes "
               f"{c['student_feed_cores_anchor_cpu']} anchor cores with the default policy ({c['student_feed_cores_anchor']} "
               "with crop + flip only).", "",
-              f"**Engine consequence:** a GPU worker cuts all its views in one producer thread (`distill.cache.ViewProducer`), "
-              f"i.e. on at most one core: about {c['decode_once_full_policy_views_s_anchor_cpu']:.0f} views/s on the anchor's CPU, "
-              f"{c['one_producer_thread_share_of_teacher_rate']:.0%} of what the H100 teacher can take. Keeping the GPU busy "
-              f"needs about {math.ceil(c['decode_once_full_policy_cores_anchor_cpu'])} producers per GPU (threads or processes "
-              "feeding the GPU actor), or GPU-side decode and augmentation."]
+              f"**Engine consequence:** one view-producer thread manages about {c['decode_once_full_policy_views_s_anchor_cpu']:.0f} "
+              f"views/s on the anchor's CPU, {c['one_producer_thread_share_of_teacher_rate']:.0%} of what the H100 teacher can take, "
+              f"so a GPU worker needs about {math.ceil(c['decode_once_full_policy_cores_anchor_cpu'])} producers. "
+              "`cache-teacher --decode-threads` sets them (default on GPU: the node's cores per GPU - 1, at most 16); "
+              "threads scale only as far as Pillow releases the GIL (x1.4 for 2 threads measured here), so beyond that "
+              "decode processes or GPU-side decode are the next step (not built yet)."]
     L += ["", "### Break-even against online distillation", "",
           "Online: every student run pays student + teacher forward (1,234 img/s). Offline: the cache once (teacher "
           "forward, 2,260 img/s), then each run is the student alone (2,653 img/s). Break-even r: "
