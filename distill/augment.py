@@ -129,6 +129,19 @@ def _r(x: float) -> float:
     return round(float(x), 6)
 
 
+def load_policy(path: str | None = None, table: dict | None = None, default: dict | None = None) -> "Policy":
+    """The policy of a ``--policy FILE`` (its [policy] table), else ``table`` (a pipeline's [policy]),
+    else ``default`` (else timm-like defaults). Errors are one-line UserErrors."""
+    if path:
+        from .config import load_toml
+        raw = load_toml(path)
+        table = raw.get("policy", raw)
+    try:
+        return Policy.from_dict(table or default or {})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad augmentation policy: {e}") from None
+
+
 def derive_seed(cache_seed: int, epoch: int, key: str) -> int:
     """The uint32 augmentation seed of (sample key, epoch) in a cache: blake2b, stable everywhere."""
     if not isinstance(key, str) or isinstance(cache_seed, bool) or isinstance(epoch, bool):

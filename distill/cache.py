@@ -9,11 +9,9 @@ written last, so its presence means the cache is complete.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, engine, replay, shards as shardio
-from .config import CacheConfig, load_toml
-from .format import (CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME, FormatError, Skip, UserError,
-                     atomic_write_bytes, atomic_write_json, cache_file_name, cache_meta, encode_cache_shard,
-                     index_dtype, ipc_bytes, read_ipc, read_json, read_excluded_keys, sha256_file)
+from .config import CacheConfig
+from .format import (CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME, Skip, UserError,
+                     atomic_write_bytes, atomic_write_json, cache_file_name, encode_cache_shard,
+                     ipc_bytes, read_ipc, read_json, read_excluded_keys, sha256_file)
 from .progress import bar
 
 
@@ -314,16 +312,6 @@ class CacheResult:
         return "\n".join(lines)
 
 
-def load_policy(cfg_policy: str | None, table: dict | None) -> "augment.Policy":
-    if cfg_policy:
-        raw = load_toml(cfg_policy)
-        table = raw.get("policy", raw)
-    try:
-        return augment.Policy.from_dict(table or {})
-    except ValueError as e:
-        raise UserError(f"bad augmentation policy: {e}") from None
-
-
 def _validate(cfg: CacheConfig) -> None:
     for name, low in (("epochs", 1), ("topk", 1), ("batch_size", 1), ("teacher_input_size", 1)):
         if getattr(cfg, name) < low:
@@ -341,7 +329,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     t_wall = time.perf_counter()
     _validate(cfg)
     paths, index = shardio.resolve_shards(cfg.shards)
-    policy = load_policy(cfg.policy, policy_table)
+    policy = augment.load_policy(cfg.policy, policy_table)
     if center_crop is not None:
         if not 0 < center_crop <= 1:
             raise UserError(f"--crop-pct must be in (0, 1], got {center_crop}")
@@ -351,7 +339,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     exclude = read_excluded_keys(cfg.exclude) if cfg.exclude else set()
     classes = list(index.classes) if index else None
     out = Path(cfg.out)
-    names = [_shard_name(p, paths) for p in paths]
+    names = [p.name for p in paths]
 
     identity = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
@@ -477,10 +465,6 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
                        teacher_share=timing["teacher_s"] / timing["wall_s"] if timing["wall_s"] else 0.0,
                        wall_s=wall, reused_shards=reused, failed=failed, worker_s=timing["wall_s"],
                        steady_records_per_s=timing["steady_records"] / timing["steady_s"] if timing["steady_s"] else 0.0)
-
-
-def _shard_name(p: Path, paths: list[Path]) -> str:
-    return p.name
 
 
 def _count_hint(index, name: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -170,7 +169,3 @@ def _unwrap(e) -> BaseException:
     if isinstance(cause, BaseException):
         return cause
     return RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -7,7 +7,6 @@ decision pass (distill.filtering) streams over those files.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from . import filtering
 from .cache import cache_teacher
 from .config import CacheConfig, FilterConfig
 from .format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, UserError,
-                     atomic_write_bytes, atomic_write_json, decode_cache_shard, ipc_bytes, read_ipc)
+                     atomic_write_bytes, atomic_write_json, ipc_bytes, read_ipc)
 from .reader import open_cache
 
 SCORING_DIR = "scoring"

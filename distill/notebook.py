@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import (FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FormatError, Skip, UserError, decode_cache_shard,
+from .format import (FILTER_SCORES_NAME, FormatError, Skip, UserError, decode_cache_shard,
                      read_filter_summary, read_json)
 from .reader import Cache, _need_pandas, _read_columns, open_cache
 

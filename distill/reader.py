@@ -235,7 +235,7 @@ class Cache:
 
     def augmentation(self, key: str, epoch: int) -> dict:
         """The decoded augmentation parameters of (key, epoch), with the mix partner and lambda when mixed."""
-        from . import augment, replay
+        from . import replay
         self._check_epoch(epoch)
         shard, keys, pos = self._block(key)
         seeds = self._seeds(shard, keys, epoch)

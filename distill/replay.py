@@ -32,8 +32,3 @@ def block_views(policy: "augment.Policy", srcs: Sequence["augment.SourceImage"],
 def block_plan(policy: "augment.Policy", seeds: Sequence[int]) -> list:
     return augment.mix_plan(policy, list(seeds)) if policy.mixing else [None] * len(seeds)
 
-
-def blocks(n: int, block: int):
-    """(start, stop) of the mixing blocks over n positions."""
-    for start in range(0, n, block):
-        yield start, min(start + block, n)

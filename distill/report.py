@@ -85,7 +85,7 @@ def write_filter_report(out: Path, summary: dict, cache) -> None:
     lp = scores.column("label_prob").to_numpy()
     classes = summary["classes"]
     n, d = summary["samples"], summary["dropped"]
-    lines = [f"# filter-labels report", "", f"Rule `{summary['rule']}` on {n} samples: dropped {d} "
+    lines = ["# filter-labels report", "", f"Rule `{summary['rule']}` on {n} samples: dropped {d} "
              f"({d / n:.1%})" if n else "no samples", "",
              f"Guards kept {summary['guard_kept']} flagged samples (max-drop-frac {summary['max_drop_frac']}, "
              f"min-per-class {summary['min_per_class']}). Skipped (unreadable) samples: {len(summary['skipped'])}.", "",

@@ -18,7 +18,6 @@ import importlib
 import inspect
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

@@ -115,7 +115,7 @@ def test_several_decode_threads_give_the_same_records(demo_cache, tmp_path):
     shards, out, _ = demo_cache
     res = cache_teacher(cache_config(shards, tmp_path / "threads", decode_threads=3), dict(DEMO_POLICY, mixup_alpha=0.8,
                                                                                              mix_block=16))
-    ref = cache_teacher(cache_config(shards, tmp_path / "one"), dict(DEMO_POLICY, mixup_alpha=0.8, mix_block=16))
+    cache_teacher(cache_config(shards, tmp_path / "one"), dict(DEMO_POLICY, mixup_alpha=0.8, mix_block=16))
     assert not res.failed and _records(tmp_path / "threads").equals(_records(tmp_path / "one"))
 
 

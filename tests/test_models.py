@@ -5,7 +5,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distill.models import (
     MODELS, InitReport, create_model, list_models, load_init, param_groups, resize_attention_biases,

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import DEMO_DIR, DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_subset
+from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_subset
 import distill
 from distill import augment
 from distill.format import (FormatError, UserError, atomic_write_json, encode_cache_shard, ipc_bytes, read_ipc,

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -94,7 +93,6 @@ def _dir_bytes(d: Path) -> int:
 
 
 def storage(tmp: Path, quick: bool) -> dict:
-    from distill.reader import open_cache
     out = {}
     demo = REPO / "shards" / "demo" / "train"
     res = run_cache(demo, tmp / "demo-cache", str(REPO / "shards/demo/teacher.pt"), epochs=8, topk=10,

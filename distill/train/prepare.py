@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import augment
-from ..config import TrainConfig, load_toml
+from ..config import TrainConfig
 from ..format import UserError, read_excluded_keys, sha256_file
 from ..losses import FILLS
 from ..models import MODELS
@@ -59,17 +59,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--loader-workers, --threads and --shuffle-buffer must be >= 0")
     if not cfg.hard_labels and not cfg.cache:
         raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
-
-
-def load_policy(path: str | None, table: dict | None, image_size: int) -> augment.Policy:
-    """--policy FILE, else the pipeline's [policy] table, else timm-like defaults at the student size."""
-    if path:
-        raw = load_toml(path)
-        table = raw.get("policy", raw)
-    try:
-        return augment.Policy.from_dict(table if table else {"size": image_size})
-    except (ValueError, TypeError) as e:
-        raise UserError(f"bad augmentation policy: {e}") from None
 
 
 def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
@@ -139,7 +128,7 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, policy: augment.Po
         identity = {"source": "cache", "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
                     "policy_id": policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
     else:
-        policy = policy or load_policy(cfg.policy, policy_table, cfg.image_size)
+        policy = policy or augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size})
         if index is not None:
             num_classes, samples = index.num_classes, index.num_samples
         else:
