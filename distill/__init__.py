@@ -16,18 +16,23 @@ __version__ = "0.1.0"
 __all__ = ["open_cache", "open_filter", "open_run", "Cache", "FilterOutput", "Run", "UserError", "__version__"]
 
 # name -> module that defines it; imported on first access (PEP 562) so `import distill` stays cheap
-_LAZY = {"open_cache": "reader", "Cache": "reader", "open_filter": "notebook", "FilterOutput": "notebook",
-         "open_run": "notebook", "Run": "notebook", "UserError": "format"}
+_LAZY = {"open_cache": "cache.reader", "Cache": "cache.reader", "open_filter": "notebook", "FilterOutput": "notebook",
+         "open_run": "notebook", "Run": "notebook", "UserError": "files"}
 
 
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'distill' has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
+def lazy_names(package: str, where: dict[str, str]):
+    """A module ``__getattr__`` that imports ``package.<where[name]>`` on first access of ``name``
+    (the sub-packages hand on their names this way, so importing one part never loads the rest)."""
+    def __getattr__(name: str):
+        mod = where.get(name)
+        if mod is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+        return getattr(importlib.import_module(f"{package}.{mod}"), name)
+    return __getattr__
+
+
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def __dir__():

@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 from . import config as C
-from .format import UserError
+from .files import UserError
 
 DEMO_PIPELINE = "pipelines/demo.toml"
 
@@ -59,7 +59,7 @@ def _stage_config(cls, stage: str, args: argparse.Namespace):
 # ----------------------------------------------------------------------------- commands
 
 def cmd_make_shards(args) -> int:
-    from .shards import make_shards
+    from .data.shards import make_shards
     from .progress import bar
     pbar = bar(None, "make-shards", "img", args.quiet)
     index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,

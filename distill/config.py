@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .format import UserError, atomic_write_json
+from .files import UserError, atomic_write_json
 
 if sys.version_info >= (3, 11):
     import tomllib

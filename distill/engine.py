@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .format import UserError
+from .files import UserError
 
 FAULT_ENV = "DISTILL_FAULT_KILL_ONCE"   # test hook: path of a marker file; the first run() that finds it absent creates it and kills its own process
 

@@ -10,17 +10,16 @@ Three kinds of directory:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+
+from .files import FormatError, UserError, atomic_write_json, read_json
 
 SHARD_INDEX_NAME = "index.json"
 SHARD_INDEX_FORMAT = "distill-shards"
@@ -34,14 +33,6 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-]+)*$")
 MAX_KEY_LEN = 200
 
 
-class UserError(Exception):
-    """Bad input from the user (path, flag, config, data). The CLI prints it as one line and exits 2."""
-
-
-class FormatError(UserError):
-    """A file does not follow the format (missing, wrong version, inconsistent)."""
-
-
 def check_key(key: str) -> str:
     if not isinstance(key, str) or not KEY_RE.match(key) or len(key) > MAX_KEY_LEN:
         raise FormatError(f"invalid sample key {key!r}: use letters, digits, '_', '-', '/' (no dots), at most {MAX_KEY_LEN} chars")
@@ -52,51 +43,6 @@ def sanitize_key(text: str) -> str:
     """Turn a file stem into a valid key: every run of other characters becomes '_'."""
     key = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
     return key or "_"
-
-
-# ---------------------------------------------------------------------------------------------
-# files: checksums and atomic writes (temp name in the same directory, fsync, rename)
-
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)    # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what} is not valid JSON: {path} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .format import (FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_NAME, SHARD_INDEX_NAME, ShardIndex, UserError,
-                     read_filter_summary, read_json)
+from .format import FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_NAME, SHARD_INDEX_NAME, ShardIndex, read_filter_summary
+from .files import UserError, read_json
 
 
 def _size(path: Path) -> int:
@@ -26,7 +26,7 @@ def describe(path: str, n: int = 3) -> str:
         lines += [f"  {s.name}: {s.samples} samples, {s.bytes:,} bytes" for s in idx.shards[:n]]
         return "\n".join(lines)
     if (p / MANIFEST_NAME).exists():
-        from .reader import open_cache
+        from .cache.reader import open_cache
         c = open_cache(p)
         m = c.manifest
         size = _size(p)
@@ -61,7 +61,7 @@ def describe(path: str, n: int = 3) -> str:
 
 def _describe_tar(p: Path, n: int) -> str:
     from .format import Skip
-    from .shards import iter_shard
+    from .data.shards import iter_shard
     count, skips, first = 0, 0, []
     for item in iter_shard(p):
         if isinstance(item, Skip):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import UserError, sha256_file
+from .files import UserError, sha256_file
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from distill import augment as A
-from distill.augment import (POLICY_VERSION, Policy, SourceImage, decode, decode_center, derive_seed,
+from distill.data import augment as A
+from distill.data.augment import (POLICY_VERSION, Policy, SourceImage, decode, decode_center, derive_seed,
                              draft_factor, mix, mix_lam, mix_plan, mix_target, open_image, render,
                              to_tensor, view)
 
@@ -98,7 +98,7 @@ def test_seeds_and_decode_identical_in_another_process():
     keys = [f"k{i}" for i in range(50)]
     here = [derive_seed(3, e, k) for e in range(3) for k in keys]
     dec = [decode(p, s, w, h) for p in (POLICY_A, POLICY_B) for s, w, h in CASES + [(s, 333, 221) for s in here[:20]]]
-    code = ("import json; from distill.augment import *\n"
+    code = ("import json; from distill.data.augment import *\n"
             f"keys = {keys!r}\n"
             "here = [derive_seed(3, e, k) for e in range(3) for k in keys]\n"
             f"B = Policy(**{POLICY_B_ARGS})\n"

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pytest
 
 from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_subset, image_bytes, write_tar
-from distill import augment
+from distill.data import augment
 from distill.cache import cache_teacher, verify_cache
 from distill.engine import FAULT_ENV
-from distill.format import MANIFEST_NAME, ShardIndex, UserError
-from distill.reader import dense_target, open_cache
+from distill.format import MANIFEST_NAME, ShardIndex
+from distill.files import UserError
+from distill.cache.reader import dense_target, open_cache
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SHARDS = ["train-000000.tar", "train-000001.tar"]

@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO, SMALL_TREE, write_image_tree
 from distill import config as C
 from distill.cli import build_parser
-from distill.format import ShardIndex, UserError
-from distill.shards import iter_shard
+from distill.format import ShardIndex
+from distill.files import UserError
+from distill.data.shards import iter_shard
 
 COMMANDS = ["make-shards", "filter-labels", "cache-teacher", "train-student", "verify", "inspect", "run", "demo"]
 
@@ -95,9 +96,9 @@ def test_unreadable_config_is_one_line(tmp_path):
 
 def test_layering_format_and_trainer_imports():
     """format/config import neither torch nor Ray; the trainer never imports teacher code."""
-    code = ("import sys, distill.format, distill.config, distill.filtering, distill.reader; "
+    code = ("import sys, distill.format, distill.files, distill.config, distill.filter.rules, distill.cache.reader; "
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad; "
-            "import distill.train, distill.losses; assert 'distill.teachers' not in sys.modules; "
+            "import distill.train, distill.train.losses; assert 'distill.teachers' not in sys.modules; "
             "assert 'ray' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr

@@ -31,7 +31,7 @@ import pytest
 from conftest import DEMO_POLICY, DEMO_TEACHER, cache_config, demo_subset
 from distill.cache import cache_teacher
 from distill.format import MANIFEST_NAME
-from distill.reader import open_cache
+from distill.cache.reader import open_cache
 
 SHARDS = ["train-000000.tar", "train-000001.tar"]
 BIN = Path(sys.executable).parent

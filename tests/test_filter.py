@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import DEMO_DIR, DEMO_POLICY, DEMO_TEACHER, REPO, cache_config
-from distill import filtering
+from distill.filter import rules as filtering
 from distill.cache import cache_teacher
 from distill.config import FilterConfig
 from distill.filter import filter_labels
-from distill.format import FILTER_SCORES_NAME, ShardIndex, UserError, read_excluded_keys, read_ipc
-from distill.reader import open_cache
+from distill.format import FILTER_SCORES_NAME, ShardIndex, read_excluded_keys, read_ipc
+from distill.files import UserError
+from distill.cache.reader import open_cache
 
 sys.path.insert(0, str(REPO / "tools"))
 from flip_labels import flip_labels  # noqa: E402

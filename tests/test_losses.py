@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import DistillLoss, dense_targets, hard_targets, soft_cross_entropy, topk_correct
-from distill.reader import dense_target
+from distill.train.losses import DistillLoss, dense_targets, hard_targets, soft_cross_entropy, topk_correct
+from distill.cache.reader import dense_target
 
 
 def _sparse(b=4, c=10, k=3, seed=0, mass=0.9):

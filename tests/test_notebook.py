@@ -17,9 +17,10 @@ import pytest
 
 from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_subset
 import distill
-from distill import augment
-from distill.format import (FormatError, UserError, atomic_write_json, encode_cache_shard, ipc_bytes, read_ipc,
-                            CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME)
+import distill.cache.reader
+from distill.data import augment
+from distill.format import encode_cache_shard, ipc_bytes, read_ipc, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME
+from distill.files import FormatError, UserError, atomic_write_json
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -60,7 +61,7 @@ def mixed(outs):
 
 def _producer_views(cache, exclude=()) -> dict:
     """{(key, epoch): tensor} exactly as cache-teacher's ViewProducer fed them to the teacher for one shard."""
-    from distill.cache import ViewProducer
+    from distill.cache.writer import ViewProducer
     t = cache.teacher
     q: queue.Queue = queue.Queue()
     samples: list = []
@@ -124,8 +125,8 @@ def test_cache_facts_tables_and_lazy_reads(outs, monkeypatch):
         c[len(c)]
 
     reads = []
-    real = distill.reader._read_columns
-    monkeypatch.setattr(distill.reader, "_read_columns", lambda p, cols=None, **kw: reads.append((Path(p).name, cols))
+    real = distill.cache.reader._read_columns
+    monkeypatch.setattr(distill.cache.reader, "_read_columns", lambda p, cols=None, **kw: reads.append((Path(p).name, cols))
                         or real(p, cols, **kw))
     c.to_table(epochs=[0], columns=["key", "seed"])
     assert reads == [("train-000000.arrow", ["key", "seed"])]        # one file, two physical columns
@@ -314,8 +315,8 @@ def test_show_draws_views_and_top_k_bars_by_class_name(outs, mixed, tmp_path):
 
 def test_missing_viz_extras_say_how_to_install(outs, monkeypatch):
     c = distill.open_cache(outs["cache"])
-    import distill.notebook as nbm
-    monkeypatch.setattr(nbm, "_FIGURE_CLASS", None)
+    import distill.figures as figs
+    monkeypatch.setattr(figs, "_FIGURE_CLASS", None)
     for mod in ("matplotlib", "matplotlib.figure", "pandas"):
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(ImportError, match=re.escape("pip install 'distill[viz]'")):

@@ -10,8 +10,9 @@ import tarfile
 import pytest
 
 from conftest import REPO, image_bytes, write_image_tree, write_tar
-from distill.format import SHARD_SKIP_KEY, FormatError, ShardIndex, Skip, UserError
-from distill.shards import Sample, check_label, iter_shard, make_shards, probe_image, resolve_shards, write_shards
+from distill.format import SHARD_SKIP_KEY, ShardIndex, Skip
+from distill.files import FormatError, UserError
+from distill.data.shards import Sample, check_label, iter_shard, make_shards, probe_image, resolve_shards, write_shards
 
 
 def read_all(out):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEMO_TEACHER, REPO
 from distill import teachers
-from distill.format import UserError
+from distill.files import UserError
 
 sys.path.insert(0, str(REPO / "tests"))
 from helpers.tiny_teacher import build  # noqa: E402

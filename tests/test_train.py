@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from distill.config import CacheConfig, TrainConfig
-from distill.format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, UserError, ipc_bytes
-from distill.losses import dense_targets
-from distill.reader import open_cache
+from distill.format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes
+from distill.files import UserError
+from distill.train.losses import dense_targets
+from distill.cache.reader import open_cache
 from distill.train import prepare_data, train_student
 from distill.train.data import TrainStream
 
@@ -241,11 +242,11 @@ def test_trainer_never_imports_teachers(cache_dir, tmp_path):
 import sys
 from distill.config import TrainConfig
 from distill.train import train_student
-import distill.losses
+import distill.train.losses
 r = train_student(TrainConfig(shards={TRAIN2!r}, cache={str(cache_dir)!r}, out={str(tmp_path / 'sub')!r},
                   model="tinyvit-tiny", image_size=32, epochs=1, batch_size=64, quiet=True))
 assert r.images_seen == 704, r
-bad = sorted(m for m in sys.modules if m == "distill.teachers" or m == "distill.cache" or m.split(".")[0] == "ray")
+bad = sorted(m for m in sys.modules if m in ("distill.teachers", "distill.cache.writer", "distill.cache.stage") or m.split(".")[0] == "ray")
 assert not bad, bad
 print("ok")
 """

@@ -230,7 +230,7 @@ def part_views(quick: bool, tmp: Path) -> dict:
     import torch
     sys.path[:0] = [str(REPO), str(HERE)]
     from bench_augment import make_jpegs
-    from distill import augment as aug
+    from distill.data import augment as aug
     torch.set_num_threads(1)
     n, passes = (16, 3) if quick else (48, 7)
     (tmp / "views").mkdir(exist_ok=True)
@@ -273,7 +273,7 @@ def part_storage_k(quick: bool, tmp: Path) -> dict:
     import numpy as np
     sys.path[:0] = [str(REPO), str(HERE)]
     import bench_teachers
-    from distill.augment import derive_seed
+    from distill.data.augment import derive_seed
     from distill.format import encode_cache_shard, ipc_bytes
     n, E, C = (60 if quick else 300), ANCHORS["epochs"], 21841
     out = {"status": "ok", "samples": n, "epochs": E, "classes": C}

@@ -35,7 +35,7 @@ import bench_teachers  # noqa: E402
 from bench_augment import make_jpegs  # noqa: E402
 from distill.cache import cache_teacher  # noqa: E402
 from distill.config import CacheConfig  # noqa: E402
-from distill.shards import Sample, write_shards  # noqa: E402
+from distill.data.shards import Sample, write_shards  # noqa: E402
 
 POLICY = {"size": 224, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
 
@@ -102,8 +102,9 @@ def storage(tmp: Path, quick: bool) -> dict:
                    "bytes_per_record": round(_dir_bytes(tmp / "demo-cache") / res.records, 2)}
     # (b) synthetic 21,841-class teacher: records from bench_teachers.synthetic_records, written with
     # the cache's own encoder and writer, one file per 1,000-sample shard plus its manifest entry
-    from distill.format import atomic_write_bytes, atomic_write_json, encode_cache_shard, ipc_bytes
-    from distill.augment import derive_seed
+    from distill.format import encode_cache_shard, ipc_bytes
+    from distill.files import atomic_write_bytes, atomic_write_json
+    from distill.data.augment import derive_seed
     n, epochs, shards_n = (200, 90, 1) if quick else (1000, 90, 2)
     d = tmp / "syn-cache"
     d.mkdir()
@@ -145,7 +146,7 @@ def scaling(tmp: Path, quick: bool) -> dict:
     around a base of S samples x 2 epochs x K=10, one shard each. Time = shard task time (excludes Ray
     start and model load), bytes = every file in CACHE_DIR. An affine fit y = a + b*x per series:
     linear means R^2 close to 1 (the intercept a is the fixed per-run cost)."""
-    from distill.cache import CacheWorker
+    from distill.cache.writer import CacheWorker
 
     class TimedWorker(CacheWorker):   # + the process CPU time of each shard task
         def run(self, task: dict) -> dict:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from distill import filtering  # noqa: E402
+from distill.filter import rules as filtering  # noqa: E402
 
 C = 21841
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill import format as F  # noqa: E402
+from distill.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 OPEN_LIMIT_S, TABLE_LIMIT_S = 1.0, 2.0
 UNIQUE = 16          # distinct synthetic shard contents; the others reuse them with their own keys
@@ -54,7 +55,7 @@ def _write(args) -> dict:
     md = dict(t.schema.metadata)
     md.update({b"shard": name.encode(), b"run_id": b"bench", b"entry": json.dumps(entry).encode()})
     data = F.ipc_bytes(t.replace_schema_metadata(md))
-    F.atomic_write_bytes(Path(out) / entry["file"], data)
+    atomic_write_bytes(Path(out) / entry["file"], data)
     return dict(entry, file_bytes=len(data), file_sha256="0" * 64)
 
 
@@ -80,7 +81,7 @@ def build(out: Path, shards: int, n: int, e: int, k: int, c: int) -> None:
                 "source": {"shards": "synthetic", "dir": str(out)}, "run_id": "bench", "shards": entries,
                 "totals": {"samples": n * shards, "records": n * e * shards, "skipped": 0, "excluded": 0},
                 "bench": {"shards": shards, "samples": n, "epochs": e, "topk": k, "classes": c}}
-    F.atomic_write_json(out / F.MANIFEST_NAME, manifest)
+    atomic_write_json(out / F.MANIFEST_NAME, manifest)
     size = sum(x["file_bytes"] for x in entries)
     print(f"built {shards} shards x {n} samples x {e} epochs (K={k}, {c} classes) in {time.perf_counter() - t0:.1f}s: "
           f"{size / 1e6:.1f} MB, {size / (n * e * shards):.1f} B/record")

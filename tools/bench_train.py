@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from distill.config import TrainConfig  # noqa: E402
-from distill.losses import dense_targets, soft_cross_entropy  # noqa: E402
+from distill.train.losses import dense_targets, soft_cross_entropy  # noqa: E402
 from distill.models import create_model, param_groups  # noqa: E402
 from distill.train import prepare_data  # noqa: E402
 from distill.train.data import TrainStream  # noqa: E402

@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from distill.format import Skip, UserError, atomic_write_json  # noqa: E402
-from distill.shards import Sample, iter_shard, resolve_shards, write_shards  # noqa: E402
+from distill.format import Skip
+from distill.files import UserError, atomic_write_json
+from distill.data.shards import Sample, iter_shard, resolve_shards, write_shards  # noqa: E402
 
 
 def _uniform(seed: int, key: str, what: str) -> float:

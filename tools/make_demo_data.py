@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 from distill.format import SHARD_INDEX_NAME  # noqa: E402
-from distill.shards import Sample, write_shards  # noqa: E402
+from distill.data.shards import Sample, write_shards  # noqa: E402
 
 SEED = 20240501
 VAL_FRACTION = 0.2

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from distill.format import atomic_write_json, sha256_file  # noqa: E402
-from distill.shards import Sample, iter_shard, resolve_shards  # noqa: E402
+from distill.files import atomic_write_json, sha256_file
+from distill.data.shards import Sample, iter_shard, resolve_shards  # noqa: E402
 
 SEED = 0
 INPUT_SIZE = 32

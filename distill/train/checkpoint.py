@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..format import UserError, atomic_write_bytes, atomic_write_json
+from ..files import UserError, atomic_write_bytes, atomic_write_json
 
 LAST, BEST, METRICS, SUMMARY = "last.pt", "best.pt", "metrics.jsonl", "summary.json"
 

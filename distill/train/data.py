@@ -6,7 +6,7 @@ Per training epoch ``e`` and shard (one shard at a time per DataLoader worker):
    hard-label run: the shard's valid samples, seeds ``derive_seed(train seed, e, key)``;
 2. stream the tar (``shards.iter_shard``) and group the samples by mixing block (``policy.mix_block``
    consecutive cache rows), exactly as ``cache-teacher`` did;
-3. make the block's views with ``replay.block_views`` at the student's size and normalisation (the
+3. make the block's views with ``views.block_views`` at the student's size and normalisation (the
    same parameters the teacher saw; mixing partners inside the block);
 4. drop ``--exclude`` keys, push the rest through a sample shuffle buffer (after the views, so
    batching never changes a view) and emit collated batches.
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .. import augment, replay, shards as shardio
-from ..format import Skip, UserError
+from ..data import augment, shards as shardio, views
+from ..format import Skip
+from ..files import UserError
 
 _CACHE_COLUMNS = ["key", "label", "seed", "topk_idx", "topk_prob"]
 
@@ -132,9 +133,9 @@ class TrainStream(IterableDataset):
         for keys, srcs, seeds, labels, ids, probs, params in blocks:
             if params is None:
                 params = [augment.decode(self.policy, s, src.width, src.height) for s, src in zip(seeds, srcs)]
-            views = replay.block_views(self.policy, srcs, params, seeds, self.size, self.mean, self.std)
-            plans = replay.block_plan(self.policy, seeds)
-            for i, (key, v, plan) in enumerate(zip(keys, views, plans)):
+            made = views.block_views(self.policy, srcs, params, seeds, self.size, self.mean, self.std)
+            plans = views.block_plan(self.policy, seeds)
+            for i, (key, v, plan) in enumerate(zip(keys, made, plans)):
                 if key in self.exclude:
                     stats[0] += 1
                     continue

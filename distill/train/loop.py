@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, to_dict, write_resolved
-from ..format import UserError, atomic_write_json
-from ..losses import DistillLoss, topk_correct
+from ..files import UserError, atomic_write_json
+from .losses import DistillLoss, topk_correct
 from ..models import create_model, load_init, param_groups
 from ..progress import bar
 from . import checkpoint as ck

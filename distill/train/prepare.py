@@ -10,13 +10,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import augment
+from ..data import augment
 from ..config import TrainConfig
-from ..format import UserError, read_excluded_keys, sha256_file
-from ..losses import FILLS
+from ..format import read_excluded_keys
+from ..files import UserError, sha256_file
+from .losses import FILLS
 from ..models import MODELS
-from ..reader import Cache, open_cache
-from ..shards import iter_shard, resolve_shards
+from ..cache.reader import Cache, open_cache
+from ..data.shards import iter_shard, resolve_shards
 from .data import ShardRef, shard_refs
 
 

@@ -3,7 +3,7 @@ flag noisy labels from the top-K scores, write FILTER_DIR.
 
 The scoring pass is cache-teacher's engine with one centre view per sample (so it runs on Ray,
 embedded or a cluster, and resumes per shard); its cache lives in ``FILTER_DIR/scoring/``. The
-decision pass (distill.filtering) streams over those files.
+decision pass (distill.filter.rules) streams over those files.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import filtering
-from .cache import cache_teacher
-from .config import CacheConfig, FilterConfig
-from .format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, UserError,
-                     atomic_write_bytes, atomic_write_json, ipc_bytes, read_ipc)
-from .reader import open_cache
+from . import rules
+from ..cache.stage import cache_teacher
+from ..config import CacheConfig, FilterConfig
+from ..format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes, read_ipc
+from ..files import UserError, atomic_write_bytes, atomic_write_json
+from ..cache.reader import open_cache
 
 SCORING_DIR = "scoring"
 
@@ -66,7 +66,7 @@ def _scoring_chunks(cache) -> callable:
 def filter_labels(cfg: FilterConfig) -> FilterResult:
     t0 = time.perf_counter()
     try:
-        rule = filtering.Rule.parse(cfg.rule, cfg.topk)
+        rule = rules.Rule.parse(cfg.rule, cfg.topk)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not 0 <= cfg.max_drop_frac <= 1 or cfg.min_per_class < 0:
@@ -89,14 +89,14 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
                             wall_s=time.perf_counter() - t0)
     cache = open_cache(out / SCORING_DIR)
     chunks = _scoring_chunks(cache)
-    dec = filtering.decide(chunks, cache.num_classes, rule, cfg.max_drop_frac, cfg.min_per_class)
+    dec = rules.decide(chunks, cache.num_classes, rule, cfg.max_drop_frac, cfg.min_per_class)
     _write_scores(out, chunks, dec, rule)
     per_class = _per_class(dec, cache.classes)
     skipped = [dict(s, shard=e["name"]) for e in cache.manifest["shards"] for s in e["skipped"]]
     summary = {"format": FILTER_FORMAT, "version": FILTER_VERSION, "rule": cfg.rule, "topk": cfg.topk,
                "max_drop_frac": cfg.max_drop_frac, "min_per_class": cfg.min_per_class,
                "scorer": cache.teacher, "samples": int(len(dec.label)), "dropped": int((~dec.keep).sum()),
-               "guard_kept": int((dec.code == filtering.GUARD).sum()),
+               "guard_kept": int((dec.code == rules.GUARD).sum()),
                "thresholds": [None if np.isnan(x) else round(float(x), 6) for x in dec.thresholds],
                "classes": cache.classes, "per_class": per_class, "skipped": skipped,
                "shards": [e["name"] for e in cache.manifest["shards"]]}
@@ -111,9 +111,9 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
                         shards_written=written)
 
 
-def _write_scores(out: Path, chunks, dec: filtering.Decision, rule: filtering.Rule) -> None:
+def _write_scores(out: Path, chunks, dec: rules.Decision, rule: rules.Rule) -> None:
     batches, start = [], 0
-    reasons = np.array([rule.reason(c) for c in range(max(filtering.REASONS) + 1)], dtype=object)
+    reasons = np.array([rule.reason(c) for c in range(max(rules.REASONS) + 1)], dtype=object)
     for c in chunks():
         n = len(c["label"])
         code = dec.code[start:start + n]
@@ -124,10 +124,10 @@ def _write_scores(out: Path, chunks, dec: filtering.Decision, rule: filtering.Ru
             "key": c["key"], "shard": pa.array([c["shard"]] * n, pa.string()),
             "label": pa.array(c["label"].astype(np.int32)),
             "label_prob": pa.array(c["label_prob"].astype(np.float32)),
-            "label_rank": pa.array(filtering.label_rank(c["label"], c["topk_idx"])),
+            "label_rank": pa.array(rules.label_rank(c["label"], c["topk_idx"])),
             "topk_idx": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_idx"].reshape(-1)), k),
             "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_prob"].reshape(-1)), k),
-            "margin": pa.array(filtering.margin(c["label"], c["label_prob"], c["topk_idx"], c["topk_prob"])),
+            "margin": pa.array(rules.margin(c["label"], c["label_prob"], c["topk_idx"], c["topk_prob"])),
             "keep": pa.array(keep), "reason": pa.array(reasons[code].tolist(), pa.string())}))
     table = pa.concat_tables(batches) if batches else None
     if table is None:
@@ -141,7 +141,7 @@ def _dropped_keys(out: Path) -> list[str]:
     return [k for k, kp in zip(t.column("key").to_pylist(), keep) if not kp]
 
 
-def _per_class(dec: filtering.Decision, classes: list[str]) -> list[dict]:
+def _per_class(dec: rules.Decision, classes: list[str]) -> list[dict]:
     n = np.bincount(dec.label, minlength=len(classes))
     d = np.bincount(dec.label[~dec.keep], minlength=len(classes))
     return [{"label": i, "name": classes[i], "samples": int(n[i]), "dropped": int(d[i]),
@@ -149,8 +149,8 @@ def _per_class(dec: filtering.Decision, classes: list[str]) -> list[dict]:
 
 
 def _write_clean_shards(cfg: FilterConfig, cache, drop: set[str]) -> int:
-    from . import shards as shardio
-    from .format import Skip
+    from ..data import shards as shardio
+    from ..format import Skip
     paths, index = shardio.resolve_shards(cfg.shards)
     classes = index.classes if index else cache.classes
     dest = Path(cfg.write_shards)

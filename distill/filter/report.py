@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .format import FILTER_SCORES_NAME, atomic_write_bytes, read_ipc
+from ..format import FILTER_SCORES_NAME, read_ipc
+from ..files import atomic_write_bytes
 
 MONTAGE_NAME = "suspicious.png"
 HIST_NAME = "label_prob_hist.png"
 
 
 def _montage(out: Path, scores, cache, classes: list[str], n: int = 24, tile: int = 96) -> bool:
-    from . import augment, shards as shardio
-    from .format import Skip
+    from ..data import augment, shards as shardio
+    from ..format import Skip
     dropped = [i for i, k in enumerate(scores.column("keep").to_pylist()) if not k]
     if not dropped:
         return False

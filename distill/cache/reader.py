@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .format import (CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, FormatError, UserError,
-                     decode_cache_shard, read_ipc, read_json, sha256_file)
+from ..format import CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, decode_cache_shard, read_ipc
+from ..files import FormatError, UserError, read_json
 
 # logical column -> the physical columns it is decoded from (FORMAT.md 2.2)
 _PHYSICAL = {"key": ["key"], "label": ["label"], "seed": ["seed"], "topk_idx": ["classes", "local"],
@@ -47,7 +47,7 @@ class Cache:
 
     @cached_property
     def policy(self):
-        from . import augment
+        from ..data import augment
         pol = self.manifest["policy"]
         if pol["version"] != augment.POLICY_VERSION:
             raise UserError(f"cache was built with augmentation policy version {pol['version']}, "
@@ -223,8 +223,8 @@ class Cache:
         return shard, keys, row - start
 
     def _sources(self, shard: str, keys: list[str]) -> dict:
-        from . import augment, shards as shardio
-        from .format import Skip
+        from ..data import augment, shards as shardio
+        from ..format import Skip
         want, found = set(keys), {}
         for item in shardio.iter_shard(self.shard_path(shard)):
             if not isinstance(item, Skip) and item.key in want:
@@ -235,13 +235,13 @@ class Cache:
 
     def augmentation(self, key: str, epoch: int) -> dict:
         """The decoded augmentation parameters of (key, epoch), with the mix partner and lambda when mixed."""
-        from . import replay
+        from ..data import views
         self._check_epoch(epoch)
         shard, keys, pos = self._block(key)
         seeds = self._seeds(shard, keys, epoch)
         src = self._sources(shard, [key])[key]
         params = dict(self._params(src, seeds[pos]))
-        plan = replay.block_plan(self.policy, seeds)[pos]
+        plan = views.block_plan(self.policy, seeds)[pos]
         if plan is not None:
             params["mix"] = dict(plan, partner_key=keys[plan["partner"]])
         return params
@@ -249,7 +249,7 @@ class Cache:
     def _params(self, src, seed: int) -> dict:
         """The view parameters cache-teacher used: the policy's decode of the seed, or the fixed centre
         view of a scoring cache (filter-labels' ``scoring/``, manifest ``view.center_crop``)."""
-        from . import augment
+        from ..data import augment
         crop = (self.manifest.get("view") or {}).get("center_crop")
         if crop:
             return augment.decode_center(src.width, src.height, crop)
@@ -262,7 +262,7 @@ class Cache:
 
     def view_tensor(self, key: str, epoch: int, side: str = "teacher", size: int | None = None, mean=None, std=None):
         """The normalised tensor of (key, epoch) as that side saw it (teacher: the manifest's preprocessing)."""
-        from . import augment, replay
+        from ..data import augment, views
         self._check_epoch(epoch)
         shard, keys, pos = self._block(key)
         if side == "teacher":
@@ -271,7 +271,7 @@ class Cache:
         else:
             size, mean, std = size or self.policy.size, mean or augment.IMAGENET_MEAN, std or augment.IMAGENET_STD
         seeds = self._seeds(shard, keys, epoch)
-        plan = replay.block_plan(self.policy, seeds)[pos]
+        plan = views.block_plan(self.policy, seeds)[pos]
         need = [keys[pos]] + ([keys[plan["partner"]]] if plan else [])
         srcs = self._sources(shard, need)
         views = {}
@@ -283,7 +283,7 @@ class Cache:
 
     def image(self, key: str):
         """The sample's source image (PIL, RGB, full resolution) from its shard."""
-        from . import augment
+        from ..data import augment
         shard, _ = self.locate(key)
         return augment.open_image(self._sources(shard, [key])[key].data)
 
@@ -297,7 +297,7 @@ class Cache:
         and ``show`` draws it. For a record without erasing or mixing,
         ``augment.to_tensor(replay(...), {}, mean, std)`` equals ``view_tensor(...)`` bit for bit.
         """
-        from . import augment
+        from ..data import augment
         self._check_epoch(epoch)
         size = self._side_size(view, size)
         shard, keys, pos = self._block(key)
@@ -314,7 +314,7 @@ class Cache:
         """A matplotlib figure of (key, epochs): the source image with the crop boxes, then per epoch the
         view as the model saw it (erasing and mixing included) above bars of its top-K classes by name.
         ``epochs``: an int, a list, or None for the first 8. Needs ``distill[viz]``."""
-        from .notebook import show_cache_views
+        from ..figures import show_cache_views
         return show_cache_views(self, key, epochs, view, size)
 
 
@@ -379,27 +379,3 @@ def _need_pandas(what: str):
         raise ImportError(f"{what} needs pandas, which is not installed: pip install 'distill[viz]' "
                           f"(or pip install pandas)") from None
     return pandas
-
-
-def verify_files(cache: Cache) -> list[str]:
-    """Problems found checking every file against the manifest (empty list: all good)."""
-    problems = []
-    for e in cache.manifest["shards"]:
-        f = cache.path / e["file"]
-        if not f.exists():
-            problems.append(f"{e['file']}: missing")
-            continue
-        if f.stat().st_size != e["file_bytes"]:
-            problems.append(f"{e['file']}: size {f.stat().st_size} != manifest {e['file_bytes']}")
-            continue
-        if sha256_file(f) != e["file_sha256"]:
-            problems.append(f"{e['file']}: checksum differs from the manifest")
-            continue
-        try:
-            n = read_ipc(f, ["key"]).num_rows
-        except FormatError as err:
-            problems.append(str(err))
-            continue
-        if n != e["samples"]:
-            problems.append(f"{e['file']}: {n} samples, manifest says {e['samples']}")
-    return problems

@@ -25,11 +25,8 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from distill.format import (
-    IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME, SHARD_PREFIX_RE,
-    SHARD_SKIP_KEY, FormatError, ShardEntry, ShardIndex, Skip, UserError, check_key, decode_label,
-    encode_label, sanitize_key, sha256_file, shard_name,
-)
+from ..format import IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME, SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label, encode_label, sanitize_key, shard_name
+from ..files import FormatError, UserError, sha256_file
 
 Progress = Callable[[int], None]
 
@@ -81,7 +78,7 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], ShardIndex | No
             raise UserError(f"no .tar files in {path}")
         return paths, None
     if "{" in text:
-        from braceexpand import braceexpand  # webdataset's own brace expansion (a webdataset dependency)
+        from braceexpand import braceexpand  # the brace expansion webdataset uses
         paths = [Path(p).expanduser() for p in braceexpand(text)]
         missing = [p for p in paths if not p.is_file()]
         if missing:

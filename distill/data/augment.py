@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from .format import UserError
+from ..files import UserError
 
 POLICY_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,7 +133,7 @@ def load_policy(path: str | None = None, table: dict | None = None, default: dic
     """The policy of a ``--policy FILE`` (its [policy] table), else ``table`` (a pipeline's [policy]),
     else ``default`` (else timm-like defaults). Errors are one-line UserErrors."""
     if path:
-        from .config import load_toml
+        from ..config import load_toml
         raw = load_toml(path)
         table = raw.get("policy", raw)
     try:
