@@ -105,7 +105,8 @@ def cmd_train_student(args) -> int:
 def cmd_verify(args) -> int:
     from .cache import verify_cache
     res = verify_cache(args.cache_dir, recompute=args.recompute, teacher=args.teacher or (),
-                       teacher_checkpoint=args.teacher_checkpoint or (), seed=args.seed, device=args.device)
+                       teacher_checkpoint=args.teacher_checkpoint or (), seed=args.seed, device=args.device,
+                       allow_replay_drift=args.allow_replay_drift)
     print(res.summary())
     return 0 if res.ok else 1
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher-checkpoint", action="append", metavar="PATH")
     s.add_argument("--seed", type=int, default=0, help="which random records")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--allow-replay-drift", action="store_true",
+                   help="do not count views that replay differently here (other Pillow/libjpeg-turbo) as problems")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("inspect", help="summarise a shard, cache, filter or run directory",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import UserError, atomic_write_json
+from .format import RUN_CONFIG_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,8 +57,10 @@ class CacheConfig:
     exclude: str | None = opt(None, help="filter-labels output directory: its dropped samples are left out", metavar="FILTER_DIR")
     ray_address: str | None = opt(None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)", metavar="ADDR")
     overwrite: bool = opt(False, help="replace an existing cache built with other settings")
-    teacher_checkpoint: tuple[str, ...] = opt((), help="weights for timm: teachers (one per --teacher, in order)", metavar="PATH")
-    teacher_input_size: int = opt(224, help="teacher input resolution")
+    teacher_checkpoint: tuple[str, ...] = opt((), help="weights for timm: and module:callable teachers (one per --teacher, in order)", metavar="PATH")
+    teacher_random_weights: bool = opt(False, help="allow a timm: teacher without checkpoint (seeded random weights; tests and benchmarks only)")
+    teacher_input_size: int = opt(0, help="teacher input resolution (0: the size the teacher declares, e.g. a .pt2 program's or timm's; else 224 with a warning)")
+    teacher_precision: str = opt("auto", help="teacher forward precision: fp32, bf16, fp16, or auto (bf16 on CUDA, fp32 on CPU)")
     teacher_mean: tuple[float, ...] = opt(IMAGENET_MEAN, help="teacher normalisation mean, comma-separated")
     teacher_std: tuple[float, ...] = opt(IMAGENET_STD, help="teacher normalisation std, comma-separated")
     temperature: float = opt(1.0, help="softmax temperature applied to teacher logits")
@@ -187,7 +190,7 @@ def to_dict(cfg) -> dict:
     return out
 
 
-def write_resolved(cfg, directory: str | os.PathLike, name: str = "config.json") -> None:
+def write_resolved(cfg, directory: str | os.PathLike, name: str = RUN_CONFIG_NAME) -> None:
     """Write the resolved config next to a stage's output."""
     atomic_write_json(Path(directory) / name, to_dict(cfg))
 
@@ -207,7 +210,9 @@ class FilterConfig:
     min_per_class: int = opt(1, help="always keep at least this many samples of a class")
     write_shards: str | None = opt(None, help="also write cleaned shards (flagged samples removed) here", metavar="DIR")
     scorer_checkpoint: tuple[str, ...] = opt((), help="weights for timm: scorers", metavar="PATH")
-    scorer_input_size: int = opt(224, help="scorer input resolution")
+    scorer_random_weights: bool = opt(False, help="allow a timm: scorer without checkpoint (tests and benchmarks only)")
+    scorer_input_size: int = opt(0, help="scorer input resolution (0: the size the scorer declares, else 224 with a warning)")
+    scorer_precision: str = opt("auto", help="scorer forward precision: fp32, bf16, fp16, or auto (bf16 on CUDA, fp32 on CPU)")
     scorer_mean: tuple[float, ...] = opt(IMAGENET_MEAN, help="scorer normalisation mean, comma-separated")
     scorer_std: tuple[float, ...] = opt(IMAGENET_STD, help="scorer normalisation std, comma-separated")
     crop_pct: float = opt(0.875, help="centre crop fraction of the deterministic scoring view")
@@ -253,4 +258,5 @@ class TrainConfig:
     device: str = opt("auto", help="cpu, cuda, or auto")
     compile: bool = opt(False, help="torch.compile the model")
     threads: int = opt(0, help="torch intra-op threads (0: default)")
+    allow_replay_drift: bool = opt(False, help="train although recorded views replay differently here (other Pillow/libjpeg-turbo); noted in the summary")
     quiet: bool = opt(False, help="no progress bar")

@@ -80,24 +80,17 @@ def show_cache_views(cache, key: str, epochs=None, view: str = "teacher", size: 
     from .data import augment, views
     eps = _epochs(cache, epochs)
     fig = _figure("Cache.show", 1.9 * (len(eps) + 1) + 0.6, 4.6)
-    size = cache._side_size(view, size)
-    if view == "teacher":
-        mean, std = cache.teacher["mean"], cache.teacher["std"]
-    else:
-        mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
+    size, mean, std = cache.side(view, size)
     shard, keys, pos = cache._block(key)
     _, row = cache.locate(key)
     by_epoch = {r["epoch"]: r for r in decode_cache_shard(cache.physical(shard).slice(row, 1), epochs=eps).to_pylist()}
     recs = [by_epoch[e] for e in eps]
     seeds = {e: cache._seeds(shard, keys, e) for e in eps}
-    plans = {e: views.block_plan(cache.policy, seeds[e])[pos] for e in eps}
+    plans = {e: views.block_plan(cache.view_spec, seeds[e])[pos] for e in eps}
     need = {key} | {keys[p["partner"]] for p in plans.values() if p is not None}
     srcs = cache._sources(shard, sorted(need))
     src = srcs[key]
 
-    def tensor(k: str, e: int):
-        s = srcs[k]
-        return augment.view(s, cache._params(s, seeds[e][keys.index(k)]), size, mean, std)
 
     grid = fig.add_gridspec(2, len(eps) + 1, height_ratios=[1.0, 0.85])
     ax = fig.add_subplot(grid[0, 0])
@@ -106,7 +99,7 @@ def show_cache_views(cache, key: str, epochs=None, view: str = "teacher", size: 
     from matplotlib.patches import Rectangle
     params = {}
     for c, e in zip(colours, eps):
-        params[e] = cache._params(src, seeds[e][pos])
+        params[e] = views.params(cache.view_spec, seeds[e][pos], src)
         x0, y0, x1, y1 = params[e]["crop"]
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.5))
     ax.set_title(f"source {src.width}x{src.height}", fontsize=9)
@@ -121,9 +114,7 @@ def show_cache_views(cache, key: str, epochs=None, view: str = "teacher", size: 
     for j, (c, e, rec) in enumerate(zip(colours, eps, recs)):
         plan = plans[e]
         partner = keys[plan["partner"]] if plan is not None else None
-        x = tensor(key, e)
-        if plan is not None:
-            x = augment.mix(x, tensor(partner, e), plan)
+        x = views.view_tensor(cache.view_spec, srcs, keys, seeds[e], pos, size, mean, std)
         ax = fig.add_subplot(grid[0, j + 1])
         ax.imshow(_to_image(x, mean, std), interpolation="nearest")
         ax.set_title(f"epoch {e}\n{_describe(params[e], plan, partner)}", fontsize=8, color=c)

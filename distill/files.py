@@ -3,10 +3,14 @@ reading and the output-directory lock. No torch, no Ray, no import-time side eff
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import secrets
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +67,211 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         raise FormatError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# output-directory lock: <directory>/.distill.lock, created with O_EXCL, holds JSON
+# {"host", "pid", "started", "what"}. A lock of this host whose pid is gone is stale and taken over.
+
+LOCK_NAME = ".distill.lock"
+# Taking over a stale lock is serialised by this second O_EXCL file, so two processes that both saw
+# the same stale lock cannot both remove it and both win (the second would remove the first's new lock).
+TAKEOVER_NAME = LOCK_NAME + ".takeover"
+# An unreadable (half-written) lock or takeover file older than this is left over from a crash.
+LOCK_STALE_UNREADABLE_S = 10.0
+_LOCK_READ_WAIT_S = 0.5      # how long to wait for a writer to finish a lock file just created
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # exists, owned by someone else
+        return True
+    except (OverflowError, ValueError, OSError):
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> tuple[bool, dict | None, float]:
+    """(exists, info, mtime). info is None when the file is unreadable or not a complete lock."""
+    try:
+        mtime = os.stat(path).st_mtime
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False, None, 0.0
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a distill lock file; remove it") from None
+    except OSError as e:
+        raise UserError(f"cannot read the lock file {path}: {e.strerror or e}") from None
+    try:
+        info = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return True, None, mtime
+    ok = (isinstance(info, dict) and isinstance(info.get("host"), str)
+          and type(info.get("pid")) is int and info["pid"] > 0)
+    return True, (info if ok else None), mtime
+
+
+def _read_lock_settled(path: Path) -> tuple[bool, dict | None, float]:
+    """Like _read_lock, but gives a young unreadable file a moment to be completed by its writer."""
+    deadline = time.monotonic() + _LOCK_READ_WAIT_S
+    while True:
+        exists, info, mtime = _read_lock(path)
+        if not exists or info is not None or time.time() - mtime > LOCK_STALE_UNREADABLE_S \
+                or time.monotonic() >= deadline:
+            return exists, info, mtime
+        time.sleep(0.02)
+
+
+def _is_mine(info: dict) -> bool:
+    return info.get("host") == socket.gethostname() and info.get("pid") == os.getpid()
+
+
+def _is_stale(info: dict | None, mtime: float) -> bool:
+    """A lock nobody holds any more: its pid on this host is gone, or it is unreadable and old."""
+    if info is None:
+        return time.time() - mtime > LOCK_STALE_UNREADABLE_S
+    return info["host"] == socket.gethostname() and info["pid"] != os.getpid() and not _pid_alive(info["pid"])
+
+
+def lock_holder(directory: str | os.PathLike) -> dict | None:
+    """Who holds ``directory``'s lock, when it is a live lock of ANOTHER process; else None (no lock,
+    a stale one, or this process's own). A lock of another host counts as live (its pid can't be
+    checked). A lock being written (unreadable, young) gives {"host": "?", "pid": "?", ...}."""
+    exists, info, mtime = _read_lock_settled(Path(directory) / LOCK_NAME)
+    if not exists or _is_stale(info, mtime):
+        return None
+    if info is None:
+        return {"host": "?", "pid": "?", "started": "?", "what": "?"}
+    return None if _is_mine(info) else info
+
+
+def _create_exclusive(path: Path, payload: bytes) -> bool:
+    """Create ``path`` with O_EXCL and write ``payload``; False if it already exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    return True
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class DirLock:
+    """Exclusive use of an output directory by one distill run, as a context manager.
+
+    ``with lock_dir(out, "cache"):`` (acquired by lock_dir) or ``with DirLock(out, "cache"):``
+    (acquired on enter). Not re-entrant. Released on exit: the lock file is removed only while it
+    still names this process."""
+
+    held_by_other = staticmethod(lock_holder)
+
+    def __init__(self, directory: str | os.PathLike, what: str):
+        self.directory = Path(directory)
+        self.what = what
+        self.path = self.directory / LOCK_NAME
+        self.info: dict | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.info is not None
+
+    def acquire(self) -> "DirLock":
+        if self.held:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "what": self.what}
+        payload = (json.dumps(info) + "\n").encode()
+        for _ in range(50):                                  # bounded: each turn sees a lock vanish or change
+            if _create_exclusive(self.path, payload):
+                self.info = info
+                return self
+            exists, other, mtime = _read_lock_settled(self.path)
+            if not exists:
+                continue                                     # released meanwhile: try again
+            if not _is_stale(other, mtime):
+                raise self._in_use(other)
+            if self._take_over(other, mtime, payload):
+                self.info = info
+                return self
+        raise UserError(f"could not lock {self.directory}: its lock file {self.path} keeps changing; "
+                        "is another distill run starting there?")
+
+    def _take_over(self, seen: dict | None, seen_mtime: float, payload: bytes) -> bool:
+        """Replace the stale lock ``seen`` by ours, under the takeover file. False: try again."""
+        guard = self.directory / TAKEOVER_NAME
+        me = (json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n").encode()
+        if not _create_exclusive(guard, me):
+            g_exists, g_info, g_mtime = _read_lock(guard)
+            if g_exists and _is_stale(g_info, g_mtime):
+                _unlink_quiet(guard)                         # left by a taker that died mid-takeover
+            else:
+                time.sleep(0.05)                             # another process is taking over right now
+            return False
+        try:
+            exists, now, mtime = _read_lock(self.path)
+            if not exists:
+                return False                                 # gone meanwhile: the plain O_EXCL path takes it
+            if now != seen or not _is_stale(now, mtime):
+                return False                                 # replaced meanwhile: look again
+            os.unlink(self.path)
+            if not _create_exclusive(self.path, payload):
+                return False
+        finally:
+            _unlink_quiet(guard)
+        if seen is None:
+            detail = f"its lock file is unreadable and older than {LOCK_STALE_UNREADABLE_S:g} s"
+        else:
+            detail = f"pid {seen['pid']} on {seen['host']} is gone"
+        print(f"distill: warning: taking over a stale lock on {self.directory} ({detail})", file=sys.stderr, flush=True)
+        return True
+
+    def _in_use(self, other: dict | None) -> UserError:
+        if other is None:
+            pid = host = started = "?"
+        else:
+            pid, host, started = other.get("pid", "?"), other.get("host", "?"), other.get("started", "?")
+        return UserError(f"{self.directory} is in use by another distill {self.what} run "
+                         f"(pid {pid} on {host}, since {started}); wait for it to finish or use another --out")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.info = None
+        exists, now, _ = _read_lock(self.path)
+        if exists and now is not None and _is_mine(now):
+            _unlink_quiet(self.path)
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"DirLock({str(self.directory)!r}, {self.what!r}, held={self.held})"
+
+
+def lock_dir(directory: str | os.PathLike, what: str) -> DirLock:
+    """Lock ``directory`` (created with its parents if missing) for a distill ``what`` run; raises
+    UserError when another live run holds it. Use as ``with lock_dir(out, "cache"): ...``."""
+    return DirLock(directory, what).acquire()

@@ -144,6 +144,13 @@ CACHE_EXT = ".arrow"
 IPC_COMPRESSION = "zstd"
 IPC_LEVEL = 9
 PROB_DTYPES = ("float16", "float32")
+# Arrow schema metadata of a cache file, besides the encoding facts of ``encode_cache_shard``:
+ARROW_ENTRY_KEY = b"entry"        # JSON: the shard's manifest entry (lets a rerun reuse the file)
+ARROW_RUN_ID_KEY = b"run_id"      # the run identity digest of the run that wrote the file
+# manifest keys beyond the run identity (FORMAT.md 2.1)
+REPLAY_ENV_KEY = "replay_env"            # versions that decide replayed pixels (Pillow, libjpeg-turbo, numpy, policy)
+AGREEMENT_KEY = "teacher_agreement"      # the teacher against the given labels: top1, mean_label_prob, records
+FINGERPRINTS_KEY = "view_fingerprints"   # per shard entry: [{key, epoch, seed, size, sha256}] of replayed views
 
 
 def index_dtype(num_classes: int) -> str:
@@ -178,6 +185,14 @@ def _fixed(values: np.ndarray, pa_type) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width)
 
 
+def _local_dtype(distinct: int) -> type:
+    """Smallest unsigned dtype whose values 0..distinct-1 index a row's ``classes`` list."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if distinct <= int(np.iinfo(dt).max) + 1:
+            return dt
+    raise UserError(f"a cache row holds {distinct} distinct classes, more than uint32 local ids can index")
+
+
 def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, num_classes: int,
                        prob_dtype: str = "float16", shard: str = "") -> pa.Table:
     """Physical table for one input shard: one row per sample, all epochs in the row.
@@ -189,7 +204,9 @@ def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, 
     n, e, k = topk_idx.shape if topk_idx.ndim == 3 else (0, seeds.shape[1] if np.ndim(seeds) == 2 else 0, 0)
     idt = np.dtype(index_dtype(num_classes))
     ids = topk_idx.reshape(n, e * k)
-    class_lists, locals_ = [], np.zeros((n, e * k), dtype=np.uint16)
+    # Work in uint32 (a row holds at most E*K distinct ids), then narrow to the smallest unsigned
+    # type that holds every row's distinct-class count: a fixed uint16 would wrap past 65,536.
+    class_lists, locals_ = [], np.zeros((n, e * k), dtype=np.uint32)
     for i in range(n):
         uniq, first, inv = np.unique(ids[i], return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")
@@ -197,7 +214,7 @@ def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, 
         rank[order] = np.arange(len(order))
         class_lists.append(uniq[order].astype(idt))
         locals_[i] = rank[inv.reshape(-1)]
-    local_dt = np.uint8 if (n == 0 or max(len(c) for c in class_lists) <= 256) else np.uint16
+    local_dt = _local_dtype(max((len(c) for c in class_lists), default=0))
     offsets = np.zeros(n + 1, dtype=np.int32)
     if n:
         np.cumsum([len(c) for c in class_lists], out=offsets[1:])
@@ -311,6 +328,15 @@ FILTER_SCORES_NAME = "scores.arrow"
 FILTER_SUMMARY_NAME = "summary.json"
 
 
+FILTER_SCORING_DIR = "scoring"           # the scoring pass's cache (one centre view per sample)
+FILTER_REPORT_NAME = "report.md"
+FILTER_MONTAGE_NAME = "suspicious.png"
+FILTER_HIST_NAME = "label_prob_hist.png"
+# scores.arrow: one row per scored sample, in shard order (FORMAT.md 3)
+FILTER_SCORES_COLUMNS = ("key", "shard", "label", "label_prob", "label_rank", "topk_idx", "topk_prob", "margin",
+                         "keep", "reason")
+
+
 def read_filter_summary(directory: str | os.PathLike) -> dict:
     d = read_json(Path(directory) / FILTER_SUMMARY_NAME, "filter summary (is this a finished filter-labels output?)")
     if d.get("format") != FILTER_FORMAT or d.get("version") != FILTER_VERSION:
@@ -325,3 +351,14 @@ def read_excluded_keys(directory: str | os.PathLike) -> set[str]:
     keys = t.column("key").to_numpy(zero_copy_only=False)
     keep = t.column("keep").to_numpy(zero_copy_only=False)
     return set(keys[~keep].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# run directory (train-student): checkpoints with JSON sidecars, metrics, resolved config, summary
+
+RUN_LAST = "last.pt"                # checkpoint after every epoch (--resume continues from it)
+RUN_BEST = "best.pt"                # checkpoint of the best validation top-1
+RUN_METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch
+RUN_SUMMARY_NAME = "summary.json"   # written when the run completes
+RUN_CONFIG_NAME = "config.json"     # the resolved TrainConfig
+RUN_BASELINE_DIR = "hard-labels"    # the --compare-hard-labels run, inside the run directory

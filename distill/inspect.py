@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .format import FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_NAME, SHARD_INDEX_NAME, ShardIndex, read_filter_summary
+from .format import (FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_METRICS_NAME, RUN_NAME, RUN_SUMMARY_NAME, SHARD_INDEX_NAME,
+                     ShardIndex, read_filter_summary)
 from .files import UserError, read_json
 
 
@@ -48,12 +49,12 @@ def describe(path: str, n: int = 3) -> str:
         worst = sorted(s["per_class"], key=lambda c: -c["dropped_frac"])[:n]
         lines += [f"  {c['name']}: dropped {c['dropped']}/{c['samples']}" for c in worst]
         return "\n".join(lines)
-    if (p / "metrics.jsonl").exists():
-        rows = [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if (p / RUN_METRICS_NAME).exists():
+        rows = [json.loads(x) for x in (p / RUN_METRICS_NAME).read_text().splitlines() if x.strip()]
         lines = [f"run: {p}, {len(rows)} epoch(s)"]
         for r in rows[-n:]:
             lines.append("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-        if (p / "summary.json").exists():
+        if (p / RUN_SUMMARY_NAME).exists():
             lines.append("  summary: " + json.dumps(read_json(p / "summary.json", "run summary")))
         return "\n".join(lines)
     raise UserError(f"{p} is not a distill shard, cache, filter or run directory")

@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import FILTER_SCORES_NAME, Skip, read_filter_summary
+from .format import (FILTER_REPORT_NAME, FILTER_SCORING_DIR, RUN_BASELINE_DIR, RUN_CONFIG_NAME, RUN_METRICS_NAME,
+                     RUN_SUMMARY_NAME, FILTER_SCORES_NAME, Skip, read_filter_summary)
 from .files import FormatError, UserError, read_json
 from .cache.reader import Cache, _need_pandas, _read_columns, open_cache
 
@@ -48,7 +49,7 @@ class FilterOutput:
     num_samples = property(lambda self: self.summary["samples"])
     num_flagged = property(lambda self: self.summary["dropped"])
     per_class = property(lambda self: self.summary["per_class"])
-    report = property(lambda self: self.path / "report.md")
+    report = property(lambda self: self.path / FILTER_REPORT_NAME)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -83,7 +84,7 @@ class FilterOutput:
     @cached_property
     def scoring(self) -> Cache:
         """The scoring pass's cache (one centre view per sample): the scorer's identity and the shard paths."""
-        return open_cache(self.path / "scoring", self._shards_dir)
+        return open_cache(self.path / FILTER_SCORING_DIR, self._shards_dir)
 
     def images(self, keys, shards=None) -> dict:
         """{key: PIL image} of these samples, read from the source shards (``shards``: their shard names,
@@ -144,7 +145,7 @@ def open_filter(path: str | os.PathLike, shards_dir: str | os.PathLike | None = 
 
 # ----------------------------------------------------------------------------- run directory
 
-METRICS_NAME, SUMMARY_NAME, CONFIG_NAME, BASELINE_DIR = "metrics.jsonl", "summary.json", "config.json", "hard-labels"
+METRICS_NAME, SUMMARY_NAME, CONFIG_NAME, BASELINE_DIR = RUN_METRICS_NAME, RUN_SUMMARY_NAME, RUN_CONFIG_NAME, RUN_BASELINE_DIR
 
 
 class Run:

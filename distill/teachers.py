@@ -6,28 +6,41 @@ Spec forms (the same for ``--teacher`` and ``--scorer``):
 * ``path/model.pt2``: a ``torch.export`` program;
 * ``package.module:callable``: a callable returning an ``nn.Module`` (weights its own business,
   or a checkpoint given separately);
-* ``timm:<model_name>``: a timm model (``pip install 'distill[timm]'``), weights from the checkpoint.
+* ``timm:<model_name>``: a timm model (``pip install 'distill[timm]'``), weights from the checkpoint;
+  without one it is refused unless random weights are asked for (tests, benchmarks), which are
+  then seeded so that every process builds the same ones.
+
+A teacher's identity is its weights: ``weights_sha256`` is the file's sha256 for TorchScript and
+``.pt2`` files (code and weights), and the digest of the loaded state dict (checkpoint applied)
+for callables and timm models. An ``Ensemble`` given the driver's identities checks that it loaded
+the same weights.
 
 Input: images already at the model's input size, scaled to [0, 1] and normalised. Output: logits
-over classes. An ensemble averages the members' probabilities. No file paths of data here.
+over classes. An ensemble averages the members' probabilities, computed in float32 whatever the
+forward precision (fp32, or bf16/fp16 under autocast). No file paths of data here.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .files import UserError, sha256_file
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class TeacherSpec:
     spec: str
     checkpoint: str | None = None
+    random_weights: bool = False    # allow a timm model without checkpoint (tests, benchmarks)
 
     @property
     def kind(self) -> str:
@@ -42,24 +55,50 @@ class TeacherSpec:
         raise UserError(f"teacher spec not found: {self.spec!r} (a TorchScript/.pt2 file, module.path:callable or timm:<name>)")
 
     def identity(self) -> dict:
-        """What makes this teacher this teacher: its spec and the sha256 of every weight file."""
-        kind = self.kind
-        ident = {"spec": self.spec, "kind": kind}
-        if kind in ("torchscript", "export"):
-            if not os.path.isfile(self.spec):
-                raise UserError(f"teacher file not found: {self.spec}")
-            ident["sha256"] = sha256_file(self.spec)
-        elif kind == "callable":
-            module = _import_callable(self.spec)[0]
-            src = inspect.getsourcefile(module)
+        """What makes this teacher this teacher: its spec, weight files and ``weights_sha256``.
+        Loads callable and timm teachers to digest their weights."""
+        model = load_module(self) if self.kind in ("callable", "timm") else None
+        return _identity(self, model)
+
+
+def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
+    kind = spec.kind
+    ident = {"spec": spec.spec, "kind": kind}
+    if kind in ("torchscript", "export"):
+        ident["sha256"] = ident["weights_sha256"] = _file_sha256(spec.spec)
+    else:
+        if kind == "callable":
+            src = inspect.getsourcefile(_import_callable(spec.spec)[0])
             if src:
                 ident["source_sha256"] = sha256_file(src)
-        if self.checkpoint:
-            if not os.path.isfile(self.checkpoint):
-                raise UserError(f"teacher checkpoint not found: {self.checkpoint}")
-            ident["checkpoint"] = self.checkpoint
-            ident["checkpoint_sha256"] = sha256_file(self.checkpoint)
-        return ident
+        else:
+            import timm
+            ident["timm_version"] = timm.__version__
+        ident["weights_sha256"] = weights_digest(model)
+        if spec.random_weights and not spec.checkpoint:
+            ident["random_weights"] = True
+    if spec.checkpoint:
+        ident["checkpoint"] = spec.checkpoint
+        ident["checkpoint_sha256"] = _file_sha256(spec.checkpoint, "teacher checkpoint")
+    return ident
+
+
+def _file_sha256(path: str, what: str = "teacher file") -> str:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    return sha256_file(path)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict in sorted-name order: each tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _import_callable(spec: str):
@@ -87,6 +126,28 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
+def _build(spec: TeacherSpec) -> torch.nn.Module:
+    """The module a callable or timm spec names, before any checkpoint. Random initialisation
+    draws from a private RNG seeded with 0: the same weights in every process, the caller's
+    RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if spec.kind == "callable":
+            model = _import_callable(spec.spec)[1]()
+            if not isinstance(model, torch.nn.Module):
+                raise UserError(f"{spec.spec} returned {type(model).__name__}, not a torch.nn.Module")
+            return model
+        try:
+            import timm
+        except ImportError as e:
+            raise UserError(f"timm teachers need the timm extra: pip install 'distill[timm]' ({e})") from None
+        name = spec.spec.split(":", 1)[1]
+        try:
+            return timm.create_model(name, pretrained=False)
+        except Exception as e:
+            raise UserError(f"timm cannot create {name!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
 def load_module(spec: TeacherSpec) -> torch.nn.Module:
     kind = spec.kind
     if kind == "torchscript":
@@ -95,38 +156,32 @@ def load_module(spec: TeacherSpec) -> torch.nn.Module:
         except Exception as e:  # torch raises RuntimeError with multi-line text
             raise UserError(f"cannot load TorchScript teacher {spec.spec}: {str(e).splitlines()[0]}") from None
     elif kind == "export":
-        if not os.path.isfile(spec.spec):
-            raise UserError(f"teacher file not found: {spec.spec}")
-        model = torch.export.load(spec.spec).module()
-    elif kind == "callable":
-        model = _import_callable(spec.spec)[1]()
-        if not isinstance(model, torch.nn.Module):
-            raise UserError(f"{spec.spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return torch.export.load(_exported_path(spec)).module()   # traced in its export mode; eval() is refused
     else:
-        try:
-            import timm
-        except ImportError:
-            raise UserError("timm teachers need the timm extra: pip install 'distill[timm]'") from None
-        name = spec.spec.split(":", 1)[1]
-        try:
-            model = timm.create_model(name, pretrained=False)
-        except Exception as e:
-            raise UserError(f"timm cannot create {name!r}: {e}") from None
-    if spec.checkpoint and kind in ("callable", "timm"):
-        _load_checkpoint(model, spec.checkpoint)
-    if kind != "export":      # an exported program is traced in the mode it was exported in; eval() is refused
-        model.eval()
-    return model
+        if kind == "timm" and not spec.checkpoint and not spec.random_weights:
+            raise UserError(f"{spec.spec} has no --teacher-checkpoint: its weights would be random; pass "
+                            "--teacher-checkpoint PATH (or --teacher-random-weights for tests and benchmarks)")
+        model = _build(spec)
+        if spec.checkpoint:
+            _load_checkpoint(model, spec.checkpoint)
+    return model.eval()
 
 
-def make_specs(teachers, checkpoints=()) -> list[TeacherSpec]:
+def _exported_path(spec: TeacherSpec) -> str:
+    if not os.path.isfile(spec.spec):
+        raise UserError(f"teacher file not found: {spec.spec}")
+    return spec.spec
+
+
+def make_specs(teachers, checkpoints=(), random_weights: bool = False) -> list[TeacherSpec]:
     teachers = list(teachers)
     checkpoints = list(checkpoints)
     if not teachers:
         raise UserError("no teacher given: use --teacher SPEC")
     if checkpoints and len(checkpoints) != len(teachers):
         raise UserError(f"{len(checkpoints)} --teacher-checkpoint for {len(teachers)} --teacher: give one per teacher")
-    return [TeacherSpec(t, checkpoints[i] if checkpoints else None) for i, t in enumerate(teachers)]
+    return [TeacherSpec(t, checkpoints[i] if checkpoints else None, bool(random_weights))
+            for i, t in enumerate(teachers)]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -140,26 +195,63 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"bad --device {device!r} (cpu, cuda, cuda:N or auto)") from None
 
 
-class Ensemble:
-    """One or more models whose softmax(logits / T) are averaged. ``__call__`` returns probabilities."""
+def resolve_precision(precision: str | None, device) -> str:
+    """None or "auto": bf16 on CUDA, fp32 elsewhere; otherwise one of fp32, bf16, fp16."""
+    if precision in (None, "auto"):
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"bad precision {precision!r}: use one of {', '.join(PRECISIONS)} or auto")
+    return precision
 
-    def __init__(self, specs: list[TeacherSpec], device: str | torch.device = "cpu", temperature: float = 1.0):
+
+def _autocast(device: torch.device, precision: str):
+    """The forward's context for this precision; refuses one this torch cannot autocast to."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    with warnings.catch_warnings():          # torch warns and disables autocast for a dtype it lacks
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                probe = torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+        except (RuntimeError, ValueError):
+            probe = None
+    if probe is None or probe.dtype != dtype:
+        raise UserError(f"precision {precision} is not supported on {device.type} by torch {torch.__version__}: "
+                        "use fp32 or bf16")
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class Ensemble:
+    """One or more models whose softmax(logits / T) are averaged. ``__call__`` returns float32
+    probabilities. ``precision``: fp32, bf16 or fp16 (autocast), None/"auto" as ``resolve_precision``.
+    ``expect``: identities (as from ``identity(specs)``) whose ``weights_sha256`` the loaded
+    members must have, so that a worker proves it runs the weights the driver identified."""
+
+    def __init__(self, specs: list[TeacherSpec], device: str | torch.device = "cpu", temperature: float = 1.0,
+                 precision: str | None = "fp32", expect: list[dict] | None = None):
         if temperature <= 0:
             raise UserError(f"temperature must be > 0, got {temperature}")
+        if expect is not None and len(expect) != len(specs):
+            raise UserError(f"{len(expect)} expected teacher identities for {len(specs)} teachers")
         self.specs = specs
         self.device = torch.device(device)
         self.temperature = float(temperature)
-        self.models = [load_module(s).to(self.device) for s in specs]
+        self.precision = resolve_precision(precision, self.device)
+        self._autocast = _autocast(self.device, self.precision)
+        self.models = []
+        for i, spec in enumerate(specs):
+            model = load_module(spec)
+            if expect is not None:
+                _check_weights(spec, model, expect[i])
+            self.models.append(model.to(self.device))
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         total = None
         for model in self.models:
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(x)
-            else:
+            with self._autocast():
                 logits = model(x)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
@@ -167,8 +259,49 @@ class Ensemble:
             total = probs if total is None else total + probs
         return total / len(self.models)
 
+    def identity(self) -> list[dict]:
+        """``identity(specs)`` from the models already loaded (no second load)."""
+        return [_identity(s, None if s.kind in ("torchscript", "export") else m)
+                for s, m in zip(self.specs, self.models)]
+
     def output_width(self, input_size: int) -> int:
         return int(self(torch.zeros(1, 3, input_size, input_size)).shape[-1])
+
+
+def _check_weights(spec: TeacherSpec, model: torch.nn.Module, expected: dict) -> None:
+    want = expected.get("weights_sha256")
+    got = _identity(spec, None if spec.kind in ("torchscript", "export") else model)["weights_sha256"]
+    if got != want:
+        raise UserError(f"teacher {spec.spec} loaded with other weights than the run expects (weights sha256 "
+                        f"{got[:16]} != {str(want)[:16]}): the checkpoint or the model changed since the run was "
+                        "identified, or random weights differ between processes")
+
+
+def input_size_hint(specs: list[TeacherSpec]) -> int | None:
+    """The input resolution every member declares (a .pt2 program's example input, a model's
+    ``pretrained_cfg``/``default_cfg`` ``input_size``), or None when one does not or they disagree."""
+    sizes = {_declared_size(s) for s in dict.fromkeys(specs)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _declared_size(spec: TeacherSpec) -> int | None:
+    kind = spec.kind
+    if kind == "torchscript":
+        return None
+    if kind == "export":
+        ep = torch.export.load(_exported_path(spec))
+        inputs = set(ep.graph_signature.user_inputs)
+        shapes = [n.meta["val"].shape for n in ep.graph.nodes
+                  if n.op == "placeholder" and n.name in inputs and hasattr(n.meta.get("val"), "shape")]
+        shape = shapes[0] if shapes else ()
+    else:
+        model = _build(spec)              # the architecture declares it; no checkpoint needed
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        shape = cfg.get("input_size", ()) if isinstance(cfg, dict) else ()
+    dims = tuple(shape)[-2:]
+    if len(dims) == 2 and all(type(d) is int for d in dims) and dims[0] == dims[1]:   # not symbolic, square
+        return dims[0]
+    return None
 
 
 def topk(probs: torch.Tensor, k: int, labels: torch.Tensor):

@@ -51,3 +51,33 @@ def test_keys_and_errors():
         F.decode_cache_shard(t, epochs=[2])
     with pytest.raises(F.FormatError):
         F.cache_meta(pa.table({"x": [1]}))
+
+
+def _round_trip_local(ids, num_classes):
+    n, e, k = ids.shape
+    rng = np.random.default_rng(1)
+    prob = np.sort(rng.random((n, e, k)), -1)[..., ::-1].astype(np.float16)
+    seeds = np.zeros((n, e), dtype=np.uint32)
+    t = F.encode_cache_shard([f"k{i}" for i in range(n)], np.zeros(n, int), seeds, ids, prob, prob[..., 0],
+                             num_classes=num_classes, prob_dtype="float16")
+    back = pa.ipc.open_file(pa.BufferReader(F.ipc_bytes(t))).read_all()
+    got = F.decode_cache_shard(back, columns=["topk_idx"]).column("topk_idx").combine_chunks().values.to_numpy()
+    assert (got.reshape(n, e, k) == ids).all()
+    return back.schema.field("local").type.value_type
+
+
+def test_more_than_65536_distinct_classes_in_a_row_use_uint32_local_ids():
+    # one sample, 7 epochs x 10,000 classes, all 70,000 distinct: uint16 local ids would wrap
+    ids = np.random.default_rng(0).permutation(100_000)[:7 * 10_000].reshape(1, 7, 10_000)
+    assert _round_trip_local(ids, 100_000) == pa.uint32()
+    assert F._local_dtype(65_536) is np.uint16 and F._local_dtype(65_537) is np.uint32
+
+
+def test_at_most_256_distinct_classes_use_uint8_local_ids():
+    rng = np.random.default_rng(0)
+    pool = rng.permutation(100_000)[:256]
+    # each sample: 8 epochs x 64 classes from the same 256 ids, the first 4 epochs covering all of them
+    ids = np.stack([np.concatenate([rng.permutation(pool).reshape(4, 64),
+                                    [rng.choice(pool, 64, replace=False) for _ in range(4)]]) for _ in range(3)])
+    assert all(len(np.unique(r)) == 256 for r in ids)
+    assert _round_trip_local(ids, 100_000) == pa.uint8()

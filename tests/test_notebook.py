@@ -65,7 +65,7 @@ def _producer_views(cache, exclude=()) -> dict:
     t = cache.teacher
     q: queue.Queue = queue.Queue()
     samples: list = []
-    p = ViewProducer(cache.shard_path(SHARD), policy=cache.policy, epochs=cache.epochs,
+    p = ViewProducer(cache.shard_path(SHARD), spec=cache.view_spec, epochs=cache.epochs,
                      cache_seed=cache.manifest["cache_seed"], size=t["input_size"], mean=tuple(t["mean"]),
                      std=tuple(t["std"]), batch_size=64, num_classes=cache.num_classes, exclude=frozenset(exclude),
                      out_queue=q, samples=samples)

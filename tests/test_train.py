@@ -64,7 +64,7 @@ def _cfg(cache_dir, out, **kw) -> TrainConfig:
 
 
 def _stream(data, **kw) -> TrainStream:
-    return TrainStream(data.refs, policy=data.policy, image_size=32, batch_size=kw.pop("batch_size", 100), seed=0,
+    return TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=kw.pop("batch_size", 100), seed=0,
                        shuffle_buffer=200, cache=data.cache, num_classes=data.num_classes, drop_last=False, **kw)
 
 
@@ -98,7 +98,7 @@ def test_views_do_not_depend_on_batching(cache_dir, tmp_path):
     data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
     views = []
     for bs, buf in ((100, 200), (7, 1)):
-        ds = TrainStream(data.refs, policy=data.policy, image_size=32, batch_size=bs, seed=0, shuffle_buffer=buf,
+        ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=bs, seed=0, shuffle_buffer=buf,
                          cache=data.cache, num_classes=10, drop_last=False)
         ds.set_epoch(1)
         views.append({k: (x, y) for b in ds for k, x, y in zip(b["key"], b["image"], b["prob"])})
@@ -161,7 +161,7 @@ def test_hard_labels_run_and_reproducible_views(cache_dir, tmp_path):
     assert data.cache is None and data.num_classes == 10 and data.samples == 720
     runs = []
     for _ in range(2):
-        ds = TrainStream(data.refs, policy=data.policy, image_size=32, batch_size=64, seed=3, shuffle_buffer=50,
+        ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=64, seed=3, shuffle_buffer=50,
                          num_classes=10, drop_last=False)
         ds.set_epoch(0)
         runs.append([b for b in ds])

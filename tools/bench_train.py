@@ -59,7 +59,7 @@ def bench_loader(args) -> tuple[float, float]:
     cfg = TrainConfig(shards=args.shards, cache=args.cache, out="-", image_size=args.image_size)
     data = prepare_data(cfg, None)
     seed = int(data.cache.manifest["cache_seed"])
-    common = dict(policy=data.policy, image_size=args.image_size, batch_size=args.batch_size, seed=seed,
+    common = dict(spec=data.spec, image_size=args.image_size, batch_size=args.batch_size, seed=seed,
                   shuffle_buffer=1000, num_classes=data.num_classes, drop_last=False)
     cached = TrainStream(data.refs, cache=data.cache, **common)
     hard = TrainStream(data.refs, cache=None, **common)

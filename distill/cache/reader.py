@@ -46,16 +46,20 @@ class Cache:
     teacher = property(lambda self: self.manifest["teacher"])
 
     @cached_property
+    def view_spec(self):
+        """How this cache's views were made (``data.views.ViewSpec``): its policy, or the centre view of a
+        scoring cache. Refuses a policy version this distill cannot replay."""
+        from ..data import views
+        return views.ViewSpec.from_manifest(self.manifest)
+
+    @property
     def policy(self):
-        from ..data import augment
-        pol = self.manifest["policy"]
-        if pol["version"] != augment.POLICY_VERSION:
-            raise UserError(f"cache was built with augmentation policy version {pol['version']}, "
-                            f"this distill replays version {augment.POLICY_VERSION}")
-        p = augment.Policy.from_dict({k: v for k, v in pol["canonical"].items() if k != "version"})
-        if p.id != pol["id"]:
-            raise UserError(f"policy id mismatch: manifest {pol['id']}, recomputed {p.id}")
-        return p
+        return self.view_spec.policy
+
+    @property
+    def is_scoring(self) -> bool:
+        """A filter-labels scoring cache: one deterministic centre view per sample, not augmented views."""
+        return bool((self.manifest.get("view") or {}).get("center_crop"))
 
     def __repr__(self) -> str:
         return (f"Cache({str(self.path)!r}: {self.num_samples} samples x {self.epochs} epochs = {self.num_records} records, "
@@ -240,46 +244,36 @@ class Cache:
         shard, keys, pos = self._block(key)
         seeds = self._seeds(shard, keys, epoch)
         src = self._sources(shard, [key])[key]
-        params = dict(self._params(src, seeds[pos]))
-        plan = views.block_plan(self.policy, seeds)[pos]
+        params = dict(views.params(self.view_spec, seeds[pos], src))
+        plan = views.block_plan(self.view_spec, seeds)[pos]
         if plan is not None:
             params["mix"] = dict(plan, partner_key=keys[plan["partner"]])
         return params
-
-    def _params(self, src, seed: int) -> dict:
-        """The view parameters cache-teacher used: the policy's decode of the seed, or the fixed centre
-        view of a scoring cache (filter-labels' ``scoring/``, manifest ``view.center_crop``)."""
-        from ..data import augment
-        crop = (self.manifest.get("view") or {}).get("center_crop")
-        if crop:
-            return augment.decode_center(src.width, src.height, crop)
-        return augment.decode(self.policy, seed, src.width, src.height)
 
     def _seeds(self, shard: str, keys: list[str], epoch: int) -> list[int]:
         _, row = self.locate(keys[0])
         seed = self.physical(shard, ["seed"]).slice(row, len(keys)).column("seed").combine_chunks()
         return seed.values.to_numpy().reshape(len(keys), self.epochs)[:, epoch].tolist()
 
+    def side(self, view: str, size: int | None = None, mean=None, std=None) -> tuple[int, tuple, tuple]:
+        """(size, mean, std) of a side: ``teacher`` (the manifest's preprocessing) or ``student``
+        (``policy.size`` and ImageNet normalisation), each overridable."""
+        from ..data import augment
+        size = self._side_size(view, size)
+        if view == "teacher":
+            return size, tuple(mean or self.teacher["mean"]), tuple(std or self.teacher["std"])
+        return size, tuple(mean or augment.IMAGENET_MEAN), tuple(std or augment.IMAGENET_STD)
+
     def view_tensor(self, key: str, epoch: int, side: str = "teacher", size: int | None = None, mean=None, std=None):
         """The normalised tensor of (key, epoch) as that side saw it (teacher: the manifest's preprocessing)."""
-        from ..data import augment, views
+        from ..data import views
         self._check_epoch(epoch)
         shard, keys, pos = self._block(key)
-        if side == "teacher":
-            t = self.teacher
-            size, mean, std = size or t["input_size"], mean or t["mean"], std or t["std"]
-        else:
-            size, mean, std = size or self.policy.size, mean or augment.IMAGENET_MEAN, std or augment.IMAGENET_STD
+        size, mean, std = self.side(side, size, mean, std)
         seeds = self._seeds(shard, keys, epoch)
-        plan = views.block_plan(self.policy, seeds)[pos]
-        need = [keys[pos]] + ([keys[plan["partner"]]] if plan else [])
-        srcs = self._sources(shard, need)
-        views = {}
-        for k in need:
-            i = keys.index(k)
-            views[k] = augment.view(srcs[k], self._params(srcs[k], seeds[i]), size, mean, std)
-        v = views[keys[pos]]
-        return v if plan is None else augment.mix(v, views[need[1]], plan)
+        plan = views.block_plan(self.view_spec, seeds)[pos]
+        srcs = self._sources(shard, [keys[pos]] + ([keys[plan["partner"]]] if plan else []))
+        return views.view_tensor(self.view_spec, srcs, keys, seeds, pos, size, mean, std)
 
     def image(self, key: str):
         """The sample's source image (PIL, RGB, full resolution) from its shard."""
@@ -291,19 +285,18 @@ class Cache:
         """The view of (key, epoch) as a PIL image, exactly as cache-teacher cut it, before normalisation.
 
         ``view="teacher"``: at the manifest's teacher input size; ``"student"``: at ``policy.size``
-        (or ``size``). These are the pixels of ``augment.render``: crop + resize, flip, RandAugment ops
+        (or ``size``). These are the pixels of ``data.views.render``: crop + resize, flip, RandAugment ops
         or colour jitter. Random erasing (``params["erase"]``) and Mixup/CutMix (``params["mix"]``,
         see ``augmentation``) act later, on the normalised tensor; ``view_tensor`` returns that tensor,
         and ``show`` draws it. For a record without erasing or mixing,
         ``augment.to_tensor(replay(...), {}, mean, std)`` equals ``view_tensor(...)`` bit for bit.
         """
-        from ..data import augment
+        from ..data import views
         self._check_epoch(epoch)
         size = self._side_size(view, size)
         shard, keys, pos = self._block(key)
         src = self._sources(shard, [key])[key]
-        seed = self._seeds(shard, keys, epoch)[pos]
-        return augment.render(src, self._params(src, seed), size)
+        return views.render(self.view_spec, self._seeds(shard, keys, epoch)[pos], src, size)
 
     def _side_size(self, view: str, size: int | None) -> int:
         if view not in ("teacher", "student"):

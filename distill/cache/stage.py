@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import engine
 from ..config import CacheConfig
-from ..data import augment, shards as shardio
-from ..format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME, cache_file_name, read_excluded_keys, read_ipc
-from ..files import UserError, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from ..data import augment, shards as shardio, views
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME,
+                      cache_file_name, read_excluded_keys, read_ipc)
+from ..files import LOCK_NAME, UserError, atomic_write_bytes, atomic_write_json, digest, lock_dir, read_json, sha256_file
+from ..format import AGREEMENT_KEY, REPLAY_ENV_KEY
 from ..progress import bar
+from .verify import replay_env
 from .writer import CacheWorker
 
 
@@ -40,6 +44,9 @@ class CacheResult:
     failed: list[str]
     worker_s: float = 0.0          # summed time workers spent inside shard tasks (excludes Ray start, model load)
     steady_records_per_s: float = 0.0   # per worker, after its first batch reached the teacher
+    top1_agreement: float | None = None    # the teacher's top-1 equals the given label, over records
+    mean_label_prob: float | None = None   # the teacher's mean probability of the given label
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"cache: {self.out}",
@@ -48,13 +55,17 @@ class CacheResult:
                  f"  {self.bytes:,} bytes, {self.bytes_per_record:.1f} B/record, "
                  f"{self.records_per_s:,.1f} records/s, teacher forward {self.teacher_share:.0%} of worker time, "
                  f"wall {self.wall_s:.1f}s" + (f", {self.reused_shards} shard(s) reused" if self.reused_shards else "")]
+        if self.top1_agreement is not None:
+            lines.append(f"  teacher vs given labels: top-1 agrees on {self.top1_agreement:.1%} of records, "
+                         f"mean label probability {self.mean_label_prob:.3f}")
+        lines += [f"  WARNING: {w}" for w in self.warnings]
         if self.failed:
             lines.append("  FAILED: " + "; ".join(self.failed))
         return "\n".join(lines)
 
 
 def _validate(cfg: CacheConfig) -> None:
-    for name, low in (("epochs", 1), ("topk", 1), ("batch_size", 1), ("teacher_input_size", 1)):
+    for name, low in (("epochs", 1), ("topk", 1), ("batch_size", 1), ("teacher_input_size", 0)):
         if getattr(cfg, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.workers < 0 or cfg.threads < 0 or cfg.retries < 0:
@@ -63,149 +74,259 @@ def _validate(cfg: CacheConfig) -> None:
         raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers (std > 0)")
 
 
-def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_crop: float | None = None) -> CacheResult:
-    """Build (or resume) a teacher cache. ``center_crop``: score one deterministic centre view per
-    sample instead of augmented views (the filter-labels scoring pass)."""
+@dataclass
+class Plan:
+    """Everything a run is decided by, resolved (and refused) before anything is written under --out."""
+    paths: list[Path]
+    index: object
+    spec: views.ViewSpec
+    specs: list
+    identity: dict
+    exclude: set
+    warnings: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.paths]
+
+    @property
+    def run_id(self) -> str:
+        return digest(json.dumps(self.identity, sort_keys=True))
+
+
+def _input_size(cfg: CacheConfig, specs, warnings: list[str]) -> int:
+    """--teacher-input-size, else the size the teacher declares, else 224 with a warning."""
     from .. import teachers
-    t_wall = time.perf_counter()
+    hint = teachers.input_size_hint(specs)
+    if cfg.teacher_input_size:
+        if hint and hint != cfg.teacher_input_size:
+            warnings.append(f"--teacher-input-size {cfg.teacher_input_size} differs from the {hint} px the teacher "
+                            f"declares: is that intended?")
+        return cfg.teacher_input_size
+    if hint:
+        return hint
+    warnings.append("--teacher-input-size not given and the teacher does not declare one: using 224; "
+                    "give the size the teacher was trained at")
+    return 224
+
+
+def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None) -> Plan:
+    """Resolve shards, views and the teacher (loaded once on the driver: its weights digest, output
+    width and input size); refuse bad combinations (K vs classes, classes vs the index)."""
+    from .. import teachers
     _validate(cfg)
     paths, index = shardio.resolve_shards(cfg.shards)
-    policy = augment.load_policy(cfg.policy, policy_table)
-    if center_crop is not None:
-        if not 0 < center_crop <= 1:
-            raise UserError(f"--crop-pct must be in (0, 1], got {center_crop}")
-        policy = augment.Policy(size=cfg.teacher_input_size, auto_augment=None, hflip=0.0, re_prob=0.0)
-    specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint)
-    teacher_ident = teachers.identity(specs)
+    specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint, random_weights=cfg.teacher_random_weights)
+    warnings: list[str] = []
+    size = _input_size(cfg, specs, warnings)
+    spec = (views.ViewSpec.scoring(size, center_crop) if center_crop is not None
+            else views.ViewSpec(augment.load_policy(cfg.policy, policy_table)))
+    teachers.resolve_precision(cfg.teacher_precision, "cpu")          # a bad value is refused here
+    ens = teachers.Ensemble(specs, "cpu", cfg.temperature)
+    width, members = ens.output_width(size), ens.identity()
+    del ens
+    classes = list(index.classes) if index else [str(i) for i in range(width)]
+    if width != len(classes):
+        raise UserError(f"teacher outputs {width} classes but the shard index lists {len(classes)}")
+    if cfg.topk > width:
+        raise UserError(f"--topk {cfg.topk} exceeds the teacher's {width} classes")
     exclude = read_excluded_keys(cfg.exclude) if cfg.exclude else set()
-    classes = list(index.classes) if index else None
-    out = Path(cfg.out)
-    names = [p.name for p in paths]
-
+    policy = spec.policy
     identity = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
-        "teacher": {"members": teacher_ident, "input_size": cfg.teacher_input_size,
-                    "mean": list(cfg.teacher_mean), "std": list(cfg.teacher_std), "temperature": cfg.temperature},
+        "teacher": {"members": members, "input_size": size, "mean": list(cfg.teacher_mean),
+                    "std": list(cfg.teacher_std), "temperature": cfg.temperature},
         "policy": {"canonical": policy.canonical(), "id": policy.id, "version": augment.POLICY_VERSION},
-        "view": {"center_crop": center_crop} if center_crop else {"augment": True},
+        "view": spec.manifest_view(),
         "topk": cfg.topk, "temperature": cfg.temperature, "prob_dtype": cfg.prob_dtype,
-        "epochs": cfg.epochs, "cache_seed": cfg.seed,
-        "shard_set": names,
-        "exclude": {"count": len(exclude), "keys_sha256": teachers.digest("\n".join(sorted(exclude)))},
+        "epochs": cfg.epochs, "cache_seed": cfg.seed, "shard_set": [p.name for p in paths],
+        "exclude": {"count": len(exclude), "keys_sha256": digest("\n".join(sorted(exclude)))},
+        "num_classes": len(classes), "classes": classes,
     }
-    run_id = teachers.digest(json.dumps(identity, sort_keys=True))
-    _prepare_out(out, identity, cfg.overwrite)
+    return Plan(paths, index, spec, specs, identity, exclude, warnings)
 
-    device = cfg.device
+
+def _precision(cfg: CacheConfig, device: str) -> str:
+    import torch
+
+    from .. import teachers
+    return teachers.resolve_precision(cfg.teacher_precision, torch.device(device))
+
+
+@dataclass
+class Placement:
+    device: str
+    workers: int
+    threads: int
+    decode: int
+    num_cpus: float
+    num_gpus: float
+
+
+def _placement(cfg: CacheConfig, res: dict) -> Placement:
+    """Workers and threads from the Ray cluster's resources: one worker per GPU, else CPU workers."""
+    d = cfg.device
+    if d == "cuda" or d.startswith("cuda:") or (d == "auto" and res.get("GPU", 0) > 0):
+        workers = cfg.workers or max(1, int(res.get("GPU", 1)))
+        per_gpu = int(res.get("CPU", 1)) // workers
+        decode = cfg.decode_threads or max(1, min(16, per_gpu - 1))
+        return Placement("cuda", workers, cfg.threads or 0, decode, min(decode, max(per_gpu, 1)), 1)
+    cpus = int(res.get("CPU", os.cpu_count() or 1))
+    workers = cfg.workers or 1
+    threads = cfg.threads or max(1, cpus // workers)
+    # views and the teacher take turns on the worker's cores (CpuGate)
+    return Placement("cpu", workers, threads, cfg.decode_threads or threads, min(threads, cpus), 0)
+
+
+def _tasks(out: Path, plan: Plan) -> tuple[dict, list]:
+    """Finished shards to keep ({name: entry}) and the tasks of the rest."""
+    entries, tasks = {}, []
+    for p, name in zip(plan.paths, plan.names):
+        entry = _reuse(out, p, name, plan.run_id)
+        if entry is not None:
+            entries[name] = entry
+            continue
+        st = p.stat()
+        e = {"name": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _input_sha256(plan, p),
+             "file": cache_file_name(name)}
+        tasks.append({"path": str(p), "name": name, "entry": e, "run_id": plan.run_id})
+    return entries, tasks
+
+
+def _input_sha256(plan: Plan, path: Path) -> str:
+    """An input tar's sha256: the shard index's when it records one for this size, else hashed."""
+    for s in (plan.index.shards if plan.index else ()):
+        if s.name == path.name and s.sha256 and s.bytes == path.stat().st_size:
+            return s.sha256
+    return sha256_file(path)
+
+
+def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entries: dict, out: Path):
+    """Run the shard tasks on the pool; each finished shard's file is written (atomically) and dropped."""
+    t = plan.identity["teacher"]
+    init = dict(specs=plan.specs, expect=t["members"], device=place.device, precision=t["precision"],
+                threads=place.threads, temperature=cfg.temperature,
+                views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
+                cache_seed=cfg.seed, input_size=t["input_size"], mean=cfg.teacher_mean, std=cfg.teacher_std,
+                batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
+                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, decode_threads=place.decode)
+    total = sum(_count_hint(plan.index, t_["name"]) for t_ in tasks)
+    pbar = bar(total * cfg.epochs if total else None, "cache-teacher", "rec", cfg.quiet)
+    timing = {"teacher_s": 0.0, "wall_s": 0.0, "steady_records": 0, "steady_s": 0.0, "new_records": 0}
+
+    def on_result(o: engine.ShardOutcome) -> None:
+        if o.result is None:
+            return
+        r = o.result
+        atomic_write_bytes(out / r["entry"]["file"], r["data"])
+        entries[r["name"]] = r["entry"]
+        timing["new_records"] += r["entry"]["records"]
+        for k in ("teacher_s", "wall_s", "steady_records", "steady_s"):
+            timing[k] += r[k]
+        o.result = None                          # the driver keeps no shard's bytes
+
+    def probe(width: int) -> None:               # a worker that loaded another teacher is refused before work
+        if width != plan.identity["num_classes"]:
+            raise UserError(f"a worker's teacher outputs {width} classes, the driver's {plan.identity['num_classes']}")
+
+    outcomes = engine.run_pool(CacheWorker, init, tasks, workers=place.workers, num_cpus=place.num_cpus,
+                               num_gpus=place.num_gpus, retries=cfg.retries, on_result=on_result,
+                               on_progress=pbar.update if pbar else None, probe=probe)
+    if pbar:
+        pbar.close()
+    return [f"{o.task['name']}: {o.error}" for o in outcomes if o.error], timing
+
+
+def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_crop: float | None = None) -> CacheResult:
+    """Build (or resume) a teacher cache. ``center_crop``: score one deterministic centre view per
+    sample instead of augmented views (the filter-labels scoring pass).
+
+    Everything that can be refused is refused before --out is touched; the directory is then locked
+    for this run; finished shards of an earlier run with the same identity are kept."""
+    t_wall = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    plan = _plan(cfg, policy_table, center_crop)
+    for w in plan.warnings:
+        note(f"warning: {w}", cfg.quiet)
     with engine.RayContext(cfg.ray_address):
-        res = engine.cluster_resources()
-        use_gpu = device == "cuda" or device.startswith("cuda:") or (device == "auto" and res.get("GPU", 0) > 0)
-        if use_gpu:
-            workers = cfg.workers or max(1, int(res.get("GPU", 1)))
-            per_gpu = int(res.get("CPU", 1)) // workers
-            decode = cfg.decode_threads or max(1, min(16, per_gpu - 1))
-            threads, num_cpus, num_gpus = cfg.threads or 0, min(decode, max(per_gpu, 1)), 1
-            device = "cuda"
-        else:
-            cpus = int(res.get("CPU", os.cpu_count() or 1))
-            workers = cfg.workers or 1
-            threads = cfg.threads or max(1, cpus // workers)
-            num_cpus, num_gpus = min(threads, cpus), 0
-            decode = cfg.decode_threads or threads     # they take turns with the teacher (CpuGate)
-            device = "cpu"
-        init = dict(specs=specs, device=device, threads=threads, temperature=cfg.temperature,
-                    policy=policy.canonical(), epochs=cfg.epochs, cache_seed=cfg.seed,
-                    input_size=cfg.teacher_input_size, mean=cfg.teacher_mean, std=cfg.teacher_std,
-                    batch_size=cfg.batch_size, topk=cfg.topk, num_classes=len(classes) if classes else 0,
-                    prob_dtype=cfg.prob_dtype, exclude=exclude, center_crop=center_crop, decode_threads=decode)
+        place = _placement(cfg, engine.cluster_resources())
+        # device type and precision are part of what a cache is: a resume may not mix them
+        plan.identity["teacher"].update(device_type=place.device, precision=_precision(cfg, place.device))
+        with lock_dir(out, "cache-teacher"):
+            _prepare_out(out, plan.identity, cfg.overwrite)
+            entries, tasks = _tasks(out, plan)
+            failed, timing = _run_tasks(cfg, plan, place, tasks, entries, out)
+            res = _finish(cfg, plan, out, entries, failed)
+    res.reused_shards = len(plan.names) - len(tasks)
+    res.wall_s = time.perf_counter() - t_wall
+    res.records_per_s = timing["new_records"] / res.wall_s if timing["new_records"] else 0.0
+    res.teacher_share = timing["teacher_s"] / timing["wall_s"] if timing["wall_s"] else 0.0
+    res.worker_s = timing["wall_s"]
+    res.steady_records_per_s = timing["steady_records"] / timing["steady_s"] if timing["steady_s"] else 0.0
+    res.warnings = plan.warnings + res.warnings
+    return res
 
-        # a teacher whose width does not match the classes is refused before any work
-        state = {"num_classes": len(classes) if classes else None}
 
-        def probe(width: int) -> None:
-            if state["num_classes"] is None:
-                state["num_classes"] = width
-            elif width != state["num_classes"]:
-                raise UserError(f"teacher outputs {width} classes but the shard index lists {state['num_classes']}")
-            if cfg.topk > width:
-                raise UserError(f"--topk {cfg.topk} exceeds the teacher's {width} classes")
-
-        if classes is None:
-            # no index: learn the width from the teacher itself (probe on the driver, CPU)
-            probe(teachers.Ensemble(specs, "cpu", cfg.temperature).output_width(cfg.teacher_input_size))
-            classes = [str(i) for i in range(state["num_classes"])]
-            init["num_classes"] = len(classes)
-        identity.update(num_classes=len(classes), classes=classes)
-
-        entries: dict[str, dict] = {}
-        tasks = []
-        for p, name in zip(paths, names):
-            entry = _reuse(out, p, name, run_id)
-            if entry is not None:
-                entries[name] = entry
-                continue
-            st = p.stat()
-            e = {"name": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p),
-                 "file": cache_file_name(name)}
-            tasks.append({"path": str(p), "name": name, "entry": e, "run_id": run_id})
-        reused = len(entries)
-        total = sum(_count_hint(index, t["name"]) for t in tasks)
-        pbar = bar(total * cfg.epochs if total else None, "cache-teacher", "rec", cfg.quiet)
-        timing = {"teacher_s": 0.0, "wall_s": 0.0, "steady_records": 0, "steady_s": 0.0}
-
-        def on_result(o: engine.ShardOutcome) -> None:
-            if o.result is None:
-                return
-            r = o.result
-            atomic_write_bytes(out / r["entry"]["file"], r["data"])
-            entries[r["name"]] = r["entry"]
-            timing["teacher_s"] += r["teacher_s"]
-            for k in ("wall_s", "steady_records", "steady_s"):
-                timing[k] += r[k]
-
-        outcomes = engine.run_pool(CacheWorker, init, tasks, workers=workers, num_cpus=num_cpus, num_gpus=num_gpus,
-                                   retries=cfg.retries, on_result=on_result,
-                                   on_progress=pbar.update if pbar else None, probe=probe)
-        if pbar:
-            pbar.close()
-
-    failed = [f"{o.task['name']}: {o.error}" for o in outcomes if o.error]
-    for name in names:
-        if name in entries and entries[name].get("errors"):
-            failed.append(f"{name}: " + "; ".join(entries[name]["errors"]))
-    dups = _duplicate_keys(out, [entries[n] for n in names if n in entries])
+def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list[str]) -> CacheResult:
+    """Check the shards together (errors, duplicate keys), write the manifest when complete, and
+    report the teacher's agreement with the given labels."""
+    names = plan.names
+    have = [entries[n] for n in names if n in entries]
+    for e in have:
+        if e.get("errors"):
+            failed.append(f"{e['name']}: " + "; ".join(e["errors"]))
+    dups = _duplicate_keys(out, have)
     if dups:
-        failed.append("duplicate keys across shards: " + ", ".join(f"{k} ({', '.join(v)})" for k, v in dups[:10])
+        failed.append("duplicate keys: " + ", ".join(f"{k} ({', '.join(v)})" for k, v in dups[:10])
                       + (f" and {len(dups) - 10} more" if len(dups) > 10 else ""))
-    complete = all(n in entries for n in names) and not dups
-    shard_entries = []
-    for name in names:
-        if name in entries:
-            e = dict(entries[name])
-            f = out / e["file"]
-            e["file_bytes"] = f.stat().st_size
-            e["file_sha256"] = sha256_file(f)
-            shard_entries.append(e)
+    shard_entries = [dict(e, file_bytes=(out / e["file"]).stat().st_size, file_sha256=sha256_file(out / e["file"]))
+                     for e in have]
     records = sum(e["records"] for e in shard_entries)
-    if complete:
-        manifest = dict(identity, run_id=run_id, exclude=dict(identity["exclude"], filter_dir=cfg.exclude),
-                        source={"shards": str(cfg.shards), "dir": str(paths[0].parent.resolve())},
-                        shards=shard_entries,
-                        totals={"samples": sum(e["samples"] for e in shard_entries), "records": records,
-                                "skipped": sum(len(e["skipped"]) for e in shard_entries),
-                                "excluded": sum(e["excluded"] for e in shard_entries)})
+    agreement = _agreement(shard_entries)
+    warnings = _agreement_warning(agreement, plan.identity["num_classes"], plan.identity["teacher"]["input_size"])
+    for w in warnings:
+        note(f"warning: {w}", cfg.quiet)
+    totals = {"samples": sum(e["samples"] for e in shard_entries), "records": records,
+              "skipped": sum(len(e["skipped"]) for e in shard_entries),
+              "excluded": sum(e["excluded"] for e in shard_entries)}
+    if len(have) == len(names) and not dups:
+        manifest = dict(plan.identity, run_id=plan.run_id, exclude=dict(plan.identity["exclude"], filter_dir=cfg.exclude),
+                        source={"shards": str(cfg.shards), "dir": str(plan.paths[0].parent.resolve())},
+                        shards=shard_entries, totals=totals,
+                        **{AGREEMENT_KEY: agreement, REPLAY_ENV_KEY: replay_env()})
         atomic_write_json(out / MANIFEST_NAME, manifest)
-    nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    new_records = sum(o.result["entry"]["records"] for o in outcomes if o.result)
-    wall = time.perf_counter() - t_wall
-    return CacheResult(out=out, samples=sum(e["samples"] for e in shard_entries), epochs=cfg.epochs, records=records,
-                       skipped=sum(len(e["skipped"]) for e in shard_entries),
-                       excluded=sum(e["excluded"] for e in shard_entries), bytes=nbytes,
-                       bytes_per_record=nbytes / records if records else float("nan"),
-                       records_per_s=new_records / wall if new_records else 0.0,
-                       teacher_share=timing["teacher_s"] / timing["wall_s"] if timing["wall_s"] else 0.0,
-                       wall_s=wall, reused_shards=reused, failed=failed, worker_s=timing["wall_s"],
-                       steady_records_per_s=timing["steady_records"] / timing["steady_s"] if timing["steady_s"] else 0.0)
+    nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and not f.name.startswith("."))
+    return CacheResult(out=out, samples=totals["samples"], epochs=cfg.epochs, records=records,
+                       skipped=totals["skipped"], excluded=totals["excluded"], bytes=nbytes,
+                       bytes_per_record=nbytes / records if records else float("nan"), records_per_s=0.0,
+                       teacher_share=0.0, wall_s=0.0, reused_shards=0, failed=failed,
+                       top1_agreement=agreement["top1"], mean_label_prob=agreement["mean_label_prob"],
+                       warnings=warnings)
+
+
+def _agreement(entries: list[dict]) -> dict:
+    n = sum(e.get("agreement", {}).get("records", 0) for e in entries)
+    top1 = sum(e.get("agreement", {}).get("top1", 0) for e in entries)
+    lp = sum(e.get("agreement", {}).get("label_prob_sum", 0.0) for e in entries)
+    return {"records": n, "top1": round(top1 / n, 6) if n else None, "mean_label_prob": round(lp / n, 6) if n else None}
+
+
+def _agreement_warning(a: dict, num_classes: int, size: int) -> list[str]:
+    """One line when the teacher agrees with the labels at most twice as often as chance would."""
+    chance = 1.0 / max(num_classes, 1)
+    if a["top1"] is None or num_classes < 2 or a["top1"] > 2 * chance:
+        return []
+    return [f"the teacher's top-1 agrees with the given labels on {a['top1']:.1%} of records (chance {chance:.1%}, "
+            f"mean label probability {a['mean_label_prob']:.3f}): a wrong --teacher-input-size ({size}) or "
+            f"--teacher-mean/--teacher-std, or a teacher whose classes are not these labels?"]
+
+
+def note(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        sys.stderr.write(f"distill: {msg}\n")
+        sys.stderr.flush()
 
 
 def _count_hint(index, name: str) -> int:
@@ -223,7 +344,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
         raise UserError(f"--out {out} exists and is not a directory")
     run_file = out / RUN_NAME
     diff: list[str] = []
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(f.name != LOCK_NAME for f in out.iterdir()):
         if run_file.exists():
             old = read_json(run_file, "cache run file")
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
@@ -237,8 +358,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
                 if f.is_file() and (f.suffix == ".arrow" or f.name in (MANIFEST_NAME, RUN_NAME) or f.name.endswith(".tmp")):
                     f.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST_NAME).exists():
-        (out / MANIFEST_NAME).unlink()     # rewritten at the end; its absence means "incomplete"
+    # a resume keeps the old manifest until the new one replaces it (atomically, at the end)
     atomic_write_json(run_file, identity)
 
 
@@ -251,8 +371,8 @@ def _reuse(out: Path, path: Path, name: str, run_id: str) -> dict | None:
         import pyarrow as pa
         with pa.memory_map(str(f)) as src:
             md = pa.ipc.open_file(src).schema.metadata or {}
-        entry = json.loads(md[b"entry"])
-        if md.get(b"run_id", b"").decode() != run_id:
+        entry = json.loads(md[ARROW_ENTRY_KEY])
+        if md.get(ARROW_RUN_ID_KEY, b"").decode() != run_id:
             return None
     except Exception:
         return None   # unreadable or foreign: redo
@@ -265,8 +385,11 @@ def _reuse(out: Path, path: Path, name: str, run_id: str) -> dict | None:
 
 
 def _duplicate_keys(out: Path, entries: list[dict]) -> list[tuple[str, list[str]]]:
+    """Keys that occur twice: inside one shard (the worker recorded them) or across shards."""
     where: dict[str, list[str]] = {}
     for e in entries:
+        for k in e.get("duplicates", ()):
+            where.setdefault(k, []).extend([e["name"], e["name"]])
         for k in read_ipc(out / e["file"], columns=["key"]).column("key").to_pylist():
             where.setdefault(k, []).append(e["name"])
-    return sorted((k, v) for k, v in where.items() if len(v) > 1)
+    return sorted((k, sorted(set(v)) if len(set(v)) > 1 else v) for k, v in where.items() if len(v) > 1)

@@ -18,7 +18,10 @@ import numpy as np
 
 from .. import engine
 from ..data import augment, shards as shardio, views
-from ..format import Skip, encode_cache_shard, ipc_bytes
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, Skip, encode_cache_shard,
+                      ipc_bytes)
+
+FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
 
 
 # ----------------------------------------------------------------------------- the worker (runs in a Ray actor)
@@ -73,17 +76,17 @@ class ViewProducer:
     in turn (a GPU teacher needs several cores of views); each puts ``None`` on the queue when done.
     Records are keyed by (sample, epoch), so the order batches arrive in does not matter."""
 
-    def __init__(self, path, *, policy, epochs, cache_seed, size, mean, std, batch_size, num_classes,
-                 exclude, out_queue, samples: list, center_crop: float | None = None, threads: int = 1,
-                 gate: CpuGate | None = None):
+    def __init__(self, path, *, spec: views.ViewSpec, epochs, cache_seed, size, mean, std, batch_size, num_classes,
+                 exclude, out_queue, samples: list, threads: int = 1, gate: CpuGate | None = None):
         self.threads = max(1, threads)
         self.gate = gate
-        self.center_crop = center_crop
-        self.path, self.policy, self.epochs, self.cache_seed = path, policy, epochs, cache_seed
+        self.path, self.spec, self.epochs, self.cache_seed = path, spec, epochs, cache_seed
         self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
         self.num_classes, self.exclude, self.q = num_classes, exclude, out_queue
         self.samples = samples              # appended: (key, label, seeds) in output order
         self.skipped: list[Skip] = []
+        self.duplicates: list[str] = []
+        self.fingerprints: list[dict] = []
         self.excluded = 0
         self.error: str | None = None
         self.decode_s = 0.0
@@ -118,9 +121,9 @@ class ViewProducer:
                 t0 = time.perf_counter()
                 srcs = [b[2] for b in block]
                 for e in range(self.epochs):
-                    made = views.block_views(self.policy, srcs, [b[4][e] for b in block], [b[3][e] for b in block],
-                                               self.size, self.mean, self.std,
-                                               guard=self.gate.producer if self.gate else None)
+                    made = views.block_views(self.spec, srcs, [b[3][e] for b in block], self.size, self.mean,
+                                             self.std, params_=[b[4][e] for b in block],
+                                             guard=self.gate.producer if self.gate else None)
                     for v, b in zip(made, block):
                         batch.append(v)
                         meta.append((b[0], e, b[1]))
@@ -146,7 +149,7 @@ class ViewProducer:
                 continue
             key = item.key
             if key in seen:
-                self.skipped.append(Skip(key, "duplicate key inside the shard", item_shard(self.path)))
+                self.duplicates.append(key)       # fails the run, naming the key and shard (like duplicates across shards)
                 continue
             seen.add(key)
             if key in self.exclude:
@@ -159,23 +162,29 @@ class ViewProducer:
             try:
                 src = augment.SourceImage(item.data)
                 seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
-                if self.center_crop:
-                    params = [augment.decode_center(src.width, src.height, self.center_crop)] * self.epochs
-                else:
-                    params = [augment.decode(self.policy, s, src.width, src.height) for s in seeds]
+                params = [views.params(self.spec, s, src) for s in seeds]
                 src.at(min(augment.draft_factor(p, self.size) for p in params))   # the finest decode any epoch needs
             except Exception as e:
                 self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}", item_shard(self.path)))
                 continue
             self.decode_s += time.perf_counter() - t0
             idx = len(self.samples)
+            if idx < FINGERPRINT_SAMPLES:
+                self._fingerprint(key, src, seeds)
             self.samples.append((key, item.label, seeds))
             block.append((idx, item.label, src, seeds, params))
-            if len(block) == self.policy.mix_block:
+            if len(block) == self.spec.policy.mix_block:
                 yield block
                 block = []
         if block:
             yield block
+
+
+    def _fingerprint(self, key: str, src, seeds: list[int]) -> None:
+        """Record the pixels of this sample's first and last epoch views (manifest ``view_fingerprints``)."""
+        for e in sorted({0, self.epochs - 1}):
+            self.fingerprints.append({"key": key, "epoch": e, "seed": int(seeds[e]), "size": self.size,
+                                      "sha256": views.fingerprint(self.spec, seeds[e], src, self.size)})
 
 
 def item_shard(path) -> str:
@@ -185,21 +194,21 @@ def item_shard(path) -> str:
 class CacheWorker:
     """One teacher replica. ``run`` processes one whole shard for all epochs."""
 
-    def __init__(self, *, specs, device, threads, temperature, policy, epochs, cache_seed, input_size, mean, std,
-                 batch_size, topk, num_classes, prob_dtype, exclude=(), center_crop=None, decode_threads=1,
-                 progress=None):
+    def __init__(self, *, specs, device, threads, temperature, views_of: dict, epochs, cache_seed, input_size, mean,
+                 std, batch_size, topk, num_classes, prob_dtype, precision="fp32", expect=None, exclude=(),
+                 decode_threads=1, progress=None):
         import torch
         from .. import teachers
         if threads:
             torch.set_num_threads(threads)
         self.device = teachers.resolve_device(device)
-        self.ens = teachers.Ensemble(specs, self.device, temperature)
-        self.policy = augment.Policy.from_dict(policy)
+        # ``expect``: the driver's identity of each member; a worker that loads other weights is refused
+        self.ens = teachers.Ensemble(specs, self.device, temperature, precision=precision, expect=expect)
+        self.spec = views.ViewSpec.from_manifest(views_of)     # {'policy': ..., 'view': ...} of the run identity
         self.epochs, self.cache_seed, self.size = epochs, cache_seed, input_size
         self.mean, self.std, self.batch_size, self.topk = tuple(mean), tuple(std), batch_size, topk
         self.num_classes, self.prob_dtype, self.progress = num_classes, prob_dtype, progress
         self.exclude = frozenset(exclude)
-        self.center_crop = center_crop
         self.decode_threads = decode_threads
         # warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
         # spend their first calls optimising, which would otherwise land in the first shard
@@ -211,24 +220,31 @@ class CacheWorker:
         return self.ens.output_width(self.size)
 
     def run(self, task: dict) -> dict:
-        import torch
-        from .. import teachers
         engine.maybe_inject_fault()
         t_start = time.perf_counter()
         path = task["path"]
         q: queue.Queue = queue.Queue(maxsize=4)
         samples: list = []
         gate = CpuGate() if self.device.type == "cpu" else None
-        prod = ViewProducer(path, policy=self.policy, epochs=self.epochs, cache_seed=self.cache_seed,
+        prod = ViewProducer(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed,
                             size=self.size, mean=self.mean, std=self.std, batch_size=self.batch_size,
-                            num_classes=self.num_classes, exclude=self.exclude,
-                            out_queue=q, samples=samples, center_crop=self.center_crop,
+                            num_classes=self.num_classes, exclude=self.exclude, out_queue=q, samples=samples,
                             threads=self.decode_threads, gate=gate)
         prod.start()
-        running = prod.threads
-        ids, probs, lprobs = {}, {}, {}
-        teacher_s = 0.0
-        first_at, last_at, done = None, None, 0
+        got, timing = self._consume(q, prod.threads, gate)
+        prod.join()
+        if prod.error:
+            raise RuntimeError(f"{os.path.basename(path)}: {prod.error}")
+        table, entry = self._assemble(task, prod, samples, got)
+        return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
+                "decode_s": prod.decode_s, "wall_s": time.perf_counter() - t_start, **timing}
+
+    def _consume(self, q: queue.Queue, running: int, gate: CpuGate | None) -> tuple[dict, dict]:
+        """Run the teacher on every batch the producers queue: {(sample, epoch): (ids, probs, label prob)}."""
+        import torch
+        from .. import teachers
+        got: dict = {}
+        teacher_s, first_at, last_at, done = 0.0, None, None, 0
         while running:
             item = q.get()
             if item is None:
@@ -236,39 +252,41 @@ class CacheWorker:
                 continue
             x, labels, where = item
             t0 = time.perf_counter()
-            if first_at is None:
-                first_at = t0
+            first_at = t0 if first_at is None else first_at
             with gate.teacher() if gate else contextlib.nullcontext():
-                p = self.ens(x)
-                i, v, lp = teachers.topk(p, self.topk, torch.as_tensor(labels))
+                i, v, lp = teachers.topk(self.ens(x), self.topk, torch.as_tensor(labels))
             teacher_s += time.perf_counter() - t0
             done += len(where)
             last_at = time.perf_counter()
             i, v, lp = i.numpy(), v.numpy(), lp.numpy()
-            for r, (s, e) in enumerate(where):
-                ids[s, e], probs[s, e], lprobs[s, e] = i[r], v[r], lp[r]
+            for r, se in enumerate(where):
+                got[se] = (i[r], v[r], lp[r])
             if self.progress is not None:
                 self.progress.add.remote(len(where))
-        prod.join()
-        if prod.error:
-            raise RuntimeError(f"{os.path.basename(path)}: {prod.error}")
+        # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
+        return got, {"teacher_s": teacher_s, "steady_records": done,
+                     "steady_s": (last_at - first_at) if first_at else 0.0}
+
+    def _assemble(self, task: dict, prod: ViewProducer, samples: list, got: dict):
+        """The shard's Arrow table and its manifest entry (counts, skips, errors, fingerprints, agreement)."""
         n, E, K = len(samples), self.epochs, self.topk
-        skipped = [s for s in prod.skipped if s.key != "*"]
-        errors = [s.reason for s in prod.skipped if s.key == "*"]
         topk_idx = np.zeros((n, E, K), np.int64)
         topk_prob = np.zeros((n, E, K), np.float32)
         label_prob = np.zeros((n, E), np.float32)
-        for (s, e), v in ids.items():
-            topk_idx[s, e], topk_prob[s, e], label_prob[s, e] = v, probs[s, e], lprobs[s, e]
-        table = encode_cache_shard([s[0] for s in samples], [s[1] for s in samples],
+        for (s, e), (i, v, lp) in got.items():
+            topk_idx[s, e], topk_prob[s, e], label_prob[s, e] = i, v, lp
+        labels = np.array([s[1] for s in samples], dtype=np.int64)
+        table = encode_cache_shard([s[0] for s in samples], labels,
                                    np.array([s[2] for s in samples], dtype=np.uint32).reshape(n, E),
                                    topk_idx, topk_prob, label_prob, num_classes=self.num_classes,
                                    prob_dtype=self.prob_dtype, shard=task["name"])
         entry = dict(task["entry"], samples=n, records=n * E, excluded=prod.excluded,
-                     skipped=[{"key": s.key, "reason": s.reason} for s in skipped], errors=errors)
-        table = table.replace_schema_metadata({**table.schema.metadata, b"entry": json.dumps(entry).encode(),
-                                               b"run_id": task["run_id"].encode()})
-        return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
-                "teacher_s": teacher_s, "decode_s": prod.decode_s, "wall_s": time.perf_counter() - t_start,
-                # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
-                "steady_records": done, "steady_s": (last_at - first_at) if first_at else 0.0}
+                     skipped=[{"key": s.key, "reason": s.reason} for s in prod.skipped if s.key != SHARD_SKIP_KEY],
+                     errors=[s.reason for s in prod.skipped if s.key == SHARD_SKIP_KEY],
+                     duplicates=sorted(set(prod.duplicates)), **{FINGERPRINTS_KEY: prod.fingerprints},
+                     # the teacher against the given labels: top-1 hits and summed label probability over records
+                     agreement={"records": n * E, "top1": int((topk_idx[:, :, 0] == labels[:, None]).sum()) if n else 0,
+                                "label_prob_sum": round(float(label_prob.sum(dtype=np.float64)), 6)})
+        meta = {**table.schema.metadata, ARROW_ENTRY_KEY: json.dumps(entry).encode(),
+                ARROW_RUN_ID_KEY: task["run_id"].encode()}
+        return table.replace_schema_metadata(meta), entry

@@ -1,34 +1,116 @@
-"""Views of one mixing block: the single place where cache-teacher (teacher side) and the student
-loader / notebooks (student side) turn (image, seed) into tensors, so that both make the same view.
+"""The one replay path: (how the cache made its views, seed, image) -> the view.
+
+cache-teacher's worker, the student loader, the cache reader and the notebook figures all call
+these functions, so they cannot disagree about a view. How views are made is a property of the
+cache's manifest (``ViewSpec.from_manifest``): augmented views decoded from each seed by the
+manifest's policy, or, for filter-labels' scoring caches (manifest ``view.center_crop``), one
+deterministic centre view per sample whatever the seed.
 
 Positions in a shard are the rows of its cache file (valid, non-excluded samples in shard order);
 mix pairs never leave a block of ``policy.mix_block`` consecutive positions.
+
+A view fingerprint (``fingerprint``) is the sha256 of the uint8 pixels ``render`` makes: it pins the
+decoder (Pillow, libjpeg-turbo) and the augmentation code, and is recorded per shard in the manifest
+(``view_fingerprints``) so that a replay on another machine is checked before training.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Sequence
 
+from ..files import UserError
 from . import augment
 
 
-def block_views(policy: "augment.Policy", srcs: Sequence["augment.SourceImage"], params: Sequence[dict],
-                seeds: Sequence[int], size: int, mean, std, guard=None) -> list:
+@dataclass(frozen=True)
+class ViewSpec:
+    """How a cache's views were made: ``policy`` (crop/flip/ops/erase/mix), or a fixed centre view
+    of ``center_crop`` of the short side (scoring caches; no augmentation, no mixing)."""
+    policy: augment.Policy
+    center_crop: float | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ViewSpec":
+        """The spec a manifest (or a cache's run identity) records; refuses a policy this code cannot replay."""
+        pol = manifest["policy"]
+        if pol["version"] != augment.POLICY_VERSION:
+            raise UserError(f"cache was built with augmentation policy version {pol['version']}, "
+                            f"this distill replays version {augment.POLICY_VERSION}")
+        p = augment.Policy.from_dict({k: v for k, v in pol["canonical"].items() if k != "version"})
+        if p.id != pol["id"]:
+            raise UserError(f"policy id mismatch: manifest {pol['id']}, recomputed {p.id}")
+        return cls(p, (manifest.get("view") or {}).get("center_crop"))
+
+    @classmethod
+    def scoring(cls, size: int, center_crop: float) -> "ViewSpec":
+        """filter-labels' scoring views: one centre crop per sample, nothing random."""
+        if not 0 < center_crop <= 1:
+            raise UserError(f"--crop-pct must be in (0, 1], got {center_crop}")
+        return cls(augment.Policy(size=size, auto_augment=None, hflip=0.0, re_prob=0.0), float(center_crop))
+
+    def manifest_view(self) -> dict:
+        """The manifest's ``view`` entry for this spec."""
+        return {"center_crop": self.center_crop} if self.center_crop else {"augment": True}
+
+    @property
+    def mixing(self) -> bool:
+        return self.center_crop is None and self.policy.mixing
+
+    def params(self, seed: int, width: int, height: int) -> dict:
+        """The view parameters of one (sample, epoch) of a width x height image."""
+        if self.center_crop:
+            return augment.decode_center(width, height, self.center_crop)
+        return augment.decode(self.policy, seed, width, height)
+
+
+def params(spec: ViewSpec, seed: int, src: "augment.SourceImage") -> dict:
+    return spec.params(seed, src.width, src.height)
+
+
+def render(spec: ViewSpec, seed: int, src: "augment.SourceImage", size: int):
+    """The view as a size x size RGB PIL image, before normalisation (erasing and mixing act later)."""
+    return augment.render(src, params(spec, seed, src), size)
+
+
+def fingerprint(spec: ViewSpec, seed: int, src: "augment.SourceImage", size: int) -> str:
+    """sha256 of the uint8 pixels of ``render`` (first 16 hex digits)."""
+    return hashlib.sha256(render(spec, seed, src, size).tobytes()).hexdigest()[:16]
+
+
+def block_plan(spec: ViewSpec, seeds: Sequence[int]) -> list:
+    """Mix partners of one block's positions (None everywhere when the spec does not mix)."""
+    return augment.mix_plan(spec.policy, list(seeds)) if spec.mixing else [None] * len(seeds)
+
+
+def block_views(spec: ViewSpec, srcs: Sequence["augment.SourceImage"], seeds: Sequence[int], size: int, mean, std,
+                params_: Sequence[dict] | None = None, guard=None) -> list:
     """Tensors of one epoch for one block: view of each sample, mixed with its partner when the
-    policy mixes. ``srcs[i]``, ``params[i]`` and ``seeds[i]`` belong to position i of the block.
-    ``guard``: a context manager factory entered around each view (cache-teacher's CPU gate)."""
-    if guard is None:
-        views = [augment.view(s, p, size, mean, std) for s, p in zip(srcs, params)]
-    else:
-        views = []
-        for s, p in zip(srcs, params):
+    spec mixes. ``srcs[i]`` and ``seeds[i]`` belong to position i of the block; ``params_``: their
+    parameters when already decoded (else decoded here). ``guard``: a context manager factory
+    entered around each view (cache-teacher's CPU gate)."""
+    if params_ is None:
+        params_ = [params(spec, s, src) for s, src in zip(seeds, srcs)]
+    out = []
+    for s, p in zip(srcs, params_):
+        if guard is None:
+            out.append(augment.view(s, p, size, mean, std))
+        else:
             with guard():
-                views.append(augment.view(s, p, size, mean, std))
-    if not policy.mixing:
-        return views
-    plan = augment.mix_plan(policy, list(seeds))
-    return [v if pl is None else augment.mix(v, views[pl["partner"]], pl) for v, pl in zip(views, plan)]
+                out.append(augment.view(s, p, size, mean, std))
+    plan = block_plan(spec, seeds)
+    return [v if pl is None else augment.mix(v, out[pl["partner"]], pl) for v, pl in zip(out, plan)]
 
 
-def block_plan(policy: "augment.Policy", seeds: Sequence[int]) -> list:
-    return augment.mix_plan(policy, list(seeds)) if policy.mixing else [None] * len(seeds)
+def view_tensor(spec: ViewSpec, srcs: dict, keys: Sequence[str], seeds: Sequence[int], pos: int, size: int,
+                mean, std):
+    """The normalised tensor of position ``pos`` of a block (``keys``/``seeds`` of the whole block;
+    ``srcs``: key -> SourceImage for at least ``keys[pos]`` and its mix partner)."""
+    plan = block_plan(spec, seeds)[pos]
 
+    def one(i: int):
+        src = srcs[keys[i]]
+        return augment.view(src, params(spec, seeds[i], src), size, mean, std)
+
+    v = one(pos)
+    return v if plan is None else augment.mix(v, one(plan["partner"]), plan)

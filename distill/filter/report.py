@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..format import FILTER_SCORES_NAME, read_ipc
+from ..format import FILTER_HIST_NAME, FILTER_MONTAGE_NAME, FILTER_REPORT_NAME, FILTER_SCORES_NAME, read_ipc
 from ..files import atomic_write_bytes
 
-MONTAGE_NAME = "suspicious.png"
-HIST_NAME = "label_prob_hist.png"
+MONTAGE_NAME, HIST_NAME = FILTER_MONTAGE_NAME, FILTER_HIST_NAME
 
 
 def _montage(out: Path, scores, cache, classes: list[str], n: int = 24, tile: int = 96) -> bool:
@@ -97,4 +96,4 @@ def write_filter_report(out: Path, summary: dict, cache) -> None:
     if _montage(out, scores, cache, classes):
         lines += ["", "## Most suspicious (lowest margin): given label in red, scorer's top-1 in green", "",
                   f"![suspicious]({MONTAGE_NAME})"]
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(out / FILTER_REPORT_NAME, ("\n".join(lines) + "\n").encode())

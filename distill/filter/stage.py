@@ -17,11 +17,12 @@ import pyarrow as pa
 from . import rules
 from ..cache.stage import cache_teacher
 from ..config import CacheConfig, FilterConfig
-from ..format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes, read_ipc
+from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes,
+                      read_ipc)
 from ..files import UserError, atomic_write_bytes, atomic_write_json
 from ..cache.reader import open_cache
 
-SCORING_DIR = "scoring"
+SCORING_DIR = FILTER_SCORING_DIR
 
 
 @dataclass
@@ -80,6 +81,7 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
     cc = CacheConfig(shards=cfg.shards, teacher=cfg.scorer, out=str(out / SCORING_DIR), epochs=1, topk=cfg.topk,
                      batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers, threads=cfg.threads,
                      ray_address=cfg.ray_address, overwrite=cfg.overwrite, teacher_checkpoint=cfg.scorer_checkpoint,
+                     teacher_random_weights=cfg.scorer_random_weights, teacher_precision=cfg.scorer_precision,
                      teacher_input_size=cfg.scorer_input_size, teacher_mean=cfg.scorer_mean,
                      teacher_std=cfg.scorer_std, temperature=cfg.temperature, prob_dtype="float32",
                      retries=cfg.retries, quiet=cfg.quiet)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..format import RUN_BASELINE_DIR, RUN_BEST, RUN_LAST, RUN_METRICS_NAME, RUN_SUMMARY_NAME
 from ..files import UserError, atomic_write_bytes, atomic_write_json
 
-LAST, BEST, METRICS, SUMMARY = "last.pt", "best.pt", "metrics.jsonl", "summary.json"
+LAST, BEST, METRICS, SUMMARY, BASELINE = RUN_LAST, RUN_BEST, RUN_METRICS_NAME, RUN_SUMMARY_NAME, RUN_BASELINE_DIR
 
 # Config keys a resumed run may change (how it runs, not what it computes).
 RESUME_FREE = {"out", "resume", "device", "compile", "threads", "quiet", "loader_workers", "val_shards",

@@ -79,12 +79,12 @@ class TrainStream(IterableDataset):
     ``cache``: a ``reader.Cache`` (targets and seeds from it) or None (hard labels: seeds derived from
     ``seed``). ``exclude``: keys left out."""
 
-    def __init__(self, shards: list[ShardRef], *, policy: augment.Policy, image_size: int, batch_size: int,
+    def __init__(self, shards: list[ShardRef], *, spec: views.ViewSpec, image_size: int, batch_size: int,
                  seed: int, shuffle_buffer: int, cache=None, num_classes: int, exclude=frozenset(),
                  rank: int = 0, world: int = 1, drop_last: bool = True,
                  mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
         super().__init__()
-        self.shards, self.policy, self.size, self.batch_size = list(shards), policy, image_size, batch_size
+        self.shards, self.spec, self.size, self.batch_size = list(shards), spec, image_size, batch_size
         self.seed, self.buffer, self.cache, self.num_classes = seed, max(1, shuffle_buffer), cache, num_classes
         self.exclude, self.rank, self.world, self.drop_last = frozenset(exclude), rank, world, drop_last
         self.mean, self.std = tuple(mean), tuple(std)
@@ -131,10 +131,8 @@ class TrainStream(IterableDataset):
         """(view, topk ids, topk probs, label, partner label, own-image weight, key) of one shard, in shard order."""
         blocks = self._cache_blocks(ref, stats) if self.cache is not None else self._hard_blocks(ref, stats)
         for keys, srcs, seeds, labels, ids, probs, params in blocks:
-            if params is None:
-                params = [augment.decode(self.policy, s, src.width, src.height) for s, src in zip(seeds, srcs)]
-            made = views.block_views(self.policy, srcs, params, seeds, self.size, self.mean, self.std)
-            plans = views.block_plan(self.policy, seeds)
+            made = views.block_views(self.spec, srcs, seeds, self.size, self.mean, self.std, params_=params)
+            plans = views.block_plan(self.spec, seeds)
             for i, (key, v, plan) in enumerate(zip(keys, made, plans)):
                 if key in self.exclude:
                     stats[0] += 1
@@ -153,7 +151,7 @@ class TrainStream(IterableDataset):
         ids = _fixed(t, "topk_idx").astype(np.int64)
         probs = _fixed(t, "topk_prob").astype(np.float32)
         row_of = {k: i for i, k in enumerate(keys)}
-        n, mb = len(keys), self.policy.mix_block
+        n, mb = len(keys), self.spec.policy.mix_block
         expect, srcs = 0, []
         for item in shardio.iter_shard(ref.path):
             if isinstance(item, Skip):
@@ -177,7 +175,7 @@ class TrainStream(IterableDataset):
 
     def _hard_blocks(self, ref: ShardRef, stats: list):
         """Blocks of a shard's valid, non-excluded samples, seeds from (training seed, epoch, key)."""
-        mb = self.policy.mix_block
+        mb = self.spec.policy.mix_block
         keys, srcs, labels, seeds, params = [], [], [], [], []
         empty = np.zeros(0, np.int64)
 
@@ -199,7 +197,7 @@ class TrainStream(IterableDataset):
             seed = augment.derive_seed(self.seed, self.epoch, item.key)
             try:   # decode now (memoised for the view) so that a broken image is skipped, not fatal
                 src = augment.SourceImage(item.data)
-                p = augment.decode(self.policy, seed, src.width, src.height)
+                p = views.params(self.spec, seed, src)
                 src.at(augment.draft_factor(p, self.size))
             except Exception:
                 stats[1] += 1

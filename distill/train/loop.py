@@ -9,6 +9,7 @@ The teacher is never loaded: soft targets come from the cache, views are replaye
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import UserError, atomic_write_json
+from ..files import UserError, atomic_write_json, lock_dir
 from .losses import DistillLoss, topk_correct
 from ..models import create_model, load_init, param_groups
 from ..progress import bar
@@ -55,7 +56,8 @@ class TrainResult:
              "complete": self.complete, "images_seen": self.images_seen, "wall_s": round(self.wall_s, 3),
              "img_s": round(self.img_s, 1),
              "final": {"val_top1": self.final_top1, "val_top5": self.final_top5},
-             "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch}}
+             "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch},
+             "notes": self.notes}
         if self.hard_labels is not None:
             d["hard_labels"] = self.hard_labels.to_dict()
         return d
@@ -67,6 +69,7 @@ class TrainResult:
             lines.append(f"  val top-1 {_pct(self.final_top1)} (best {_pct(self.best_top1)} at epoch {self.best_epoch}), "
                          f"top-5 {_pct(self.final_top5)}")
         lines.append(f"  {self.images_seen:,} images seen, {self.img_s:,.0f} img/s, wall {_hms(self.wall_s)}")
+        lines += [f"  NOTE: {n}" for n in self.notes]
         h = self.hard_labels
         if h is not None and self.final_top1 is not None and h.final_top1 is not None:
             lines.append(f"  student from cache: {_pct(self.final_top1)}, from hard labels: {_pct(h.final_top1)} "
@@ -155,25 +158,25 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_after: int | None = None) -> TrainResult:
     """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
     (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
-    same student from hard labels (same policy, epochs and seed) into ``RUN_DIR/hard-labels``."""
+    same student from hard labels on the cache's views (same samples, epochs, steps, schedule and
+    seed) into ``RUN_DIR/hard-labels``. Rank 0 holds the run directory's lock."""
     validate(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
     try:
-        if cfg.hard_labels and cfg.cache:
-            note("--hard-labels: the cache is not used", cfg.quiet or not d.main)
-        data = prepare_data(cfg, policy_table, world=d.world)
-        res = _run(cfg, data, d, stop_after)
-        if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
-            hcfg = dataclasses.replace(cfg, hard_labels=True, compare_hard_labels=False, alpha=0.0,
-                                       out=str(Path(cfg.out) / "hard-labels"))
-            note(f"--compare-hard-labels: training the same student from hard labels into {hcfg.out}",
-                 cfg.quiet or not d.main)
-            hdata = prepare_data(hcfg, policy_table, policy=data.policy, world=d.world)
-            res.hard_labels = _run(hcfg, hdata, d, stop_after)
-            if d.main:
-                atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
+        data = prepare_data(cfg, policy_table, world=d.world)   # every refusal, before anything is written
+        with lock_dir(cfg.out, "train-student") if d.main else contextlib.nullcontext():
+            res = _run(cfg, data, d, stop_after)
+            if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
+                hcfg = dataclasses.replace(cfg, hard_labels=True, compare_hard_labels=False, alpha=0.0,
+                                           out=str(Path(cfg.out) / ck.BASELINE))
+                note(f"--compare-hard-labels: training the same student from hard labels on the cache's views "
+                     f"into {hcfg.out}", cfg.quiet or not d.main)
+                hdata = dataclasses.replace(data, source="hard labels", identity=dict(data.identity, source="hard labels"))
+                res.hard_labels = _run(hcfg, hdata, d, stop_after)
+                if d.main:
+                    atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
         return res
     finally:
         if d.owned:
@@ -181,22 +184,40 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
-    out = Path(cfg.out)
-    quiet = cfg.quiet or not d.main
+@dataclass
+class _Session:
+    """A run being trained: model (and its DDP/compiled forward), optimiser, loss, state, schedule."""
+    cfg: TrainConfig
+    data: Data
+    d: Dist
+    model: torch.nn.Module
+    fwd: torch.nn.Module
+    opt: torch.optim.Optimizer
+    crit: DistillLoss
+    state: dict
+    per_step: int
+    steps_per_epoch: int
+    warmup: int
+
+    def lr(self) -> float:
+        c = self.cfg
+        return lr_at(self.state["step"], self.steps_per_epoch * c.epochs, self.warmup, c.lr, c.min_lr)
+
+
+def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict, list]:
+    """A new model (or --init), or the checkpoint of a --resume; returns (model, optimiser, state, metric rows)."""
+    out, quiet = Path(cfg.out), cfg.quiet or not d.main
     last = out / ck.LAST
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if last.exists() and not cfg.resume:
         raise UserError(f"{out} already holds a run ({ck.LAST}); pass --resume to continue it or choose another --out")
-    config = to_dict(cfg)
-
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, data.num_classes, img_size=cfg.image_size, drop_path_rate=cfg.drop_path)
     ckpt = None
     if cfg.resume and last.exists():
         ckpt = ck.load(last)
-        ck.check_resume(ckpt, config, data.identity, last)
+        ck.check_resume(ckpt, to_dict(cfg), data.identity, last)
         model.load_state_dict(ckpt["model"])
     elif cfg.init:
         try:
@@ -208,7 +229,6 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
         note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
     model.to(d.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-
     state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
              "best_top1": None, "best_top5": None, "best_epoch": None}
     rows: list[dict] = []
@@ -221,12 +241,17 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             note(f"warning: resuming with {d.world} processes instead of {ckpt['data'].get('world')}: the data split differs",
                  not d.main)
         note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
+    return model, opt, state, rows
+
+
+def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
+    model, opt, state, rows = _open(cfg, data, d)
+    out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, out)
         ck.write_metrics(out, rows)
     _barrier(d)
-
     fwd = model
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -234,18 +259,21 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
     if cfg.compile:
         fwd = torch.compile(fwd)
     crit = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
-                       hard_only=data.cache is None)
-    cuda = d.device.type == "cuda"
-
+                       hard_only=cfg.hard_labels)
     per_step = cfg.batch_size * d.world
-    drop_last = data.samples >= per_step
-    steps_per_epoch = max(1, data.samples // per_step if drop_last else 1)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    train_ds = TrainStream(data.refs, policy=data.policy, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                           seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=data.cache,
-                           num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
-                           drop_last=drop_last)
+    steps = max(1, data.samples // per_step if data.samples >= per_step else 1)
+    return _Session(cfg, data, d, model, fwd, opt, crit, state, per_step, steps,
+                    int(round(cfg.warmup_epochs * steps)))
+
+
+def _stream(s: _Session):
+    """The training stream and its loader; ``batches(epoch)`` yields this rank's batches of an epoch
+    (under DDP exactly steps_per_epoch: a rank that runs dry makes another pass)."""
+    cfg, data, d = s.cfg, s.data, s.d
+    ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                     seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=data.cache,
+                     num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
+                     drop_last=data.samples >= s.per_step)
     nsplit = d.world * max(1, cfg.loader_workers)
     if len(data.refs) < d.world:
         raise UserError(f"{len(data.refs)} training shard(s) for {d.world} processes: every process needs at least "
@@ -253,15 +281,13 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
     if len(data.refs) < nsplit:
         note(f"warning: {len(data.refs)} shard(s) for {nsplit} readers ({d.world} process(es) x {max(1, cfg.loader_workers)} "
              f"worker(s)): some readers idle; use more, smaller shards", not d.main)
-    train_loader = loader(train_ds, cfg.loader_workers, pin_memory=cuda)
-    val = _Validator(data, cfg, d) if data.val_refs else None
+    train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda")
 
     def batches(epoch: int):
-        """This rank's batches of an epoch; under DDP exactly steps_per_epoch (ranks run dry -> another pass)."""
-        cap = steps_per_epoch if d.world > 1 else None
+        cap = s.steps_per_epoch if d.world > 1 else None
         count, repeat = 0, 0
         while True:
-            train_ds.set_epoch(epoch, repeat)
+            ds.set_epoch(epoch, repeat)
             got = 0
             for b in train_loader:
                 got += 1
@@ -274,107 +300,119 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             if got == 0:
                 raise UserError(f"rank {d.rank} got no training data: use at least {nsplit} shards")
             repeat += 1
+    return batches
 
-    wrapped_note = False
-    row = None
-    stats = {"excluded": 0, "skipped": 0}
-    done_here = 0
-    lr = lr_at(state["step"], total_steps, warmup, cfg.lr, cfg.min_lr)
-    for epoch in range(state["epoch"], cfg.epochs):
+
+def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[str], float]:
+    """One epoch of steps: returns (all-reduced [loss sum, n, part sums...], part names, last lr)."""
+    cfg, d = s.cfg, s.d
+    cuda = d.device.type == "cuda"
+    torch.manual_seed(hash((cfg.seed, epoch, d.rank)) & 0x7FFFFFFF)
+    s.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    part_sums: dict[str, torch.Tensor] = {}
+    n, lr = 0, s.lr()
+    pbar = bar(s.steps_per_epoch * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
+    for b in batches(epoch):
+        b.pop("stats")
+        b.pop("key", None)
+        lr = s.lr()
+        for g in s.opt.param_groups:
+            g["lr"] = lr
+        b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = s.fwd(b["image"])
+        loss, parts = s.crit(logits, b)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad)
+        s.opt.step()
+        s.state["step"] += 1
+        bs = b["label"].shape[0]
+        n += bs
+        loss_sum += loss.detach().double() * bs
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, 0) + v.double() * bs
+        if pbar:
+            pbar.update(bs * d.world)
+    if pbar:
+        pbar.close()
+    keys = sorted(part_sums)
+    return _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d), keys, lr
+
+
+def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: float, t_epoch: float,
+               val: "_Validator | None") -> dict:
+    """Validate, update the state, write the checkpoints and the metrics row (rank 0)."""
+    cfg, data, d, state = s.cfg, s.data, s.d, s.state
+    out = Path(cfg.out)
+    n_all = int(tot[1])
+    train_s = time.perf_counter() - t_epoch
+    top1, top5 = val.evaluate(s.model) if val else (None, None)
+    state["epoch"] = epoch + 1
+    state["images_seen"] += n_all
+    state["train_s"] += train_s
+    row = {"epoch": epoch + 1, "train_loss": tot[0] / max(n_all, 1), "lr": lr, "val_top1": top1, "val_top5": top5,
+           "img_s": n_all / max(train_s, 1e-9), "images": n_all, "time_s": round(time.perf_counter() - t_epoch, 3)}
+    row.update({f"{k}_loss": tot[2 + i] / max(n_all, 1) for i, k in enumerate(keys)})
+    if data.cache is not None:
+        row["cache_epoch"] = epoch % data.cache.epochs
+    best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
+    if best:
+        state.update(best_top1=top1, best_top5=top5, best_epoch=epoch + 1)
+    state["wall_s"] += time.perf_counter() - t_epoch
+    if d.main:
+        side = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
+                "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
+                "image_size": cfg.image_size}
+        config, model = to_dict(cfg), s.model
+        ck.save(out / ck.LAST, {"model": model.state_dict(), "optimizer": s.opt.state_dict(), "state": dict(state),
+                                "rng": ck.rng_state(), "config": config, "data": data.identity, "epoch": epoch + 1,
+                                "step": state["step"]}, side)
+        if best:
+            ck.save(out / ck.BEST, {"model": model.state_dict(), "config": config, "data": data.identity,
+                                    "epoch": epoch + 1, "val_top1": top1, "val_top5": top5}, side)
+        ck.append_metrics(out, row)
+        if not cfg.quiet:
+            acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
+            note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {lr:.2e}{acc}, {row['img_s']:,.0f} img/s")
+    _barrier(d)
+    return row
+
+
+def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
+    s = _session(cfg, data, d)
+    batches = _stream(s)
+    val = _Validator(data, cfg, d) if data.val_refs else None
+    quiet = cfg.quiet or not d.main
+    row, done_here = None, 0
+    for epoch in range(s.state["epoch"], cfg.epochs):
         if stop_after is not None and done_here >= stop_after:
             break
-        t_epoch = time.perf_counter()
-        if data.cache is not None and epoch >= data.cache.epochs and not wrapped_note:
+        if data.cache is not None and epoch == max(data.cache.epochs, s.state["epoch"]) and epoch >= data.cache.epochs:
             note(f"warning: epoch {epoch + 1} > the cache's {data.cache.epochs} epochs: reusing cached views "
                  f"(training epoch e uses cached epoch e mod {data.cache.epochs})", not d.main)
-            wrapped_note = True
-        torch.manual_seed(hash((cfg.seed, epoch, d.rank)) & 0x7FFFFFFF)
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-        part_sums: dict[str, torch.Tensor] = {}
-        n = 0
-        pbar = bar(steps_per_epoch * per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", quiet)
-        for b in batches(epoch):
-            st = b.pop("stats")
-            b.pop("key", None)
-            stats["excluded"] += int(st[0])
-            stats["skipped"] += int(st[1])
-            lr = lr_at(state["step"], total_steps, warmup, cfg.lr, cfg.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                logits = fwd(b["image"])
-            loss, parts = crit(logits, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            state["step"] += 1
-            bs = b["label"].shape[0]
-            n += bs
-            loss_sum += loss.detach().double() * bs
-            for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, 0) + v.double() * bs
-            if pbar:
-                pbar.update(bs * d.world)
-        if pbar:
-            pbar.close()
-        keys = sorted(part_sums)
-        tot = _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d)
-        n_all = int(tot[1])
-        train_s = time.perf_counter() - t_epoch
-        top1, top5 = val.evaluate(model) if val else (None, None)
-        state["epoch"] = epoch + 1
-        state["images_seen"] += n_all
-        state["train_s"] += train_s
-        row = {"epoch": epoch + 1, "train_loss": tot[0] / max(n_all, 1), "lr": lr, "val_top1": top1, "val_top5": top5,
-               "img_s": n_all / max(train_s, 1e-9), "images": n_all, "time_s": round(time.perf_counter() - t_epoch, 3)}
-        row.update({f"{k}_loss": tot[2 + i] / max(n_all, 1) for i, k in enumerate(keys)})
-        if data.cache is not None:
-            row["cache_epoch"] = epoch % data.cache.epochs
-        best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
-        if best:
-            state.update(best_top1=top1, best_top5=top5, best_epoch=epoch + 1)
-        state["wall_s"] += time.perf_counter() - t_epoch
-        if d.main:
-            side = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
-                    "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
-                    "image_size": cfg.image_size}
-            ck.save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
-                           "rng": ck.rng_state(), "config": config, "data": data.identity, "epoch": epoch + 1,
-                           "step": state["step"]}, side)
-            if best:
-                ck.save(out / ck.BEST, {"model": model.state_dict(), "config": config, "data": data.identity,
-                                        "epoch": epoch + 1, "val_top1": top1, "val_top5": top5}, side)
-            ck.append_metrics(out, row)
-            if not cfg.quiet:
-                acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
-                note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {lr:.2e}{acc}, "
-                     f"{row['img_s']:,.0f} img/s")
-        _barrier(d)
+        t_epoch = time.perf_counter()
+        tot, keys, lr = _train_epoch(s, batches, epoch)
+        row = _end_epoch(s, epoch, tot, keys, lr, t_epoch, val)
         done_here += 1
-
-    if d.main and (stats["excluded"] or stats["skipped"]) and data.cache is None:
-        note(f"left out {stats['excluded']} excluded and {stats['skipped']} invalid sample(s) (seen by this process)", quiet)
-    if data.cache is not None and data.exclude:
-        dropped = data.cache.num_samples - data.samples
-        note(f"--exclude: {dropped} cached sample(s) left out (plus {data.cache.manifest['totals'].get('excluded', 0)} "
-             f"already excluded by cache-teacher)", quiet)
+    if data.excluded:
+        note(f"--exclude: {data.excluded} sample(s) per epoch left out"
+             + (f" (cache-teacher had already left out {data.cache.manifest['totals'].get('excluded', 0)})"
+                if data.cache is not None else ""), quiet)
     if row is None and d.main:                     # nothing trained in this call (finished run resumed)
-        rows = ck.read_metrics(out)
+        rows = ck.read_metrics(Path(cfg.out))
         row = rows[-1] if rows else None
-    final = row or {}
-    complete = state["epoch"] >= cfg.epochs
-    res = TrainResult(run_dir=out, model=cfg.model, source=data.source, epochs=state["epoch"],
+    final, state = row or {}, s.state
+    res = TrainResult(run_dir=Path(cfg.out), model=cfg.model, source=data.source, epochs=state["epoch"],
                       images_seen=state["images_seen"], wall_s=state["wall_s"],
                       img_s=state["images_seen"] / max(state["train_s"], 1e-9),
                       final_top1=final.get("val_top1"), final_top5=final.get("val_top5"),
                       best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
-                      complete=complete)
-    if d.main and complete:
-        atomic_write_json(out / ck.SUMMARY, res.to_dict())
+                      complete=state["epoch"] >= cfg.epochs, notes=list(data.notes))
+    if d.main and res.complete:
+        atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
     return res
 
 

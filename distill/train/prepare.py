@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import augment
+import numpy as np
+
+from ..cache.verify import check_files, check_view_fingerprints
+from ..data import augment, views
+from ..format import FILTER_SCORES_NAME, read_excluded_keys, read_ipc
 from ..config import TrainConfig
-from ..format import read_excluded_keys
 from ..files import UserError, sha256_file
 from .losses import FILLS
 from ..models import MODELS
@@ -31,13 +34,19 @@ def note(msg: str, quiet: bool = False) -> None:
 class Data:
     refs: list[ShardRef]
     val_refs: list[ShardRef]
-    policy: augment.Policy
+    spec: views.ViewSpec         # how views are made (the cache's, or the --policy of a cache-less run)
     num_classes: int
-    cache: Cache | None
-    samples: int                 # training samples per epoch
+    cache: Cache | None          # targets (a cache run) and/or views (also a --hard-labels run given --cache)
+    samples: int                 # training samples per epoch (after --exclude)
+    excluded: int                # samples per epoch left out by --exclude
     exclude: frozenset
     identity: dict               # what a resumed run must share with its checkpoint
     source: str
+    notes: list = field(default_factory=list)   # what the run's summary must say (e.g. replay drift allowed)
+
+    @property
+    def policy(self) -> augment.Policy:
+        return self.spec.policy
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -104,37 +113,63 @@ def _scan_classes(paths: list[Path]) -> tuple[int, int]:
     return top + 1, n
 
 
-def prepare_data(cfg: TrainConfig, policy_table: dict | None, policy: augment.Policy | None = None,
-                 world: int = 1) -> Data:
-    """Resolve shards, cache and policy; every refusal happens here, before any training."""
+def _open_cache(cfg: TrainConfig, paths: list[Path], index) -> tuple[Cache, list[str]]:
+    """The cache, checked before any step: built for a student (not a filter's scoring cache), over
+    these shards and classes, its files intact (size and checksum), its views replaying here as
+    they did for the teacher (fingerprints). Returns (cache, notes for the summary)."""
+    cache = open_cache(cfg.cache, shards_dir=paths[0].parent)
+    if cache.is_scoring:
+        raise UserError(f"{cache.path} is a filter-labels scoring cache (one centre view per sample), not a "
+                        f"cache-teacher cache of augmented views; train from a cache made by distill cache-teacher")
+    _check_shard_set(cache, paths, index)
+    if index is not None and index.num_classes != cache.num_classes:
+        raise UserError(f"the cache has {cache.num_classes} classes but the shards' index lists {index.num_classes}")
+    if index is not None and list(index.classes) != list(cache.classes):
+        note("warning: class names of the cache and the shard index differ (same count): same dataset?",
+             os.environ.get("RANK", "0") != "0")
+    if cache.topk < 1:
+        raise UserError("the cache stores no classes (topk 0)")
+    cache.view_spec                                  # refuses a policy version this code cannot replay
+    check_files(cache)                               # one line naming the file, before any step
+    drift = check_view_fingerprints(cache, {p.name: p for p in paths}, allow=cfg.allow_replay_drift)
+    return cache, ([f"--allow-replay-drift: {drift}"] if drift else [])
+
+
+def _excluded_here(exclude: frozenset, cfg: TrainConfig, names: list[str]) -> int:
+    """How many --exclude keys lie in these shards (the scores table knows each key's shard)."""
+    if not exclude:
+        return 0
+    t = read_ipc(Path(cfg.exclude) / FILTER_SCORES_NAME, ["shard", "keep"])
+    keep = t.column("keep").to_numpy(zero_copy_only=False)
+    shard = np.asarray(t.column("shard").to_numpy(zero_copy_only=False))
+    return int(np.isin(shard[~keep], names).sum())
+
+
+def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1) -> Data:
+    """Resolve shards, cache and views; every refusal happens here, before any training.
+
+    With ``--cache`` the views (and, unless ``--hard-labels``, the targets) come from the cache, so a
+    ``--hard-labels`` baseline given the cache sees the same views, samples and steps per epoch."""
     paths, index = resolve_shards(cfg.shards)
     exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
-    cache = None
-    if not cfg.hard_labels:
-        cache = open_cache(cfg.cache, shards_dir=paths[0].parent)
-        _check_shard_set(cache, paths, index)
-        num_classes = int(cache.num_classes)
-        if index is not None and index.num_classes != num_classes:
-            raise UserError(f"the cache has {num_classes} classes but the shards' index lists {index.num_classes}")
-        if index is not None and list(index.classes) != list(cache.classes):
-            note("warning: class names of the cache and the shard index differ (same count): same dataset?",
-                 os.environ.get("RANK", "0") != "0")
-        policy = cache.policy                        # refuses a policy version this code cannot replay
-        if cache.topk < 1:
-            raise UserError("the cache stores no classes (topk 0)")
-        samples = sum(e["samples"] for e in cache.manifest["shards"])
+    source = "hard labels" if cfg.hard_labels else "cache"
+    cache, notes = _open_cache(cfg, paths, index) if cfg.cache else (None, [])
+    if cache is not None:
+        spec, num_classes = cache.view_spec, int(cache.num_classes)
+        cached = sum(e["samples"] for e in cache.manifest["shards"])
+        excluded = 0
         if exclude:
             for name in cache.shard_names:
-                samples -= sum(k in exclude for k in cache.physical(name, ["key"]).column("key").to_pylist())
-        identity = {"source": "cache", "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
-                    "policy_id": policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
+                excluded += sum(k in exclude for k in cache.physical(name, ["key"]).column("key").to_pylist())
+        samples = cached - excluded
+        identity = {"source": source, "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
+                    "policy_id": spec.policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
     else:
-        policy = policy or augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size})
-        if index is not None:
-            num_classes, samples = index.num_classes, index.num_samples
-        else:
-            num_classes, samples = _scan_classes(paths)
-        identity = {"source": "hard labels", "shards": [p.name for p in paths], "policy_id": policy.id,
+        spec = views.ViewSpec(augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size}))
+        num_classes, samples = (index.num_classes, index.num_samples) if index is not None else _scan_classes(paths)
+        excluded = _excluded_here(exclude, cfg, [p.name for p in paths])
+        samples -= excluded
+        identity = {"source": source, "shards": [p.name for p in paths], "policy_id": spec.policy.id,
                     "num_classes": num_classes, "world": world}
     val_refs: list[ShardRef] = []
     if cfg.val_shards:
@@ -142,6 +177,6 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, policy: augment.Po
         if vindex is not None and vindex.num_classes != num_classes:
             raise UserError(f"validation shards have {vindex.num_classes} classes, training uses {num_classes}")
         val_refs = shard_refs(vpaths)
-    return Data(refs=shard_refs(paths), val_refs=val_refs, policy=policy, num_classes=num_classes, cache=cache,
-                samples=max(0, samples), exclude=exclude, identity=identity,
-                source="cache" if cache is not None else "hard labels")
+    return Data(refs=shard_refs(paths), val_refs=val_refs, spec=spec, num_classes=num_classes, cache=cache,
+                samples=max(0, samples), excluded=excluded, exclude=exclude, identity=identity, source=source,
+                notes=notes)

@@ -1,0 +1,8 @@
+"""InterpolationMode and placeholder transform classes."""
+from . import functional  # noqa: F401
+from ._modes import InterpolationMode  # noqa: F401
+from .._placeholder import placeholder
+
+
+def __getattr__(name):
+    return placeholder(__name__, name)
