@@ -113,6 +113,8 @@ IMAGE_EXT_ALIASES = {"jpeg": "jpg"}
 SHARD_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # Skip.key of the one record a reader emits when a whole shard is damaged (truncated or corrupt tar).
 SHARD_SKIP_KEY = "*"
+# Skip.reason (prefix) of a key met again inside one shard: cache-teacher fails the run on it, naming key and shard
+DUPLICATE_KEY_REASON = "duplicate key in shard"
 _LABEL_RE = re.compile(rb"^\s*-?[0-9]+\s*$")
 
 
@@ -314,8 +316,8 @@ def read_ipc(path: str | os.PathLike, columns=None) -> pa.Table:
             table = reader.read_all()
     except FileNotFoundError:
         raise FormatError(f"cache file missing: {path}") from None
-    except pa.ArrowInvalid as e:
-        raise FormatError(f"cache file unreadable: {path} ({e})") from None
+    except (pa.ArrowInvalid, OSError) as e:      # a damaged file: bad footer, or zstd refuses a block
+        raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
     return table.select(columns) if columns else table
 
 

@@ -158,13 +158,17 @@ def load_module(spec: TeacherSpec) -> torch.nn.Module:
     elif kind == "export":
         return torch.export.load(_exported_path(spec)).module()   # traced in its export mode; eval() is refused
     else:
-        if kind == "timm" and not spec.checkpoint and not spec.random_weights:
-            raise UserError(f"{spec.spec} has no --teacher-checkpoint: its weights would be random; pass "
-                            "--teacher-checkpoint PATH (or --teacher-random-weights for tests and benchmarks)")
+        _refuse_random(spec)
         model = _build(spec)
         if spec.checkpoint:
             _load_checkpoint(model, spec.checkpoint)
     return model.eval()
+
+
+def _refuse_random(spec: TeacherSpec) -> None:
+    if spec.kind == "timm" and not spec.checkpoint and not spec.random_weights:
+        raise UserError(f"{spec.spec} has no --teacher-checkpoint: its weights would be random; pass "
+                        "--teacher-checkpoint PATH (or --teacher-random-weights for tests and benchmarks)")
 
 
 def _exported_path(spec: TeacherSpec) -> str:
@@ -180,8 +184,11 @@ def make_specs(teachers, checkpoints=(), random_weights: bool = False) -> list[T
         raise UserError("no teacher given: use --teacher SPEC")
     if checkpoints and len(checkpoints) != len(teachers):
         raise UserError(f"{len(checkpoints)} --teacher-checkpoint for {len(teachers)} --teacher: give one per teacher")
-    return [TeacherSpec(t, checkpoints[i] if checkpoints else None, bool(random_weights))
-            for i, t in enumerate(teachers)]
+    specs = [TeacherSpec(t, checkpoints[i] if checkpoints else None, bool(random_weights))
+             for i, t in enumerate(teachers)]
+    for spec in specs:           # before anything loads: a checkpoint-less timm teacher is refused at once
+        _refuse_random(spec)
+    return specs
 
 
 def resolve_device(device: str) -> torch.device:

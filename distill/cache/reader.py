@@ -33,6 +33,7 @@ class Cache:
         if m.get("version") != CACHE_VERSION:
             raise FormatError(f"cache format version {m.get('version')} is not supported (expected {CACHE_VERSION})")
         self.manifest = m
+        self._checked: set[str] = set()      # shard files already checked against the manifest
         self._shards_dir = Path(shards_dir) if shards_dir else Path(m.get("source", {}).get("dir", "."))
 
     # ------------------------------------------------------------------ facts
@@ -76,9 +77,26 @@ class Cache:
         except KeyError:
             raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)") from None
 
+    def file(self, shard: str) -> Path:
+        """The shard's cache file, checked against the manifest the first time it is used: its size,
+        then its sha256 (a damaged file is named, with the way to find all of them: distill verify)."""
+        entry = self._entry(shard)
+        f = self.path / entry["file"]
+        if shard not in self._checked:
+            from ..files import sha256_file
+            size = f.stat().st_size if f.exists() else None
+            if size is None:
+                raise FormatError(f"cache file missing: {f}; run distill verify {self.path}")
+            if size != entry["file_bytes"] or sha256_file(f) != entry["file_sha256"]:
+                what = f"size {size} != manifest {entry['file_bytes']}" if size != entry["file_bytes"] else "checksum differs"
+                raise FormatError(f"cache file {f} does not match the manifest ({what}): the cache is damaged; "
+                                  f"run distill verify {self.path}")
+            self._checked.add(shard)
+        return f
+
     def physical(self, shard: str, columns=None) -> pa.Table:
         """The shard's file as stored (FORMAT.md 2.2); only ``columns`` are read and decompressed."""
-        return _read_columns(self.path / self._entry(shard)["file"], columns)
+        return _read_columns(self.file(shard), columns)
 
     @staticmethod
     def _need(columns) -> list[str] | None:
@@ -107,7 +125,7 @@ class Cache:
         if len(names) == 1:
             return decode_cache_shard(self.physical(names[0], need), epochs=epochs, columns=cols)
         with ThreadPoolExecutor(_READ_THREADS) as pool:
-            tables = list(pool.map(lambda n: _read_columns(self.path / self._entry(n)["file"], need, threads=False),
+            tables = list(pool.map(lambda n: _read_columns(self.file(n), need, threads=False),
                                    names))
         # Decode runs of files with one physical schema together (a concatenation is zero-copy), so the
         # per-file Python overhead is paid once per run, not once per shard; runs are cut in one piece
@@ -349,8 +367,8 @@ def _read_columns(path: str | os.PathLike, columns=None, threads: bool = True) -
             table = pa.ipc.open_file(src, options=opts).read_all()
     except FileNotFoundError:
         raise FormatError(f"cache file missing: {path}") from None
-    except pa.ArrowInvalid as e:
-        raise FormatError(f"cache file unreadable: {path} ({e})") from None
+    except (pa.ArrowInvalid, OSError) as e:      # a damaged file: bad footer, or zstd refuses a block
+        raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
     return table.select(columns)
 
 

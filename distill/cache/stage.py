@@ -392,4 +392,4 @@ def _duplicate_keys(out: Path, entries: list[dict]) -> list[tuple[str, list[str]
             where.setdefault(k, []).extend([e["name"], e["name"]])
         for k in read_ipc(out / e["file"], columns=["key"]).column("key").to_pylist():
             where.setdefault(k, []).append(e["name"])
-    return sorted((k, sorted(set(v)) if len(set(v)) > 1 else v) for k, v in where.items() if len(v) > 1)
+    return sorted((k, sorted(set(v))) for k, v in where.items() if len(v) > 1)

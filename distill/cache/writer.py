@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import engine
 from ..data import augment, shards as shardio, views
-from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, Skip, encode_cache_shard,
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, DUPLICATE_KEY_REASON, FINGERPRINTS_KEY, SHARD_SKIP_KEY, Skip, encode_cache_shard,
                       ipc_bytes)
 
 FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
@@ -141,17 +141,15 @@ class ViewProducer:
     def _blocks(self):
         """Yield lists of valid samples: (index, label, SourceImage, seeds, params per epoch)."""
         block = []
-        seen = set()
         for item in shardio.iter_shard(self.path):
             t0 = time.perf_counter()
             if isinstance(item, Skip):
-                self.skipped.append(item)
+                if item.reason.startswith(DUPLICATE_KEY_REASON):
+                    self.duplicates.append(item.key)   # fails the run, naming key and shard (like duplicates across shards)
+                else:
+                    self.skipped.append(item)
                 continue
             key = item.key
-            if key in seen:
-                self.duplicates.append(key)       # fails the run, naming the key and shard (like duplicates across shards)
-                continue
-            seen.add(key)
             if key in self.exclude:
                 self.excluded += 1
                 continue

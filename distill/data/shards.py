@@ -25,7 +25,9 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from ..format import IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME, SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label, encode_label, sanitize_key, shard_name
+from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
+                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
+                      encode_label, sanitize_key, shard_name)
 from ..files import FormatError, UserError, sha256_file
 
 Progress = Callable[[int], None]
@@ -193,10 +195,10 @@ def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require
                 yield _finish(key, group, problem, shard, require_label)
             key, group, problem = k, {}, None
             if k in seen:
-                problem = "duplicate key in shard"
+                problem = DUPLICATE_KEY_REASON
             seen.add(k)
         if ext in group and not problem:
-            problem = f"repeated member {k}.{ext}"
+            problem = f"{DUPLICATE_KEY_REASON} (repeated member {k}.{ext})"
         group[ext] = data
     if key is not None:
         yield _finish(key, group, problem, shard, require_label)
