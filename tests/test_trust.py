@@ -242,6 +242,16 @@ def test_train_student_locks_its_run_directory(built, tmp_path):
     _one_line_error(r, "in use", f"pid {os.getpid()}")
 
 
+def test_filter_labels_locks_its_directory(tmp_path):
+    from distill.files import lock_dir
+    args = ["filter-labels", "--shards", REPO / "shards/demo/train", "--scorer", DEMO_TEACHER,
+            "--scorer-input-size", "32", "--out", tmp_path / "f", "--quiet"]
+    with lock_dir(tmp_path / "f", "filter-labels"):
+        r = _cli(*args)
+    _one_line_error(r, "in use", "filter-labels", f"pid {os.getpid()}")
+    assert not (tmp_path / "f" / "scoring").exists()
+
+
 # ----------------------------------------------------------------------------- 8. replay environment
 
 def test_manifest_records_versions_and_fingerprints(built):

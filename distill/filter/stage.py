@@ -19,7 +19,7 @@ from ..cache.stage import cache_teacher
 from ..config import CacheConfig, FilterConfig
 from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes,
                       read_ipc)
-from ..files import UserError, atomic_write_bytes, atomic_write_json
+from ..files import UserError, atomic_write_bytes, atomic_write_json, lock_dir
 from ..cache.reader import open_cache
 
 SCORING_DIR = FILTER_SCORING_DIR
@@ -65,6 +65,8 @@ def _scoring_chunks(cache) -> callable:
 
 
 def filter_labels(cfg: FilterConfig) -> FilterResult:
+    """Score, decide, write FILTER_DIR (scores.arrow, report, summary.json last). The directory is
+    locked for the run; a finished earlier summary stays until the new scores replace it."""
     t0 = time.perf_counter()
     try:
         rule = rules.Rule.parse(cfg.rule, cfg.topk)
@@ -75,9 +77,6 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / FILTER_SUMMARY_NAME).exists():
-        (out / FILTER_SUMMARY_NAME).unlink()       # rewritten last
     cc = CacheConfig(shards=cfg.shards, teacher=cfg.scorer, out=str(out / SCORING_DIR), epochs=1, topk=cfg.topk,
                      batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers, threads=cfg.threads,
                      ray_address=cfg.ray_address, overwrite=cfg.overwrite, teacher_checkpoint=cfg.scorer_checkpoint,
@@ -85,32 +84,36 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
                      teacher_input_size=cfg.scorer_input_size, teacher_mean=cfg.scorer_mean,
                      teacher_std=cfg.scorer_std, temperature=cfg.temperature, prob_dtype="float32",
                      retries=cfg.retries, quiet=cfg.quiet)
-    scored = cache_teacher(cc, center_crop=cfg.crop_pct)
-    if scored.failed:
-        return FilterResult(out=out, samples=scored.samples, dropped=0, rule=cfg.rule, failed=scored.failed,
-                            wall_s=time.perf_counter() - t0)
-    cache = open_cache(out / SCORING_DIR)
-    chunks = _scoring_chunks(cache)
-    dec = rules.decide(chunks, cache.num_classes, rule, cfg.max_drop_frac, cfg.min_per_class)
-    _write_scores(out, chunks, dec, rule)
-    per_class = _per_class(dec, cache.classes)
-    skipped = [dict(s, shard=e["name"]) for e in cache.manifest["shards"] for s in e["skipped"]]
-    summary = {"format": FILTER_FORMAT, "version": FILTER_VERSION, "rule": cfg.rule, "topk": cfg.topk,
-               "max_drop_frac": cfg.max_drop_frac, "min_per_class": cfg.min_per_class,
-               "scorer": cache.teacher, "samples": int(len(dec.label)), "dropped": int((~dec.keep).sum()),
-               "guard_kept": int((dec.code == rules.GUARD).sum()),
-               "thresholds": [None if np.isnan(x) else round(float(x), 6) for x in dec.thresholds],
-               "classes": cache.classes, "per_class": per_class, "skipped": skipped,
-               "shards": [e["name"] for e in cache.manifest["shards"]]}
-    written = 0
-    if cfg.write_shards:
-        written = _write_clean_shards(cfg, cache, set(_dropped_keys(out)))
-    from .report import write_filter_report
-    write_filter_report(out, summary, cache)
-    atomic_write_json(out / FILTER_SUMMARY_NAME, summary)
+    with lock_dir(out, "filter-labels"):
+        scored = cache_teacher(cc, center_crop=cfg.crop_pct)
+        if scored.failed:
+            return FilterResult(out=out, samples=scored.samples, dropped=0, rule=cfg.rule, failed=scored.failed,
+                                wall_s=time.perf_counter() - t0)
+        cache = open_cache(out / SCORING_DIR)
+        chunks = _scoring_chunks(cache)
+        dec = rules.decide(chunks, cache.num_classes, rule, cfg.max_drop_frac, cfg.min_per_class)
+        if (out / FILTER_SUMMARY_NAME).exists():
+            (out / FILTER_SUMMARY_NAME).unlink()   # the old summary no longer describes the scores: rewritten last
+        _write_scores(out, chunks, dec, rule)
+        summary = _summary(cfg, cache, dec)
+        written = _write_clean_shards(cfg, cache, set(_dropped_keys(out))) if cfg.write_shards else 0
+        from .report import write_filter_report
+        write_filter_report(out, summary, cache)
+        atomic_write_json(out / FILTER_SUMMARY_NAME, summary)
     return FilterResult(out=out, samples=summary["samples"], dropped=summary["dropped"], rule=cfg.rule,
-                        per_class=per_class, skipped=len(skipped), wall_s=time.perf_counter() - t0,
-                        shards_written=written)
+                        per_class=summary["per_class"], skipped=len(summary["skipped"]),
+                        wall_s=time.perf_counter() - t0, shards_written=written)
+
+
+def _summary(cfg: FilterConfig, cache, dec: rules.Decision) -> dict:
+    return {"format": FILTER_FORMAT, "version": FILTER_VERSION, "rule": cfg.rule, "topk": cfg.topk,
+            "max_drop_frac": cfg.max_drop_frac, "min_per_class": cfg.min_per_class,
+            "scorer": cache.teacher, "samples": int(len(dec.label)), "dropped": int((~dec.keep).sum()),
+            "guard_kept": int((dec.code == rules.GUARD).sum()),
+            "thresholds": [None if np.isnan(x) else round(float(x), 6) for x in dec.thresholds],
+            "classes": cache.classes, "per_class": _per_class(dec, cache.classes),
+            "skipped": [dict(s, shard=e["name"]) for e in cache.manifest["shards"] for s in e["skipped"]],
+            "shards": [e["name"] for e in cache.manifest["shards"]]}
 
 
 def _write_scores(out: Path, chunks, dec: rules.Decision, rule: rules.Rule) -> None:
