@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from distill.data import augment as A
 from distill.data.augment import (POLICY_VERSION, Policy, SourceImage, decode, decode_center, derive_seed,
@@ -161,17 +161,138 @@ def test_decode_follows_timm_randaugment():
     assert 26.0 < np.mean(rot) < 28.0 and max(rot) <= 30.0 and len(set(rot)) > 50
 
 
-def test_every_op_renders_at_extreme_magnitudes():
-    src = SourceImage(encode(photo(80, 60)))
-    for mmax in (10, 30):
-        for m in (0, 5, 10, 30):
+# timm's fill colour (ImageNet mean in 0..255) and the same Pillow calls as timm's auto_augment ops,
+# written out here so that render's ops are checked against an independent expectation
+TIMM_FILL = tuple(min(255, round(255 * x)) for x in (0.485, 0.456, 0.406))
+_AFFINE = {"ShearX": lambda im, f: (1, f, 0, 0, 1, 0), "ShearY": lambda im, f: (1, 0, 0, f, 1, 0),
+           "TranslateXRel": lambda im, p: (1, 0, p * im.size[0], 0, 1, 0),
+           "TranslateYRel": lambda im, p: (1, 0, 0, 0, 1, p * im.size[1])}
+_ENHANCE = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
+            "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}
+
+
+def by_hand(img: Image.Image, op: str, arg) -> Image.Image:
+    """timm's RandAugment op ``op`` with argument ``arg`` (bicubic, timm's fill colour)."""
+    if op == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if op == "Equalize":
+        return ImageOps.equalize(img)
+    if op == "Invert":
+        return ImageOps.invert(img)
+    if op == "Rotate":
+        return img.rotate(arg, resample=Image.Resampling.BICUBIC, fillcolor=TIMM_FILL)
+    if op in _AFFINE:
+        return img.transform(img.size, Image.Transform.AFFINE, _AFFINE[op](img, arg),
+                             resample=Image.Resampling.BICUBIC, fillcolor=TIMM_FILL)
+    if op == "Posterize":   # 0 bits keep nothing (timm's mask; Pillow refuses 0), 8 keep everything
+        if arg == 0:
+            return Image.new("RGB", img.size, (0, 0, 0))
+        return img if arg >= 8 else ImageOps.posterize(img, arg)
+    if op == "Solarize":
+        return ImageOps.solarize(img, arg)
+    if op == "SolarizeAdd":
+        a = np.asarray(img).astype(np.int64)
+        return Image.fromarray(np.where(a < 128, np.minimum(255, a + arg), a).astype(np.uint8), "RGB")
+    return _ENHANCE[op](img).enhance(arg)
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+def _differ(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> int:
+    """How many pixel values differ (0: pixel-exact equality)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int((a != b).sum())
+
+
+def _ramp() -> tuple[SourceImage, dict]:
+    """A 16 x 16 PNG holding every byte value once in each channel, and a view that is the image itself."""
+    v = np.arange(256)
+    arr = np.stack([v, (v * 37 + 11) % 256, (v * 101 + 7) % 256], -1).reshape(16, 16, 3).astype(np.uint8)
+    src = SourceImage(encode(Image.fromarray(arr, "RGB"), "PNG"))
+    params = {**decode_center(16, 16), "crop": [0, 0, 16, 16], "interp": "nearest"}
+    assert np.array_equal(_pixels(render(src, params, 16)), arr)
+    return src, params
+
+
+def test_every_op_matches_timm_pixel_for_pixel():
+    photo_src = SourceImage(encode(photo(80, 60), quality=95))
+    sources = [("photo", photo_src, decode_center(80, 60), 24), ("ramp", *_ramp(), 16)]
+    seen = set()
+    for kind, src, center, size in sources:
+        base = render(src, center, size)
+        for m in (0, 5, 7, 10, 30):   # 30: past mmax 10, the extreme arguments must still render
             for name in A._RAND_OPS + A._RAND_INC_OPS:
                 for sign in (0.0, 1.0):
-                    op, arg = A._level(name, min(m, mmax), sign)
-                    params = {**decode_center(80, 60), "ops": [{"op": op, "magnitude": arg}]}
-                    assert view(src, params, 16).shape == (3, 16, 16), (name, m)
-    black = {**decode_center(80, 60), "ops": [{"op": "Posterize", "magnitude": 0}]}
-    assert np.asarray(render(src, black, 8)).max() == 0
+                    op, arg = A._level(name, m, sign)
+                    params = {**center, "ops": [{"op": op, "magnitude": arg}]}
+                    got = render(src, params, size)
+                    want = by_hand(base, op, arg)
+                    assert got.mode == "RGB" and got.size == (size, size)
+                    assert _differ(got, want) == 0, (kind, name, m, sign, op, arg)
+                    if m == 7 and kind == "photo":   # (at 5 or 10 some plain ops are identities)
+                        assert _differ(want, base) > 0, (name, sign, op, arg)   # the comparison has teeth
+                    seen.add(op)
+        # arguments that mean "unchanged" leave the view's pixels exactly as they are
+        for op, arg in (("Rotate", 0.0), ("ShearX", 0.0), ("ShearY", 0.0), ("TranslateXRel", 0.0),
+                        ("TranslateYRel", 0.0), ("Brightness", 1.0), ("Color", 1.0), ("Contrast", 1.0),
+                        ("Sharpness", 1.0), ("Posterize", 8), ("Solarize", 256), ("SolarizeAdd", 0)):
+            assert _differ(render(src, {**center, "ops": [{"op": op, "magnitude": arg}]}, size), base) == 0, (kind, op)
+        inv = {"op": "Invert", "magnitude": None}
+        assert _differ(render(src, {**center, "ops": [inv]}, size), 255 - _pixels(base)) == 0
+        assert _differ(render(src, {**center, "ops": [inv, inv]}, size), base) == 0
+        black = render(src, {**center, "ops": [{"op": "Posterize", "magnitude": 0}]}, size)
+        assert np.asarray(black).max() == 0
+    assert seen == set(A._RAND_OPS)
+    # ops apply in the listed order, after the crop and the flip
+    center, base = decode_center(80, 60), render(photo_src, decode_center(80, 60), 24)
+    rot, sol = {"op": "Rotate", "magnitude": 20.0}, {"op": "Solarize", "magnitude": 100}
+    got = render(photo_src, {**center, "ops": [rot, sol]}, 24)
+    assert _differ(got, by_hand(by_hand(base, "Rotate", 20.0), "Solarize", 100)) == 0
+    assert _differ(got, by_hand(by_hand(base, "Solarize", 100), "Rotate", 20.0)) > 0
+    flipped = render(photo_src, {**center, "flip": True, "ops": [rot]}, 24)
+    assert _differ(flipped, by_hand(base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "Rotate", 20.0)) == 0
+    assert view(photo_src, {**center, "ops": [rot]}, 24).shape == (3, 24, 24)
+
+
+def _timm_auto_augment():
+    """timm's auto_augment module, loaded on its own (it needs only Pillow and numpy), or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "auto_augment.py")
+    if not os.path.isfile(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_timm_auto_augment", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(mod)
+    except Exception:  # noqa: BLE001 - another timm layout: the hand-written check above still runs
+        return None
+    return mod
+
+
+def test_ops_equal_timm_own_ops_when_installed():
+    aa = _timm_auto_augment()
+    if aa is None or not hasattr(aa, "NAME_TO_OP"):
+        pytest.skip("timm not installed")
+    src = SourceImage(encode(photo(80, 60, seed=1), quality=95))
+    center = decode_center(80, 60)
+    base = render(src, center, 24)
+    for name in A._RAND_OPS + A._RAND_INC_OPS:
+        for sign in (0.0, 1.0):
+            op, arg = A._level(name, 7, sign)
+            if op == "Posterize" and arg == 0:
+                continue  # timm hands 0 bits to Pillow, which refuses it
+            fn = aa.NAME_TO_OP[op]
+            want = fn(base, arg, fillcolor=TIMM_FILL, resample=Image.Resampling.BICUBIC) if arg is not None \
+                else fn(base, fillcolor=TIMM_FILL, resample=Image.Resampling.BICUBIC)
+            got = render(src, {**center, "ops": [{"op": op, "magnitude": arg}]}, 24)
+            assert _differ(got, want) == 0, (name, sign, op, arg)
 
 
 def test_components_draw_from_separate_streams():
@@ -304,7 +425,58 @@ def test_draft_rule_and_quality():
         full = np.asarray(render(src, params, 64, draft=False), dtype=np.float32)
         assert np.abs(fast - full).mean() < 3.0, (seed, f)
         assert torch.equal(view(src, params, 64), view(SourceImage(data), params, 64))
-    assert sorted(src._cache) != [1]  # memoised per factor, each decoded once
+
+
+def _count_decodes(monkeypatch) -> list:
+    """Record the factor of every real pixel decode (``augment._open``) from now on."""
+    calls = []
+    real = A._open
+
+    def counting(data, factor):
+        calls.append(factor)
+        return real(data, factor)
+    monkeypatch.setattr(A, "_open", counting)
+    return calls
+
+
+def test_source_image_decodes_each_draft_factor_once(monkeypatch):
+    calls = _count_decodes(monkeypatch)
+    data = encode(photo(480, 360), quality=90)
+    src = SourceImage(data)
+    assert (src.width, src.height, src.format) == (480, 360, "JPEG") and calls == []   # lazy: header only
+    # views whose draft factors are 8, 4, 2 and 1, each rendered twice, in mixed order
+    params = {f: {**decode_center(480, 360), "crop": [0, 0, side, side]}
+              for f, side in ((8, 300), (4, 100), (2, 40), (1, 20))}
+    assert {f: draft_factor(p, 16) for f, p in params.items()} == {8: 8, 4: 4, 2: 2, 1: 1}
+    first = {}
+    for f in (8, 2, 8, 4, 1, 2, 4, 1, 8):
+        img = render(src, params[f], 16)
+        if f in first:
+            assert np.array_equal(np.asarray(img), first[f]), f
+        else:
+            first[f] = np.asarray(img)
+    assert sorted(calls) == [1, 2, 4, 8]          # one decode per factor, never a second one
+    for f in (1, 2, 4, 8):
+        img, used = src.decoded(f)
+        assert used == f and img.size == (480 // f, 360 // f) and src.at(f) is img
+    assert sorted(calls) == [1, 2, 4, 8]
+    # the memo holds the draft-decoded pixels: a fresh source renders the same view bit for bit
+    fresh = SourceImage(data)
+    assert np.array_equal(np.asarray(render(fresh, params[8], 16)), first[8])
+    assert calls[-1] == 8 and len(calls) == 5
+
+
+def test_source_image_non_jpeg_always_factor_one(monkeypatch):
+    calls = _count_decodes(monkeypatch)
+    png = SourceImage(encode(photo(480, 360), "PNG"))
+    assert png.format == "PNG" and calls == []
+    for side in (300, 100, 40, 20, 300):
+        params = {**decode_center(480, 360), "crop": [0, 0, side, side]}
+        assert render(png, params, 16).size == (16, 16)
+    for f in (8, 4, 2, 1):
+        img, used = png.decoded(f)
+        assert used == 1 and img.size == (480, 360)
+    assert calls == [1]                           # one full-resolution decode serves every factor
 
 
 # ----------------------------------------------------------------------------- mixing

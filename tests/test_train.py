@@ -124,6 +124,22 @@ def test_loader_workers_and_ranks_split_shards(cache_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- training, files, resume
 
+def _assert_same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same model weights (and, for last.pt, optimiser state), bit for bit."""
+    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    ma, mb = ca["model"], cb["model"]
+    assert list(ma) == list(mb) and len(ma) > 10
+    diff = [k for k in ma if not (ma[k].dtype == mb[k].dtype and torch.equal(ma[k], mb[k]))]
+    assert not diff, f"{len(diff)} of {len(ma)} tensors differ, e.g. {diff[:3]}"
+    if "optimizer" in ca:
+        sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        for i in sa:
+            assert sa[i].keys() == sb[i].keys()
+            assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]), i
+        assert ca["state"]["step"] == cb["state"]["step"] > 0
+
+
 def test_train_resume_matches_uninterrupted(cache_dir, tmp_path):
     full = train_student(_cfg(cache_dir, tmp_path / "full"))
     assert full.complete and full.epochs == 2 and full.final_top1 is not None
@@ -147,10 +163,15 @@ def test_train_resume_matches_uninterrupted(cache_dir, tmp_path):
     resumed = train_student(_cfg(cache_dir, tmp_path / "part", resume=True))
     rows2 = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows2] == [1, 2]
-    for a, b in zip(rows, rows2):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_top1"] == pytest.approx(b["val_top1"], abs=0.6)
+    # resuming continues the run exactly: same losses, accuracies and final weights, bit for bit
+    exact = ("train_loss", "soft_loss", "lr", "val_top1", "val_top5", "images", "cache_epoch")
+    assert [{k: r.get(k) for k in exact} for r in rows2] == [{k: r.get(k) for k in exact} for r in rows]
+    assert all(isinstance(r["train_loss"], float) and r["val_top1"] is not None for r in rows2)
+    assert rows[0]["train_loss"] != rows[1]["train_loss"]
+    _assert_same_weights(run / "last.pt", tmp_path / "part" / "last.pt")
+    _assert_same_weights(run / "best.pt", tmp_path / "part" / "best.pt")
     assert resumed.images_seen == full.images_seen and resumed.complete
+    assert (resumed.final_top1, resumed.best_top1, resumed.best_epoch) == (full.final_top1, full.best_top1, full.best_epoch)
     again = train_student(_cfg(cache_dir, tmp_path / "part", resume=True))     # finished: nothing to do
     assert again.epochs == 2 and again.final_top1 == resumed.final_top1
 
@@ -166,7 +187,7 @@ def test_hard_labels_run_and_reproducible_views(cache_dir, tmp_path):
         ds.set_epoch(0)
         runs.append([b for b in ds])
     a, b = runs
-    assert sum(len(x["key"]) for x in a) == 720 and a[0]["idx"].shape == (64, 0)
+    assert len(a) == len(b) and sum(len(x["key"]) for x in a) == 720 and a[0]["idx"].shape == (64, 0)
     assert all(torch.equal(x["image"], y["image"]) and x["key"] == y["key"] for x, y in zip(a, b))
     lam = torch.cat([x["lam"] for x in a])
     assert 0 < int((lam < 1).sum()) < 720
@@ -284,19 +305,101 @@ def _flip_tool():
     return mod
 
 
+def _true_class_probs(run_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, top-1 hits) of the model in RUN_DIR/last.pt on these views and labels."""
+    from distill.models import create_model
+    model = create_model("tinyvit-tiny", 10, img_size=32)
+    model.load_state_dict(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"])
+    model.eval()
+    with torch.no_grad():
+        p = torch.cat([model(x).softmax(-1) for x in images.split(64)])
+    return p, p.argmax(1) == labels
+
+
+def _centre_views(shards: str, keys=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The eval (centre-crop) views at 32 px of a shard directory's samples (or of ``keys`` only)."""
+    from distill.data import augment
+    from distill.data.shards import iter_shard, resolve_shards
+    from distill.format import Skip
+    xs, ys, ks = [], [], []
+    for path in resolve_shards(shards)[0]:
+        for item in iter_shard(path):
+            if isinstance(item, Skip) or (keys is not None and item.key not in keys):
+                continue
+            src = augment.SourceImage(item.data)
+            xs.append(augment.view(src, augment.decode_center(src.width, src.height), 32))
+            ys.append(int(item.label))
+            ks.append(item.key)
+    return torch.stack(xs), torch.tensor(ys), ks
+
+
 def test_cache_beats_hard_labels_on_flipped_labels(tmp_path):
     """20% of the demo train labels flipped: the student distilled from the (clean) demo teacher's
-    cache beats the same student trained on the flipped labels by >= 3 points val top-1."""
+    cache beats the same student trained on the flipped labels (same cached views, samples, steps
+    and schedule: --compare-hard-labels) on each of 2 training seeds, in clean-val top-1 and in the
+    probability it gives the true class; on the flipped training samples it follows the true class,
+    not the flipped label. 2 epochs, where the soft targets matter most (README). Observed on
+    training seeds 0-3: top-1 gap +4.7, +7.2, +13.9, +5.6 points; val NLL gap 0.35-0.52; flipped
+    samples' true-class probability gap 0.19-0.21: the asserted margins are under half the smallest."""
     import tomllib
     policy = tomllib.loads((REPO / "pipelines" / "demo.toml").read_text())["policy"]
-    truth = _flip_tool().flip_labels(str(DEMO / "train"), str(tmp_path / "flipped"), frac=0.2, seed=0)
+    flipped = str(tmp_path / "flipped")
+    truth = _flip_tool().flip_labels(str(DEMO / "train"), flipped, frac=0.2, seed=0)
     assert truth["flipped_count"] == round(0.2 * truth["samples"])
-    epochs = 3
-    _cache_teacher(shards=str(tmp_path / "flipped"), teacher=(str(TEACHER),), out=str(tmp_path / "cache"),
-                   epochs=epochs, topk=5, policy=policy)
-    cfg = _cfg(tmp_path / "cache", tmp_path / "run", shards=str(tmp_path / "flipped"), val_shards=str(DEMO / "val"),
-               epochs=epochs, warmup_epochs=1, compare_hard_labels=True, seed=0)
-    res = train_student(cfg, policy)
-    assert res.hard_labels is not None and (tmp_path / "run" / "hard-labels" / "summary.json").is_file()
-    assert "from hard labels" in res.summary()
-    assert res.final_top1 - res.hard_labels.final_top1 >= 3.0, res.summary()
+    epochs = 2
+    # one torch thread: two busy-waiting threads on a loaded 2-core machine run 10x slower
+    _cache_teacher(shards=flipped, teacher=(str(TEACHER),), out=str(tmp_path / "cache"), epochs=epochs, topk=5,
+                   policy=policy, threads=1)
+    flips = truth["flipped"]
+    # the cache's targets of the flipped samples point at their true class, not at the given label
+    t = open_cache(tmp_path / "cache").to_table(columns=["key", "label", "topk_idx", "topk_prob"])
+    rows = [i for i, k in enumerate(t.column("key").to_pylist()) if k in flips]
+    keys = [t.column("key")[i].as_py() for i in rows]
+    assert len(rows) == epochs * len(flips)
+    assert [t.column("label")[i].as_py() for i in rows] == [flips[k]["given"] for k in keys]
+    dense = dense_targets(torch.tensor([t.column("topk_idx")[i].as_py() for i in rows]),
+                          torch.tensor([t.column("topk_prob")[i].as_py() for i in rows]), 10, "uniform")
+    on_true = dense.gather(1, torch.tensor([[flips[k]["true"]] for k in keys])).squeeze(1)
+    on_given = dense.gather(1, torch.tensor([[flips[k]["given"]] for k in keys])).squeeze(1)
+    assert on_true.mean() > 0.6 and on_given.mean() < 0.1 and (on_true > on_given).float().mean() > 0.85
+
+    val_x, val_y, _ = _centre_views(str(DEMO / "val"))
+    flip_x, _, flip_keys = _centre_views(flipped, set(flips))
+    flip_true = torch.tensor([flips[k]["true"] for k in flip_keys])
+    flip_given = torch.tensor([flips[k]["given"] for k in flip_keys])
+    assert len(flip_keys) == len(flips) and bool((flip_true != flip_given).all())
+    gaps = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        cfg = _cfg(tmp_path / "cache", run, shards=flipped, val_shards=str(DEMO / "val"),
+                   epochs=epochs, warmup_epochs=1, compare_hard_labels=True, seed=seed, threads=1)
+        threads = torch.get_num_threads()
+        try:
+            res = train_student(cfg, policy)
+        finally:
+            torch.set_num_threads(threads)
+        hard = res.hard_labels
+        assert hard is not None and (run / "hard-labels" / "summary.json").is_file()
+        assert "from hard labels" in res.summary() and res.complete and hard.complete
+        assert hard.source == "hard labels" and hard.images_seen == res.images_seen == epochs * (truth["samples"] // 64) * 64
+        p_cache, hit_cache = _true_class_probs(run, val_x, val_y)
+        p_hard, hit_hard = _true_class_probs(run / "hard-labels", val_x, val_y)
+        # the reported val top-1 is the saved final model's, on the clean val split (to one sample:
+        # the trainer ran on one thread, this on the default threads)
+        one = 100.0 / len(val_y) + 1e-9
+        assert abs(res.final_top1 - 100.0 * int(hit_cache.sum()) / len(val_y)) <= one
+        assert abs(hard.final_top1 - 100.0 * int(hit_hard.sum()) / len(val_y)) <= one
+        gap = res.final_top1 - hard.final_top1
+        gaps.append(gap)
+        assert gap >= 2.0, (seed, res.summary())
+        nll_cache = -p_cache.gather(1, val_y[:, None]).clamp_min(1e-12).log().mean().item()
+        nll_hard = -p_hard.gather(1, val_y[:, None]).clamp_min(1e-12).log().mean().item()
+        assert nll_hard - nll_cache >= 0.15, (seed, nll_cache, nll_hard)
+        # flipped training samples: the cache's student puts more mass on the true class, and less on
+        # the wrong label it was given, than the student that learnt that label
+        fc, _ = _true_class_probs(run, flip_x, flip_true)
+        fh, _ = _true_class_probs(run / "hard-labels", flip_x, flip_true)
+        true_c, true_h = fc.gather(1, flip_true[:, None]).mean().item(), fh.gather(1, flip_true[:, None]).mean().item()
+        given_c, given_h = fc.gather(1, flip_given[:, None]).mean().item(), fh.gather(1, flip_given[:, None]).mean().item()
+        assert true_c - true_h >= 0.08 and given_c < given_h, (seed, true_c, true_h, given_c, given_h)
+    assert sum(gaps) / len(gaps) >= 3.0, gaps
