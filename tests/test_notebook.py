@@ -3,6 +3,7 @@ replay, show), open_filter, open_run, the README snippets and examples/explore.i
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import json
 import os
 import queue
@@ -151,8 +152,10 @@ def test_to_table_over_many_shards_matches_per_shard_decoding(tmp_path):
         name = f"s-{i:06d}.tar"
         t = encode_cache_shard([f"k{i}_{j}" for j in range(n)], rng.integers(0, C, n), rng.integers(0, 2 ** 32, (n, E)),
                                ids, prob, prob[..., 0], num_classes=C, shard=name)
-        (tmp_path / f"s-{i:06d}.arrow").write_bytes(ipc_bytes(t))
-        entries.append({"name": name, "file": f"s-{i:06d}.arrow", "samples": n, "records": n * E})
+        data = ipc_bytes(t)
+        (tmp_path / f"s-{i:06d}.arrow").write_bytes(data)
+        entries.append({"name": name, "file": f"s-{i:06d}.arrow", "samples": n, "records": n * E,
+                        "file_bytes": len(data), "file_sha256": hashlib.sha256(data).hexdigest()})
     local = [read_ipc(tmp_path / e["file"]).schema.field("local").type.value_type for e in entries]
     assert local == [pa.uint8(), pa.uint8(), pa.uint8(), pa.uint16(), pa.uint8()]
     atomic_write_json(tmp_path / MANIFEST_NAME, {

@@ -290,4 +290,5 @@ def test_timm_checkpoint_sets_the_weights_and_the_identity(tmp_path):
 def test_timm_input_size_hint_is_timms_default():
     timm = import_timm()
     want = timm.create_model(TIMM_SPEC[5:]).pretrained_cfg["input_size"][-1]
-    assert teachers.input_size_hint(teachers.make_specs([TIMM_SPEC])) == want == 160   # no weights needed
+    # the architecture declares it: no checkpoint is loaded (make_specs would refuse a checkpoint-less spec)
+    assert teachers.input_size_hint([teachers.TeacherSpec(TIMM_SPEC)]) == want == 160
