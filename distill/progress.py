@@ -5,6 +5,13 @@ from __future__ import annotations
 import sys
 
 
+def note(msg: str, quiet: bool = False) -> None:
+    """One line on stderr, prefixed ``distill:`` (warnings and notes of the stages)."""
+    if not quiet:
+        sys.stderr.write(f"distill: {msg}\n")
+        sys.stderr.flush()
+
+
 def bar(total: int | None, desc: str, unit: str = "it", quiet: bool = False):
     """A tqdm bar, or None when quiet (call sites do ``if pbar: pbar.update(n)``)."""
     if quiet:

@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import os
 import time
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import engine
 from ..config import CacheConfig
 from ..data import augment, shards as shardio, views
-from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME,
-                      cache_file_name, read_excluded_keys, read_ipc)
 from ..files import LOCK_NAME, UserError, atomic_write_bytes, atomic_write_json, digest, lock_dir, read_json, sha256_file
-from ..format import AGREEMENT_KEY, REPLAY_ENV_KEY
-from ..progress import bar
+from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
+                      REPLAY_ENV_KEY, RUN_NAME, cache_file_name, read_excluded_keys, read_ipc)
+from ..progress import bar, note
 from .verify import replay_env
 from .writer import CacheWorker
 
@@ -321,12 +319,6 @@ def _agreement_warning(a: dict, num_classes: int, size: int) -> list[str]:
     return [f"the teacher's top-1 agrees with the given labels on {a['top1']:.1%} of records (chance {chance:.1%}, "
             f"mean label probability {a['mean_label_prob']:.3f}): a wrong --teacher-input-size ({size}) or "
             f"--teacher-mean/--teacher-std, or a teacher whose classes are not these labels?"]
-
-
-def note(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        sys.stderr.write(f"distill: {msg}\n")
-        sys.stderr.flush()
 
 
 def _count_hint(index, name: str) -> int:

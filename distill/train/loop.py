@@ -21,12 +21,12 @@ import torch
 
 from ..config import TrainConfig, to_dict, write_resolved
 from ..files import UserError, atomic_write_json, lock_dir
-from .losses import DistillLoss, topk_correct
 from ..models import create_model, load_init, param_groups
-from ..progress import bar
+from ..progress import bar, note
 from . import checkpoint as ck
 from .data import TrainStream, ValStream, loader
-from .prepare import Data, note, prepare_data, validate
+from .losses import DistillLoss, topk_correct
+from .prepare import Data, prepare_data, validate
 
 VAL_CACHE_BYTES = 512 << 20   # keep the validation views in memory between epochs below this size
 

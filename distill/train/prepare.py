@@ -6,28 +6,22 @@ version cannot replay, bad options) is raised here as ``UserError``, before a mo
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..cache.verify import check_files, check_view_fingerprints
-from ..data import augment, views
-from ..format import FILTER_SCORES_NAME, read_excluded_keys, read_ipc
-from ..config import TrainConfig
-from ..files import UserError, sha256_file
-from .losses import FILLS
-from ..models import MODELS
 from ..cache.reader import Cache, open_cache
+from ..cache.verify import check_files, check_view_fingerprints
+from ..config import TrainConfig
+from ..data import augment, views
 from ..data.shards import iter_shard, resolve_shards
+from ..files import UserError, sha256_file
+from ..format import FILTER_SCORES_NAME, read_excluded_keys, read_ipc
+from ..models import MODELS
+from ..progress import note
 from .data import ShardRef, shard_refs
-
-
-def note(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        sys.stderr.write(f"distill: {msg}\n")
-        sys.stderr.flush()
+from .losses import FILLS
 
 
 @dataclass
