@@ -275,3 +275,56 @@ def lock_dir(directory: str | os.PathLike, what: str) -> DirLock:
     """Lock ``directory`` (created with its parents if missing) for a distill ``what`` run; raises
     UserError when another live run holds it. Use as ``with lock_dir(out, "cache"): ...``."""
     return DirLock(directory, what).acquire()
+
+
+# ---------------------------------------------------------------------------------------------
+# reader marks: a process reading a directory (train-student reading a cache) leaves
+# ``.distill.reader.<host>.<pid>`` in it, so that a writer's --overwrite can refuse to delete under it
+
+READER_PREFIX = ".distill.reader."
+
+
+class ReaderMark:
+    """Context manager: mark ``directory`` as read by this process until exit. On a directory this
+    process cannot write (a read-only mount) nothing is marked and ``marked`` is False (the caller
+    says so: an --overwrite elsewhere would not see this reader)."""
+
+    def __init__(self, directory: str | os.PathLike, what: str):
+        self.path = Path(directory) / f"{READER_PREFIX}{socket.gethostname()}.{os.getpid()}"
+        self.what = what
+        self.marked = False
+
+    def __enter__(self) -> "ReaderMark":
+        payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
+                              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+        try:
+            self.path.write_text(payload)
+            self.marked = True
+        except OSError:
+            self.marked = False
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.marked:
+            _unlink_quiet(self.path)
+        return False
+
+
+def live_readers(directory: str | os.PathLike) -> list[dict]:
+    """The reader marks of OTHER live processes in ``directory`` (marks of dead pids on this host are
+    removed; marks from other hosts count as live)."""
+    found = []
+    for p in sorted(Path(directory).glob(READER_PREFIX + "*")):
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or type(info.get("pid")) is not int:
+            continue
+        if _is_mine(info):
+            continue
+        if info.get("host") == socket.gethostname() and not _pid_alive(info["pid"]):
+            _unlink_quiet(p)
+            continue
+        found.append(info)
+    return found

@@ -234,6 +234,26 @@ def test_a_failed_rerun_keeps_the_old_manifest(built, tmp_path):
     assert (cache / MANIFEST_NAME).read_bytes() == before
 
 
+def test_overwrite_never_deletes_a_cache_being_read(built, tmp_path):
+    from distill.files import live_readers
+    tmp, shards = built
+    cache = _copy_cache(tmp / "cache", tmp_path / "cache")
+    code = ("import sys, time; from distill.files import ReaderMark\n"
+            f"with ReaderMark({str(cache)!r}, 'train-student'):\n    print('reading', flush=True); time.sleep(60)")
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        files = sorted(p.name for p in cache.iterdir())
+        with pytest.raises(UserError, match=f"being read by distill train-student \\(pid {reader.pid}"):
+            cache_teacher(cache_config(shards, cache, epochs=3, overwrite=True), DEMO_POLICY)
+        assert sorted(p.name for p in cache.iterdir()) == files          # nothing deleted
+    finally:
+        reader.kill()
+        reader.wait()
+    assert live_readers(cache) == [] and not list(cache.glob(".distill.reader.*"))   # a dead reader's mark is cleared
+
+
 def test_train_student_locks_its_run_directory(built, tmp_path):
     from distill.files import lock_dir
     tmp, shards = built

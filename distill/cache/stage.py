@@ -15,7 +15,8 @@ from pathlib import Path
 from .. import engine
 from ..config import CacheConfig
 from ..data import augment, shards as shardio, views
-from ..files import LOCK_NAME, UserError, atomic_write_bytes, atomic_write_json, digest, lock_dir, read_json, sha256_file
+from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
+                     sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
                       REPLAY_ENV_KEY, RUN_NAME, cache_file_name, read_excluded_keys, read_ipc)
 from ..progress import bar, note
@@ -336,7 +337,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
         raise UserError(f"--out {out} exists and is not a directory")
     run_file = out / RUN_NAME
     diff: list[str] = []
-    if out.exists() and any(f.name != LOCK_NAME for f in out.iterdir()):
+    if out.exists() and any(not f.name.startswith(".distill.") for f in out.iterdir()):   # lock and reader marks
         if run_file.exists():
             old = read_json(run_file, "cache run file")
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
@@ -346,6 +347,11 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
         elif not overwrite:
             raise UserError(f"{out} is not empty and is not a distill cache; use --overwrite or another --out")
         if overwrite and (not run_file.exists() or diff):
+            readers = live_readers(out)
+            if readers:
+                r = readers[0]
+                raise UserError(f"{out} is being read by distill {r.get('what')} (pid {r['pid']} on {r.get('host')}): "
+                                f"--overwrite would delete files under it; wait for it to finish or use another --out")
             for f in out.iterdir():
                 if f.is_file() and (f.suffix == ".arrow" or f.name in (MANIFEST_NAME, RUN_NAME) or f.name.endswith(".tmp")):
                     f.unlink()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import UserError, atomic_write_json, lock_dir
+from ..files import ReaderMark, UserError, atomic_write_json, lock_dir
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
@@ -166,7 +166,8 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     d = _setup_dist(cfg)
     try:
         data = prepare_data(cfg, policy_table, world=d.world)   # every refusal, before anything is written
-        with lock_dir(cfg.out, "train-student") if d.main else contextlib.nullcontext():
+        with lock_dir(cfg.out, "train-student") if d.main else contextlib.nullcontext(), \
+                _reading(data, d, cfg.quiet):
             res = _run(cfg, data, d, stop_after)
             if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
                 hcfg = dataclasses.replace(cfg, hard_labels=True, compare_hard_labels=False, alpha=0.0,
@@ -182,6 +183,19 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
         if d.owned:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _reading(data: Data, d: Dist, quiet: bool):
+    """Rank 0 marks the cache as being read, so that cache-teacher --overwrite will not delete it."""
+    if data.cache is None or not d.main:
+        yield
+        return
+    with ReaderMark(data.cache.path, "train-student") as mark:
+        if not mark.marked:
+            note(f"cannot mark {data.cache.path} as in use (not writable): a cache-teacher --overwrite there "
+                 f"would not see this run", quiet)
+        yield
 
 
 @dataclass
