@@ -181,6 +181,31 @@ def test_a_flipped_byte_stops_train_student_before_any_step(built, tmp_path):
     assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_under_ddp_each_rank_checks_part_and_all_ranks_stop(built, tmp_path):
+    """2 gloo ranks: the damaged file is in rank 1's half of the check; both ranks stop with its name."""
+    tmp, shards = built
+    cache = _copy_cache(tmp / "cache", tmp_path / "cache")
+    f = cache / "train-000001.arrow"                   # manifest order: shard 1 is checked by rank 1
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0x01
+    f.write_bytes(bytes(data))
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys, torch
+torch.set_num_threads(1)
+from distill.cli import main
+sys.exit(main({_train_args(str(shards), str(cache), str(tmp_path / 'run'), '--device', 'cpu')!r}))
+""")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    assert r.returncode != 0 and time.time() - t0 < 120
+    errors = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 2 and all("train-000001.arrow" in e and "distill verify" in e for e in errors), r.stderr[-3000:]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_readers_check_each_file_before_use(built, tmp_path):
     from distill.files import FormatError
     tmp, _ = built

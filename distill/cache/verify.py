@@ -44,17 +44,27 @@ def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
     return None
 
 
-def file_problems(cache: Cache, rows: bool = True) -> list[str]:
-    """Problems found checking every file against the manifest (empty list: all good). Files are
-    hashed in parallel threads (hashlib releases the GIL)."""
+Part = tuple[int, int]                 # (rank, world): this process checks shards rank, rank + world, ...
+
+
+def _gathered(problems: list[str], gather) -> list[str]:
+    return gather(problems) if gather is not None else problems
+
+
+def file_problems(cache: Cache, rows: bool = True, part: Part = (0, 1)) -> list[str]:
+    """Problems found checking every file (of this ``part``) against the manifest (empty list: all
+    good). Files are hashed in parallel threads (hashlib releases the GIL)."""
+    entries = cache.manifest["shards"][part[0]::part[1]]
     with ThreadPoolExecutor(_THREADS) as pool:
-        found = pool.map(lambda e: _file_problem(cache, e, rows), cache.manifest["shards"])
+        found = pool.map(lambda e: _file_problem(cache, e, rows), entries)
         return [p for p in found if p]
 
 
-def check_files(cache: Cache) -> None:
-    """Stop with one line naming the first damaged file (size, then checksum), before any use."""
-    problems = file_problems(cache, rows=False)
+def check_files(cache: Cache, part: Part = (0, 1), gather=None) -> None:
+    """Stop with one line naming the first damaged file (size, then checksum), before any use.
+    Under DDP each rank hashes its ``part`` and ``gather`` (rank problems -> everyone's) lets every
+    rank stop on any rank's finding."""
+    problems = _gathered(file_problems(cache, rows=False, part=part), gather)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"cache file {problems[0]}{more}; the cache is damaged: run distill verify {cache.path}")
@@ -97,9 +107,10 @@ def _fingerprint_problems(cache: Cache, entry: dict, path: Path) -> list[str]:
     return problems
 
 
-def fingerprint_problems(cache: Cache, paths: dict[str, Path] | None = None) -> list[str]:
-    """Replay every recorded fingerprint view; ``paths``: shard name -> tar (default: the cache's source)."""
-    entries = cache.manifest["shards"]
+def fingerprint_problems(cache: Cache, paths: dict[str, Path] | None = None, part: Part = (0, 1)) -> list[str]:
+    """Replay every recorded fingerprint view (of this ``part``'s shards); ``paths``: shard name ->
+    tar (default: the cache's source)."""
+    entries = cache.manifest["shards"][part[0]::part[1]]
     paths = paths or {e["name"]: cache.shard_path(e["name"]) for e in entries}
     with ThreadPoolExecutor(_THREADS) as pool:
         found = pool.map(lambda e: _fingerprint_problems(cache, e, paths[e["name"]]), entries)
@@ -112,10 +123,11 @@ def _env_diff(cache: Cache) -> str:
     return ("cache made with " + ", ".join(diff)) if diff else "same library versions"
 
 
-def check_view_fingerprints(cache: Cache, paths: dict[str, Path] | None = None, allow: bool = False) -> str | None:
+def check_view_fingerprints(cache: Cache, paths: dict[str, Path] | None = None, allow: bool = False,
+                            part: Part = (0, 1), gather=None) -> str | None:
     """Stop (UserError) when a recorded view replays differently here; with ``allow`` return a
     description of the drift instead (for the run's summary). None when every view matches."""
-    problems = fingerprint_problems(cache, paths)
+    problems = _gathered(fingerprint_problems(cache, paths, part), gather)
     if not problems:
         return None
     msg = f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + f"; {_env_diff(cache)}"

@@ -137,6 +137,19 @@ def _all_sum(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
+def _gather(d: Dist):
+    """None on one process; else a function list -> the concatenation of every rank's lists."""
+    if d.world == 1:
+        return None
+    import torch.distributed as dist
+
+    def gather(items: list) -> list:
+        out: list = [None] * d.world
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+    return gather
+
+
 def _barrier(d: Dist) -> None:
     if d.world > 1:
         import torch.distributed as dist
@@ -165,7 +178,8 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
     try:
-        data = prepare_data(cfg, policy_table, world=d.world)   # every refusal, before anything is written
+        # every refusal, before anything is written; each rank checks 1/world of the cache files
+        data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
         with lock_dir(cfg.out, "train-student") if d.main else contextlib.nullcontext(), \
                 _reading(data, d, cfg.quiet):
             res = _run(cfg, data, d, stop_after)

@@ -107,7 +107,7 @@ def _scan_classes(paths: list[Path]) -> tuple[int, int]:
     return top + 1, n
 
 
-def _open_cache(cfg: TrainConfig, paths: list[Path], index) -> tuple[Cache, list[str]]:
+def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=None) -> tuple[Cache, list[str]]:
     """The cache, checked before any step: built for a student (not a filter's scoring cache), over
     these shards and classes, its files intact (size and checksum), its views replaying here as
     they did for the teacher (fingerprints). Returns (cache, notes for the summary)."""
@@ -124,8 +124,9 @@ def _open_cache(cfg: TrainConfig, paths: list[Path], index) -> tuple[Cache, list
     if cache.topk < 1:
         raise UserError("the cache stores no classes (topk 0)")
     cache.view_spec                                  # refuses a policy version this code cannot replay
-    check_files(cache)                               # one line naming the file, before any step
-    drift = check_view_fingerprints(cache, {p.name: p for p in paths}, allow=cfg.allow_replay_drift)
+    # one line naming the file, before any step; under DDP each rank checks 1/world of the files
+    check_files(cache, part, gather)
+    drift = check_view_fingerprints(cache, {p.name: p for p in paths}, cfg.allow_replay_drift, part, gather)
     return cache, ([f"--allow-replay-drift: {drift}"] if drift else [])
 
 
@@ -139,15 +140,16 @@ def _excluded_here(exclude: frozenset, cfg: TrainConfig, names: list[str]) -> in
     return int(np.isin(shard[~keep], names).sum())
 
 
-def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1) -> Data:
+def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, rank: int = 0, gather=None) -> Data:
     """Resolve shards, cache and views; every refusal happens here, before any training.
 
     With ``--cache`` the views (and, unless ``--hard-labels``, the targets) come from the cache, so a
-    ``--hard-labels`` baseline given the cache sees the same views, samples and steps per epoch."""
+    ``--hard-labels`` baseline given the cache sees the same views, samples and steps per epoch.
+    ``gather`` (DDP): a list of this rank's problems -> every rank's, so all ranks stop together."""
     paths, index = resolve_shards(cfg.shards)
     exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
     source = "hard labels" if cfg.hard_labels else "cache"
-    cache, notes = _open_cache(cfg, paths, index) if cfg.cache else (None, [])
+    cache, notes = _open_cache(cfg, paths, index, (rank, world), gather) if cfg.cache else (None, [])
     if cache is not None:
         spec, num_classes = cache.view_spec, int(cache.num_classes)
         cached = sum(e["samples"] for e in cache.manifest["shards"])
