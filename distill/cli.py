@@ -63,6 +63,7 @@ def cmd_make_shards(args) -> int:
     from .progress import bar
     pbar = bar(None, "make-shards", "img", args.quiet)
     index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,
+                               shuffle=not args.no_shuffle, seed=args.seed,
                                classes_file=args.classes, overwrite=args.overwrite,
                                progress=pbar.update if pbar else None)
     if pbar:
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keys", choices=["stem", "path"], default="stem", help="sample keys from file stems or relative paths")
     s.add_argument("--classes", metavar="FILE", help="class names, one per line, in label order (CSV input)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    s.add_argument("--no-shuffle", action="store_true",
+                   help="keep the listing order (class by class for a folder tree) instead of shuffling the dataset")
+    s.add_argument("--seed", type=int, default=0, help="seed of the dataset shuffle (default: 0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_make_shards)
 

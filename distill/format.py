@@ -69,6 +69,9 @@ class ShardIndex:
     classes: list[str]
     shards: list[ShardEntry]
     skipped: list[Skip] = field(default_factory=list)
+    # how make-shards ordered the samples: {"shuffled": bool, "seed": int}; None (not written) for
+    # shards whose writer did not say
+    order: dict | None = None
     format: str = SHARD_INDEX_FORMAT
     version: int = SHARD_INDEX_VERSION
 
@@ -81,7 +84,10 @@ class ShardIndex:
         return sum(s.samples for s in self.shards)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["order"] is None:
+            del d["order"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardIndex":
@@ -91,7 +97,7 @@ class ShardIndex:
             raise FormatError(f"shard index version {d.get('version')} is not supported (expected {SHARD_INDEX_VERSION})")
         return cls(classes=list(d["classes"]),
                    shards=[ShardEntry(**s) for s in d["shards"]],
-                   skipped=[Skip(**s) for s in d.get("skipped", [])])
+                   skipped=[Skip(**s) for s in d.get("skipped", [])], order=d.get("order"))
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / SHARD_INDEX_NAME

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 import subprocess
@@ -26,7 +27,7 @@ def read_all(out):
 
 def test_folder_round_trip(image_tree, tmp_path):
     src, written = image_tree
-    index, skips = make_shards(src, tmp_path / "out", shard_size=4)
+    index, skips = make_shards(src, tmp_path / "out", shard_size=4, shuffle=False)
     assert skips == []
     assert index.classes == ["bird", "cat", "dog"]
     assert [s.samples for s in index.shards] == [4, 4, 1]
@@ -44,7 +45,7 @@ def test_folder_round_trip(image_tree, tmp_path):
 
 def test_tar_members_and_headers_are_fixed(image_tree, tmp_path):
     src, _ = image_tree
-    index, _ = make_shards(src, tmp_path / "out", shard_size=100)
+    index, _ = make_shards(src, tmp_path / "out", shard_size=100, shuffle=False)
     with tarfile.open(tmp_path / "out" / index.shards[0].name) as tar:
         infos = tar.getmembers()
     assert [i.name for i in infos[:4]] == ["b0.jpg", "b0.cls", "b1.png", "b1.cls"]
@@ -62,11 +63,38 @@ def test_reproducible_bytes(image_tree, tmp_path):
     assert (tmp_path / "a" / "index.json").read_bytes() == (tmp_path / "b" / "index.json").read_bytes()
 
 
+def test_shuffled_by_default_reproducibly_and_mixed(tmp_path):
+    """A class-ordered tree: --no-shuffle gives one class per shard; the default shuffle mixes every
+    shard, is the same for the same seed, another for another seed, and index.json says which."""
+    layout = {f"c{c}": [f"c{c}_{i}.png" for i in range(12)] for c in range(4)}
+    write_image_tree(tmp_path / "src", layout)
+    labels = lambda d: [[s.label for s in iter_shard(tmp_path / d / e.name)] for e in ShardIndex.read(tmp_path / d).shards]
+    plain, _ = make_shards(tmp_path / "src", tmp_path / "plain", shard_size=12, shuffle=False)
+    assert [set(x) for x in labels("plain")] == [{0}, {1}, {2}, {3}] and plain.order == {"shuffled": False, "seed": 0}
+    a, _ = make_shards(tmp_path / "src", tmp_path / "a", shard_size=12)
+    b, _ = make_shards(tmp_path / "src", tmp_path / "b", shard_size=12)
+    c, _ = make_shards(tmp_path / "src", tmp_path / "c", shard_size=12, seed=1)
+    assert all(len(set(x)) >= 3 for x in labels("a")), labels("a")
+    assert (tmp_path / "a" / "index.json").read_bytes() == (tmp_path / "b" / "index.json").read_bytes()
+    assert [e.sha256 for e in a.shards] == [e.sha256 for e in b.shards] != [e.sha256 for e in c.shards]
+    assert json.loads((tmp_path / "a" / "index.json").read_text())["order"] == {"shuffled": True, "seed": 0}
+    assert sorted(x for sh in labels("a") for x in sh) == sorted(x for sh in labels("plain") for x in sh)
+    keys = lambda d: sorted(s.key for e in ShardIndex.read(tmp_path / d).shards for s in iter_shard(tmp_path / d / e.name))
+    assert keys("a") == keys("plain")                                  # the same samples, another order
+    from distill.cli import main                                       # the flags say the same
+    assert main(["make-shards", str(tmp_path / "src"), str(tmp_path / "cli"), "--shard-size", "12", "--no-shuffle",
+                 "--quiet"]) == 0
+    assert labels("cli") == labels("plain") and ShardIndex.read(tmp_path / "cli").order["shuffled"] is False
+    assert main(["make-shards", str(tmp_path / "src"), str(tmp_path / "cli1"), "--shard-size", "12", "--seed", "1",
+                 "--quiet"]) == 0
+    assert [e.sha256 for e in ShardIndex.read(tmp_path / "cli1").shards] == [e.sha256 for e in c.shards]
+
+
 def test_png_named_jpg_is_stored_as_png(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     data = image_bytes("PNG")
     (tmp_path / "src" / "a" / "x.jpg").write_bytes(data)
-    make_shards(tmp_path / "src", tmp_path / "out")
+    make_shards(tmp_path / "src", tmp_path / "out", shuffle=False)
     [sample] = read_all(tmp_path / "out")[1]
     assert (sample.ext, sample.data) == ("png", data)
 
@@ -74,8 +102,8 @@ def test_png_named_jpg_is_stored_as_png(tmp_path):
 def test_keys_path_and_sanitising(tmp_path):
     write_image_tree(tmp_path / "src", {"a": ["sub dir/x.v2.jpg"], "b": ["x.v2.jpg"]})
     with pytest.raises(UserError, match=r"duplicate key 'x_v2' from a/sub dir/x\.v2\.jpg and b/x\.v2\.jpg: use --keys path"):
-        make_shards(tmp_path / "src", tmp_path / "out")
-    make_shards(tmp_path / "src", tmp_path / "out", keys="path")
+        make_shards(tmp_path / "src", tmp_path / "out", shuffle=False)
+    make_shards(tmp_path / "src", tmp_path / "out", keys="path", shuffle=False)
     assert [s.key for s in read_all(tmp_path / "out")[1]] == ["a_sub_dir_x_v2", "b_x_v2"]
 
 
@@ -89,7 +117,7 @@ def test_bad_files_are_recorded_skips(image_tree, tmp_path):
     from PIL import Image
     Image.new("RGB", (4, 4)).save(gif)
     (src / "dog" / "anim.png").write_bytes(gif.read_bytes())
-    index, skips = make_shards(src, tmp_path / "out")
+    index, skips = make_shards(src, tmp_path / "out", shuffle=False)
     got = {(s.shard, s.reason.split(":")[0].split(" (")[0]) for s in skips}
     assert got == {("stray.jpg", "file is not inside a class folder"), ("cat/notes.txt", "not an image file extension"),
                    ("cat/broken.jpg", "unreadable image"), ("dog/anim.png", "unsupported image format GIF")}
@@ -99,12 +127,12 @@ def test_bad_files_are_recorded_skips(image_tree, tmp_path):
 def test_classes_file_for_folder(image_tree, tmp_path):
     src, _ = image_tree
     (tmp_path / "classes.txt").write_text("dog\ncat\nbird\nfish\n")
-    index, _ = make_shards(src, tmp_path / "out", classes_file=tmp_path / "classes.txt")
+    index, _ = make_shards(src, tmp_path / "out", classes_file=tmp_path / "classes.txt", shuffle=False)
     assert index.classes == ["dog", "cat", "bird", "fish"]
     assert [index.classes[s.label] for s in read_all(tmp_path / "out")[1]][:3] == ["bird"] * 3
     (tmp_path / "few.txt").write_text("cat\n")
     with pytest.raises(UserError, match="class folder 'bird' .* not listed in the classes file"):
-        make_shards(src, tmp_path / "out2", classes_file=tmp_path / "few.txt")
+        make_shards(src, tmp_path / "out2", classes_file=tmp_path / "few.txt", shuffle=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +142,7 @@ def test_csv_input(image_tree, tmp_path):
     src, written = image_tree
     csv_path = src / "list.csv"
     csv_path.write_text("path,label\ncat/c0.jpg,3\ndog/d0.png,0\n\n" + f"{src / 'bird' / 'b1.png'},3\n")
-    index, skips = make_shards(csv_path, tmp_path / "out", prefix="val", keys="path")
+    index, skips = make_shards(csv_path, tmp_path / "out", prefix="val", keys="path", shuffle=False)
     assert skips == [] and index.classes == ["0", "1", "2", "3"]
     _, items = read_all(tmp_path / "out")
     assert [(s.key, s.label, s.ext) for s in items] == [("cat_c0", 3, "jpg"), ("dog_d0", 0, "png"), ("bird_b1", 3, "png")]
@@ -127,12 +155,12 @@ def test_tsv_with_classes_file_and_missing_file(image_tree, tmp_path):
     (tmp_path / "names.txt").write_text("zero\none\n")
     tsv = src / "list.tsv"
     tsv.write_text("cat/c2.png\t1\ncat/missing.jpg\t0\n")
-    index, skips = make_shards(tsv, tmp_path / "out", classes_file=tmp_path / "names.txt")
+    index, skips = make_shards(tsv, tmp_path / "out", classes_file=tmp_path / "names.txt", shuffle=False)
     assert index.classes == ["zero", "one"] and index.num_samples == 1
     assert [(s.key, s.shard) for s in skips] == [("missing", "cat/missing.jpg")]
     tsv.write_text("cat/c2.png\t2\n")
     with pytest.raises(UserError, match=r"line 1: label 2 is out of range for the 2 classes"):
-        make_shards(tsv, tmp_path / "out2", classes_file=tmp_path / "names.txt")
+        make_shards(tsv, tmp_path / "out2", classes_file=tmp_path / "names.txt", shuffle=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,29 +169,29 @@ def test_tsv_with_classes_file_and_missing_file(image_tree, tmp_path):
 def test_user_errors(image_tree, tmp_path):
     src, _ = image_tree
     with pytest.raises(UserError, match="source not found: .*nowhere"):
-        make_shards(tmp_path / "nowhere", tmp_path / "o1")
+        make_shards(tmp_path / "nowhere", tmp_path / "o1", shuffle=False)
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(UserError, match="no images found in .*empty"):
-        make_shards(tmp_path / "empty", tmp_path / "o2")
+        make_shards(tmp_path / "empty", tmp_path / "o2", shuffle=False)
     bad = src / "bad.csv"
     bad.write_text("path,label\ncat/c0.jpg,1\ncat/c2.png,cat\n")
     with pytest.raises(UserError, match=r"bad\.csv line 3: label 'cat' is not an integer"):
-        make_shards(bad, tmp_path / "o3")
+        make_shards(bad, tmp_path / "o3", shuffle=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "other.txt").write_text("x")
     with pytest.raises(UserError, match="output folder .*full is not empty"):
-        make_shards(src, tmp_path / "full")
+        make_shards(src, tmp_path / "full", shuffle=False)
     with pytest.raises(UserError, match="must not be inside the source folder"):
-        make_shards(src, src / "out")
+        make_shards(src, src / "out", shuffle=False)
     with pytest.raises(UserError, match="keys must be 'stem' or 'path'"):
-        make_shards(src, tmp_path / "o4", keys="name")
+        make_shards(src, tmp_path / "o4", keys="name", shuffle=False)
 
 
 def test_overwrite_replaces_old_shards(image_tree, tmp_path):
     src, _ = image_tree
-    make_shards(src, tmp_path / "out", shard_size=2)          # 5 shards
+    make_shards(src, tmp_path / "out", shard_size=2, shuffle=False)          # 5 shards
     (tmp_path / "out" / "keep.txt").write_text("x")
-    index, _ = make_shards(src, tmp_path / "out", shard_size=100, overwrite=True)
+    index, _ = make_shards(src, tmp_path / "out", shard_size=100, overwrite=True, shuffle=False)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["index.json", "keep.txt", "train-000000.tar"] and index.num_samples == 9
 
@@ -271,7 +299,7 @@ def test_probe_image():
 def test_resolve_shards(image_tree, tmp_path):
     src, _ = image_tree
     out = tmp_path / "out"
-    index, _ = make_shards(src, out, shard_size=2)               # 5 shards
+    index, _ = make_shards(src, out, shard_size=2, shuffle=False)               # 5 shards
     paths, got = resolve_shards(out)
     assert [p.name for p in paths] == [s.name for s in index.shards] and got == index
     paths, got = resolve_shards(f"{out}/train-{{000001..000003}}.tar")

@@ -16,6 +16,7 @@ import io
 import lzma
 import os
 import posixpath
+import random
 import re
 import tarfile
 import zlib
@@ -272,7 +273,8 @@ def _image_ext(data: bytes, *, decode: bool = False) -> tuple[str | None, str | 
 # writing
 
 def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: str, shard_size: int,
-                 classes: list[str], *, skipped: Iterable[Skip] = (), progress: Progress | None = None) -> ShardIndex:
+                 classes: list[str], *, skipped: Iterable[Skip] = (), progress: Progress | None = None,
+                 order: dict | None = None) -> ShardIndex:
     """Write ``OUT/<prefix>-%06d.tar`` shards of ``shard_size`` samples, then ``OUT/index.json`` last.
 
     Members per sample, in input order: ``KEY.<ext>`` (the bytes unchanged) then ``KEY.cls``. Tar
@@ -313,7 +315,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: 
     finally:
         if writer is not None:
             writer.abort()
-    index = ShardIndex(classes=classes, shards=entries, skipped=list(skipped))
+    index = ShardIndex(classes=classes, shards=entries, skipped=list(skipped), order=order)
     index.write(out)
     return index
 
@@ -383,7 +385,7 @@ class _Source:
 
 def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str = "train", shard_size: int = 1000,
                 keys: str = "stem", classes_file: str | os.PathLike | None = None, overwrite: bool = False,
-                progress: Progress | None = None) -> tuple[ShardIndex, list[Skip]]:
+                progress: Progress | None = None, shuffle: bool = True, seed: int = 0) -> tuple[ShardIndex, list[Skip]]:
     """Build shards in OUT from SRC: an image-folder tree or a ``path,label`` CSV/TSV file.
 
     Folder tree: one sub-folder per class (searched recursively; hidden files and folders ignored);
@@ -401,6 +403,11 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     when they decode). ``progress(1)``
     is called per image file. OUT must be empty unless ``overwrite``, which first removes OUT's index and
     ``<prefix>-NNNNNN.tar`` files.
+
+    ``shuffle`` (the default): the samples of the whole dataset are written in a random order seeded
+    by ``seed`` (reproducible), so that every shard holds a mix of classes (a folder tree lists them
+    class by class: at ImageNet-21K's ~650 images per class a 1,000-sample shard would hold 1-2
+    classes). ``shuffle=False`` keeps the listing order. index.json records ``order``.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if keys not in ("stem", "path"):
@@ -426,7 +433,10 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
             raise UserError(f"duplicate key {s.key!r} from {by_key[s.key]} and {s.name}: {hint}")
         by_key[s.key] = s.name
     _prepare_out(out, prefix, overwrite)
-    index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips)
+    if shuffle:
+        random.Random(f"distill-make-shards:{int(seed)}").shuffle(sources)
+    index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips,
+                         order={"shuffled": bool(shuffle), "seed": int(seed)})
     if index.num_samples == 0:
         (out / SHARD_INDEX_NAME).unlink()
         first = skips[0]
