@@ -32,9 +32,9 @@ def describe(path: str, n: int = 3) -> str:
         m = c.manifest
         size = _size(p)
         t = c.to_table(epochs=[0], shards=c.shard_names[:1]).slice(0, n)
-        t, agree = m["teacher"], m.get("teacher_agreement") or {}
-        lines = [repr(c), f"  teacher: {', '.join(x['spec'] for x in t['members'])} (input {t['input_size']}, "
-                 f"T={m['temperature']}, {t.get('precision', 'fp32')} on {t.get('device_type', 'cpu')}), "
+        teacher, agree = m["teacher"], m.get("teacher_agreement") or {}
+        lines = [repr(c), f"  teacher: {', '.join(x['spec'] for x in teacher['members'])} (input {teacher['input_size']}, "
+                 f"T={m['temperature']}, {teacher.get('precision', 'fp32')} on {teacher.get('device_type', 'cpu')}), "
                  f"policy {m['policy']['id']}" + (" (scoring: centre views)" if c.is_scoring else ""),
                  f"  teacher vs given labels: top-1 {agree.get('top1', float('nan')):.1%}, "
                  f"mean label probability {agree.get('mean_label_prob', float('nan')):.3f}",

@@ -311,6 +311,15 @@ def test_manifest_records_versions_and_fingerprints(built):
         assert all(len(f["sha256"]) == 16 and f["size"] == 32 for f in fp)
 
 
+def test_inspect_shows_precision_agreement_and_scoring(built):
+    tmp, _ = built
+    r = _cli("inspect", tmp / "cache")
+    assert r.returncode == 0, r.stderr
+    assert "fp32 on cpu" in r.stdout and "teacher vs given labels: top-1" in r.stdout and "first records:" in r.stdout
+    r = _cli("inspect", tmp / "filter" / "scoring")
+    assert r.returncode == 0 and "scoring: centre views" in r.stdout, r.stderr
+
+
 def _tamper_fingerprint(src: Path, dst: Path) -> Path:
     cache = _copy_cache(src, dst)
     m = json.loads((cache / MANIFEST_NAME).read_text())
