@@ -311,6 +311,19 @@ def test_manifest_records_versions_and_fingerprints(built):
         assert all(len(f["sha256"]) == 16 and f["size"] == 32 for f in fp)
 
 
+def test_a_cache_without_fingerprints_is_said_not_checked(built, tmp_path):
+    from distill.train import prepare_data
+    tmp, shards = built
+    cache = _copy_cache(tmp / "cache", tmp_path / "cache")
+    m = json.loads((cache / MANIFEST_NAME).read_text())
+    for e in m["shards"]:
+        del e["view_fingerprints"]
+    (cache / MANIFEST_NAME).write_text(json.dumps(m))
+    data = prepare_data(TrainConfig(shards=str(shards), cache=str(cache), out=str(tmp_path / "r"), model="tinyvit-tiny",
+                                    image_size=32, quiet=True), None)
+    assert any("no view fingerprints" in n for n in data.notes)
+
+
 def test_inspect_shows_precision_agreement_and_scoring(built):
     tmp, _ = built
     r = _cli("inspect", tmp / "cache")

@@ -17,7 +17,7 @@ from ..config import TrainConfig
 from ..data import augment, views
 from ..data.shards import iter_shard, resolve_shards
 from ..files import UserError, sha256_file
-from ..format import FILTER_SCORES_NAME, read_excluded_keys, read_ipc
+from ..format import FILTER_SCORES_NAME, FINGERPRINTS_KEY, read_excluded_keys, read_ipc
 from ..models import MODELS
 from ..progress import note
 from .data import ShardRef, shard_refs
@@ -127,7 +127,12 @@ def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=
     # one line naming the file, before any step; under DDP each rank checks 1/world of the files
     check_files(cache, part, gather)
     drift = check_view_fingerprints(cache, {p.name: p for p in paths}, cfg.allow_replay_drift, part, gather)
-    return cache, ([f"--allow-replay-drift: {drift}"] if drift else [])
+    notes = [f"--allow-replay-drift: {drift}"] if drift else []
+    if not any(e.get(FINGERPRINTS_KEY) for e in cache.manifest["shards"]):
+        notes.append("the cache records no view fingerprints (made by an older distill): replayed views "
+                     "could not be checked against the teacher's")
+        note(f"warning: {notes[-1]}", cfg.quiet or os.environ.get("RANK", "0") != "0")
+    return cache, notes
 
 
 def _excluded_here(exclude: frozenset, cfg: TrainConfig, names: list[str]) -> int:
