@@ -1,10 +1,12 @@
 """The only Ray user: start or join Ray, run one task per shard on a pool of actors, retry shards
-whose worker died, report progress.
+whose worker died or raised, report progress.
 
 Workers are plain Python classes with ``__init__(**kwargs)``, an optional ``probe()`` and
 ``run(task: dict) -> dict``. The engine wraps them in ``ray.remote`` actors. A worker that dies
 (process killed, node lost) is replaced and its shard resubmitted, up to ``retries`` times; a
-Python exception inside ``run`` is that shard's failure and the other shards go on.
+Python exception inside ``run`` is reported at once on stderr (shard, last line) and the shard is
+resubmitted up to ``retries`` times too (a UserError is not retried), then it is that shard's
+failure and the other shards go on.
 """
 from __future__ import annotations
 
@@ -149,7 +151,16 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
                 outcomes[i].error = f"worker died {outcomes[i].attempts} times: {type(e).__name__}"
         except ray.exceptions.RayTaskError as e:
             err = _unwrap(e)
-            outcomes[i].error = f"{type(err).__name__}: {err}"
+            last = (str(err).strip().splitlines() or [""])[-1]
+            msg = f"{type(err).__name__}: {last}"
+            again = outcomes[i].attempts <= retries and not isinstance(err, UserError)
+            # said at once, not only at the end of a long run
+            sys.stderr.write(f"distill: shard {tasks[i].get('name', i)} failed (attempt {outcomes[i].attempts}"
+                             f"{', retrying' if again else ''}): {msg}\n")
+            if again:
+                queue.append(i)        # a Python exception may be transient (I/O): retried, bounded
+            else:
+                outcomes[i].error = msg
         if outcomes[i].result is not None or outcomes[i].error is not None:
             if on_result is not None:
                 on_result(outcomes[i])

@@ -181,6 +181,9 @@ def test_bad_samples_are_skipped_and_recorded(tmp_path):
     keys = set(open_cache(tmp_path / "c").to_table(columns=["key"]).column("key").to_pylist())
     assert {"ok0", "ok1", "ok2"} <= keys and "corrupt" not in keys
     assert res.failed and "truncated" in res.failed[0]          # the damaged tar is an error for the run
+    # a shard whose read hit an error is never kept: the rerun redoes it (and says so again), keeps the other
+    again = cache_teacher(cache_config(d, tmp_path / "c", epochs=1), DEMO_POLICY)
+    assert again.reused_shards == 1 and again.failed and "truncated" in again.failed[0]
 
 
 def test_duplicate_keys_across_shards_fail_the_run(tmp_path):

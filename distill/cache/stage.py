@@ -370,6 +370,8 @@ def _reuse(out: Path, path: Path, name: str, run_id: str) -> dict | None:
         with pa.memory_map(str(f)) as src:
             md = pa.ipc.open_file(src).schema.metadata or {}
         entry = json.loads(md[ARROW_ENTRY_KEY])
+        if entry.get("errors"):
+            return None   # its read hit an error (maybe transient): redo it, never keep it
         if md.get(ARROW_RUN_ID_KEY, b"").decode() != run_id:
             return None
     except Exception:
