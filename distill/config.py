@@ -4,7 +4,7 @@ One field = one TOML key (``topk``, ``teacher-input-size``) = one CLI flag (``--
 ``--teacher-input-size``). Flags win over the file. Unknown keys are refused. No torch, no Ray.
 
 A pipeline file has a ``[data]`` table (``train``, ``val`` shard specs), an optional ``[policy]``
-table (augmentation, see ``distill.augment.Policy``) and one table per stage, named like the
+table (augmentation, see ``distill.data.augment.Policy``) and one table per stage, named like the
 subcommand (``[filter-labels]``, ``[cache-teacher]``, ``[train-student]``), run in that order.
 """
 from __future__ import annotations

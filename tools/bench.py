@@ -433,7 +433,7 @@ def _sec_augment(res, env):
         return L + [_status(r), ""]
     L += ["`tools/bench_augment.py`: one thread, 500×375 JPEGs (quality 90), every view decoded from the bytes. "
           "*plain* = Pillow + Python `random` (RandomResizedCrop, flip, timm RandAugment rand-m9-mstd0.5-inc1, "
-          "to-tensor, RandomErasing 0.25); *seeded* = `distill.augment` (derive_seed → decode → view), draft off; "
+          "to-tensor, RandomErasing 0.25); *seeded* = `distill.data.augment` (derive_seed → decode → view), draft off; "
           "*draft* = the same with JPEG draft mode (the default).", "",
           "| size | plain img/s | seeded img/s | seeded + draft img/s | seeded time vs plain | draft speedup (seeded ÷ draft time) | views using draft |",
           "|---:|---:|---:|---:|---:|---:|---:|"]

@@ -1,4 +1,4 @@
-"""Benchmark distill.augment against a plain Pillow pipeline, per core.
+"""Benchmark distill.data.augment against a plain Pillow pipeline, per core.
 
     python tools/bench_augment.py [--quick] [--sizes 224,128] [--repeats 9] [--image-size 500x375]
 
