@@ -150,17 +150,8 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
             else:
                 outcomes[i].error = f"worker died {outcomes[i].attempts} times: {type(e).__name__}"
         except ray.exceptions.RayTaskError as e:
-            err = _unwrap(e)
-            last = (str(err).strip().splitlines() or [""])[-1]
-            msg = f"{type(err).__name__}: {last}"
-            again = outcomes[i].attempts <= retries and not isinstance(err, UserError)
-            # said at once, not only at the end of a long run
-            sys.stderr.write(f"distill: shard {tasks[i].get('name', i)} failed (attempt {outcomes[i].attempts}"
-                             f"{', retrying' if again else ''}): {msg}\n")
-            if again:
+            if _raised(outcomes[i], _unwrap(e), retries):
                 queue.append(i)        # a Python exception may be transient (I/O): retried, bounded
-            else:
-                outcomes[i].error = msg
         if outcomes[i].result is not None or outcomes[i].error is not None:
             if on_result is not None:
                 on_result(outcomes[i])
@@ -173,6 +164,19 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
         ray.kill(a, no_restart=True)
     ray.kill(counter)
     return outcomes
+
+
+def _raised(outcome: ShardOutcome, err: BaseException, retries: int) -> bool:
+    """Report a task's exception at once (shard, last line of the error); True when it is to be
+    retried, else the outcome's error is set. A UserError is not retried."""
+    line = (str(err).strip().splitlines() or [""])[-1]
+    msg = f"{type(err).__name__}: {line}"
+    again = outcome.attempts <= retries and not isinstance(err, UserError)
+    sys.stderr.write(f"distill: shard {outcome.task.get('name', '?')} failed (attempt {outcome.attempts}"
+                     f"{', retrying' if again else ''}): {msg}\n")
+    if not again:
+        outcome.error = msg
+    return again
 
 
 def _unwrap(e) -> BaseException:

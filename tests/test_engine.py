@@ -31,7 +31,10 @@ class FlakyWorker:
 
 def test_a_raising_shard_is_retried_then_succeeds(tmp_path, capfd):
     tasks = [{"name": "a"}, {"name": "b"}]
-    out = engine.run_pool(FlakyWorker, {"marker_dir": str(tmp_path), "fail_times": 1}, tasks, workers=1, retries=2)
+    progress = []                          # the progress callback keeps working across a failure
+    out = engine.run_pool(FlakyWorker, {"marker_dir": str(tmp_path), "fail_times": 1}, tasks, workers=1, retries=2,
+                          on_progress=progress.append)
+    assert all(isinstance(n, int) for n in progress)
     assert [o.result for o in out] == [{"name": "a", "attempt": 2}, {"name": "b", "attempt": 2}]
     assert all(o.error is None and o.attempts == 2 for o in out)
     err = capfd.readouterr().err
