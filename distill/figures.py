@@ -90,8 +90,6 @@ def show_cache_views(cache, key: str, epochs=None, view: str = "teacher", size: 
     need = {key} | {keys[p["partner"]] for p in plans.values() if p is not None}
     srcs = cache._sources(shard, sorted(need))
     src = srcs[key]
-
-
     grid = fig.add_gridspec(2, len(eps) + 1, height_ratios=[1.0, 0.85])
     ax = fig.add_subplot(grid[0, 0])
     ax.imshow(augment.open_image(src.data))

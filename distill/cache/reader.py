@@ -83,16 +83,16 @@ class Cache:
         entry = self._entry(shard)
         f = self.path / entry["file"]
         if shard not in self._checked:
-            from ..files import sha256_file
-            size = f.stat().st_size if f.exists() else None
-            if size is None:
-                raise FormatError(f"cache file missing: {f}; run distill verify {self.path}")
-            if size != entry["file_bytes"] or sha256_file(f) != entry["file_sha256"]:
-                what = f"size {size} != manifest {entry['file_bytes']}" if size != entry["file_bytes"] else "checksum differs"
-                raise FormatError(f"cache file {f} does not match the manifest ({what}): the cache is damaged; "
-                                  f"run distill verify {self.path}")
+            problem = file_mismatch(f, entry)
+            if problem:
+                raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
             self._checked.add(shard)
         return f
+
+    def mark_checked(self, shards) -> None:
+        """Files already checked against the manifest (e.g. by train-student before its first step), so
+        that later reads (DataLoader workers inherit this) do not hash them again."""
+        self._checked.update(shards)
 
     def physical(self, shard: str, columns=None) -> pa.Table:
         """The shard's file as stored (FORMAT.md 2.2); only ``columns`` are read and decompressed."""
@@ -350,6 +350,19 @@ def open_cache(path: str | os.PathLike, shards_dir: str | os.PathLike | None = N
     """Open a finished cache directory (reads only manifest.json). ``shards_dir``: where the source
     shards are now, when they moved since cache-teacher ran (needed only to replay views)."""
     return Cache(path, shards_dir)
+
+
+def file_mismatch(f: Path, entry: dict) -> str | None:
+    """How a cache file differs from its manifest entry (missing, size, sha256), or None."""
+    from ..files import sha256_file
+    if not f.exists():
+        return f"{f}: missing"
+    size = f.stat().st_size
+    if size != entry["file_bytes"]:
+        return f"{f}: size {size} != manifest {entry['file_bytes']}"
+    if sha256_file(f) != entry["file_sha256"]:
+        return f"{f}: checksum differs from the manifest"
+    return None
 
 
 def _read_columns(path: str | os.PathLike, columns=None, threads: bool = True) -> pa.Table:

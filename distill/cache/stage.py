@@ -6,6 +6,7 @@ atomically as it arrives; the manifest is written last, so its presence means th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -218,7 +219,9 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
             return
         r = o.result
         atomic_write_bytes(out / r["entry"]["file"], r["data"])
-        entries[r["name"]] = r["entry"]
+        # the file's size and checksum from the bytes in hand: the driver never reads the file back
+        entries[r["name"]] = dict(r["entry"], file_bytes=len(r["data"]),
+                                  file_sha256=hashlib.sha256(r["data"]).hexdigest())
         timing["new_records"] += r["entry"]["records"]
         for k in ("teacher_s", "wall_s", "steady_records", "steady_s"):
             timing[k] += r[k]
@@ -280,7 +283,8 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
     if dups:
         failed.append("duplicate keys: " + ", ".join(f"{k} ({', '.join(v)})" for k, v in dups[:10])
                       + (f" and {len(dups) - 10} more" if len(dups) > 10 else ""))
-    shard_entries = [dict(e, file_bytes=(out / e["file"]).stat().st_size, file_sha256=sha256_file(out / e["file"]))
+    shard_entries = [e if "file_sha256" in e else      # a reused shard: hashed here, once
+                     dict(e, file_bytes=(out / e["file"]).stat().st_size, file_sha256=sha256_file(out / e["file"]))
                      for e in have]
     records = sum(e["records"] for e in shard_entries)
     agreement = _agreement(shard_entries)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import FormatError, UserError, sha256_file
+from ..files import FormatError, UserError
 from ..format import FINGERPRINTS_KEY, REPLAY_ENV_KEY, Skip, read_ipc
-from .reader import Cache, open_cache
+from .reader import Cache, file_mismatch, open_cache
 
 _THREADS = min(8, os.cpu_count() or 1)
 
@@ -28,12 +28,9 @@ _THREADS = min(8, os.cpu_count() or 1)
 
 def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
     f = cache.path / e["file"]
-    if not f.exists():
-        return f"{f}: missing"
-    if f.stat().st_size != e["file_bytes"]:
-        return f"{f}: size {f.stat().st_size} != manifest {e['file_bytes']}"
-    if sha256_file(f) != e["file_sha256"]:
-        return f"{f}: checksum differs from the manifest"
+    problem = file_mismatch(f, e)
+    if problem:
+        return problem
     if rows:
         try:
             n = read_ipc(f, ["key"]).num_rows
@@ -68,6 +65,7 @@ def check_files(cache: Cache, part: Part = (0, 1), gather=None) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"cache file {problems[0]}{more}; the cache is damaged: run distill verify {cache.path}")
+    cache.mark_checked(cache.shard_names)            # every rank found its part intact: none is hashed again
 
 
 # ----------------------------------------------------------------------------- replay fingerprints

@@ -5,7 +5,6 @@ version cannot replay, bad options) is raised here as ``UserError``, before a mo
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,8 +118,7 @@ def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=
     if index is not None and index.num_classes != cache.num_classes:
         raise UserError(f"the cache has {cache.num_classes} classes but the shards' index lists {index.num_classes}")
     if index is not None and list(index.classes) != list(cache.classes):
-        note("warning: class names of the cache and the shard index differ (same count): same dataset?",
-             os.environ.get("RANK", "0") != "0")
+        note("warning: class names of the cache and the shard index differ (same count): same dataset?", part[0] != 0)
     if cache.topk < 1:
         raise UserError("the cache stores no classes (topk 0)")
     cache.view_spec                                  # refuses a policy version this code cannot replay
@@ -131,7 +129,7 @@ def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=
     if not any(e.get(FINGERPRINTS_KEY) for e in cache.manifest["shards"]):
         notes.append("the cache records no view fingerprints (made by an older distill): replayed views "
                      "could not be checked against the teacher's")
-        note(f"warning: {notes[-1]}", cfg.quiet or os.environ.get("RANK", "0") != "0")
+        note(f"warning: {notes[-1]}", cfg.quiet or part[0] != 0)
     return cache, notes
 
 
