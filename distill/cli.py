@@ -112,6 +112,13 @@ def cmd_verify(args) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_convert_cache(args) -> int:
+    from .cache import convert_cache
+    out = convert_cache(args.old, args.new, quiet=args.quiet)
+    print(f"converted {args.old} -> {out}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import describe
     print(describe(args.path, n=args.n))
@@ -218,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-replay-drift", action="store_true",
                    help="do not count views that replay differently here (other Pillow/libjpeg-turbo) as problems")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("convert-cache", help="rewrite a cache of an older format version in the current one",
+                       description="Write NEW, a copy of the cache OLD in the current format (same records); OLD is not changed.")
+    s.add_argument("old", metavar="OLD")
+    s.add_argument("new", metavar="NEW")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_convert_cache)
 
     s = sub.add_parser("inspect", help="summarise a shard, cache, filter or run directory",
                        description="Print what a distill directory holds: counts, classes, sizes, sample records.")

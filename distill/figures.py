@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from .files import UserError
-from .format import decode_cache_shard
 
 GIVEN, OTHER = "#2a9d55", "#9aa5b1"        # bar colours: the given label, the other classes
 
@@ -83,7 +82,7 @@ def show_cache_views(cache, key: str, epochs=None, view: str = "teacher", size: 
     size, mean, std = cache.side(view, size)
     shard, keys, pos = cache._block(key)
     _, row = cache.locate(key)
-    by_epoch = {r["epoch"]: r for r in decode_cache_shard(cache.physical(shard).slice(row, 1), epochs=eps).to_pylist()}
+    by_epoch = {r["epoch"]: r for r in cache._row(shard, row, eps)}
     recs = [by_epoch[e] for e in eps]
     seeds = {e: cache._seeds(shard, keys, e) for e in eps}
     plans = {e: views.block_plan(cache.view_spec, seeds[e])[pos] for e in eps}

@@ -126,11 +126,12 @@ def test_cache_facts_tables_and_lazy_reads(outs, monkeypatch):
         c[len(c)]
 
     reads = []
-    real = distill.cache.reader._read_columns
-    monkeypatch.setattr(distill.cache.reader, "_read_columns", lambda p, cols=None, **kw: reads.append((Path(p).name, cols))
-                        or real(p, cols, **kw))
-    c.to_table(epochs=[0], columns=["key", "seed"])
-    assert reads == [("train-000000.arrow", ["key", "seed"])]        # one file, two physical columns
+    real = distill.format.CacheFile.fetch
+    monkeypatch.setattr(distill.format.CacheFile, "fetch", lambda self, e, cols, a, b: reads.append(
+        (Path(self.path).name, e, cols)) or real(self, e, cols, a, b))
+    c.to_table(epochs=[1], columns=["key", "seed"])
+    # one file; the keys from epoch 0's batches, the seeds from epoch 1's: nothing else is read
+    assert sorted(reads) == [("train-000000.arrow", 0, ["key"]), ("train-000000.arrow", 1, ["seed"])]
     assert c.physical(SHARD, ["seed"]).column_names == ["seed"]
     with pytest.raises(UserError, match="unknown cache column"):
         c.to_table(columns=["nope"])

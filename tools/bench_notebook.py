@@ -50,7 +50,7 @@ def _shard_table(i: int, n: int, e: int, k: int, c: int) -> pa.Table:
 def _write(args) -> dict:
     out, i, base, n, e = args
     name = F.shard_name("train", i)
-    t = base.set_column(0, "key", pa.array([f"s{i:06d}/img{j:06d}" for j in range(n)], pa.string()))
+    t = F.replace_keys(base, [f"s{i:06d}/img{j:06d}" for j in range(n)])
     entry = {"name": name, "bytes": 0, "mtime_ns": 0, "sha256": "0" * 64, "file": F.cache_file_name(name),
              "samples": n, "records": n * e, "excluded": 0, "skipped": [], "errors": []}
     md = dict(t.schema.metadata)

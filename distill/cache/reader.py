@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..format import CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, decode_cache_shard, read_ipc
+from ..format import CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, CacheFile, decode_cache_shard, read_ipc
 from ..files import FormatError, UserError, read_json
 
-# logical column -> the physical columns it is decoded from (FORMAT.md 2.2)
-_PHYSICAL = {"key": ["key"], "label": ["label"], "seed": ["seed"], "topk_idx": ["classes", "local"],
-             "topk_prob": ["prob_planes"], "label_prob": ["label_prob_planes"], "shard": [], "epoch": []}
 _READ_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -31,7 +28,7 @@ class Cache:
         if m.get("format") != CACHE_FORMAT:
             raise FormatError(f"{self.path} is not a distill cache (format={m.get('format')!r})")
         if m.get("version") != CACHE_VERSION:
-            raise FormatError(f"cache format version {m.get('version')} is not supported (expected {CACHE_VERSION})")
+            raise FormatError(old_version(self.path, m.get("version")))
         self.manifest = m
         self._checked: set[str] = set()      # shard files already checked against the manifest
         self._shards_dir = Path(shards_dir) if shards_dir else Path(m.get("source", {}).get("dir", "."))
@@ -95,17 +92,18 @@ class Cache:
         self._checked.update(shards)
 
     def physical(self, shard: str, columns=None) -> pa.Table:
-        """The shard's file as stored (FORMAT.md 2.2); only ``columns`` are read and decompressed."""
+        """The shard's file as stored (FORMAT.md 2.2: E*N rows, epoch-major), all of it or ``columns``."""
         return _read_columns(self.file(shard), columns)
 
-    @staticmethod
-    def _need(columns) -> list[str] | None:
-        if columns is None:
-            return None
-        return sorted({c for col in columns for c in _PHYSICAL.get(col, [])}) or ["label"]
+    def open_file(self, shard: str) -> CacheFile:
+        """The shard's file opened for reading only the epochs, samples and columns asked for."""
+        return CacheFile(self.file(shard))
 
-    def shard_table(self, shard: str, epochs=None, columns=None) -> pa.Table:
-        return decode_cache_shard(self.physical(shard, self._need(columns)), epochs=epochs, columns=columns)
+    def shard_table(self, shard: str, epochs=None, columns=None, rows: tuple[int, int] | None = None) -> pa.Table:
+        """The logical records of one shard; only the record batches of ``epochs`` (and of the samples in
+        ``rows`` = (start, stop)) and the columns behind ``columns`` are read and decompressed."""
+        with self.open_file(shard) as f:
+            return f.read(epochs, columns, rows)
 
     def _names(self, shards) -> list[str]:
         names = self.shard_names if shards is None else [shards] if isinstance(shards, str) else list(shards)
@@ -115,47 +113,25 @@ class Cache:
 
     def to_table(self, epochs=None, shards=None, columns=None) -> pa.Table:
         """The logical view (key, shard, epoch, seed, topk_idx, topk_prob, label, label_prob), one row per
-        (sample, epoch) in spec order. Lazy: only the named shards' files and the physical columns behind
-        ``columns`` are read (files in parallel); ``epochs`` picks epochs (all by default)."""
+        (sample, epoch) in spec order. Lazy: only the named shards' files, the record batches of
+        ``epochs`` (all by default) and the physical columns behind ``columns`` are read (in parallel)."""
         names = self._names(shards)
-        if not names:
-            return decode_cache_shard(pa.table({}), epochs, columns)
         cols = list(LOGICAL_COLUMNS if columns is None else columns)
-        need = self._need(columns)
-        if len(names) == 1:
-            return decode_cache_shard(self.physical(names[0], need), epochs=epochs, columns=cols)
-        with ThreadPoolExecutor(_READ_THREADS) as pool:
-            tables = list(pool.map(lambda n: _read_columns(self.file(n), need, threads=False),
-                                   names))
-        # Decode runs of files with one physical schema together (a concatenation is zero-copy), so the
-        # per-file Python overhead is paid once per run, not once per shard; runs are cut in one piece
-        # per thread and decoded in parallel (numpy releases the GIL); the shard column is rebuilt.
+        if not names:
+            return decode_cache_shard(_empty_physical(), epochs, cols)
         inner = [c for c in cols if c != "shard"]
-        most = -(-len(tables) // _READ_THREADS)
-        runs, start = [], 0
-        while start < len(tables):
-            stop = start + 1
-            while (stop < len(tables) and stop - start < most
-                   and tables[stop].schema.equals(tables[start].schema, check_metadata=False)):
-                stop += 1
-            runs.append((start, stop))
-            start = stop
 
-        def decode(span: tuple[int, int]) -> pa.Table:
-            start, stop = span
-            run = tables[start:stop]
-            t = decode_cache_shard(pa.concat_tables(run) if len(run) > 1 else run[0], epochs=epochs,
-                                   columns=inner or ["label"])
+        def one(name: str) -> pa.Table:
+            t = self.shard_table(name, epochs, inner or ["epoch"])
             if "shard" not in cols:
                 return t
-            rows = [x.num_rows for x in run]
-            per = t.num_rows // max(1, sum(rows))             # records per sample: len(epochs)
-            shard_col = _repeat_strings(names[start:stop], np.asarray(rows, dtype=np.int64) * per)
-            return t.add_column(cols.index("shard"), "shard", shard_col) if inner else pa.table({"shard": shard_col})
+            t = t.add_column(0, "shard", _repeat_strings([name], np.array([t.num_rows], dtype=np.int64)))
+            return t.select(cols)
 
+        if len(names) == 1:
+            return one(names[0])
         with ThreadPoolExecutor(_READ_THREADS) as pool:
-            out = list(pool.map(decode, runs))
-        return pa.concat_tables(out) if len(out) > 1 else out[0]
+            return pa.concat_tables(list(pool.map(one, names)))
 
     def iter_tables(self, epochs=None, shards=None, columns=None):
         """Yield the logical view one shard at a time (constant memory over any cache size)."""
@@ -182,8 +158,7 @@ class Cache:
         for e in self.manifest["shards"]:
             if i < e["records"]:
                 row, epoch = divmod(i, self.epochs)
-                t = decode_cache_shard(self.physical(e["name"]).slice(row, 1), epochs=[epoch])
-                return {c: t.column(c)[0].as_py() for c in t.column_names}
+                return self._row(e["name"], row, [epoch])[0]
             i -= e["records"]
         raise IndexError(f"record {item} not found (manifest totals disagree with its shards)")
 
@@ -196,24 +171,35 @@ class Cache:
     def column_names(self) -> list[str]:
         return list(LOGICAL_COLUMNS)
 
-    def keys(self, shard: str | None = None) -> list[str]:
-        """Sample keys in record order (one shard's when ``shard`` is given)."""
-        return self.to_table(epochs=[0], shards=shard, columns=["key"]).column("key").to_pylist()
+    def keys(self, shard: str | None = None) -> "Keys":
+        """Sample keys in record order (one shard's when ``shard`` is given): a read-only sequence of str
+        over an Arrow array, so 14M keys stay ~25 B each instead of a Python object each."""
+        return Keys(pa.chunked_array([self._keys_of(n) for n in self._names(shard)], type=pa.string()))
+
+    def _keys_of(self, shard: str) -> pa.Array:
+        with self.open_file(shard) as f:
+            return f.keys()
 
     # ------------------------------------------------------------------ single records
     @cached_property
-    def _where(self) -> dict[str, tuple[str, int]]:
-        where = {}
-        for name in self.shard_names:
-            for i, k in enumerate(self.physical(name, ["key"]).column("key").to_pylist()):
-                where[k] = (name, i)
-        return where
+    def _key_index(self) -> tuple[pa.ChunkedArray, np.ndarray]:
+        """Every key (one Arrow string array per shard, read once) and the first row of each shard."""
+        keys = self.keys().arrow
+        return keys, np.cumsum([0] + [len(c) for c in keys.chunks])
 
     def locate(self, key: str) -> tuple[str, int]:
-        try:
-            return self._where[key]
-        except KeyError:
-            raise KeyError(f"key {key!r} is not in this cache") from None
+        """(shard, row) of a sample key: a scan of the keys in Arrow (no Python dict of all keys)."""
+        import pyarrow.compute as pc
+        keys, starts = self._key_index
+        i = pc.index(keys, pa.scalar(key, pa.string())).as_py() if len(keys) else -1
+        if i < 0:
+            raise KeyError(f"key {key!r} is not in this cache")
+        s = int(np.searchsorted(starts, i, side="right")) - 1
+        return self.shard_names[s], i - int(starts[s])
+
+    def _row(self, shard: str, row: int, epochs) -> list[dict]:
+        """The records of one sample at ``epochs`` as dicts (only that sample's record batches are read)."""
+        return self.shard_table(shard, epochs, rows=(row, row + 1)).to_pylist()
 
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < self.epochs:
@@ -222,8 +208,7 @@ class Cache:
     def record(self, key: str, epoch: int) -> dict:
         self._check_epoch(epoch)
         shard, row = self.locate(key)
-        t = decode_cache_shard(self.physical(shard).slice(row, 1), epochs=[epoch])
-        return {c: t.column(c)[0].as_py() for c in t.column_names}
+        return self._row(shard, row, [epoch])[0]
 
     def soft_target(self, key: str, epoch: int, fill: str = "uniform") -> np.ndarray:
         r = self.record(key, epoch)
@@ -241,7 +226,7 @@ class Cache:
         shard, row = self.locate(key)
         mb = self.policy.mix_block
         start = row // mb * mb
-        keys = self.physical(shard, ["key"]).column("key").to_pylist()[start:start + mb]
+        keys = self._keys_of(shard)[start:start + mb].to_pylist()
         return shard, keys, row - start
 
     def _sources(self, shard: str, keys: list[str]) -> dict:
@@ -270,8 +255,7 @@ class Cache:
 
     def _seeds(self, shard: str, keys: list[str], epoch: int) -> list[int]:
         _, row = self.locate(keys[0])
-        seed = self.physical(shard, ["seed"]).slice(row, len(keys)).column("seed").combine_chunks()
-        return seed.values.to_numpy().reshape(len(keys), self.epochs)[:, epoch].tolist()
+        return self.shard_table(shard, [epoch], ["seed"], rows=(row, row + len(keys))).column("seed").to_pylist()
 
     def side(self, view: str, size: int | None = None, mean=None, std=None) -> tuple[int, tuple, tuple]:
         """(size, mean, std) of a side: ``teacher`` (the manifest's preprocessing) or ``student``
@@ -329,6 +313,38 @@ class Cache:
         return show_cache_views(self, key, epochs, view, size)
 
 
+class Keys:
+    """Sample keys as a sequence of str backed by an Arrow string array (``.arrow``); slicing gives Keys."""
+
+    def __init__(self, arrow: pa.ChunkedArray):
+        self.arrow = arrow
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return Keys(self.arrow.slice(start, max(0, stop - start)))
+            return Keys(pa.chunked_array([self.arrow.take(pa.array(range(start, stop, step)))], type=pa.string()))
+        return self.arrow[operator.index(i) + (len(self) if i < 0 else 0)].as_py()
+
+    def __iter__(self):
+        for chunk in self.arrow.chunks:
+            yield from chunk.to_pylist()
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, Keys)) else NotImplemented
+
+    def to_pylist(self) -> list[str]:
+        return self.arrow.to_pylist()
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(k) for k in self[:3])
+        return f"Keys([{head}{', ...' if len(self) > 3 else ''}], {len(self)} keys)"
+
+
 def dense_target(idx: np.ndarray, prob: np.ndarray, num_classes: int, fill: str = "uniform") -> np.ndarray:
     """Top-K (ids, probs) -> a dense distribution. ``uniform``: the mass outside the top-K is spread
     evenly over the other classes (TinyViT); ``renorm``: the top-K probabilities are rescaled to sum 1."""
@@ -350,6 +366,21 @@ def open_cache(path: str | os.PathLike, shards_dir: str | os.PathLike | None = N
     """Open a finished cache directory (reads only manifest.json). ``shards_dir``: where the source
     shards are now, when they moved since cache-teacher ran (needed only to replay views)."""
     return Cache(path, shards_dir)
+
+
+def old_version(path, version) -> str:
+    """The one line that refuses a cache of another format version (and names the converter)."""
+    from ..format import CONVERT_HINT
+    if isinstance(version, int) and version < CACHE_VERSION:
+        return (f"{path} is a cache of format version {version}; this distill reads version {CACHE_VERSION}: "
+                f"convert it with {CONVERT_HINT.replace('OLD', str(path))} (it rewrites the files, the records stay the same)")
+    return f"cache format version {version} is not supported (expected {CACHE_VERSION}): made by a newer distill?"
+
+
+def _empty_physical() -> pa.Table:
+    from ..format import encode_cache_shard
+    return encode_cache_shard([], [], np.zeros((0, 1), np.uint32), np.zeros((0, 1, 1), np.int64),
+                              np.zeros((0, 1, 1)), np.zeros((0, 1)), num_classes=1)
 
 
 def file_mismatch(f: Path, entry: dict) -> str | None:

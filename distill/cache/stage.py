@@ -19,7 +19,7 @@ from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
                      sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
-                      REPLAY_ENV_KEY, RUN_NAME, cache_file_name, read_excluded_keys, read_ipc)
+                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, read_excluded_keys)
 from ..progress import bar, note
 from .verify import replay_env
 from .writer import CacheWorker
@@ -286,6 +286,8 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
     shard_entries = [e if "file_sha256" in e else      # a reused shard: hashed here, once
                      dict(e, file_bytes=(out / e["file"]).stat().st_size, file_sha256=sha256_file(out / e["file"]))
                      for e in have]
+    # a shard whose read hit an error holds the samples before it: marked incomplete, redone on rerun
+    shard_entries = [dict(e, complete=not e.get("errors")) for e in shard_entries]
     records = sum(e["records"] for e in shard_entries)
     agreement = _agreement(shard_entries)
     warnings = _agreement_warning(agreement, plan.identity["num_classes"], plan.identity["teacher"]["input_size"])
@@ -293,7 +295,8 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
         note(f"warning: {w}", cfg.quiet)
     totals = {"samples": sum(e["samples"] for e in shard_entries), "records": records,
               "skipped": sum(len(e["skipped"]) for e in shard_entries),
-              "excluded": sum(e["excluded"] for e in shard_entries)}
+              "excluded": sum(e["excluded"] for e in shard_entries),
+              "incomplete_shards": sum(not e["complete"] for e in shard_entries)}
     if len(have) == len(names) and not dups:
         manifest = dict(plan.identity, run_id=plan.run_id, exclude=dict(plan.identity["exclude"], filter_dir=cfg.exclude),
                         source={"shards": str(cfg.shards), "dir": str(plan.paths[0].parent.resolve())},
@@ -389,11 +392,27 @@ def _reuse(out: Path, path: Path, name: str, run_id: str) -> dict | None:
 
 
 def _duplicate_keys(out: Path, entries: list[dict]) -> list[tuple[str, list[str]]]:
-    """Keys that occur twice: inside one shard (the worker recorded them) or across shards."""
-    where: dict[str, list[str]] = {}
+    """Keys that occur twice: inside one shard (the worker recorded them) or across shards. The keys of
+    all shards are sorted together as one Arrow string array: no Python object per key."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    where: dict[str, set[str]] = {}
     for e in entries:
         for k in e.get("duplicates", ()):
-            where.setdefault(k, []).extend([e["name"], e["name"]])
-        for k in read_ipc(out / e["file"], columns=["key"]).column("key").to_pylist():
-            where.setdefault(k, []).append(e["name"])
-    return sorted((k, sorted(set(v))) for k, v in where.items() if len(v) > 1)
+            where.setdefault(k, set()).add(e["name"])
+    chunks, owner = [], []
+    for i, e in enumerate(entries):
+        with CacheFile(out / e["file"]) as f:
+            chunks.append(f.keys().cast(pa.large_string()))
+        owner.append(np.full(len(chunks[-1]), i, np.int32))
+    if chunks and sum(len(c) for c in chunks) > 1:
+        keys = pa.chunked_array(chunks).combine_chunks()
+        order = pc.sort_indices(keys)
+        s = keys.take(order)
+        same = np.flatnonzero(pc.equal(s.slice(1), s.slice(0, len(s) - 1)).to_numpy(zero_copy_only=False))
+        order, owner_all = order.to_numpy(), np.concatenate(owner)
+        for j in same.tolist():              # adjacent equal keys in sorted order: a duplicate
+            names = {entries[owner_all[order[j]]]["name"], entries[owner_all[order[j + 1]]]["name"]}
+            where.setdefault(s[j].as_py(), set()).update(names)
+    return sorted((k, sorted(v)) for k, v in where.items())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import FormatError, UserError
-from ..format import FINGERPRINTS_KEY, REPLAY_ENV_KEY, Skip, read_ipc
+from ..format import FINGERPRINTS_KEY, REPLAY_ENV_KEY, CacheFile, Skip
 from .reader import Cache, file_mismatch, open_cache
 
 _THREADS = min(8, os.cpu_count() or 1)
@@ -33,7 +33,11 @@ def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
         return problem
     if rows:
         try:
-            n = read_ipc(f, ["key"]).num_rows
+            with CacheFile(f) as cf:
+                n = cf.samples
+                rows = cf.num_rows()
+            if rows != n * cf.epochs:
+                return f"{f}: {rows} rows, its metadata says {n} samples x {cf.epochs} epochs"
         except FormatError as err:
             return str(err)
         if n != e["samples"]:
@@ -199,7 +203,7 @@ def _recompute(cache: Cache, res: VerifyResult, n: int, teacher, teacher_checkpo
     for _ in range(n):      # a random record: shard weighted by its samples, then a row and an epoch
         e = shards[int(rng.choice(len(shards), p=np.array([s["samples"] for s in shards]) / cache.num_samples))]
         row = int(rng.integers(0, e["samples"]))
-        key = cache.physical(e["name"], ["key"]).column("key")[row].as_py()
+        key = cache.keys(e["name"])[row]
         picks.append((key, int(rng.integers(0, cache.epochs))))
     for key, epoch in picks:
         rec = cache.record(key, epoch)

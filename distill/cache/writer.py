@@ -185,6 +185,41 @@ class ViewProducer:
                                       "sha256": views.fingerprint(self.spec, seeds[e], src, self.size)})
 
 
+class Records:
+    """The teacher's results of one shard in arrays indexed by (sample, epoch), grown as samples arrive:
+    ~4 bytes per class id and probability, not a Python object per record."""
+
+    def __init__(self, epochs: int, topk: int):
+        self.epochs, self.topk = epochs, topk
+        self.idx = np.zeros((0, epochs, topk), np.int32)
+        self.prob = np.zeros((0, epochs, topk), np.float32)
+        self.label_prob = np.zeros((0, epochs), np.float32)
+        self.seen = np.zeros((0, epochs), bool)
+
+    def _grow(self, n: int) -> None:
+        cap = max(n, 2 * len(self.idx), 64)
+        for name in ("idx", "prob", "label_prob", "seen"):
+            a = getattr(self, name)
+            b = np.zeros((cap,) + a.shape[1:], a.dtype)
+            b[:len(a)] = a
+            setattr(self, name, b)
+
+    def put(self, where: np.ndarray, idx, prob, label_prob) -> None:
+        """``where`` (B, 2): (sample, epoch) of each row of idx (B, K), prob (B, K), label_prob (B,)."""
+        if len(where) and where[:, 0].max() >= len(self.idx):
+            self._grow(int(where[:, 0].max()) + 1)
+        s, e = where[:, 0], where[:, 1]
+        self.idx[s, e], self.prob[s, e], self.label_prob[s, e], self.seen[s, e] = idx, prob, label_prob, True
+
+    def arrays(self, n: int):
+        """(topk_idx (n, E, K), topk_prob, label_prob) of the first n samples; every record must be there."""
+        if n > len(self.idx):
+            self._grow(n)
+        if not self.seen[:n].all():
+            raise RuntimeError(f"{int((~self.seen[:n]).sum())} record(s) of this shard got no teacher output")
+        return self.idx[:n], self.prob[:n], self.label_prob[:n]
+
+
 def item_shard(path) -> str:
     return os.path.basename(str(path))
 
@@ -237,11 +272,11 @@ class CacheWorker:
         return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
                 "decode_s": prod.decode_s, "wall_s": time.perf_counter() - t_start, **timing}
 
-    def _consume(self, q: queue.Queue, running: int, gate: CpuGate | None) -> tuple[dict, dict]:
-        """Run the teacher on every batch the producers queue: {(sample, epoch): (ids, probs, label prob)}."""
+    def _consume(self, q: queue.Queue, running: int, gate: CpuGate | None) -> tuple["Records", dict]:
+        """Run the teacher on every batch the producers queue; results land in arrays by (sample, epoch)."""
         import torch
         from .. import teachers
-        got: dict = {}
+        got = Records(self.epochs, self.topk)
         teacher_s, first_at, last_at, done = 0.0, None, None, 0
         while running:
             item = q.get()
@@ -256,9 +291,7 @@ class CacheWorker:
             teacher_s += time.perf_counter() - t0
             done += len(where)
             last_at = time.perf_counter()
-            i, v, lp = i.numpy(), v.numpy(), lp.numpy()
-            for r, se in enumerate(where):
-                got[se] = (i[r], v[r], lp[r])
+            got.put(np.asarray(where, dtype=np.int64).reshape(-1, 2), i.numpy(), v.numpy(), lp.numpy())
             if self.progress is not None:
                 self.progress.add.remote(len(where))
         # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
@@ -267,12 +300,8 @@ class CacheWorker:
 
     def _assemble(self, task: dict, prod: ViewProducer, samples: list, got: dict):
         """The shard's Arrow table and its manifest entry (counts, skips, errors, fingerprints, agreement)."""
-        n, E, K = len(samples), self.epochs, self.topk
-        topk_idx = np.zeros((n, E, K), np.int64)
-        topk_prob = np.zeros((n, E, K), np.float32)
-        label_prob = np.zeros((n, E), np.float32)
-        for (s, e), (i, v, lp) in got.items():
-            topk_idx[s, e], topk_prob[s, e], label_prob[s, e] = i, v, lp
+        n, E = len(samples), self.epochs
+        topk_idx, topk_prob, label_prob = got.arrays(n)
         labels = np.array([s[1] for s in samples], dtype=np.int64)
         table = encode_cache_shard([s[0] for s in samples], labels,
                                    np.array([s[2] for s in samples], dtype=np.uint32).reshape(n, E),

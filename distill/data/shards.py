@@ -121,7 +121,9 @@ def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterat
     Damaged tar: the samples read before the damage are yielded, then exactly one
     ``Skip(key=format.SHARD_SKIP_KEY ("*"), reason, shard)`` and nothing else. ``reason`` starts with
     "truncated tar:" (data ends early, including a cut between members: a tar must end with its
-    end-of-archive block), "corrupt tar:" (a bad header) or "not a tar file:". A sample whose members
+    end-of-archive block), "corrupt tar:" (a bad header), "not a tar file:", or "read error:" (the read
+    itself failed, e.g. an I/O error on a network filesystem: maybe transient; cache-teacher redoes the
+    shard on rerun). A sample whose members
     were all read before the damage is still yielded if complete; an incomplete one is named in the
     reason. Only a missing or unopenable file raises (``UserError``).
     """
@@ -134,6 +136,18 @@ def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterat
         raise UserError(f"cannot open shard {path}: {e.strerror or e}") from None
     with f:
         yield from _samples(_members(f), path.name, require_label)
+
+
+READ_FAULT_ENV = "DISTILL_FAULT_READ_ONCE"   # test hook: a marker path; the first read that finds it absent creates it and fails
+
+
+def _maybe_read_fault() -> None:
+    """A transient read error once, when the test hook asks for it (after the first member of a shard)."""
+    marker = os.environ.get(READ_FAULT_ENV)
+    if marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        raise OSError(5, "Input/output error (injected by DISTILL_FAULT_READ_ONCE)")
 
 
 class _Damage(str):
@@ -159,8 +173,12 @@ def _members(f) -> Iterator[tuple[str, bytes] | _Damage]:
             data = tar.extractfile(info).read()
             read += 1
             yield info.name, data
-    except _TAR_ERRORS as e:
+            _maybe_read_fault()
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
         yield _Damage(f"truncated tar: {e} (after {read} members)")
+        return
+    except OSError as e:        # the read itself failed (I/O error, network filesystem): maybe transient
+        yield _Damage(f"read error: {e} (after {read} members)")
         return
     if plain:  # tarfile treats a cut between members or a bad header as the end: check the end block
         f.seek(tar.offset)
