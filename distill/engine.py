@@ -2,16 +2,22 @@
 whose worker died or raised, report progress.
 
 Workers are plain Python classes with ``__init__(**kwargs)``, an optional ``probe()`` and
-``run(task: dict) -> dict``. The engine wraps them in ``ray.remote`` actors. A worker that dies
-(process killed, node lost) is replaced and its shard resubmitted, up to ``retries`` times; a
-Python exception inside ``run`` is reported at once on stderr (shard, last line) and the shard is
+``run(task: dict) -> dict``. The engine wraps them in ``ray.remote`` actors and gives a task only
+to a worker that is up (its ``__ray_ready__`` returned). A worker that dies (process killed, node
+lost) leaves the pool, which goes on with the live workers: its shard is resubmitted to the next
+free one, up to ``retries`` times, and a replacement is requested that joins once Ray has placed
+it (on a cluster that lost a node it may never be: nothing waits for it while a worker is live).
+With no live worker and none up within ``wait_s`` the run stops with one line (rerun to resume).
+A Python exception inside ``run`` is reported at once on stderr (shard, last line) and the shard is
 resubmitted up to ``retries`` times too (a UserError is not retried), then it is that shard's
 failure and the other shards go on.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -90,87 +96,197 @@ class Progress:
 
 def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, num_cpus: float = 1,
              num_gpus: float = 0, retries: int = 2, on_result: Callable[[ShardOutcome], None] | None = None,
-             on_progress: Callable[[int], None] | None = None, probe: Callable[[Any], None] | None = None
-             ) -> list[ShardOutcome]:
+             on_progress: Callable[[int], None] | None = None, probe: Callable[[Any], None] | None = None,
+             wait_s: float = 120.0) -> list[ShardOutcome]:
     """Run ``worker.run(task)`` for every task on ``workers`` actors; returns outcomes in task order.
 
-    ``probe(result_of_worker.probe())`` runs once before any task, so that a bad teacher is refused
-    before work starts (raise UserError there)."""
+    ``probe(result_of_worker.probe())`` runs once, on the first worker up, before any task, so that
+    a bad teacher is refused before work starts (raise UserError there). ``wait_s``: how long the
+    pool may have no live worker (none up yet, or all died) before it gives up with a UserError."""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
-    died = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
     if os.environ.get(FAULT_ENV):   # test hook travels to the workers
         opts["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
-    Actor = ray.remote(**opts)(worker_cls)
-    counter = ray.remote(num_cpus=0)(Progress).remote()
-    init_kwargs = dict(init_kwargs, progress=counter)
+    counter = ray.remote(num_cpus=0, scheduling_strategy=_on_this_node())(Progress).remote()
     outcomes = [ShardOutcome(task=t) for t in tasks]
-    workers = max(1, min(workers, len(tasks))) if tasks else 0
-    actors = [Actor.remote(**init_kwargs) for _ in range(workers)]
-    if probe is not None and actors:
-        try:
-            probe(ray.get(actors[0].probe.remote()))
-        except died as e:
-            raise RuntimeError(f"worker failed to start: {e}") from None
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
-    pending: dict[Any, tuple[int, int]] = {}   # future -> (task index, actor slot)
+    n = max(1, min(workers, len(tasks))) if tasks else 0
+    pool = _Pool(ray.remote(**opts)(worker_cls), dict(init_kwargs, progress=counter), n, wait_s)
+    pending: dict[Any, tuple[int, int]] = {}   # future -> (task index, worker id)
     queue = list(range(len(tasks)))
     queue.reverse()
-
-    def submit(slot: int) -> None:
-        if queue:
-            i = queue.pop()
-            outcomes[i].attempts += 1
-            pending[actors[slot].run.remote(tasks[i])] = (i, slot)
-
-    for slot in range(workers):
-        submit(slot)
-    last = 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        if on_progress is not None:
-            n = ray.get(counter.get.remote())
-            if n != last:
-                on_progress(n - last)
-                last = n
-        if not ready:
-            continue
-        fut = ready[0]
-        i, slot = pending.pop(fut)
-        try:
-            outcomes[i].result = ray.get(fut)
-        except died as e:
-            ray.kill(actors[slot], no_restart=True)
-            actors[slot] = Actor.remote(**init_kwargs)
-            if outcomes[i].attempts <= retries:
-                queue.append(i)        # retry this shard next, on the fresh worker
-            else:
-                outcomes[i].error = f"worker died {outcomes[i].attempts} times: {type(e).__name__}"
-        except ray.exceptions.RayTaskError as e:
-            if _raised(outcomes[i], _unwrap(e), retries):
-                queue.append(i)        # a Python exception may be transient (I/O): retried, bounded
-        if outcomes[i].result is not None or outcomes[i].error is not None:
-            if on_result is not None:
-                on_result(outcomes[i])
-        submit(slot)
-    if on_progress is not None:
-        n = ray.get(counter.get.remote())
-        if n != last:
-            on_progress(n - last)
-    for a in actors:
-        ray.kill(a, no_restart=True)
-    ray.kill(counter)
+    poll = _Poll(counter, on_progress)
+    probed = probe is None
+    try:
+        while queue or pending:
+            if not pool.live:
+                pool.check(len(queue))             # raises when no worker came up in time
+            ready, _ = ray.wait(list(pending) + list(pool.starting), num_returns=1, timeout=0.5)
+            poll()
+            for fut in ready:
+                if fut in pool.starting:
+                    pool.came_up(fut)
+                    continue
+                i, k = pending.pop(fut)
+                if _settle(fut, outcomes[i], k, pool, retries):
+                    queue.append(i)                # retried next, on the next free live worker
+                elif on_result is not None:
+                    on_result(outcomes[i])
+            if not probed and pool.idle:
+                _probe(pool.actors[pool.idle[0]], probe)
+                probed = True
+            while probed and queue and pool.idle:
+                i, k = queue.pop(), pool.idle.pop()
+                outcomes[i].attempts += 1
+                pool.busy.add(k)
+                pending[pool.actors[k].run.remote(tasks[i])] = (i, k)
+        poll()
+    finally:
+        pool.close()
+        ray.kill(counter)
     return outcomes
+
+
+def _died_errors() -> tuple:
+    """Ray's errors for a task whose worker is gone (process killed, node lost; a lost result too)."""
+    from ray import exceptions as x
+    return (x.RayActorError, x.ActorDiedError, x.ActorUnavailableError, x.WorkerCrashedError, x.ObjectLostError,
+            x.NodeDiedError)
+
+
+def _on_this_node():
+    """Pin an actor to the driver's node: the progress counter must not be lost with a worker node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+class _Pool:
+    """The workers of one run_pool. A worker is *starting* from its request until its
+    ``__ray_ready__`` returns (placed, ``__init__`` done), then *live* (idle or busy) until it dies.
+    Tasks go only to live workers, so a replacement that is never placed (its node is gone, every
+    other GPU is held) blocks nothing while live workers remain: the pool shrinks and goes on."""
+
+    def __init__(self, Actor, init_kwargs: dict, n: int, wait_s: float):
+        self.Actor, self.init_kwargs, self.wait_s, self.requested = Actor, init_kwargs, wait_s, n
+        self.actors: dict[int, Any] = {}        # worker id -> actor handle (starting or live)
+        self.starting: dict[Any, int] = {}      # ready future -> worker id
+        self.idle: list[int] = []
+        self.busy: set[int] = set()
+        self.died, self.was_up, self.start_error = 0, False, ""
+        self._ids = itertools.count()
+        self.none_since = time.monotonic()      # since when no worker is live
+        for _ in range(n):
+            self.request()
+
+    @property
+    def live(self) -> int:
+        return len(self.idle) + len(self.busy)
+
+    def request(self) -> None:
+        """Ask Ray for one more worker; it gets tasks once it is up."""
+        k = next(self._ids)
+        self.actors[k] = a = self.Actor.remote(**self.init_kwargs)
+        self.starting[a.__ray_ready__.remote()] = k
+
+    def came_up(self, fut) -> None:
+        """A starting worker's ready future resolved: it is live, or it died before it was up."""
+        import ray
+        k = self.starting.pop(fut)
+        try:
+            ray.get(fut)
+        except _died_errors() as e:
+            self.actors.pop(k)
+            self.start_error = _last_line(e)
+            sys.stderr.write(f"distill: a Ray worker failed to start: {self.start_error}\n")
+            return
+        self.idle.append(k)
+        self.was_up = True
+
+    def lose(self, k: int) -> None:
+        """A live worker died: drop it and request one replacement (used once it is up)."""
+        import ray
+        self.busy.discard(k)
+        ray.kill(self.actors.pop(k), no_restart=True)
+        self.died += 1
+        if not self.live:
+            self.none_since = time.monotonic()
+        self.request()
+
+    def check(self, unfinished: int) -> None:
+        """With no live worker: wait while one may still come up within ``wait_s``, else raise."""
+        if self.live or (self.starting and time.monotonic() - self.none_since < self.wait_s):
+            return
+        if not self.was_up and self.start_error and not self.starting:
+            raise RuntimeError(f"worker failed to start: {self.start_error}")
+        if not self.was_up:
+            raise UserError(f"no Ray worker became ready within {self.wait_s:g} s ({self.requested} requested; "
+                            f"does the cluster have the CPUs/GPUs they ask for?); {unfinished} shard(s) not run")
+        why = (f"its replacement failed to start ({self.start_error})" if not self.starting else
+               f"a replacement was not placed within {self.wait_s:g} s (a lost node?)")
+        raise UserError(f"no Ray worker left: {self.died} died, 0 alive, {why}; {unfinished} shard(s) "
+                        "unfinished; rerun to resume")
+
+    def close(self) -> None:
+        import ray
+        for a in self.actors.values():
+            ray.kill(a, no_restart=True)
+
+
+class _Poll:
+    """Hands the progress counter's increments to ``on_progress`` (nothing when it is None)."""
+
+    def __init__(self, counter, on_progress: Callable[[int], None] | None):
+        self.counter, self.on_progress, self.last = counter, on_progress, 0
+
+    def __call__(self) -> None:
+        import ray
+        if self.on_progress is None:
+            return
+        n = ray.get(self.counter.get.remote())
+        if n != self.last:
+            self.on_progress(n - self.last)
+            self.last = n
+
+
+def _probe(actor, probe: Callable[[Any], None]) -> None:
+    import ray
+    try:
+        probe(ray.get(actor.probe.remote()))
+    except _died_errors() as e:
+        raise RuntimeError(f"worker failed to start: {e}") from None
+    except ray.exceptions.RayTaskError as e:
+        raise _unwrap(e) from None
+
+
+def _settle(fut, outcome: ShardOutcome, k: int, pool: _Pool, retries: int) -> bool:
+    """Take a finished task's result or error; True when the shard is to be run again. A worker
+    that died is dropped from the pool; one whose task raised stays and is free again."""
+    import ray
+    try:
+        outcome.result = ray.get(fut)
+    except _died_errors() as e:
+        pool.lose(k)
+        again = outcome.attempts <= retries
+        sys.stderr.write(f"distill: shard {outcome.task.get('name', '?')}: its Ray worker died (attempt "
+                         f"{outcome.attempts}{', retrying' if again else ''}; {pool.live} worker(s) live): "
+                         f"{type(e).__name__}\n")
+        if not again:
+            outcome.error = f"worker died {outcome.attempts} times: {type(e).__name__}"
+        return again
+    except ray.exceptions.RayTaskError as e:
+        pool.busy.discard(k)
+        pool.idle.append(k)
+        return _raised(outcome, _unwrap(e), retries)   # a Python exception may be transient (I/O): bounded
+    pool.busy.discard(k)
+    pool.idle.append(k)
+    return False
 
 
 def _raised(outcome: ShardOutcome, err: BaseException, retries: int) -> bool:
     """Report a task's exception at once (shard, last line of the error); True when it is to be
     retried, else the outcome's error is set. A UserError is not retried."""
-    line = (str(err).strip().splitlines() or [""])[-1]
-    msg = f"{type(err).__name__}: {line}"
+    msg = f"{type(err).__name__}: {_last_line(err)}"
     again = outcome.attempts <= retries and not isinstance(err, UserError)
     sys.stderr.write(f"distill: shard {outcome.task.get('name', '?')} failed (attempt {outcome.attempts}"
                      f"{', retrying' if again else ''}): {msg}\n")
@@ -184,3 +300,7 @@ def _unwrap(e) -> BaseException:
     if isinstance(cause, BaseException):
         return cause
     return RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+
+
+def _last_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[-1]

@@ -1,4 +1,5 @@
-"""cache-teacher on a real two-node Ray cluster: the cache equals the embedded run's.
+"""cache-teacher on a real two-node Ray cluster: the cache equals the embedded run's, also when the
+worker node is lost mid-run.
 
 Two Ray nodes run on this machine as separate process trees: ``ray start --head --block`` and
 ``ray start --address=HEAD --block``, one CPU each, with their own ``--temp-dir`` (so no other Ray
@@ -11,6 +12,11 @@ each node.
 Teardown never calls ``ray stop`` (that would stop every Ray on the machine, including other tests'
 embedded Ray): each ``ray start --block`` gets SIGTERM (it then stops the processes it started), and
 whatever is left of its process group (it runs in a session of its own) gets SIGKILL.
+
+A lost node is every process of the worker node's session SIGKILLed, Ray workers included (they
+have process groups of their own; killing only the raylet leaves a busy worker to finish its task).
+No health-check settings are needed: the driver sees the dead worker's connection drop at once
+(ActorUnavailableError), and the run does not wait for Ray to declare the node dead.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from distill.format import MANIFEST_NAME
 from distill.cache.reader import open_cache
 
 SHARDS = ["train-000000.tar", "train-000001.tar"]
+ALL_SHARDS = [f"train-00000{i}.tar" for i in range(4)]   # enough that the run is still going when a node is lost
 BIN = Path(sys.executable).parent
 NODES_PROBE = """
 import json, sys, time, ray
@@ -85,9 +92,37 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def _session(proc: subprocess.Popen) -> dict[int, str]:
+    """{pid: command line} of every process in the session this test created for ``ray start``: its
+    raylet and agents, and the workers the raylet started (they have process groups of their own;
+    a Ray worker's command line names the task it runs, e.g. ``ray::CacheWorker.run``)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # after "pid (comm)": state ppid pgrp session
+            if int(fields[3]) == proc.pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text().replace("\0", " ")
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _kill_node(proc: subprocess.Popen) -> int:
+    """A lost node: SIGKILL every process of its session (see _session); returns how many."""
+    killed = 0
+    for pid in _session(proc):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    return killed
+
+
 @pytest.fixture
 def two_node_cluster():
-    """(address, env for drivers) of a head + one worker node, one CPU each; torn down afterwards."""
+    """(address, env for drivers, temp dir, the worker node's ``ray start`` process) of a head + one
+    worker node, one CPU each; torn down afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="dray", dir="/tmp"))    # short: Ray's unix socket paths live below it
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -110,40 +145,82 @@ def two_node_cluster():
                      "head.log")
         _wait_port(port, head)
         common[-1] = f"--dashboard-agent-listen-port={_free_port()}"
-        start([f"--address=127.0.0.1:{port}"], "node.log")
-        yield f"127.0.0.1:{port}", env, tmp
+        node = start([f"--address=127.0.0.1:{port}"], "node.log")
+        yield f"127.0.0.1:{port}", env, tmp, node
     finally:
         for p in reversed(procs):
             _stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_two_node_cluster_cache_equals_embedded(tmp_path, two_node_cluster, ray_local):
-    address, env, ray_tmp = two_node_cluster
-    shards = demo_subset(tmp_path, SHARDS)
-
-    # both nodes joined, one CPU each (so the 2 one-CPU workers below must run one per node)
+def _both_nodes_joined(address: str, env: dict) -> None:
+    """Both nodes joined, one CPU each (so 2 one-CPU workers must run one per node)."""
     probe = subprocess.run([sys.executable, "-c", NODES_PROBE, address], env=env, capture_output=True,
                            text=True, timeout=90)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert json.loads(probe.stdout.strip().splitlines()[-1]) == [1.0, 1.0], probe.stdout
 
+
+def _cache_cmd(tmp_path: Path, shards: Path, out: Path, address: str) -> list[str]:
+    """``distill cache-teacher`` joining the cluster with 2 one-thread workers."""
     policy = tmp_path / "policy.toml"
     policy.write_text("[policy]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in DEMO_POLICY.items()))
-    cmd = [str(BIN / "distill"), "cache-teacher", "--shards", str(shards), "--teacher", str(DEMO_TEACHER),
-           "--out", str(tmp_path / "cluster"), "--epochs", "2", "--topk", "5", "--teacher-input-size", "32",
-           "--batch-size", "64", "--policy", str(policy), "--workers", "2", "--threads", "1",
-           "--ray-address", address, "--quiet"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return [str(BIN / "distill"), "cache-teacher", "--shards", str(shards), "--teacher", str(DEMO_TEACHER),
+            "--out", str(out), "--epochs", "2", "--topk", "5", "--teacher-input-size", "32",
+            "--batch-size", "64", "--policy", str(policy), "--workers", "2", "--threads", "1",
+            "--ray-address", address, "--quiet"]
 
-    # the embedded run: this process's session Ray, one worker, same settings
+
+def _assert_equals_embedded(tmp_path: Path, shards: Path, cluster_out: Path) -> None:
+    """The embedded run (this process's session Ray, one worker, same settings) has the same records
+    and byte-identical shard files (same teacher, policy, seeds, shard order)."""
     res = cache_teacher(cache_config(shards, tmp_path / "embedded"), DEMO_POLICY)
     assert not res.failed
-    cluster, embedded = open_cache(tmp_path / "cluster"), open_cache(tmp_path / "embedded")
+    cluster, embedded = open_cache(cluster_out), open_cache(tmp_path / "embedded")
     assert cluster.num_records == embedded.num_records == res.records > 0
     assert cluster.to_table().equals(embedded.to_table())
-    # byte-identical shard files too (same teacher, policy, seeds, shard order)
-    files = {m: [(s["name"], s["file_sha256"]) for s in json.loads((tmp_path / m / MANIFEST_NAME).read_text())["shards"]]
-             for m in ("cluster", "embedded")}
-    assert files["cluster"] == files["embedded"]
+    files = {m: [(s["name"], s["file_sha256"]) for s in json.loads((m / MANIFEST_NAME).read_text())["shards"]]
+             for m in (cluster_out, tmp_path / "embedded")}
+    assert files[cluster_out] == files[tmp_path / "embedded"]
+
+
+def test_two_node_cluster_cache_equals_embedded(tmp_path, two_node_cluster, ray_local):
+    address, env, _, _ = two_node_cluster
+    shards = demo_subset(tmp_path, SHARDS)
+    _both_nodes_joined(address, env)
+    run = subprocess.run(_cache_cmd(tmp_path, shards, tmp_path / "cluster", address), env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    _assert_equals_embedded(tmp_path, shards, tmp_path / "cluster")
+
+
+def test_losing_the_worker_node_mid_run_still_completes_the_cache(tmp_path, two_node_cluster, ray_local):
+    """SIGKILL the worker node's whole process tree while its worker runs a shard: the worker dies,
+    its replacement cannot be placed (the head's one CPU is held by the live worker), and the run
+    finishes every shard on the head's worker instead of waiting for the replacement."""
+    address, env, _, node = two_node_cluster
+    shards = demo_subset(tmp_path, ALL_SHARDS)
+    _both_nodes_joined(address, env)
+    out = tmp_path / "cluster"
+    log = tmp_path / "run.log"
+    with open(log, "wb") as f:
+        run = subprocess.Popen(_cache_cmd(tmp_path, shards, out, address), env=env, stdout=f,
+                               stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while (run.poll() is None and time.monotonic() < deadline
+               and not any("CacheWorker.run" in c for c in _session(node).values())):
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before the node could be killed: " + log.read_text()[-3000:]
+        assert _kill_node(node) >= 3          # ray start, raylet, the busy worker: the node is lost
+        rc = run.wait(timeout=240)            # a hang fails here instead of hanging CI
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "its Ray worker died" in text, text[-3000:]       # the node's worker was lost mid-shard
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert [s["name"] for s in manifest["shards"]] == ALL_SHARDS
+    _assert_equals_embedded(tmp_path, shards, out)
