@@ -106,8 +106,9 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
     import ray
 
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
-    if os.environ.get(FAULT_ENV):   # test hook travels to the workers
-        opts["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+    hooks = {k: v for k, v in os.environ.items() if k.startswith("DISTILL_FAULT_")}
+    if hooks:                       # test hooks (this one, shards.READ_FAULT_ENV) travel to the workers
+        opts["runtime_env"] = {"env_vars": hooks}
     counter = ray.remote(num_cpus=0, scheduling_strategy=_on_this_node())(Progress).remote()
     outcomes = [ShardOutcome(task=t) for t in tasks]
     n = max(1, min(workers, len(tasks))) if tasks else 0

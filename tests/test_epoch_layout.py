@@ -183,3 +183,27 @@ def test_convert_cache_keeps_every_record_and_the_result_trains(tmp_path):
     res = train_student(TrainConfig(shards=str(shards), cache=str(out), out=str(tmp_path / "run"), model="tinyvit-tiny",
                                     epochs=1, batch_size=32, image_size=32, quiet=True, device="cpu"), stop_after=1)
     assert res is not None
+
+
+def test_a_transient_read_error_marks_the_shard_incomplete_and_a_rerun_redoes_it(tmp_path, monkeypatch, ray_local):
+    """An I/O error mid-tar (injected once, in the Ray worker): the shard's file holds what was read, the
+    manifest marks it incomplete and the run fails; the rerun redoes that shard and only that one."""
+    from conftest import DEMO_POLICY, cache_config, demo_subset
+    from distill.cache import cache_teacher
+    from distill.data.shards import READ_FAULT_ENV
+    shards = demo_subset(tmp_path, ["train-000000.tar", "train-000001.tar"])
+    out = tmp_path / "cache"
+    monkeypatch.setenv(READ_FAULT_ENV, str(tmp_path / "read-fault"))
+    first = cache_teacher(cache_config(shards, out, workers=1, retries=0), DEMO_POLICY)
+    assert (tmp_path / "read-fault").exists()
+    assert first.failed and any("read error" in f for f in first.failed), first.failed
+    m = json.loads((out / F.MANIFEST_NAME).read_text())
+    bad = [e for e in m["shards"] if not e["complete"]]
+    assert len(bad) == 1 and bad[0]["errors"][0].startswith("read error") and m["totals"]["incomplete_shards"] == 1
+    second = cache_teacher(cache_config(shards, out, workers=1, retries=0), DEMO_POLICY)   # marker exists: no fault
+    assert not second.failed and second.reused_shards == 1
+    m = json.loads((out / F.MANIFEST_NAME).read_text())
+    assert all(e["complete"] for e in m["shards"]) and m["totals"]["incomplete_shards"] == 0
+    clean = cache_teacher(cache_config(shards, tmp_path / "clean", workers=1), DEMO_POLICY)
+    assert not clean.failed
+    assert distill.open_cache(out).to_table().equals(distill.open_cache(tmp_path / "clean").to_table())

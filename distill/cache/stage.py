@@ -132,6 +132,10 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
         raise UserError(f"--topk {cfg.topk} exceeds the teacher's {width} classes")
     exclude = read_excluded_keys(cfg.exclude) if cfg.exclude else set()
     policy = spec.policy
+    if spec.mixing and index is not None and index.order is not None and not index.order.get("shuffled"):
+        warnings.append("the shards were written without shuffling (make-shards --no-shuffle) and the policy mixes: "
+                        "mix partners come from consecutive samples, of the same class when the input was "
+                        "class-ordered; rewrite the shards with make-shards (shuffles by default)")
     identity = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
         "teacher": {"members": members, "input_size": size, "mean": list(cfg.teacher_mean),
