@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import contextlib
 import os
 import secrets
 import socket
@@ -36,16 +37,17 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` under a temporary name in the same directory, fsync, then rename onto ``path``:
-    readers see the old file or the whole new one, never a part. The temporary file is created with
-    mode 0666 so the process umask applies, as for any ``open(path, "wb")``."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike):
+    """An open binary file under a temporary name in the same directory; on a clean exit it is fsynced
+    and renamed onto ``path`` (readers see the old file or the whole new one, never a part), on an
+    error removed. Created with mode 0666 so the process umask applies, as for ``open(path, "wb")``."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +55,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_writer``)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

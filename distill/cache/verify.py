@@ -112,7 +112,7 @@ def _fingerprint_problems(cache: Cache, entry: dict, path: Path) -> list[str]:
 def fingerprint_problems(cache: Cache, paths: dict[str, Path] | None = None, part: Part = (0, 1)) -> list[str]:
     """Replay every recorded fingerprint view (of this ``part``'s shards); ``paths``: shard name ->
     tar (default: the cache's source)."""
-    entries = cache.manifest["shards"][part[0]::part[1]]
+    entries = [e for e in cache.manifest["shards"][part[0]::part[1]] if e.get(FINGERPRINTS_KEY)]
     paths = paths or {e["name"]: cache.shard_path(e["name"]) for e in entries}
     with ThreadPoolExecutor(_THREADS) as pool:
         found = pool.map(lambda e: _fingerprint_problems(cache, e, paths[e["name"]]), entries)

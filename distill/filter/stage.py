@@ -17,9 +17,9 @@ import pyarrow as pa
 from . import rules
 from ..cache.stage import cache_teacher
 from ..config import CacheConfig, FilterConfig
-from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes,
+from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION,
                       read_ipc)
-from ..files import UserError, atomic_write_bytes, atomic_write_json, lock_dir
+from ..files import UserError, atomic_write_json, lock_dir
 from ..cache.reader import open_cache
 
 SCORING_DIR = FILTER_SCORING_DIR
@@ -117,27 +117,33 @@ def _summary(cfg: FilterConfig, cache, dec: rules.Decision) -> dict:
 
 
 def _write_scores(out: Path, chunks, dec: rules.Decision, rule: rules.Rule) -> None:
-    batches, start = [], 0
+    """scores.arrow, written shard by shard as it is built (one record batch per shard; memory holds one)."""
+    from ..files import atomic_writer
+    from ..format import IPC_COMPRESSION, IPC_LEVEL
     reasons = np.array([rule.reason(c) for c in range(max(rules.REASONS) + 1)], dtype=object)
-    for c in chunks():
-        n = len(c["label"])
-        code = dec.code[start:start + n]
-        keep = dec.keep[start:start + n]
-        start += n
-        k = c["topk_idx"].shape[1]
-        batches.append(pa.table({
-            "key": c["key"], "shard": pa.array([c["shard"]] * n, pa.string()),
-            "label": pa.array(c["label"].astype(np.int32)),
-            "label_prob": pa.array(c["label_prob"].astype(np.float32)),
-            "label_rank": pa.array(rules.label_rank(c["label"], c["topk_idx"])),
-            "topk_idx": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_idx"].reshape(-1)), k),
-            "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_prob"].reshape(-1)), k),
-            "margin": pa.array(rules.margin(c["label"], c["label_prob"], c["topk_idx"], c["topk_prob"])),
-            "keep": pa.array(keep), "reason": pa.array(reasons[code].tolist(), pa.string())}))
-    table = pa.concat_tables(batches) if batches else None
-    if table is None:
-        raise UserError("no samples were scored (all skipped or excluded?)")
-    atomic_write_bytes(out / FILTER_SCORES_NAME, ipc_bytes(table))
+    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec(IPC_COMPRESSION, compression_level=IPC_LEVEL))
+    start, writer = 0, None
+    with atomic_writer(out / FILTER_SCORES_NAME) as f:
+        for c in chunks():
+            n = len(c["label"])
+            code, keep = dec.code[start:start + n], dec.keep[start:start + n]
+            start += n
+            k = c["topk_idx"].shape[1]
+            t = pa.table({
+                "key": c["key"], "shard": pa.array([c["shard"]] * n, pa.string()),
+                "label": pa.array(c["label"].astype(np.int32)),
+                "label_prob": pa.array(c["label_prob"].astype(np.float32)),
+                "label_rank": pa.array(rules.label_rank(c["label"], c["topk_idx"])),
+                "topk_idx": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_idx"].reshape(-1)), k),
+                "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(c["topk_prob"].reshape(-1)), k),
+                "margin": pa.array(rules.margin(c["label"], c["label_prob"], c["topk_idx"], c["topk_prob"])),
+                "keep": pa.array(keep), "reason": pa.array(reasons[code].tolist(), pa.string())})
+            writer = writer or pa.ipc.new_file(f, t.schema, options=opts)
+            for b in t.to_batches(max_chunksize=4096):
+                writer.write_batch(b)
+        if writer is None:
+            raise UserError("no samples were scored (all skipped or excluded?)")
+        writer.close()
 
 
 def _dropped_keys(out: Path) -> list[str]:
