@@ -354,3 +354,17 @@ def test_demo_teacher(demo_dir):
     assert meta["input_size"] == 32 and meta["num_classes"] == 10 and meta["val_accuracy_centre"] >= 0.97
     model = torch.jit.load(str(demo_dir / "teacher.pt"))
     assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10) and model(torch.zeros(1, 3, 48, 40)).shape == (1, 10)
+
+
+def test_read_samples_returns_the_named_samples_like_iter_shard(tmp_path):
+    """The notebook's random access: the samples of some keys, equal to what a full read yields."""
+    from distill.data.shards import iter_shard, read_samples
+    from pathlib import Path
+    shard = sorted((Path(__file__).resolve().parents[1] / "shards/demo/train").glob("*.tar"))[0]
+    every = [x for x in iter_shard(shard) if not hasattr(x, "reason")]
+    want = [every[3].key, every[-1].key, every[0].key, "no-such-key"]
+    got = read_samples(shard, want)
+    assert sorted(got) == sorted(want[:3])
+    for x in every:
+        if x.key in got:
+            assert got[x.key] == x

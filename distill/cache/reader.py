@@ -231,14 +231,7 @@ class Cache:
 
     def _sources(self, shard: str, keys: list[str]) -> dict:
         from ..data import augment, shards as shardio
-        from ..format import Skip
-        want, found = set(keys), {}
-        for item in shardio.iter_shard(self.shard_path(shard)):
-            if not isinstance(item, Skip) and item.key in want:
-                found[item.key] = augment.SourceImage(item.data)
-                if len(found) == len(want):
-                    break
-        return found
+        return {k: augment.SourceImage(s.data) for k, s in shardio.read_samples(self.shard_path(shard), keys).items()}
 
     def augmentation(self, key: str, epoch: int) -> dict:
         """The decoded augmentation parameters of (key, epoch), with the mix partner and lambda when mixed."""

@@ -150,6 +150,37 @@ def _maybe_read_fault() -> None:
         raise OSError(5, "Input/output error (injected by DISTILL_FAULT_READ_ONCE)")
 
 
+def read_samples(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Sample]:
+    """The samples of ``keys`` from one shard, reading only their members' data: the tar's headers are
+    read one by one and the other members' data is seeked over (a notebook replaying one view of a
+    1 GB shard reads kilobytes, not the shard). Keys missing, skipped or damaged are left out."""
+    want = set(keys)
+    path = Path(path)
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except (OSError, tarfile.TarError) as e:
+        raise UserError(f"cannot open shard {path}: {e}") from None
+
+    def members():
+        left = set(want)
+        try:
+            for info in tar:
+                tar.members = []
+                folder, _, base = info.name.rpartition("/")
+                k = f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+                if not info.isreg() or k not in want:
+                    if not left:
+                        return
+                    continue
+                left.discard(k)
+                yield info.name, tar.extractfile(info).read()
+        except _TAR_ERRORS as e:
+            yield _Damage(f"truncated tar: {e}")
+
+    with tar:
+        return {x.key: x for x in _samples(members(), path.name, require_label=False) if isinstance(x, Sample)}
+
+
 class _Damage(str):
     """Reason text for the end of a damaged tar (see iter_shard)."""
 
