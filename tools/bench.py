@@ -3,6 +3,7 @@
     python tools/bench.py                 # full run: regenerates BENCHMARKS.md (tens of minutes on 2 cores)
     python tools/bench.py --quick         # smoke run (< 5 min on 2 cores); prints, writes nothing
     python tools/bench.py --quick --write --out /tmp/B.md --only augment,projection
+    python tools/bench.py --only scale,notebook --update   # re-measure some parts, merged into BENCHMARKS.md
 
 Parts (``--only`` takes a comma-separated subset):
 
@@ -15,6 +16,8 @@ Parts (``--only`` takes a comma-separated subset):
   filter      tools/bench_filter.py     filter-labels decision pass at 14M samples: peak memory
   train       tools/bench_train.py      loader and train-step ratios (cache vs hard labels)
   notebook    tools/bench_notebook.py   open_cache / to_table read times
+  scale       tools/bench_scale.py      ImageNet-21K scale: driver RSS per 1M samples, bytes read per epoch,
+                                        bytes/record, class mix per batch, same-class mix partners
   projection  here                      ImageNet-21K at 90 epochs, K=10 and K=100, from anchors + measurements
 
 Stage scripts run as subprocesses; their JSON (``--json``) is used where they offer it, else their
@@ -40,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "projection")
+PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "projection")
 
 # Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
 ANCHORS = {
@@ -55,7 +58,8 @@ ANCHORS = {
     "tinyvit_k100_published_gb": 481,  # TinyViT's released K=100, 90-epoch cache (values), "GB"
 }
 GOALS = {"efficiency": 0.85, "scaling": 1.7, "filter_mb": 2048, "loader": 0.95, "step": 0.97,
-         "open_s": 1.0, "table_s": 2.0}
+         "open_s": 1.0, "table_s": 2.0, "driver_mb_per_1m": 200, "read_amp": 1.5, "bytes_per_record": 27,
+         "classes_per_batch": 0.9, "same_class_pairs": 2.0}
 
 
 # ----------------------------------------------------------------------------- environment
@@ -145,6 +149,16 @@ def part_cache(quick: bool, tmp: Path, parts: str) -> dict:
         r["json"] = json.loads(j.read_text())
     elif r["status"] == "ok":
         r.update(status="failed", why="no JSON written")
+    return r
+
+
+def part_scale(quick: bool, tmp: Path) -> dict:
+    r = run_script("bench_scale.py", ["--quick"] if quick else [], 1200 if quick else 5400)
+    lines = [x for x in r.get("stdout", "").splitlines() if x.startswith("{")]
+    if lines:
+        r["json"] = json.loads(lines[-1])
+    elif r["status"] == "ok":
+        r.update(status="failed", why="no JSON line printed")
     return r
 
 
@@ -353,7 +367,7 @@ def _f(v, fmt="{:,.2f}", none="n/a"):
 
 def _run_line(env: dict, r: dict | None = None) -> str:
     v = env["versions"]
-    s = (f"_{env['date']}; {env['cores']} cores, {env['cpu']}, {env['os']}; Python {v['python']}, torch {v['torch']}, "
+    s = (f"_{(r or {}).get('date') or env['date']}; {env['cores']} cores, {env['cpu']}, {env['os']}; Python {v['python']}, torch {v['torch']}, "
          f"ray {v['ray']}, pyarrow {v['pyarrow']}, Pillow {v['pillow']}")
     if r and r.get("load"):
         ld = r["load"]
@@ -413,13 +427,37 @@ def render(res: dict, env: dict, quick: bool) -> str:
         L.append(f"| to_table(epochs=[0]), {nb.get('records', 0):,} records ÷ 2 s | {_f(nb['table_ms'] / 2e3 if 'table_ms' in nb else None, '{:.3f}')} | ≤ 1 | {_ok(nb.get('table_ms', 0) / 2e3 if 'table_ms' in nb else None, 1.0, False)} |")
     else:
         L.append("| notebook reads | n/a | | not run |")
+    sj = res.get("scale", {}).get("json", {})
+    for key, label, goal, higher in (
+            ("driver_rss_mb_per_1m_samples", "driver peak RSS growth, MB per 1M samples (worst stage)", "driver_mb_per_1m", False),
+            ("epoch_read_amplification", "bytes decompressed to train one epoch ÷ bytes of its records", "read_amp", False),
+            ("bytes_per_record", "bytes/record, format 2 (synthetic 21k classes, K=10, 90 epochs)", "bytes_per_record", False),
+            ("classes_per_batch_ratio", "distinct classes per batch ÷ a perfectly shuffled batch's", "classes_per_batch", True),
+            ("same_class_pair_ratio_to_chance", "same-class mix partners ÷ chance", "same_class_pairs", False)):
+        v = sj.get(key)
+        L.append(f"| {label} | {_f(v, '{:.3f}' if key != 'driver_rss_mb_per_1m_samples' else '{:.0f}')} | "
+                 f"{'≥' if higher else '≤'} {GOALS[goal]} | {_ok(v, GOALS[goal], higher)} |")
     L.append("")
 
     L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
     L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
+    L += _sec_scale(res, env)
     L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
           "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(L)
+
+
+def _recorded(report: Path) -> dict:
+    """The results JSON a report embeds (its Raw results section), to merge newly measured parts into."""
+    text = report.read_text() if report.is_file() else ""
+    if "```json" not in text:
+        raise SystemExit(f"--update: {report} holds no results JSON to merge into")
+    old = json.loads(text.split("## Raw results", 1)[1].split("```json", 1)[1].split("```", 1)[0])
+    date = old.get("machine", {}).get("date")
+    for v in old.values():              # parts of a report made before per-part dates: the report's date
+        if isinstance(v, dict) and "status" in v:
+            v.setdefault("date", date)
+    return old
 
 
 def _strip(res: dict) -> dict:
@@ -626,6 +664,50 @@ def _sec_notebook(res, env):
     return L
 
 
+def _sec_scale(res, env):
+    r = res.get("scale", {})
+    j = r.get("json")
+    L = ["## 9. Scale: ImageNet-21K with the real code on synthetic data", "", _run_line(env, r), ""]
+    if not j:
+        return L + [f"not run ({r.get('why', 'part not selected')})", ""]
+    st, rd, mx, rss, pj = j["storage"], j["storage"]["read"], j["mixing"], j["driver_rss"], j["projection_14_2m_x_90"]
+    L += ["`tools/bench_scale.py`" + (" --quick" if j.get("quick") else "") + " prints one JSON line; the figures below are that line.", "",
+          "**Driver memory.** Peak RSS growth of the driver process (Ray workers are other processes), each stage in "
+          "a child process of its own, at two sizes; the slope is MB per 1M samples.", "",
+          "| stage | samples | driver RSS growth (MB) | MB per 1M samples |", "|---|---:|---:|---:|"]
+    for name, v in rss.items():
+        L.append(f"| {name} | {' / '.join(f'{x:,}' for x in v['samples'])} | {' / '.join(f'{x:.1f}' for x in v['growth_mb'])} "
+                 f"| {v['mb_per_1m']:.0f} |")
+    L += ["", "cache-teacher (2 epochs) and filter-labels run for real on tiny-JPEG shards with the demo teacher; verify, "
+          "open_cache + a record of the last shard, and cache-teacher's duplicate-key check (all keys sorted as one Arrow "
+          "array) on synthetic caches with E=90 written by the cache's encoder. "
+          f"Projected driver RAM at 14.2M samples: {pj['driver_gb_at_14_2m']:.2f} GB (worst stage's slope).", "",
+          "**Reading one epoch.** train-student reads cached epoch e's record batches (columns "
+          f"{', '.join(rd['columns'])}) and the per-sample class dictionaries (epoch 0's batches); keys and labels come "
+          "from the tar, which is checked against the cache by the seed of every row.", "",
+          "| | bytes |", "|---|---:|",
+          f"| decompressed to read epoch {rd['epoch']} | {rd['decompressed_bytes']:,} |",
+          f"| that epoch's logical records (key, seed, topk_idx, topk_prob, label, label_prob) | {rd['logical_bytes']:,} |",
+          f"| **ratio** | **{rd['amplification']:.3f}** |",
+          f"| read from disk (counted through the file) | {rd['disk_bytes']:,} |",
+          f"| the file's bytes per epoch (file / 90) | {rd['file_bytes_per_epoch']:,.0f} |",
+          f"| ratio | {rd['disk_amplification']:.2f} (the dictionaries are read every epoch) |", "",
+          f"Format 1 read all 90 epochs to use one: about 48x. Bytes per record: K=10 {st['k10']['bytes_per_record']:.2f}, "
+          f"K=100 {st['k100']['bytes_per_record']:.2f} (synthetic overlap, shards of 1,420 samples = 14.2M / 10,000).", "",
+          "**Class mix.** A 200-class image-folder tree in class order, written by make-shards (shuffled by default), "
+          f"read by TrainStream with Mixup/CutMix on 2 ranks: {mx['batches']} batches of 64, {mx['mixed_pairs']} mixed pairs. "
+          f"Distinct classes per batch ÷ a perfectly shuffled batch's: {mx['classes_per_batch_ratio']:.3f}; "
+          f"same-class partners ÷ chance: {mx['same_class_pair_ratio_to_chance']:.2f}.", "",
+          "**Projected to 14.2M images × 90 epochs.**", "",
+          "| | K=10 | K=100 |", "|---|---:|---:|",
+          f"| cache size | {pj['cache_gb_k10']:,.0f} GB | {pj['cache_gb_k100']:,.0f} GB |",
+          f"| driver RAM (any stage) | {pj['driver_gb_at_14_2m']:.2f} GB | (same keys, same slope) |",
+          f"| read per training epoch, all ranks (K=10 measured) | {pj['epoch_read_gb_total']:.1f} GB | |",
+          f"| read per training epoch, per GPU at 8 GPUs | {pj['epoch_read_gb_per_gpu_8']:.2f} GB | |",
+          f"| read per training epoch, per GPU at 64 GPUs | {pj['epoch_read_gb_per_gpu_64']:.3f} GB | |", ""]
+    return L
+
+
 def _sec_projection(res, env):
     p = res.get("projection")
     L = ["## 8. Projection: ImageNet-21K, 90 epochs", "", _run_line(env), ""]
@@ -698,6 +780,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write the report even in --quick mode")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="report path (default: BENCHMARKS.md)")
     ap.add_argument("--json", help="also write all parsed results here")
+    ap.add_argument("--update", action="store_true", help="merge the parts measured now into the report at --out "
+                                                          "(its other parts are kept from the run it records)")
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: render the report from a --json file of an "
                                                         "earlier run (to change the report's text without re-measuring)")
     a = ap.parse_args(argv)
@@ -712,6 +796,8 @@ def main(argv=None) -> int:
         return 0
     env = machine()
     res: dict = {"quick": a.quick, "machine": env, "anchors": ANCHORS}
+    if a.update:
+        res = dict(_recorded(Path(a.out)), quick=a.quick, machine=env, anchors=ANCHORS)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as d:
         tmp = Path(d)
@@ -724,6 +810,7 @@ def main(argv=None) -> int:
             except Exception as e:   # one broken part must not lose the others
                 r = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
             r.setdefault("seconds", round(time.perf_counter() - t0, 1))
+            r["date"] = env["date"]
             res[name] = r
             print(f"   {r.get('status')} in {time.perf_counter() - t0:.0f}s" + (f" ({r['why']})" if r.get("why") else ""), flush=True)
 
@@ -742,6 +829,8 @@ def main(argv=None) -> int:
             go("train", lambda: part_train(a.quick, tmp))
         if "notebook" in parts:
             go("notebook", lambda: part_notebook(a.quick, tmp))
+        if "scale" in parts:
+            go("scale", lambda: part_scale(a.quick, tmp))
         if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:
@@ -759,9 +848,12 @@ def main(argv=None) -> int:
     print(f"total {res['total_seconds']:.0f}s")
     if a.json:
         Path(a.json).write_text(json.dumps(_strip(res), indent=1, default=str))
-    if not a.quick or a.write:
+    partial = set(parts) != set(PARTS)
+    if (not a.quick and not partial) or a.write or a.update:
         Path(a.out).write_text(text)
         print(f"wrote {a.out}")
+    elif partial and not a.quick:
+        print(f"not written (only {', '.join(parts)} ran): --update merges them into {a.out}, --write replaces it")
     failed = [k for k in PARTS if isinstance(res.get(k), dict) and res[k].get("status") == "failed"]
     return 1 if failed else 0
 
