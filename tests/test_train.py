@@ -120,6 +120,19 @@ def test_loader_workers_and_ranks_split_shards(cache_dir, tmp_path):
         ds.set_epoch(1)
         per_rank.append([k for b in ds for k in b["key"]])
     assert len(per_rank[0]) == len(per_rank[1]) == 360 and sorted(per_rank[0] + per_rank[1]) == everything
+    # 7 ranks: 102 samples each, ranges cut inside mixing blocks; every view (mixed ones too) is the
+    # one a single process makes
+    ds = _stream(data)
+    ds.set_epoch(1)
+    whole = {k: x for b in ds for k, x in zip(b["key"], b["image"])}
+    seen = []
+    for rank in range(7):
+        ds = _stream(data, rank=rank, world=7)
+        ds.set_epoch(1)
+        got = {k: x for b in ds for k, x in zip(b["key"], b["image"])}
+        assert len(got) == 720 // 7 and all(torch.equal(x, whole[k]) for k, x in got.items())
+        seen += list(got)
+    assert len(set(seen)) == len(seen) == 7 * (720 // 7)
 
 
 # ----------------------------------------------------------------------------- training, files, resume

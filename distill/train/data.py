@@ -1,60 +1,130 @@
-"""Student data: stream shards, replay each cached (sample, epoch) view, yield batches of sparse targets.
+"""Student data: split an epoch's samples evenly over (DDP rank, loader worker), replay each cached
+(sample, epoch) view, yield batches of sparse targets.
 
-Per training epoch ``e`` and shard (one shard at a time per DataLoader worker):
+Per training epoch ``e`` (``TrainStream``; ``epoch_segments`` is the split):
 
-1. cache run: read the shard's cache rows for cached epoch ``e mod E`` (key, label, seed, top-K);
-   hard-label run: the shard's valid samples, seeds ``derive_seed(train seed, e, key)``;
-2. stream the tar (``shards.iter_shard``) and group the samples by mixing block (``policy.mix_block``
-   consecutive cache rows), exactly as ``cache-teacher`` did;
-3. make the block's views with ``views.block_views`` at the student's size and normalisation (the
-   same parameters the teacher saw; mixing partners inside the block);
-4. drop ``--exclude`` keys, push the rest through a sample shuffle buffer (after the views, so
-   batching never changes a view) and emit collated batches.
+1. lay the shards end to end in an order shuffled by (training seed, ``e``), each taking as many
+   places as it gives samples per epoch (``ShardRef.samples``: a cache run's manifest rows less the
+   ``--exclude`` keys, else index.json's counts less them). Of these N places DDP rank ``r`` of ``W``
+   takes the ``N // W`` from ``r * N // W``, and cuts them into one contiguous sub-range of whole
+   batches per DataLoader worker, so every rank makes exactly ``(N // W) // B`` batches (without
+   ``drop_last``: all its ``N // W`` samples, the last batch of each worker short). A (rank, worker)
+   reads a list of segments (shard, first sample, stop);
+2. a worker keeps up to ``open_shards`` segments open and draws mixing blocks from them at random
+   (seeded by seed, epoch, rank, worker). A block is ``policy.mix_block`` consecutive rows of a shard,
+   exactly as ``cache-teacher`` made them: in a cache run the shard's cache rows of cached epoch
+   ``e mod E`` (key, label, seed, top-K), in a hard-label run its valid, non-excluded samples with
+   seeds ``derive_seed(train seed, e, key)``;
+3. the block's views are rendered at the student's size with mixing partners from the whole block,
+   also where a segment starts or ends inside it, and only the segment's own samples are kept
+   (``--exclude`` keys dropped);
+4. each kept sample goes through a shuffle buffer as a compact item: its rendered uint8 view (and its
+   mix partner's, when mixed) with their erase and mix parameters. Leaving the buffer, the item is
+   normalised, erased and mixed (``augment.to_tensor`` + ``augment.mix``, the same steps in the same
+   order as ``views.block_views``: the tensor is bit for bit the same) and batches are collated.
 
-Shards are shuffled per epoch with the training seed and split across (DDP rank, DataLoader worker)
-by index. A batch is a dict of CPU tensors: ``image`` (B, 3, S, S) float32, ``idx`` (B, K) int64 and
-``prob`` (B, K) float32 (the cached top-K, K = 0 in hard-label runs), ``label``/``label2`` (B,) int64
-and ``lam`` (B,) float32 (hard labels of the sample and its mix partner, weight of its own image),
+So the view of every (sample, epoch) does not depend on batching, workers or the number of ranks.
+Left out of an epoch: the ``N - W * (N // W)`` (< W) places at the ends of the ranks' ranges, and
+with ``drop_last`` the last ``(N // W) mod B`` (< B) of each rank's range; which samples these are
+changes every epoch with the shard order. A hard-label shard that gives fewer samples than counted
+(images whose pixels do not decode are skipped) ends its range early: the trainer then ends the epoch
+on every rank at the same step (``loop._synced``).
+
+A batch is a dict of CPU tensors: ``image`` (B, 3, S, S) float32, ``idx`` (B, K) int64 and ``prob``
+(B, K) float32 (the cached top-K, K = 0 in hard-label runs), ``label``/``label2`` (B,) int64 and
+``lam`` (B,) float32 (hard labels of the sample and its mix partner, weight of its own image),
 ``stats`` (2,) int64 (samples excluded, samples skipped since the previous batch of this worker) and
 ``key`` (a list of B sample keys).
+
+``classes_per_batch_ratio`` and ``same_class_pair_ratio`` measure how well batches are mixed.
 """
 from __future__ import annotations
 
+import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..data import augment, shards as shardio, views
 from ..format import Skip
 from ..files import UserError
 
-_CACHE_COLUMNS = ["key", "label", "seed", "topk_idx", "topk_prob"]
+TRAIN_READ_COLUMNS = ["key", "label", "seed", "topk_idx", "topk_prob"]   # what a cache run reads of each shard
+OPEN_SHARDS = 4                          # segments a loader worker reads at once, block by block
+FAULT_ENV = "DISTILL_FAULT_TRAIN_RANK"   # test hook: that rank's training stream raises UserError at its batch 2
 
 
 @dataclass(frozen=True)
 class ShardRef:
     path: str
     name: str
+    samples: int | None = None           # samples it gives per epoch (after --exclude); None: counted when needed
 
 
-def split_shards(shards: list, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int,
-                 shuffle: bool = True, repeat: int = 0) -> list:
-    """This (rank, worker)'s shards of an epoch: shuffled with (seed, epoch, repeat), every n-th by index."""
-    order = list(shards)
-    if shuffle:
-        random.Random(f"distill-shards:{seed}:{epoch}:{repeat}").shuffle(order)
-    n = world * workers
-    return order[rank * workers + worker::n]
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``first`` to ``stop`` (exclusive) of a shard, numbered as the shard gives them."""
+    ref: ShardRef
+    first: int
+    stop: int
+
+
+# ----------------------------------------------------------------------------- the split
+
+def worker_range(total: int, rank: int, world: int, worker: int, workers: int, batch_size: int,
+                 drop_last: bool = True) -> tuple[int, int]:
+    """Places [start, stop) of an epoch's ``total`` that (rank, worker) reads: rank r has the
+    ``total // world`` from ``r * total // world``; its workers split them into contiguous runs of
+    whole batches (``drop_last``) or of ``w * n // workers`` places."""
+    per_rank = total // world
+    start = rank * total // world
+    if drop_last:
+        nb = per_rank // batch_size
+        return (start + batch_size * (worker * nb // workers), start + batch_size * ((worker + 1) * nb // workers))
+    return start + worker * per_rank // workers, start + (worker + 1) * per_rank // workers
+
+
+def epoch_segments(counts: Sequence[int], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int,
+                   batch_size: int, drop_last: bool = True) -> list[tuple[int, int, int]]:
+    """(shard index, first, stop) of every segment (rank, worker) reads in ``epoch``: shards laid end
+    to end in an order shuffled by (seed, epoch), each taking ``counts[i]`` places, cut at
+    ``worker_range``."""
+    order = list(range(len(counts)))
+    random.Random(f"distill-shards:{seed}:{epoch}").shuffle(order)
+    lo, hi = worker_range(sum(int(c) for c in counts), rank, world, worker, workers, batch_size, drop_last)
+    out, at = [], 0
+    for i in order:
+        if at >= hi:
+            break
+        n = int(counts[i])
+        a, b = max(lo, at), min(hi, at + n)
+        if a < b:
+            out.append((i, a - at, b - at))
+        at += n
+    return out
 
 
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _every_nth(shards: list, rank: int, world: int, worker: int, workers: int) -> list:
+    n = world * workers
+    return list(shards)[rank * workers + worker::n]
+
+
+def _inject_fault(rank: int, batch: int) -> None:
+    """Test hook: with DISTILL_FAULT_TRAIN_RANK=R in the environment, rank R's stream raises at batch 2."""
+    if batch == 2 and os.environ.get(FAULT_ENV) == str(rank):
+        raise UserError(f"injected fault ({FAULT_ENV}={rank}) in the training stream at batch {batch}")
 
 
 def _collate(items: list, stats: list) -> dict:
@@ -73,145 +143,237 @@ def _collate(items: list, stats: list) -> dict:
     return out
 
 
+def _pixels(src: "augment.SourceImage", params: dict, size: int) -> bytes:
+    """The rendered view's RGB bytes (what ``augment.to_tensor`` reads from the image)."""
+    img = augment.render(src, params, size)
+    return (img if img.mode == "RGB" else img.convert("RGB")).tobytes()
+
+
+# ----------------------------------------------------------------------------- training stream
+
 class TrainStream(IterableDataset):
     """Batches of replayed views for one training epoch (call ``set_epoch`` before iterating).
 
     ``cache``: a ``reader.Cache`` (targets and seeds from it) or None (hard labels: seeds derived from
-    ``seed``). ``exclude``: keys left out."""
+    ``seed``). ``exclude``: keys left out. ``open_shards``: segments a worker interleaves."""
 
     def __init__(self, shards: list[ShardRef], *, spec: views.ViewSpec, image_size: int, batch_size: int,
                  seed: int, shuffle_buffer: int, cache=None, num_classes: int, exclude=frozenset(),
-                 rank: int = 0, world: int = 1, drop_last: bool = True,
+                 rank: int = 0, world: int = 1, drop_last: bool = True, open_shards: int = OPEN_SHARDS,
                  mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
         super().__init__()
         self.shards, self.spec, self.size, self.batch_size = list(shards), spec, image_size, batch_size
         self.seed, self.buffer, self.cache, self.num_classes = seed, max(1, shuffle_buffer), cache, num_classes
         self.exclude, self.rank, self.world, self.drop_last = frozenset(exclude), rank, world, drop_last
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.epoch, self.repeat = 0, 0
+        self.open_shards, self.mean, self.std = max(1, open_shards), tuple(mean), tuple(std)
+        self.epoch = 0
+        self.counts = self._counts()
 
-    def set_epoch(self, epoch: int, repeat: int = 0) -> None:
-        """Training epoch (0-based; a cache run reads cached epoch ``epoch mod E``); ``repeat`` > 0 makes
-        another pass of the same epoch with another shard and sample order (DDP ranks that ran dry)."""
-        self.epoch, self.repeat = epoch, repeat
+    def set_epoch(self, epoch: int) -> None:
+        """Training epoch (0-based; a cache run reads cached epoch ``epoch mod E``)."""
+        self.epoch = epoch
+
+    def _counts(self) -> list[int]:
+        """Samples per shard and epoch: the refs' own, else the cache manifest's less --exclude, else
+        the shard's valid, non-excluded samples (read once)."""
+        entries = {e["name"]: e for e in self.cache.manifest["shards"]} if self.cache is not None else {}
+        out = []
+        for ref in self.shards:
+            if ref.samples is not None:
+                out.append(int(ref.samples))
+            elif self.cache is not None:
+                keys = self.cache.keys(ref.name) if self.exclude else ()
+                out.append(int(entries[ref.name]["samples"]) - sum(k in self.exclude for k in keys))
+            else:
+                out.append(sum(1 for it in shardio.iter_shard(ref.path) if not isinstance(it, Skip)
+                               and it.key not in self.exclude and not shardio.check_label(it.label, self.num_classes)))
+        return out
 
     # ------------------------------------------------------------------ iteration
-    def my_shards(self) -> list[ShardRef]:
+    def my_segments(self) -> list[Segment]:
+        """This (rank, worker)'s segments of the epoch."""
         worker, workers = _worker()
-        return split_shards(self.shards, self.epoch, self.seed, self.rank, self.world, worker, workers,
-                            repeat=self.repeat)
+        cut = epoch_segments(self.counts, self.epoch, self.seed, self.rank, self.world, worker, workers,
+                             self.batch_size, self.drop_last)
+        return [Segment(self.shards[i], a, b) for i, a, b in cut]
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        rng = random.Random(f"distill-buffer:{self.seed}:{self.epoch}:{self.repeat}:{self.rank}:{worker}")
-        buf: list = []
-        batch: list = []
+        worker, _ = _worker()
+        rng = random.Random(f"distill-buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         stats = [0, 0]
-        for ref in self.my_shards():
-            for item in self.shard_samples(ref, stats):
-                if len(buf) < self.buffer:
-                    buf.append(item)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], item = item, buf[j]
-                batch.append(item)
-                if len(batch) == self.batch_size:
-                    yield _collate(batch, stats)
-                    batch = []
-        rng.shuffle(buf)
-        for item in buf:
-            batch.append(item)
+        batch: list = []
+        made = 0
+        for item in self._shuffled(self._interleaved(self.my_segments(), rng, stats), rng):
+            batch.append(self._finish(item))
             if len(batch) == self.batch_size:
+                _inject_fault(self.rank, made)
+                made += 1
                 yield _collate(batch, stats)
                 batch = []
         if batch and not self.drop_last:
             yield _collate(batch, stats)
 
-    def shard_samples(self, ref: ShardRef, stats: list) -> Iterator[tuple]:
-        """(view, topk ids, topk probs, label, partner label, own-image weight, key) of one shard, in shard order."""
-        blocks = self._cache_blocks(ref, stats) if self.cache is not None else self._hard_blocks(ref, stats)
-        for keys, srcs, seeds, labels, ids, probs, params in blocks:
-            made = views.block_views(self.spec, srcs, seeds, self.size, self.mean, self.std, params_=params)
-            plans = views.block_plan(self.spec, seeds)
-            for i, (key, v, plan) in enumerate(zip(keys, made, plans)):
-                if key in self.exclude:
-                    stats[0] += 1
-                    continue
-                label2 = labels[plan["partner"]] if plan else labels[i]
-                lam = augment.mix_lam(plan, (self.size, self.size))
-                yield v, ids[i], probs[i], labels[i], label2, lam, key
+    def _shuffled(self, items: Iterable[tuple], rng: random.Random) -> Iterator[tuple]:
+        """Items through a swap buffer of ``shuffle_buffer`` items, then the rest in random order."""
+        buf: list = []
+        for item in items:
+            if len(buf) < self.buffer:
+                buf.append(item)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], item = item, buf[j]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
 
-    def _cache_blocks(self, ref: ShardRef, stats: list):
-        """Blocks of the cache rows of one shard: (keys, sources, seeds, labels, topk ids, topk probs)."""
-        cache = self.cache
-        t = cache.shard_table(ref.name, epochs=[self.epoch % cache.epochs], columns=_CACHE_COLUMNS)
+    def _interleaved(self, segments: list[Segment], rng: random.Random, stats: list) -> Iterator[tuple]:
+        """The segments' items, up to ``open_shards`` segments open at once, one block at a time from
+        a segment drawn at random."""
+        pending, open_ = list(segments), []
+        while pending or open_:
+            while pending and len(open_) < self.open_shards:
+                open_.append(self.segment_items(pending.pop(0), stats))
+            i = rng.randrange(len(open_))
+            block = next(open_[i], None)
+            if block is None:
+                open_.pop(i)
+                continue
+            yield from block
+
+    def segment_items(self, seg: Segment, stats: list) -> Iterator[list]:
+        """The compact items of one segment, a list per block, in shard order:
+        (view pixels, view params, partner pixels, partner params, mix plan, topk ids, topk probs,
+        label, partner label, own-image weight, key); partner fields None when unmixed."""
+        blocks = self._cache_blocks(seg, stats) if self.cache is not None else self._hard_blocks(seg, stats)
+        for keys, srcs, seeds, labels, ids, probs, params, emit in blocks:
+            if params is None:
+                params = [views.params(self.spec, s, src) for s, src in zip(seeds, srcs)]
+            plans = views.block_plan(self.spec, seeds)
+            need = sorted({j for i, e in enumerate(emit) if e for j in (i, (plans[i] or {}).get("partner", i))})
+            pix = {j: _pixels(srcs[j], params[j], self.size) for j in need}
+            srcs = None                         # the decoded images go now, not when the segment next yields
+            items = []
+            for i, key in enumerate(keys):
+                if not emit[i]:
+                    continue
+                plan = plans[i]
+                j = plan["partner"] if plan else None
+                items.append((pix[i], params[i], pix.get(j), params[j] if plan else None, plan, ids[i], probs[i],
+                              labels[i], labels[j] if plan else labels[i],
+                              augment.mix_lam(plan, (self.size, self.size)), key))
+            yield items
+
+    def _finish(self, item: tuple) -> tuple:
+        """(view tensor, topk ids, topk probs, label, partner label, own-image weight, key) of an item:
+        ``augment.to_tensor`` of the pixels (normalise, erase), mixed with the partner's."""
+        own, p, other, q, plan = item[:5]
+        v = augment.to_tensor(Image.frombytes("RGB", (self.size, self.size), own), p, self.mean, self.std)
+        if plan is not None:
+            w = augment.to_tensor(Image.frombytes("RGB", (self.size, self.size), other), q, self.mean, self.std)
+            v = augment.mix(v, w, plan)
+        return (v,) + item[5:]
+
+    def _cache_blocks(self, seg: Segment, stats: list):
+        """The blocks of a shard's cache rows that hold the segment's samples: (keys, sources, seeds,
+        labels, topk ids, topk probs, None, emit), ``emit[i]``: row i of the block is the segment's."""
+        cache, ref, mb = self.cache, seg.ref, self.spec.policy.mix_block
+        t = cache.shard_table(ref.name, epochs=[self.epoch % cache.epochs], columns=TRAIN_READ_COLUMNS)
         keys = t.column("key").to_pylist()
+        mine = [r for r, k in enumerate(keys) if k not in self.exclude][seg.first:seg.stop]
+        if not mine:
+            return
+        n, r0, r1 = len(keys), mine[0], mine[-1] + 1      # the segment's samples lie in rows [r0, r1)
+        lo, hi = r0 // mb * mb, min(n, -(-r1 // mb) * mb)   # and in the blocks of rows [lo, hi)
+        stats[0] += (r1 - r0) - len(mine)
         labels = t.column("label").to_numpy().astype(np.int64).tolist()
         seeds = t.column("seed").to_numpy().astype(np.int64).tolist()
         ids = _fixed(t, "topk_idx").astype(np.int64)
         probs = _fixed(t, "topk_prob").astype(np.float32)
         row_of = {k: i for i, k in enumerate(keys)}
-        n, mb = len(keys), self.spec.policy.mix_block
         expect, srcs = 0, []
         for item in shardio.iter_shard(ref.path):
             if isinstance(item, Skip):
                 continue
             r = row_of.get(item.key)
             if r is None:                       # left out by the cache (skipped, or excluded when it was built)
-                stats[0 if item.key in self.exclude else 1] += 1
+                if r0 <= expect < r1:
+                    stats[0 if item.key in self.exclude else 1] += 1
                 continue
             if r != expect:
                 raise UserError(f"shard {ref.path} does not match the cache: expected key {keys[expect]!r} "
                                 f"at row {expect}, found {item.key!r}; rebuild the cache for these shards")
-            srcs.append(augment.SourceImage(item.data))
             expect += 1
-            if expect % mb == 0 or expect == n:
+            if r < lo:
+                continue
+            srcs.append(augment.SourceImage(item.data))
+            if expect % mb == 0 or expect == hi:
                 s0 = expect - len(srcs)
-                yield (keys[s0:expect], srcs, seeds[s0:expect], labels[s0:expect], ids[s0:expect], probs[s0:expect], None)
+                emit = [r0 <= i < r1 and keys[i] not in self.exclude for i in range(s0, expect)]
+                block = (keys[s0:expect], srcs, seeds[s0:expect], labels[s0:expect], ids[s0:expect],
+                         probs[s0:expect], None, emit)
                 srcs = []
-        if expect != n:
-            raise UserError(f"shard {ref.path} ended at row {expect} of the cache's {n} (key {keys[expect]!r} "
-                            f"missing); rebuild the cache for these shards")
+                yield block
+                if expect == hi:
+                    return
+        raise UserError(f"shard {ref.path} ended at row {expect} of the cache's {n} (key {keys[expect]!r} "
+                        f"missing); rebuild the cache for these shards")
 
-    def _hard_blocks(self, ref: ShardRef, stats: list):
-        """Blocks of a shard's valid, non-excluded samples, seeds from (training seed, epoch, key)."""
+    def _hard_blocks(self, seg: Segment, stats: list):
+        """The blocks of a shard's positions (valid, non-excluded samples in shard order) that hold the
+        segment's samples; seeds from (training seed, epoch, key). A sample whose pixels do not decode
+        is skipped: it leaves its block, the others keep their positions."""
         mb = self.spec.policy.mix_block
-        keys, srcs, labels, seeds, params = [], [], [], [], []
-        empty = np.zeros(0, np.int64)
-
-        def block():
-            return keys, srcs, seeds, labels, [empty] * len(keys), [empty] * len(keys), params
-
-        seen = set()
-        for item in shardio.iter_shard(ref.path):
+        lo, hi = seg.first // mb * mb, -(-seg.stop // mb) * mb
+        pos, seen, block = 0, set(), []
+        for item in shardio.iter_shard(seg.ref.path):
+            inside = seg.first <= pos < seg.stop
             if isinstance(item, Skip) or item.key in seen:
-                stats[1] += 1
+                stats[1] += inside
                 continue
             seen.add(item.key)
             if item.key in self.exclude:
-                stats[0] += 1
+                stats[0] += inside
                 continue
-            if shardio.check_label(item.label, self.num_classes):
-                stats[1] += 1
+            try:
+                bad = shardio.check_label(item.label, self.num_classes)
+                src = None if bad else augment.SourceImage(item.data)   # header only
+            except Exception:
+                src = None
+            if src is None:
+                stats[1] += inside
                 continue
-            seed = augment.derive_seed(self.seed, self.epoch, item.key)
-            try:   # decode now (memoised for the view) so that a broken image is skipped, not fatal
-                src = augment.SourceImage(item.data)
+            pos += 1
+            if pos > lo:
+                block.append((pos - 1, item.key, src, int(item.label)))
+            if block and (pos % mb == 0 or pos == hi):
+                made, block = self._hard_block(block, seg, stats), []
+                yield made
+            if pos >= hi:
+                return
+        if block:
+            yield self._hard_block(block, seg, stats)
+
+    def _hard_block(self, block: list, seg: Segment, stats: list) -> tuple:
+        """(keys, sources, seeds, labels, empty ids, empty probs, params, emit) of a block's samples that
+        decode (decoded now, memoised for the view, so that a broken image is skipped, not fatal)."""
+        keys, srcs, seeds, labels, params, emit = [], [], [], [], [], []
+        for pos, key, src, label in block:
+            seed = augment.derive_seed(self.seed, self.epoch, key)
+            mine = seg.first <= pos < seg.stop
+            try:
                 p = views.params(self.spec, seed, src)
                 src.at(augment.draft_factor(p, self.size))
             except Exception:
-                stats[1] += 1
+                stats[1] += mine
                 continue
-            keys.append(item.key)
+            keys.append(key)
             srcs.append(src)
-            labels.append(int(item.label))
             seeds.append(seed)
+            labels.append(label)
             params.append(p)
-            if len(keys) == mb:
-                yield block()
-                keys, srcs, labels, seeds, params = [], [], [], [], []
-        if keys:
-            yield block()
+            emit.append(mine)
+        empty = [np.zeros(0, np.int64)] * len(keys)
+        return keys, srcs, seeds, labels, empty, empty, params, emit
 
 
 def _fixed(t, name: str) -> np.ndarray:
@@ -220,7 +382,8 @@ def _fixed(t, name: str) -> np.ndarray:
 
 
 class ValStream(IterableDataset):
-    """Batches of deterministic centre views (``augment.decode_center``) with their labels."""
+    """Batches of deterministic centre views (``augment.decode_center``) with their labels; every
+    (rank, worker) reads every n-th shard."""
 
     def __init__(self, shards: list[ShardRef], *, image_size: int, batch_size: int, num_classes: int,
                  rank: int = 0, world: int = 1, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
@@ -231,7 +394,7 @@ class ValStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         images, labels = [], []
-        for ref in split_shards(self.shards, 0, 0, self.rank, self.world, worker, workers, shuffle=False):
+        for ref in _every_nth(self.shards, self.rank, self.world, worker, workers):
             for item in shardio.iter_shard(ref.path):
                 if isinstance(item, Skip) or shardio.check_label(item.label, self.num_classes):
                     continue
@@ -249,8 +412,10 @@ class ValStream(IterableDataset):
             yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64)}
 
 
-def shard_refs(paths: list[Path]) -> list[ShardRef]:
-    return [ShardRef(str(p), p.name) for p in paths]
+def shard_refs(paths: list[Path], counts: Sequence[int] | None = None) -> list[ShardRef]:
+    """Refs of shard files; ``counts``: the samples each gives per epoch (else counted when needed)."""
+    counts = [None] * len(paths) if counts is None else list(counts)
+    return [ShardRef(str(p), p.name, None if n is None else int(n)) for p, n in zip(paths, counts)]
 
 
 def _init_worker(_):
@@ -263,3 +428,49 @@ def loader(ds: IterableDataset, workers: int, pin_memory: bool = False):
         return ds
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                        worker_init_fn=_init_worker, prefetch_factor=4)
+
+
+# ----------------------------------------------------------------------------- how mixed are batches
+
+def expected_distinct_classes(class_counts: Sequence[int], batch_size: int) -> float:
+    """Expected distinct classes in a batch of ``batch_size`` samples drawn without replacement from a
+    dataset with ``class_counts[c]`` samples of class c: sum over c of 1 - C(N - n_c, B) / C(N, B)."""
+    n = np.asarray([c for c in class_counts if c > 0], dtype=np.float64)
+    total, b = float(n.sum()), int(batch_size)
+    if not 0 < b <= total:
+        raise ValueError(f"batch size {b} for {total:.0f} samples")
+    values, mult = np.unique(n, return_counts=True)
+    i = np.arange(b, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_absent = np.log(np.clip(total - values[:, None] - i[None, :], 0, None)).sum(1) - np.log(total - i).sum()
+    return float((mult * -np.expm1(log_absent)).sum())
+
+
+def classes_per_batch_ratio(labels_per_batch: Iterable[Sequence[int]], class_counts: Sequence[int]) -> float:
+    """Distinct classes per batch ÷ those of perfectly shuffled batches of the same sizes (summed over
+    batches; 1.0 is perfect). ``labels_per_batch``: each batch's labels; ``class_counts``: the samples of
+    each class in the epoch's data (index = label)."""
+    got = want = 0.0
+    expect: dict[int, float] = {}
+    for labels in labels_per_batch:
+        labels = [int(x) for x in labels]
+        if not labels:
+            continue
+        b = len(labels)
+        if b not in expect:
+            expect[b] = expected_distinct_classes(class_counts, b)
+        got += len(set(labels))
+        want += expect[b]
+    return got / want if want else math.nan
+
+
+def same_class_pair_ratio(pairs_labels: Iterable[tuple[int, int]], class_counts: Sequence[int]) -> float:
+    """Share of mix pairs (label of the sample, label of its partner) whose two labels are the same,
+    ÷ the chance of that for two different samples drawn at random: sum_c n_c (n_c - 1) / (N (N - 1))."""
+    n = np.asarray(class_counts, dtype=np.float64)
+    total = n.sum()
+    chance = float((n * (n - 1)).sum() / (total * (total - 1)))
+    pairs = [(int(a), int(b)) for a, b in pairs_labels]
+    if not pairs or chance == 0:
+        return math.nan
+    return sum(a == b for a, b in pairs) / len(pairs) / chance

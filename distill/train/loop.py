@@ -5,6 +5,13 @@ step, gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``, a ch
 (``--resume`` continues from it exactly), centre-view validation every epoch. Under ``torchrun``
 (WORLD_SIZE > 1) it runs DDP (nccl on CUDA, gloo on CPU); rank 0 writes the files.
 
+Under DDP the ranks agree at fixed points (``_sync``: one all-reduce of two ints on a gloo group):
+before every step (a rank whose batch could not be made, in its stream or a loader worker, ends every
+rank at once: it raises its error, the others ``rank R failed: ...``; a rank out of data ends the
+epoch on every rank at that step), after rank 0 takes the run directory's lock and writes its first
+files, around validation and after each checkpoint. An error inside a step itself (forward, backward)
+ends its rank only; torchrun then stops the others (on gloo their next collective fails at once).
+
 The teacher is never loaded: soft targets come from the cache, views are replayed from its seeds.
 """
 from __future__ import annotations
@@ -97,6 +104,7 @@ class Dist:
     world: int = 1
     device: torch.device = torch.device("cpu")
     owned: bool = False           # we initialised the process group (and tear it down)
+    flags: object = None          # the gloo group of ``_sync`` (None: the default group, already gloo)
 
     @property
     def main(self) -> bool:
@@ -125,7 +133,8 @@ def _setup_dist(cfg: TrainConfig) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owned = True
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owned=owned)
+    flags = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")   # CPU flags, no GPU sync
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owned=owned, flags=flags)
 
 
 def _all_sum(values: list[float], d: Dist) -> list[float]:
@@ -150,10 +159,60 @@ def _gather(d: Dist):
     return gather
 
 
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (a DataLoader worker's error carries its traceback: the last line)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:                 # re-raised by the DataLoader from a worker
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if isinstance(e, UserError) and ": " in last else last
+    text = text.splitlines()[0] if text else ""
+    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def _reraise(err: BaseException):
+    """Raise ``err``; a UserError from a DataLoader worker as its one-line message (not its traceback)."""
+    if isinstance(err, UserError) and "Original Traceback" in str(err):
+        raise UserError(_one_line(err)) from None
+    raise err
+
+
+def _sync(d: Dist, err: BaseException | None = None, dry: bool = False) -> bool:
+    """Every rank calls this at the same point: one all-reduce (MAX) of [failed, out of data]. When a
+    rank passes ``err``, every rank raises: that one its error, the others ``UserError("rank R failed:
+    ...")`` (the message travels in one more collective). Returns whether any rank is out of data."""
+    if d.world == 1:
+        if err is not None:
+            _reraise(err)
+        return dry
+    import torch.distributed as dist
+    flag = torch.tensor([int(err is not None), int(dry)], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.flags)
+    failed, dry_any = flag.tolist()
+    if failed:
+        msgs: list = [None] * d.world
+        dist.all_gather_object(msgs, None if err is None else _one_line(err), group=d.flags)
+        if err is not None:
+            _reraise(err)
+        r = next(i for i, m in enumerate(msgs) if m is not None)
+        raise UserError(f"rank {r} failed: {msgs[r]}")
+    return bool(dry_any)
+
+
+def _synced(batches, d: Dist):
+    """This rank's batches, in step with the other ranks: before each step all agree (``_sync``)
+    whether a rank could not make its batch (then all stop) or ran out (then the epoch ends on all)."""
+    it = iter(batches)
+    while True:
+        b, err = None, None
+        try:
+            b = next(it)
+        except StopIteration:
+            pass
+        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
+            err = e
+        if _sync(d, err, dry=b is None and err is None):
+            return
+        yield b
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -180,8 +239,15 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     try:
         # every refusal, before anything is written; each rank checks 1/world of the cache files
         data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
-        with lock_dir(cfg.out, "train-student") if d.main else contextlib.nullcontext(), \
-                _reading(data, d, cfg.quiet):
+        with contextlib.ExitStack() as held:
+            err = None
+            if d.main:
+                try:
+                    held.enter_context(lock_dir(cfg.out, "train-student"))
+                except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
+                    err = e
+            _sync(d, err)
+            held.enter_context(_reading(data, d, cfg.quiet))
             res = _run(cfg, data, d, stop_after)
             if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
                 hcfg = dataclasses.replace(cfg, hard_labels=True, compare_hard_labels=False, alpha=0.0,
@@ -273,13 +339,17 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
 
 
 def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
-    model, opt, state, rows = _open(cfg, data, d)
-    out = Path(cfg.out)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, out)
-        ck.write_metrics(out, rows)
-    _barrier(d)
+    err = None
+    try:
+        model, opt, state, rows = _open(cfg, data, d)
+        if d.main:
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_resolved(cfg, out)
+            ck.write_metrics(out, rows)
+    except Exception as e:  # noqa: BLE001 - every rank stops (_sync)
+        err = e
+    _sync(d, err)
     fwd = model
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -295,39 +365,24 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
 
 
 def _stream(s: _Session):
-    """The training stream and its loader; ``batches(epoch)`` yields this rank's batches of an epoch
-    (under DDP exactly steps_per_epoch: a rank that runs dry makes another pass)."""
+    """The training stream and its loader; ``batches(epoch)`` yields this rank's batches of an epoch,
+    in step with the other ranks (``_synced``: under DDP every rank makes the same number of steps)."""
     cfg, data, d = s.cfg, s.data, s.d
+    if data.samples < d.world:
+        raise UserError(f"{data.samples} training sample(s) for {d.world} processes: every process needs at least one")
     ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size,
                      seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=data.cache,
                      num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
                      drop_last=data.samples >= s.per_step)
-    nsplit = d.world * max(1, cfg.loader_workers)
-    if len(data.refs) < d.world:
-        raise UserError(f"{len(data.refs)} training shard(s) for {d.world} processes: every process needs at least "
-                        f"one shard; re-shard with make-shards --shard-size smaller")
-    if len(data.refs) < nsplit:
-        note(f"warning: {len(data.refs)} shard(s) for {nsplit} readers ({d.world} process(es) x {max(1, cfg.loader_workers)} "
-             f"worker(s)): some readers idle; use more, smaller shards", not d.main)
+    workers = max(1, cfg.loader_workers)
+    if ds.drop_last and s.steps_per_epoch < workers:
+        note(f"warning: {s.steps_per_epoch} batch(es) per process and epoch for {workers} loader workers: "
+             f"some workers idle", not d.main)
     train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda")
 
     def batches(epoch: int):
-        cap = s.steps_per_epoch if d.world > 1 else None
-        count, repeat = 0, 0
-        while True:
-            ds.set_epoch(epoch, repeat)
-            got = 0
-            for b in train_loader:
-                got += 1
-                yield b
-                count += 1
-                if cap is not None and count >= cap:
-                    return
-            if cap is None:
-                return
-            if got == 0:
-                raise UserError(f"rank {d.rank} got no training data: use at least {nsplit} shards")
-            repeat += 1
+        ds.set_epoch(epoch)
+        yield from _synced(train_loader, d)
     return batches
 
 
@@ -366,6 +421,8 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
             pbar.update(bs * d.world)
     if pbar:
         pbar.close()
+    if n == 0:     # the same on every rank: they stop at the same step
+        raise UserError(f"epoch {epoch + 1}: no training batch could be made (every sample skipped?)")
     keys = sorted(part_sums)
     return _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d), keys, lr
 
@@ -373,8 +430,7 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
 def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: float, t_epoch: float,
                val: "_Validator | None") -> dict:
     """Validate, update the state, write the checkpoints and the metrics row (rank 0)."""
-    cfg, data, d, state = s.cfg, s.data, s.d, s.state
-    out = Path(cfg.out)
+    data, d, state = s.data, s.d, s.state
     n_all = int(tot[1])
     train_s = time.perf_counter() - t_epoch
     top1, top5 = val.evaluate(s.model) if val else (None, None)
@@ -390,23 +446,35 @@ def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: f
     if best:
         state.update(best_top1=top1, best_top5=top5, best_epoch=epoch + 1)
     state["wall_s"] += time.perf_counter() - t_epoch
+    err = None
     if d.main:
-        side = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
-                "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
-                "image_size": cfg.image_size}
-        config, model = to_dict(cfg), s.model
-        ck.save(out / ck.LAST, {"model": model.state_dict(), "optimizer": s.opt.state_dict(), "state": dict(state),
-                                "rng": ck.rng_state(), "config": config, "data": data.identity, "epoch": epoch + 1,
-                                "step": state["step"]}, side)
-        if best:
-            ck.save(out / ck.BEST, {"model": model.state_dict(), "config": config, "data": data.identity,
-                                    "epoch": epoch + 1, "val_top1": top1, "val_top5": top5}, side)
-        ck.append_metrics(out, row)
-        if not cfg.quiet:
-            acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
-            note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {lr:.2e}{acc}, {row['img_s']:,.0f} img/s")
-    _barrier(d)
+        try:
+            _save(s, epoch, row, best)
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
+            err = e
+    _sync(d, err)
     return row
+
+
+def _save(s: _Session, epoch: int, row: dict, best: bool) -> None:
+    """Rank 0: last.pt (and best.pt) with their sidecars, the metrics row, the epoch's line."""
+    cfg, data, state = s.cfg, s.data, s.state
+    out, top1, top5 = Path(cfg.out), row["val_top1"], row["val_top5"]
+    side = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
+            "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
+            "image_size": cfg.image_size}
+    config, model = to_dict(cfg), s.model
+    ck.save(out / ck.LAST, {"model": model.state_dict(), "optimizer": s.opt.state_dict(), "state": dict(state),
+                            "rng": ck.rng_state(), "config": config, "data": data.identity, "epoch": epoch + 1,
+                            "step": state["step"]}, side)
+    if best:
+        ck.save(out / ck.BEST, {"model": model.state_dict(), "config": config, "data": data.identity,
+                                "epoch": epoch + 1, "val_top1": top1, "val_top5": top5}, side)
+    ck.append_metrics(out, row)
+    if not cfg.quiet:
+        acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
+        note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.2e}{acc}, "
+             f"{row['img_s']:,.0f} img/s")
 
 
 def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
@@ -471,8 +539,20 @@ class _Validator:
         if self.keep:
             self.kept = kept
 
-    @torch.inference_mode()
     def evaluate(self, model) -> tuple[float, float]:
+        """(top-1, top-5) in percent over every rank's part; a rank's error ends every rank (``_sync``)."""
+        err, counts = None, [0, 0, 0]
+        try:
+            counts = self._count(model)
+        except Exception as e:  # noqa: BLE001 - every rank stops
+            err = e
+        _sync(self.d, err)
+        c1, c5, n = _all_sum(counts, self.d)
+        return (100.0 * c1 / n, 100.0 * c5 / n) if n else (None, None)
+
+    @torch.inference_mode()
+    def _count(self, model) -> list:
+        """[top-1 hits, top-5 hits, samples] of this rank."""
         was = model.training
         model.eval()
         c1 = c5 = n = 0
@@ -483,5 +563,4 @@ class _Validator:
             a, b5 = topk_correct(logits.float(), y, (1, 5))
             c1, c5, n = c1 + a, c5 + b5, n + y.shape[0]
         model.train(was)
-        c1, c5, n = _all_sum([c1, c5, n], self.d)
-        return (100.0 * c1 / n, 100.0 * c5 / n) if n else (None, None)
+        return [c1, c5, n]

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..cache.reader import Cache, open_cache
 from ..cache.verify import check_files, check_view_fingerprints
@@ -25,7 +27,7 @@ from .losses import FILLS
 
 @dataclass
 class Data:
-    refs: list[ShardRef]
+    refs: list[ShardRef]         # training shards, each with the samples it gives per epoch (the DDP split)
     val_refs: list[ShardRef]
     spec: views.ViewSpec         # how views are made (the cache's, or the --policy of a cache-less run)
     num_classes: int
@@ -94,16 +96,18 @@ def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
             raise UserError(f"shard {p} differs from the one the cache was built from (checksum); rebuild the cache")
 
 
-def _scan_classes(paths: list[Path]) -> tuple[int, int]:
-    """(num_classes = max label + 1, samples) of shards without an index (reads them once)."""
-    top, n = -1, 0
+def _scan_classes(paths: list[Path]) -> tuple[int, list[int]]:
+    """(num_classes = max label + 1, labelled samples per shard) of shards without an index (reads them once)."""
+    top, counts = -1, []
     for p in paths:
+        n = 0
         for item in iter_shard(p):
             if getattr(item, "label", None) is not None:
                 top, n = max(top, item.label), n + 1
+        counts.append(n)
     if top < 0:
         raise UserError(f"no labelled samples in {paths[0].parent}")
-    return top + 1, n
+    return top + 1, counts
 
 
 def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=None) -> tuple[Cache, list[str]]:
@@ -133,14 +137,38 @@ def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=
     return cache, notes
 
 
-def _excluded_here(exclude: frozenset, cfg: TrainConfig, names: list[str]) -> int:
-    """How many --exclude keys lie in these shards (the scores table knows each key's shard)."""
+def _excluded_here(exclude: frozenset, cfg: TrainConfig, names: list[str]) -> dict[str, int]:
+    """How many --exclude keys lie in each of these shards (the scores table knows each key's shard)."""
     if not exclude:
-        return 0
+        return {}
     t = read_ipc(Path(cfg.exclude) / FILTER_SCORES_NAME, ["shard", "keep"])
     keep = t.column("keep").to_numpy(zero_copy_only=False)
     shard = np.asarray(t.column("shard").to_numpy(zero_copy_only=False))
-    return int(np.isin(shard[~keep], names).sum())
+    dropped = shard[~keep]
+    found, n = np.unique(dropped[np.isin(dropped, names)], return_counts=True)
+    return {str(k): int(c) for k, c in zip(found, n)}
+
+
+def _cache_counts(cache: Cache, exclude: frozenset, paths: list[Path]) -> tuple[list[int], int]:
+    """(samples per epoch of each shard: its cache rows less the --exclude keys, keys excluded in all)."""
+    excl = pa.array(sorted(exclude), pa.string())
+    rows, dropped = {}, {}
+    for e in cache.manifest["shards"]:
+        hit = pc.sum(pc.is_in(cache.keys(e["name"]).arrow, value_set=excl)).as_py() if exclude else 0
+        rows[e["name"]], dropped[e["name"]] = int(e["samples"]), int(hit or 0)
+    return [rows[p.name] - dropped[p.name] for p in paths], sum(dropped.values())
+
+
+def _shard_counts(exclude: frozenset, cfg: TrainConfig, paths: list[Path], index) -> tuple[int, list[int], int]:
+    """(num_classes, samples per epoch of each shard less the --exclude keys, keys excluded in all) of
+    a cache-less run: counts from the shard index, else from reading the shards."""
+    if index is not None:
+        given = {e.name: e.samples for e in index.shards}
+        num_classes, counts = index.num_classes, [given[p.name] for p in paths]
+    else:
+        num_classes, counts = _scan_classes(paths)
+    dropped = _excluded_here(exclude, cfg, [p.name for p in paths])
+    return num_classes, [max(0, n - dropped.get(p.name, 0)) for p, n in zip(paths, counts)], sum(dropped.values())
 
 
 def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, rank: int = 0, gather=None) -> Data:
@@ -155,27 +183,21 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
     cache, notes = _open_cache(cfg, paths, index, (rank, world), gather) if cfg.cache else (None, [])
     if cache is not None:
         spec, num_classes = cache.view_spec, int(cache.num_classes)
-        cached = sum(e["samples"] for e in cache.manifest["shards"])
-        excluded = 0
-        if exclude:
-            for name in cache.shard_names:
-                excluded += sum(k in exclude for k in cache.physical(name, ["key"]).column("key").to_pylist())
-        samples = cached - excluded
+        counts, excluded = _cache_counts(cache, exclude, paths)
         identity = {"source": source, "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
                     "policy_id": spec.policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
     else:
         spec = views.ViewSpec(augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size}))
-        num_classes, samples = (index.num_classes, index.num_samples) if index is not None else _scan_classes(paths)
-        excluded = _excluded_here(exclude, cfg, [p.name for p in paths])
-        samples -= excluded
+        num_classes, counts, excluded = _shard_counts(exclude, cfg, paths, index)
         identity = {"source": source, "shards": [p.name for p in paths], "policy_id": spec.policy.id,
                     "num_classes": num_classes, "world": world}
+    samples = sum(counts)
     val_refs: list[ShardRef] = []
     if cfg.val_shards:
         vpaths, vindex = resolve_shards(cfg.val_shards)
         if vindex is not None and vindex.num_classes != num_classes:
             raise UserError(f"validation shards have {vindex.num_classes} classes, training uses {num_classes}")
         val_refs = shard_refs(vpaths)
-    return Data(refs=shard_refs(paths), val_refs=val_refs, spec=spec, num_classes=num_classes, cache=cache,
+    return Data(refs=shard_refs(paths, counts), val_refs=val_refs, spec=spec, num_classes=num_classes, cache=cache,
                 samples=max(0, samples), excluded=excluded, exclude=exclude, identity=identity, source=source,
                 notes=notes)
