@@ -207,3 +207,30 @@ def test_a_transient_read_error_marks_the_shard_incomplete_and_a_rerun_redoes_it
     clean = cache_teacher(cache_config(shards, tmp_path / "clean", workers=1), DEMO_POLICY)
     assert not clean.failed
     assert distill.open_cache(out).to_table().equals(distill.open_cache(tmp_path / "clean").to_table())
+
+
+def test_the_trainer_matches_tar_samples_to_cache_rows_by_seed(tmp_path):
+    """Without --exclude train-student reads no keys from the cache: a tar sample is a row when its key's
+    seed is the row's. A tar that is not the one cached (another shard under this name) stops the
+    stream with a line naming the shard; the right tar gives every row once; with --exclude (keys
+    read) the excluded keys are left out."""
+    from distill.train.data import ShardRef, TrainStream
+    out = tmp_path / "c"
+    convert_cache(V1, out, quiet=True)
+    c = distill.open_cache(out)
+    n = c.manifest["shards"][0]["samples"]
+    demo = REPO / "shards/demo/train"
+
+    def stream(path, exclude=frozenset()):
+        ds = TrainStream([ShardRef(str(path), "train-000000.tar", n - len(exclude))], spec=c.view_spec, image_size=32,
+                         batch_size=50, seed=0, shuffle_buffer=10, cache=c, num_classes=c.num_classes,
+                         exclude=exclude, drop_last=False)
+        ds.set_epoch(1)
+        return [k for b in ds for k in b["key"]]
+
+    with pytest.raises(UserError, match="train-000001.tar does not match the cache"):
+        stream(demo / "train-000001.tar")
+    keys = c.keys("train-000000.tar").to_pylist()
+    assert sorted(stream(demo / "train-000000.tar")) == sorted(keys)
+    drop = frozenset(keys[5:9])
+    assert sorted(stream(demo / "train-000000.tar", drop)) == sorted(set(keys) - drop)

@@ -56,7 +56,10 @@ from ..data import augment, shards as shardio, views
 from ..format import Skip
 from ..files import UserError
 
-TRAIN_READ_COLUMNS = ["key", "label", "seed", "topk_idx", "topk_prob"]   # what a cache run reads of each shard
+# What a cache run reads of each shard's cached epoch: keys and labels come from the tar, whose samples
+# are matched to the cache's rows by seed (derive_seed of the tar's key = the row's seed); keys are read
+# from the cache too only when --exclude must know them before the tar is read.
+TRAIN_READ_COLUMNS = ["seed", "topk_idx", "topk_prob"]
 OPEN_SHARDS = 4                          # segments a loader worker reads at once, block by block
 FAULT_ENV = "DISTILL_FAULT_TRAIN_RANK"   # test hook: that rank's training stream raises UserError at its batch 2
 
@@ -275,48 +278,55 @@ class TrainStream(IterableDataset):
 
     def _cache_blocks(self, seg: Segment, stats: list):
         """The blocks of a shard's cache rows that hold the segment's samples: (keys, sources, seeds,
-        labels, topk ids, topk probs, None, emit), ``emit[i]``: row i of the block is the segment's."""
+        labels, topk ids, topk probs, None, emit), ``emit[i]``: row i of the block is the segment's.
+
+        Only cached epoch e's record batches are read (seeds, top-K; keys too under --exclude). A tar
+        sample is row ``expect`` when ``derive_seed(cache seed, e, its key)`` is that row's seed (a
+        32-bit keyed hash of the key); others are samples the cache left out (skipped, or excluded
+        when it was built). A shard whose samples stop matching ends in an error naming it."""
         cache, ref, mb = self.cache, seg.ref, self.spec.policy.mix_block
-        t = cache.shard_table(ref.name, epochs=[self.epoch % cache.epochs], columns=TRAIN_READ_COLUMNS)
-        keys = t.column("key").to_pylist()
-        mine = [r for r, k in enumerate(keys) if k not in self.exclude][seg.first:seg.stop]
-        if not mine:
+        e = self.epoch % cache.epochs
+        t = cache.shard_table(ref.name, epochs=[e], columns=TRAIN_READ_COLUMNS + (["key"] if self.exclude else []))
+        seeds = t.column("seed").to_numpy().astype(np.int64)
+        ckeys = t.column("key").to_pylist() if self.exclude else None
+        n = len(seeds)
+        mine = ([r for r, k in enumerate(ckeys) if k not in self.exclude] if ckeys is not None else range(n))
+        mine = mine[seg.first:seg.stop]
+        if not len(mine):
             return
-        n, r0, r1 = len(keys), mine[0], mine[-1] + 1      # the segment's samples lie in rows [r0, r1)
+        r0, r1 = mine[0], mine[-1] + 1                      # the segment's samples lie in rows [r0, r1)
         lo, hi = r0 // mb * mb, min(n, -(-r1 // mb) * mb)   # and in the blocks of rows [lo, hi)
         stats[0] += (r1 - r0) - len(mine)
-        labels = t.column("label").to_numpy().astype(np.int64).tolist()
-        seeds = t.column("seed").to_numpy().astype(np.int64).tolist()
         ids = _fixed(t, "topk_idx").astype(np.int64)
         probs = _fixed(t, "topk_prob").astype(np.float32)
-        row_of = {k: i for i, k in enumerate(keys)}
-        expect, srcs = 0, []
+        cache_seed = cache.manifest["cache_seed"]
+        expect, keys, labels, srcs = 0, [], [], []
         for item in shardio.iter_shard(ref.path):
             if isinstance(item, Skip):
                 continue
-            r = row_of.get(item.key)
-            if r is None:                       # left out by the cache (skipped, or excluded when it was built)
+            if augment.derive_seed(cache_seed, e, item.key) != seeds[expect]:   # not a row of the cache
                 if r0 <= expect < r1:
                     stats[0 if item.key in self.exclude else 1] += 1
                 continue
-            if r != expect:
-                raise UserError(f"shard {ref.path} does not match the cache: expected key {keys[expect]!r} "
+            if ckeys is not None and ckeys[expect] != item.key:
+                raise UserError(f"shard {ref.path} does not match the cache: expected key {ckeys[expect]!r} "
                                 f"at row {expect}, found {item.key!r}; rebuild the cache for these shards")
             expect += 1
-            if r < lo:
+            if expect <= lo:
                 continue
+            keys.append(item.key)
+            labels.append(int(item.label))
             srcs.append(augment.SourceImage(item.data))
             if expect % mb == 0 or expect == hi:
                 s0 = expect - len(srcs)
-                emit = [r0 <= i < r1 and keys[i] not in self.exclude for i in range(s0, expect)]
-                block = (keys[s0:expect], srcs, seeds[s0:expect], labels[s0:expect], ids[s0:expect],
-                         probs[s0:expect], None, emit)
-                srcs = []
+                emit = [r0 <= i < r1 and (ckeys is None or ckeys[i] not in self.exclude) for i in range(s0, expect)]
+                block = (keys, srcs, seeds[s0:expect].tolist(), labels, ids[s0:expect], probs[s0:expect], None, emit)
+                keys, labels, srcs = [], [], []
                 yield block
                 if expect == hi:
                     return
-        raise UserError(f"shard {ref.path} ended at row {expect} of the cache's {n} (key {keys[expect]!r} "
-                        f"missing); rebuild the cache for these shards")
+        raise UserError(f"shard {ref.path} does not match the cache: its samples ended at row {expect} of the "
+                        f"cache's {n} (no sample with that row's seed); rebuild the cache for these shards")
 
     def _hard_blocks(self, seg: Segment, stats: list):
         """The blocks of a shard's positions (valid, non-excluded samples in shard order) that hold the
