@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import contextlib
+import io
 import os
 import secrets
 import socket
@@ -336,3 +337,32 @@ def live_readers(directory: str | os.PathLike) -> list[dict]:
             continue
         found.append(info)
     return found
+
+
+class CountingFile(io.RawIOBase):
+    """A read-only file that counts the bytes read through it (``.bytes``): wrap it in
+    ``pyarrow.PythonFile(f, mode="r")`` to measure what a reader really reads."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.f, self.bytes = open(path, "rb"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, *a) -> int:
+        return self.f.seek(*a)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.bytes += n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()

@@ -6,7 +6,6 @@ with one line naming ``distill convert-cache``, and the converted cache holds th
 trains."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -20,35 +19,11 @@ import pytest
 import distill
 from distill import format as F
 from distill.cache.convert import _v1_arrays, convert_cache
-from distill.files import FormatError, UserError
+from distill.files import CountingFile, FormatError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "v1-cache"
 BIN = Path(sys.executable).parent
-
-
-class CountingFile(io.RawIOBase):
-    """A read-only file that counts the bytes read through it."""
-
-    def __init__(self, path: Path):
-        self.f, self.bytes = open(path, "rb"), 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, *a):
-        return self.f.seek(*a)
-
-    def tell(self):
-        return self.f.tell()
-
-    def readinto(self, b):
-        n = self.f.readinto(b)
-        self.bytes += n
-        return n
 
 
 def _synthetic(n: int, e: int, k: int, c: int, seed: int = 0):

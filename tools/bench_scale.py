@@ -150,7 +150,7 @@ def storage_and_reads(tmp: Path, quick: bool) -> dict:
     from distill import format as F
     from distill.cache.reader import open_cache
     from distill.data.augment import derive_seed
-    from distill.files import atomic_write_json
+    from distill.files import CountingFile, atomic_write_json
     from distill.train.data import TRAIN_READ_COLUMNS
     res = {}
     for k, cands in ((10, 48), (100, 480)):
@@ -185,7 +185,7 @@ def storage_and_reads(tmp: Path, quick: bool) -> dict:
             return t
         F.CacheFile.fetch = counting
         for e_ in entries:            # one epoch as train-student reads it, counting bytes read from disk too
-            raw = _Counting(d / e_["file"])
+            raw = CountingFile(d / e_["file"])
             with F.CacheFile(d / e_["file"], source=pa.PythonFile(raw, mode="r")) as cf:
                 cf.read(epochs=[37], columns=TRAIN_READ_COLUMNS)
             disk[0] += raw.bytes
@@ -197,28 +197,6 @@ def storage_and_reads(tmp: Path, quick: bool) -> dict:
                        "disk_amplification": round(disk[0] / (nbytes / 90), 3),
                        "disk_bytes_per_sample_epoch": round(disk[0] / (n * shards), 2)}
     return res
-
-
-class _Counting(io.RawIOBase):
-    def __init__(self, path):
-        self.f, self.bytes = open(path, "rb"), 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, *a):
-        return self.f.seek(*a)
-
-    def tell(self):
-        return self.f.tell()
-
-    def readinto(self, b):
-        n = self.f.readinto(b)
-        self.bytes += n
-        return n
 
 
 # ----------------------------------------------------------------------------- mixed batches
