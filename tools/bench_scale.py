@@ -213,7 +213,7 @@ def mixing(tmp: Path, quick: bool) -> dict:
     for c in range(classes):
         (src / f"c{c:03d}").mkdir(parents=True)
         for i in range(per):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(src / f"c{c:03d}" / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(src / f"c{c:03d}" / f"c{c:03d}_{i}.jpg")
     make_shards(src, tmp / "mixed", shard_size=100)
     paths, index = resolve_shards(tmp / "mixed")
     spec = views.ViewSpec(augment.load_policy(None, {"size": 32, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 1.0}))
