@@ -678,7 +678,8 @@ def _sec_scale(res, env):
     for name, v in rss.items():
         L.append(f"| {name} | {' / '.join(f'{x:,}' for x in v['samples'])} | {' / '.join(f'{x:.1f}' for x in v['growth_mb'])} "
                  f"| {v['mb_per_1m']:.0f} |")
-    L += ["", "cache-teacher (2 epochs) and filter-labels run for real on tiny-JPEG shards with the demo teacher; verify, "
+    L += ["", "Sizes: 1/1000 and 1/100 of ImageNet-21K (quick: smaller), shards of 1,420 samples (14.2M / 10,000). "
+          "cache-teacher (2 epochs) and filter-labels run for real on tiny-JPEG shards with the demo teacher; verify, "
           "open_cache + a record of the last shard, and cache-teacher's duplicate-key check (all keys sorted as one Arrow "
           "array) on synthetic caches with E=90 written by the cache's encoder. "
           f"Projected driver RAM at 14.2M samples: {pj['driver_gb_at_14_2m']:.2f} GB (worst stage's slope).", "",
@@ -695,7 +696,8 @@ def _sec_scale(res, env):
           f"Format 1 read all 90 epochs to use one: about 48x. Bytes per record: K=10 {st['k10']['bytes_per_record']:.2f}, "
           f"K=100 {st['k100']['bytes_per_record']:.2f} (synthetic overlap, shards of 1,420 samples = 14.2M / 10,000).", "",
           "**Class mix.** A 200-class image-folder tree in class order, written by make-shards (shuffled by default), "
-          f"read by TrainStream with Mixup/CutMix on 2 ranks: {mx['batches']} batches of 64, {mx['mixed_pairs']} mixed pairs. "
+          f"read by TrainStream with Mixup/CutMix on 2 ranks for {mx.get('epochs', 1)} epoch(s): {mx['batches']} batches of 64, "
+          f"{mx['mixed_pairs']} mixed pairs. "
           f"Distinct classes per batch ÷ a perfectly shuffled batch's: {mx['classes_per_batch_ratio']:.3f}; "
           f"same-class partners ÷ chance: {mx['same_class_pair_ratio_to_chance']:.2f}.", "",
           "**Projected to 14.2M images × 90 epochs.**", "",

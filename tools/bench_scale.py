@@ -10,13 +10,14 @@ Prints ONE JSON line (and, with --write, the section for BENCHMARKS.md on stderr
   topk_idx, topk_prob, label, label_prob as ``Cache.to_table`` returns them); also the bytes read from
   disk (counted through the file) / the file's bytes per epoch;
 * ``driver_rss_mb_per_1m_samples``: growth of the driver's peak RSS per 1M samples (slope between two
-  sizes, the largest over the stages): cache-teacher and filter-labels run for real (Ray workers are
+  sizes, the largest over the stages) at 1/1000 and 1/100 of ImageNet-21K (14,200 and 142,000
+  samples; --quick: 1,420 and 5,680), shards of 1,420 samples: cache-teacher (2 epochs: E only
+  changes the bytes of the one shard result in flight) and filter-labels run for real (Ray workers are
   other processes) on tiny-JPEG shards; verify, open_cache + a record of the last shard, and the
-  duplicate-key check of cache-teacher's finish run on synthetic E=90 caches of 1/1000 and 1/100 of
-  ImageNet-21K (14,200 and 142,000 samples; --quick: 1,420 and 5,680);
+  duplicate-key check of cache-teacher's finish run on synthetic E=90 caches;
 * ``classes_per_batch_ratio`` / ``same_class_pair_ratio_to_chance``: a 200-class image-folder tree in
   class order, written by make-shards (shuffles by default), read by the real TrainStream with mixing
-  (batch 64, 2 loader workers' splits): distinct classes per batch / a perfectly shuffled batch's,
+  (batch 64, 2 ranks' splits, 3 epochs; --quick 1): distinct classes per batch / a perfectly shuffled batch's,
   and the rate of same-class mix partners / chance.
 
 Every stage of the driver RSS runs in its own child process (``--child``), so one stage's memory does
@@ -25,6 +26,7 @@ not hide another's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -56,7 +58,7 @@ def _rss_mb(field: str = "VmRSS") -> float:
 
 # ----------------------------------------------------------------------------- inputs
 
-def tiny_shards(out: Path, n: int, per_shard: int = 500, classes: int = 10) -> Path:
+def tiny_shards(out: Path, n: int, per_shard: int = 1420, classes: int = 10) -> Path:
     """Real webdataset shards of n tiny JPEGs (distinct keys, a few distinct images) with index.json."""
     from PIL import Image
 
@@ -77,7 +79,8 @@ def tiny_shards(out: Path, n: int, per_shard: int = 500, classes: int = 10) -> P
 def synthetic_cache(out: Path, n: int, per_shard: int = 1420) -> Path:
     import bench_notebook
     if not (out / "manifest.json").exists():
-        bench_notebook.build(out, max(1, n // per_shard), per_shard, 90, 10, 21841)
+        with contextlib.redirect_stdout(sys.stderr):        # stdout carries the one JSON line
+            bench_notebook.build(out, max(1, n // per_shard), per_shard, 90, 10, 21841)
     return out
 
 
@@ -112,7 +115,9 @@ def child(spec: dict) -> dict:
         c = distill.open_cache(spec["cache"])
         assert cstage._duplicate_keys(c.path, c.manifest["shards"]) == []
     peak = _rss_mb("VmHWM")
-    return {"stage": stage, "base_mb": round(base, 1), "peak_mb": round(peak, 1), "growth_mb": round(peak - base, 1)}
+    parts = {f: round(_rss_mb(f), 1) for f in ("RssAnon", "RssFile", "RssShmem")}   # where the resident memory is, at the end
+    return {"stage": stage, "base_mb": round(base, 1), "peak_mb": round(peak, 1), "growth_mb": round(peak - base, 1),
+            "end": parts}
 
 
 def run_child(spec: dict) -> dict:
@@ -124,8 +129,8 @@ def run_child(spec: dict) -> dict:
 
 
 def driver_rss(tmp: Path, quick: bool) -> dict:
-    real = (500, 4000) if quick else (4000, 40000)
-    syn = (1420, 5680) if quick else (14_200, 142_000)
+    sizes = (1420, 5680) if quick else (14_200, 142_000)       # 1/1000 and 1/100 of ImageNet-21K (full)
+    real = syn = sizes
     out = {}
     for stage in ("cache-teacher", "filter-labels"):
         g = []
@@ -207,7 +212,7 @@ def mixing(tmp: Path, quick: bool) -> dict:
     from distill.data import augment, views
     from distill.data.shards import make_shards, resolve_shards
     from distill.train.data import TrainStream, classes_per_batch_ratio, same_class_pair_ratio, shard_refs
-    classes, per = 200, (6 if quick else 8)
+    classes, per, epochs = 200, (8 if quick else 16), (1 if quick else 3)
     src = tmp / "folders"
     rng = np.random.default_rng(0)
     for c in range(classes):
@@ -222,12 +227,13 @@ def mixing(tmp: Path, quick: bool) -> dict:
     for rank in range(2):            # two readers (DDP ranks), each with its own split and shuffle buffer
         ds = TrainStream(shard_refs(paths, [s.samples for s in index.shards]), spec=spec, image_size=32,
                          batch_size=64, seed=0, shuffle_buffer=1000, num_classes=classes, rank=rank, world=2)
-        ds.set_epoch(0)
-        for b in ds:
-            labels = b["label"].tolist()
-            batches.append(labels)
-            pairs += [(a, p) for a, p, lam in zip(labels, b["label2"].tolist(), b["lam"].tolist()) if lam < 1.0]
-    return {"classes": classes, "samples": classes * per, "batches": len(batches),
+        for epoch in range(epochs):      # each epoch draws other partners (seeds differ per epoch)
+            ds.set_epoch(epoch)
+            for b in ds:
+                labels = b["label"].tolist()
+                batches.append(labels)
+                pairs += [(a, p) for a, p, lam in zip(labels, b["label2"].tolist(), b["lam"].tolist()) if lam < 1.0]
+    return {"classes": classes, "samples": classes * per, "epochs": epochs, "batches": len(batches),
             "classes_per_batch_ratio": round(classes_per_batch_ratio(batches, counts), 3),
             "same_class_pair_ratio_to_chance": round(same_class_pair_ratio(pairs, counts), 3), "mixed_pairs": len(pairs)}
 

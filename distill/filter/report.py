@@ -14,30 +14,30 @@ MONTAGE_NAME, HIST_NAME = FILTER_MONTAGE_NAME, FILTER_HIST_NAME
 
 
 def _montage(out: Path, scores, cache, classes: list[str], n: int = 24, tile: int = 96) -> bool:
+    """The n dropped samples of lowest margin: only their rows' keys, shards, labels and top-1 are read
+    from scores.arrow (``scores``: its keep and margin columns), only their tar members from the shards."""
     from ..data import augment, shards as shardio
-    from ..format import Skip
-    dropped = [i for i, k in enumerate(scores.column("keep").to_pylist()) if not k]
-    if not dropped:
+    keep = scores.column("keep").to_numpy(zero_copy_only=False)
+    dropped = np.flatnonzero(~keep)
+    if not len(dropped):
         return False
     margin = scores.column("margin").to_numpy()
-    worst = sorted(dropped, key=lambda i: margin[i])[:n]
-    keys = scores.column("key").to_pylist()
-    shards = scores.column("shard").to_pylist()
-    labels = scores.column("label").to_numpy()
-    top1 = scores.column("topk_idx").combine_chunks().values.to_numpy().reshape(len(keys), -1)[:, 0]
-    want: dict[str, list[int]] = {}
-    for i in worst:
-        want.setdefault(shards[i], []).append(i)
+    worst = dropped[np.argsort(margin[dropped], kind="stable")[:n]]
+    rows = _rows(out / FILTER_SCORES_NAME, ["key", "shard", "label", "topk_idx"], worst)
+    keys, shards = rows.column("key").to_pylist(), rows.column("shard").to_pylist()
+    labels = rows.column("label").to_numpy()
+    top1 = rows.column("topk_idx").combine_chunks().flatten().to_numpy().reshape(len(keys), -1)[:, 0]
+    want: dict[str, list[str]] = {}
+    for k, shard in zip(keys, shards):
+        want.setdefault(shard, []).append(k)
     images = {}
-    for shard, rows in want.items():
-        need = {keys[i] for i in rows}
+    for shard, need in want.items():
         try:
             path = cache.shard_path(shard)
         except Exception:
             continue
-        for item in shardio.iter_shard(path):
-            if not isinstance(item, Skip) and item.key in need:
-                images[item.key] = augment.open_image(item.data)
+        images.update({k: augment.open_image(x.data) for k, x in shardio.read_samples(path, need).items()})
+    worst = range(len(keys))
     cols = 6
     rows_n = (len(worst) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * tile, rows_n * (tile + 28)), "white")
@@ -53,6 +53,24 @@ def _montage(out: Path, scores, cache, classes: list[str], n: int = 24, tile: in
     sheet.save(buf, format="PNG")
     atomic_write_bytes(out / MONTAGE_NAME, buf.getvalue())
     return True
+
+
+def _rows(path: Path, columns: list[str], rows: np.ndarray):
+    """Rows ``rows`` (in that order) of an Arrow IPC file, read one record batch at a time."""
+    import pyarrow as pa
+    with pa.memory_map(str(path)) as src:
+        schema = pa.ipc.open_file(src).schema
+        fields = sorted(schema.get_field_index(c) for c in columns)
+        reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=fields))
+        parts, start = [], 0
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            here = rows[(rows >= start) & (rows < start + batch.num_rows)]
+            if len(here):
+                parts.append(pa.Table.from_batches([batch.take(pa.array(here - start))]))
+            start += batch.num_rows
+    t = pa.concat_tables(parts).select(columns)          # rows in file order
+    return t.take(pa.array(np.searchsorted(np.sort(rows), rows)))   # in the order asked (rows are distinct)
 
 
 def _histogram(out: Path, label_prob: np.ndarray, keep: np.ndarray) -> str:
@@ -80,7 +98,7 @@ def _histogram(out: Path, label_prob: np.ndarray, keep: np.ndarray) -> str:
 
 
 def write_filter_report(out: Path, summary: dict, cache) -> None:
-    scores = read_ipc(out / FILTER_SCORES_NAME, ["key", "shard", "label", "label_prob", "topk_idx", "margin", "keep"])
+    scores = read_ipc(out / FILTER_SCORES_NAME, ["label_prob", "margin", "keep"])      # no per-sample strings
     keep = scores.column("keep").to_numpy(zero_copy_only=False)
     lp = scores.column("label_prob").to_numpy()
     classes = summary["classes"]
