@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     out = Path(a.dir)
     shape = {"shards": a.shards, "samples": a.samples, "epochs": a.epochs, "topk": a.topk, "classes": a.classes}
     try:
-        have = json.loads((out / F.MANIFEST_NAME).read_text()).get("bench")
+        m = json.loads((out / F.MANIFEST_NAME).read_text())
+        have = m.get("bench") if m.get("version") == F.CACHE_VERSION else None   # a cache of another format: rebuilt
     except (OSError, ValueError):
         have = None
     if have != shape:
