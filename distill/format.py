@@ -362,6 +362,9 @@ def _physical(md: dict, columns) -> tuple[list, list, bool]:
     return base, per, "topk_idx" in columns or lp
 
 
+_ORDER = ("key", "label", "seed", "classes", "local") + tuple(f"{p}_b{i}" for p in ("prob", "label_prob") for i in range(4))
+
+
 def _check_request(md: dict, epochs, columns) -> tuple[list[str], np.ndarray]:
     cols = list(LOGICAL_COLUMNS if columns is None else columns)
     bad = [c for c in cols if c not in LOGICAL_COLUMNS]
@@ -380,13 +383,35 @@ def _logical(md: dict, fetch, epochs, columns, start: int, stop: int) -> pa.Tabl
     cols, ep = _check_request(md, epochs, columns)
     k, group, n, ne = int(md["topk"]), int(md["group"]), stop - start, len(ep)
     base_cols, per_cols, need_dict = _physical(md, cols)
-    base = fetch(0, base_cols, start, stop) if base_cols and ne else None
-    per = {int(e): fetch(int(e), per_cols, start, stop) for e in ep} if per_cols else {}
-    dicts = {int(e) // group: fetch(int(e) // group * group, ["classes"], start, stop) for e in ep} if need_dict else {}
+    want: dict[int, set] = {}                 # epoch -> the physical columns read from its batches (once each)
+    if base_cols and ne:
+        want.setdefault(0, set()).update(base_cols)
+    for e in map(int, ep):
+        if per_cols:
+            want.setdefault(e, set()).update(per_cols)
+        if need_dict:
+            want.setdefault(e // group * group, set()).add("classes")
+    got = {e: fetch(e, [c for c in _ORDER if c in need], start, stop) for e, need in sorted(want.items())}
+    base = got.get(0)
+    per = {int(e): got[int(e)] for e in ep} if per_cols else {}
+    dicts = {int(e) // group: got[int(e) // group * group] for e in ep} if need_dict else {}
 
     def stack(f) -> np.ndarray:               # per-epoch (n, ...) arrays -> (n * ne, ...) sample-major
-        return np.stack([f(int(e)) for e in ep], 1).reshape((n * ne,) + f(int(ep[0])).shape[1:]) if ne else None
+        if not ne:
+            return None
+        parts = [f(int(e)) for e in ep]
+        return parts[0] if ne == 1 else np.stack(parts, 1).reshape((n * ne,) + parts[0].shape[1:])
 
+    memo: dict = {}
+
+    def once(fn):                             # each epoch's ids and probabilities are decoded once
+        def f(e: int):
+            if (fn, e) not in memo:
+                memo[fn, e] = fn(e)
+            return memo[fn, e]
+        return f
+
+    @once
     def ids(e: int) -> np.ndarray:
         cls = dicts[e // group].column("classes").combine_chunks()
         flat = cls.values.to_numpy(zero_copy_only=False)
@@ -395,6 +420,7 @@ def _logical(md: dict, fetch, epochs, columns, start: int, stop: int) -> pa.Tabl
 
     pdt = md["prob_dtype"]
 
+    @once
     def probs(e: int) -> np.ndarray:
         return _undelta(_from_planes(per[e], "prob", pdt, k), pdt)
 
@@ -407,7 +433,8 @@ def _logical(md: dict, fetch, epochs, columns, start: int, stop: int) -> pa.Tabl
     out: dict[str, pa.Array] = {}
     for c in cols:
         if c == "key":
-            out[c] = base.column("key").combine_chunks().take(pa.array(rows)) if ne else pa.array([], pa.string())
+            key = base.column("key").combine_chunks() if ne else pa.array([], pa.string())
+            out[c] = key if ne <= 1 else key.take(pa.array(rows))
         elif c == "shard":
             out[c] = pa.array(np.full(n * ne, md["shard"], dtype=object), type=pa.string())
         elif c == "epoch":
