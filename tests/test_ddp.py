@@ -224,3 +224,69 @@ def test_rank0_lock_failure_ends_every_rank(shards, tmp_path):
     (rc0, _, err0), (rc1, _, err1) = res
     assert rc0 == rc1 == 2 and took < 60, (took, err0[-2000:], err1[-2000:])
     assert "in use" in err0 and "rank 0 failed" in err1 and "in use" in err1, (err0[-2000:], err1[-2000:])
+
+
+# ----------------------------------------------------------------------------- the schedule ends where it says
+
+SCHEDULE = dict(hard_labels=True, model="tinyvit-tiny", image_size=32, epochs=2, lr=1e-3, min_lr=1e-5,
+                warmup_epochs=0.5, device="cpu", quiet=True, threads=1)
+# (batch size, loader workers): full batches split unevenly over workers, and a rank with less than a batch
+# (then one short batch per worker: 60 samples a rank, batch 64)
+SCHEDULE_CASES = [(8, 0), (8, 1), (8, 2), (8, 3), (64, 3)]
+
+
+def _schedule_ok(summary: dict, world: int, batch: int, workers: int) -> None:
+    sch = summary["schedule"]
+    per_rank = sum(SIZES) // world
+    per_epoch = per_rank // batch if per_rank >= batch else min(max(1, workers), per_rank)
+    assert sch["steps"] == sch["steps_planned"] == 2 * per_epoch == 2 * sch["steps_per_epoch"], (world, batch, workers, sch)
+    assert sch["last_lr"] == pytest.approx(sch["min_lr"], rel=1e-9, abs=1e-12), (world, batch, workers, sch)
+
+
+def test_schedule_steps_and_last_lr_one_rank(shards, tmp_path):
+    """For 0-3 loader workers the steps taken are the steps planned and the last step's lr is min lr."""
+    from distill.train import train_student
+    for batch, workers in SCHEDULE_CASES:
+        out = tmp_path / f"b{batch}w{workers}"
+        train_student(TrainConfig(shards=str(shards), out=str(out), batch_size=batch, loader_workers=workers,
+                                  **SCHEDULE), POLICY)
+        _schedule_ok(json.loads((out / "summary.json").read_text()), 1, batch, workers)
+
+
+def test_schedule_steps_and_last_lr_two_ranks(shards, tmp_path):
+    """The same on 2 gloo ranks (one process pair runs every case); only rank 0 prints."""
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from distill.config import TrainConfig
+from distill.train import train_student
+for batch, workers in {SCHEDULE_CASES!r}:
+    out = {str(tmp_path)!r} + f"/b{{batch}}w{{workers}}"
+    res = train_student(TrainConfig(shards={str(shards)!r}, out=out, batch_size=batch, loader_workers=workers,
+                                    **{SCHEDULE!r}), {POLICY!r})
+dist.destroy_process_group()
+"""
+    res, took = _two_ranks(code, tmp_path, timeout=300)
+    assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
+    for batch, workers in SCHEDULE_CASES:
+        _schedule_ok(json.loads((tmp_path / f"b{batch}w{workers}" / "summary.json").read_text()), 2, batch, workers)
+
+
+def test_resume_refuses_another_split_unless_allowed(shards, tmp_path):
+    from distill.files import UserError
+    from distill.train import train_student
+    from distill.train.checkpoint import check_resume
+    base = dict(shards=str(shards), out=str(tmp_path / "run"), batch_size=8, **SCHEDULE)
+    train_student(TrainConfig(loader_workers=1, **base), POLICY, stop_after=1)
+    with pytest.raises(UserError, match=r"1 process\(es\) x 1 loader worker\(s\), now 1 process\(es\) x 2 .*--allow-resplit"):
+        train_student(TrainConfig(loader_workers=2, resume=True, **base), POLICY)
+    res = train_student(TrainConfig(loader_workers=2, resume=True, allow_resplit=True, **base), POLICY)
+    summ = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert res.complete and any("--allow-resplit" in n and "recomputed" in n for n in summ["notes"])
+    _schedule_ok(summ, 1, 8, 2)
+    ckpt = {"config": {"loader-workers": 0}, "data": {"world": 1}, "epoch": 1}     # another world size
+    with pytest.raises(UserError, match="--allow-resplit"):
+        check_resume(ckpt, {"loader-workers": 0}, {"world": 2}, Path("last.pt"))
+    assert "with 2 process(es) x 1 loader worker(s) instead of 1" in check_resume(ckpt, {"loader-workers": 0}, {"world": 2}, Path("last.pt"), True)

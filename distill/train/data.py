@@ -94,6 +94,16 @@ def worker_range(total: int, rank: int, world: int, worker: int, workers: int, b
     return start + worker * per_rank // workers, start + (worker + 1) * per_rank // workers
 
 
+def batches_per_epoch(total: int, world: int, batch_size: int, workers: int = 1) -> int:
+    """Batches each rank yields in an epoch of ``total`` places, exactly (``worker_range``'s split):
+    ``(total // world) // batch_size`` whole batches when a rank has a full batch (``drop_last``),
+    else one short batch per loader worker with samples (``workers``: 0 counts as 1)."""
+    per_rank = total // world
+    if per_rank >= batch_size:
+        return per_rank // batch_size
+    return min(max(1, workers), per_rank)
+
+
 def epoch_segments(counts: Sequence[int], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int,
                    batch_size: int, drop_last: bool = True) -> list[tuple[int, int, int]]:
     """(shard index, first, stop) of every segment (rank, worker) reads in ``epoch``: shards laid end

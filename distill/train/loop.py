@@ -31,7 +31,7 @@ from ..files import ReaderMark, UserError, atomic_write_json, lock_dir
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
-from .data import TrainStream, ValStream, loader
+from .data import TrainStream, ValStream, batches_per_epoch, loader
 from .losses import DistillLoss, topk_correct
 from .prepare import Data, prepare_data, validate
 
@@ -57,6 +57,7 @@ class TrainResult:
     complete: bool = True
     hard_labels: "TrainResult | None" = None   # the --compare-hard-labels run
     notes: list[str] = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)   # steps taken and planned, steps per epoch, last and min lr
 
     def to_dict(self) -> dict:
         d = {"run_dir": str(self.run_dir), "model": self.model, "source": self.source, "epochs": self.epochs,
@@ -64,7 +65,7 @@ class TrainResult:
              "img_s": round(self.img_s, 1),
              "final": {"val_top1": self.final_top1, "val_top5": self.final_top5},
              "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch},
-             "notes": self.notes}
+             "schedule": self.schedule, "notes": self.notes}
         if self.hard_labels is not None:
             d["hard_labels"] = self.hard_labels.to_dict()
         return d
@@ -218,10 +219,11 @@ def _synced(batches, d: Dist):
 # ----------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from lr/warmup to lr over ``warmup`` steps, then cosine down to ``min_lr`` at ``total``."""
+    """The lr of step ``step`` (0-based) of ``total``: linear warmup from lr/warmup to lr over ``warmup``
+    steps, then cosine from lr down to ``min_lr``, reached exactly at the last step (``total - 1``)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
@@ -293,9 +295,10 @@ class _Session:
     steps_per_epoch: int
     warmup: int
 
-    def lr(self) -> float:
+    def lr(self, epoch: int, step: int) -> float:
+        """The lr of step ``step`` of ``epoch``: every epoch starts at its planned place in the schedule."""
         c = self.cfg
-        return lr_at(self.state["step"], self.steps_per_epoch * c.epochs, self.warmup, c.lr, c.min_lr)
+        return lr_at(epoch * self.steps_per_epoch + step, self.steps_per_epoch * c.epochs, self.warmup, c.lr, c.min_lr)
 
 
 def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict, list]:
@@ -311,7 +314,7 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
     ckpt = None
     if cfg.resume and last.exists():
         ckpt = ck.load(last)
-        ck.check_resume(ckpt, to_dict(cfg), data.identity, last)
+        split_note = ck.check_resume(ckpt, to_dict(cfg), data.identity, last, cfg.allow_resplit)
         model.load_state_dict(ckpt["model"])
     elif cfg.init:
         try:
@@ -323,17 +326,17 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
         note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
     model.to(d.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
-             "best_top1": None, "best_top5": None, "best_epoch": None}
+    state = {"epoch": 0, "step": 0, "planned": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
+             "best_top1": None, "best_top5": None, "best_epoch": None, "notes": []}
     rows: list[dict] = []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"])
         ck.set_rng_state(ckpt["rng"])
         rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
-        if ckpt["data"].get("world") != d.world:
-            note(f"warning: resuming with {d.world} processes instead of {ckpt['data'].get('world')}: the data split differs",
-                 not d.main)
+        if split_note:
+            state["notes"] = list(state.get("notes", [])) + [split_note]
+            note(split_note, quiet)
         note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
     return model, opt, state, rows
 
@@ -359,7 +362,7 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
     crit = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
                        hard_only=cfg.hard_labels)
     per_step = cfg.batch_size * d.world
-    steps = max(1, data.samples // per_step if data.samples >= per_step else 1)
+    steps = max(1, batches_per_epoch(data.samples, d.world, cfg.batch_size, cfg.loader_workers))
     return _Session(cfg, data, d, model, fwd, opt, crit, state, per_step, steps,
                     int(round(cfg.warmup_epochs * steps)))
 
@@ -394,12 +397,12 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
     s.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     part_sums: dict[str, torch.Tensor] = {}
-    n, lr = 0, s.lr()
+    n, taken, lr = 0, 0, s.lr(epoch, 0)
     pbar = bar(s.steps_per_epoch * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
     for b in batches(epoch):
         b.pop("stats")
         b.pop("key", None)
-        lr = s.lr()
+        lr = s.lr(epoch, taken)
         for g in s.opt.param_groups:
             g["lr"] = lr
         b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
@@ -412,6 +415,7 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad)
         s.opt.step()
         s.state["step"] += 1
+        taken += 1
         bs = b["label"].shape[0]
         n += bs
         loss_sum += loss.detach().double() * bs
@@ -423,6 +427,11 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
         pbar.close()
     if n == 0:     # the same on every rank: they stop at the same step
         raise UserError(f"epoch {epoch + 1}: no training batch could be made (every sample skipped?)")
+    s.state["planned"] = s.state.get("planned", 0) + s.steps_per_epoch
+    if taken != s.steps_per_epoch:
+        s.state.setdefault("notes", []).append(
+            f"epoch {epoch + 1}: {taken} of {s.steps_per_epoch} planned steps (samples skipped): "
+            f"its schedule ended at lr {lr:.3g}")
     keys = sorted(part_sums)
     return _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d), keys, lr
 
@@ -506,7 +515,9 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                       img_s=state["images_seen"] / max(state["train_s"], 1e-9),
                       final_top1=final.get("val_top1"), final_top5=final.get("val_top5"),
                       best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
-                      complete=state["epoch"] >= cfg.epochs, notes=list(data.notes))
+                      complete=state["epoch"] >= cfg.epochs, notes=list(data.notes) + list(state.get("notes", [])),
+                      schedule={"steps": state["step"], "steps_planned": state.get("planned"),
+                                "steps_per_epoch": s.steps_per_epoch, "last_lr": final.get("lr"), "min_lr": cfg.min_lr})
     if d.main and res.complete:
         atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
     return res
