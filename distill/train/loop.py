@@ -58,6 +58,7 @@ class TrainResult:
     hard_labels: "TrainResult | None" = None   # the --compare-hard-labels run
     notes: list[str] = field(default_factory=list)
     schedule: dict = field(default_factory=dict)   # steps taken and planned, steps per epoch, last and min lr
+    temperature: float | None = None               # T of the soft loss (the cache's); None: hard labels
 
     def to_dict(self) -> dict:
         d = {"run_dir": str(self.run_dir), "model": self.model, "source": self.source, "epochs": self.epochs,
@@ -65,13 +66,14 @@ class TrainResult:
              "img_s": round(self.img_s, 1),
              "final": {"val_top1": self.final_top1, "val_top5": self.final_top5},
              "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch},
-             "schedule": self.schedule, "notes": self.notes}
+             "temperature": self.temperature, "schedule": self.schedule, "notes": self.notes}
         if self.hard_labels is not None:
             d["hard_labels"] = self.hard_labels.to_dict()
         return d
 
     def summary(self) -> str:
         lines = [f"train-student: {self.run_dir} ({self.model} from {self.source}, {self.epochs} epochs"
+                 + (f", soft loss at T = {self.temperature:g}" if self.temperature not in (None, 1.0) else "")
                  + ("" if self.complete else ", stopped early: --resume to continue") + ")"]
         if self.final_top1 is not None:
             lines.append(f"  val top-1 {_pct(self.final_top1)} (best {_pct(self.best_top1)} at epoch {self.best_epoch}), "
@@ -359,12 +361,18 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
         fwd = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
-    crit = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
-                       hard_only=cfg.hard_labels)
+    crit = criterion(cfg, data)
     per_step = cfg.batch_size * d.world
     steps = max(1, batches_per_epoch(data.samples, d.world, cfg.batch_size, cfg.loader_workers))
     return _Session(cfg, data, d, model, fwd, opt, crit, state, per_step, steps,
                     int(round(cfg.warmup_epochs * steps)))
+
+
+def criterion(cfg: TrainConfig, data: Data) -> DistillLoss:
+    """The run's loss: soft CE on the cache's targets at the cache's temperature (T² · CE at T), plus alpha
+    times the hard-label CE; the hard term alone in a --hard-labels run."""
+    return DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
+                       hard_only=cfg.hard_labels, temperature=data.temperature or 1.0)
 
 
 def _stream(s: _Session):
@@ -515,7 +523,8 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                       img_s=state["images_seen"] / max(state["train_s"], 1e-9),
                       final_top1=final.get("val_top1"), final_top5=final.get("val_top5"),
                       best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
-                      complete=state["epoch"] >= cfg.epochs, notes=list(data.notes) + list(state.get("notes", [])),
+                      complete=state["epoch"] >= cfg.epochs, temperature=None if cfg.hard_labels else data.temperature,
+                      notes=list(data.notes) + list(state.get("notes", [])),
                       schedule={"steps": state["step"], "steps_planned": state.get("planned"),
                                 "steps_per_epoch": s.steps_per_epoch, "last_lr": final.get("lr"), "min_lr": cfg.min_lr})
     if d.main and res.complete:
