@@ -290,3 +290,26 @@ def test_resume_refuses_another_split_unless_allowed(shards, tmp_path):
     with pytest.raises(UserError, match="--allow-resplit"):
         check_resume(ckpt, {"loader-workers": 0}, {"world": 2}, Path("last.pt"))
     assert "with 2 process(es) x 1 loader worker(s) instead of 1" in check_resume(ckpt, {"loader-workers": 0}, {"world": 2}, Path("last.pt"), True)
+
+
+# ----------------------------------------------------------------------------- honest validation
+
+def test_validation_reports_images_scored_and_skipped(shards, tmp_path):
+    """A val shard with a corrupt image and an out-of-range label: both are counted as skipped, with
+    their keys and reasons, in summary.json, metrics.jsonl and the printed summary."""
+    from conftest import write_tar
+    from distill.train import train_student
+    good = [image_bytes("JPEG", (20, 16), seed=500 + i) for i in range(4)]
+    corrupt = good[1][: len(good[1]) // 3]                               # a JPEG cut short
+    val = write_tar(tmp_path / "val" / "val-000000.tar", [
+        ("v0.jpg", good[0]), ("v0.cls", b"1"), ("v1.jpg", corrupt), ("v1.cls", b"2"),
+        ("v2.jpg", good[2]), ("v2.cls", b"99"), ("v3.jpg", good[3]), ("v3.cls", b"0")])
+    res = train_student(TrainConfig(shards=str(shards), val_shards=str(val), out=str(tmp_path / "run"), batch_size=8,
+                                    **dict(SCHEDULE, epochs=1)), POLICY)
+    summ = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summ["val"]["scored"] == 2 and summ["val"]["skipped"] == 2, summ["val"]
+    why = {e["key"]: e["reason"] for e in summ["val"]["skipped_examples"]}
+    assert set(why) == {"val-000000.tar/v1", "val-000000.tar/v2"} and "out of range" in why["val-000000.tar/v2"]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (row["val_images"], row["val_skipped"]) == (2, 2)
+    assert "val: 2 images scored, 2 skipped (first: val-000000.tar/v1: " in res.summary()

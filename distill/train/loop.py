@@ -36,6 +36,7 @@ from .losses import DistillLoss, topk_correct
 from .prepare import Data, prepare_data, validate
 
 VAL_CACHE_BYTES = 512 << 20   # keep the validation views in memory between epochs below this size
+VAL_SKIPS_SHOWN = 5           # skipped validation keys (with reasons) a summary names
 
 
 # ----------------------------------------------------------------------------- result
@@ -59,12 +60,13 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     schedule: dict = field(default_factory=dict)   # steps taken and planned, steps per epoch, last and min lr
     temperature: float | None = None               # T of the soft loss (the cache's); None: hard labels
+    val: dict | None = None                        # images scored and skipped by the last validation
 
     def to_dict(self) -> dict:
         d = {"run_dir": str(self.run_dir), "model": self.model, "source": self.source, "epochs": self.epochs,
              "complete": self.complete, "images_seen": self.images_seen, "wall_s": round(self.wall_s, 3),
              "img_s": round(self.img_s, 1),
-             "final": {"val_top1": self.final_top1, "val_top5": self.final_top5},
+             "final": {"val_top1": self.final_top1, "val_top5": self.final_top5}, "val": self.val,
              "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch},
              "temperature": self.temperature, "schedule": self.schedule, "notes": self.notes}
         if self.hard_labels is not None:
@@ -78,6 +80,10 @@ class TrainResult:
         if self.final_top1 is not None:
             lines.append(f"  val top-1 {_pct(self.final_top1)} (best {_pct(self.best_top1)} at epoch {self.best_epoch}), "
                          f"top-5 {_pct(self.final_top5)}")
+        if self.val is not None:
+            v = self.val
+            why = "; ".join(f"{e['key']}: {e['reason']}" for e in v["skipped_examples"])
+            lines.append(f"  val: {v['scored']:,} images scored, {v['skipped']:,} skipped" + (f" (first: {why})" if why else ""))
         lines.append(f"  {self.images_seen:,} images seen, {self.img_s:,.0f} img/s, wall {_hms(self.wall_s)}")
         lines += [f"  NOTE: {n}" for n in self.notes]
         h = self.hard_labels
@@ -457,6 +463,9 @@ def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: f
     row = {"epoch": epoch + 1, "train_loss": tot[0] / max(n_all, 1), "lr": lr, "val_top1": top1, "val_top5": top5,
            "img_s": n_all / max(train_s, 1e-9), "images": n_all, "time_s": round(time.perf_counter() - t_epoch, 3)}
     row.update({f"{k}_loss": tot[2 + i] / max(n_all, 1) for i, k in enumerate(keys)})
+    if val is not None and val.report is not None:
+        rep = val.report
+        row.update(val_images=rep["scored"], val_skipped=rep["skipped"], val_skipped_examples=rep["skipped_examples"])
     if data.cache is not None:
         row["cache_epoch"] = epoch % data.cache.epochs
     best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
@@ -523,6 +532,8 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                       img_s=state["images_seen"] / max(state["train_s"], 1e-9),
                       final_top1=final.get("val_top1"), final_top5=final.get("val_top5"),
                       best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
+                      val=({"scored": final["val_images"], "skipped": final["val_skipped"],
+                            "skipped_examples": final["val_skipped_examples"]} if "val_images" in final else None),
                       complete=state["epoch"] >= cfg.epochs, temperature=None if cfg.hard_labels else data.temperature,
                       notes=list(data.notes) + list(state.get("notes", [])),
                       schedule={"steps": state["step"], "steps_planned": state.get("planned"),
@@ -542,6 +553,7 @@ class _Validator:
         self.loader = loader(self.ds, cfg.loader_workers, pin_memory=self.cuda)
         self.kept: list | None = None
         self.keep = True
+        self.report: dict | None = None   # the last evaluation's images scored and skipped (every rank's)
 
     def _batches(self):
         if self.kept is not None:
@@ -560,27 +572,37 @@ class _Validator:
             self.kept = kept
 
     def evaluate(self, model) -> tuple[float, float]:
-        """(top-1, top-5) in percent over every rank's part; a rank's error ends every rank (``_sync``)."""
-        err, counts = None, [0, 0, 0]
+        """(top-1, top-5) in percent over every rank's part; a rank's error ends every rank (``_sync``).
+        ``report`` then holds the images scored and skipped, with the first few skipped keys and reasons."""
+        err, counts, skipped = None, [0, 0, 0, 0], []
         try:
-            counts = self._count(model)
+            counts, skipped = self._count(model)
         except Exception as e:  # noqa: BLE001 - every rank stops
             err = e
         _sync(self.d, err)
-        c1, c5, n = _all_sum(counts, self.d)
+        c1, c5, n, k = _all_sum(counts, self.d)
+        gather = _gather(self.d)
+        first = (gather(skipped) if gather else skipped)[:VAL_SKIPS_SHOWN]
+        self.report = {"scored": int(n), "skipped": int(k),
+                       "skipped_examples": [{"key": key, "reason": why} for key, why in first]}
         return (100.0 * c1 / n, 100.0 * c5 / n) if n else (None, None)
 
     @torch.inference_mode()
-    def _count(self, model) -> list:
-        """[top-1 hits, top-5 hits, samples] of this rank."""
+    def _count(self, model) -> tuple[list, list]:
+        """([top-1 hits, top-5 hits, samples, samples skipped], the first skipped (key, reason)) of this rank."""
         was = model.training
         model.eval()
-        c1 = c5 = n = 0
+        c1 = c5 = n = k = 0
+        first: list = []
         for b in self._batches():
+            k += len(b["skipped"])
+            first += b["skipped"][:VAL_SKIPS_SHOWN - len(first)]
+            if not b["label"].shape[0]:
+                continue
             x, y = b["image"].to(self.d.device, non_blocking=True), b["label"].to(self.d.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = model(x)
             a, b5 = topk_correct(logits.float(), y, (1, 5))
             c1, c5, n = c1 + a, c5 + b5, n + y.shape[0]
         model.train(was)
-        return [c1, c5, n]
+        return [c1, c5, n, k], first
