@@ -267,11 +267,19 @@ for batch, workers in {SCHEDULE_CASES!r}:
     res = train_student(TrainConfig(shards={str(shards)!r}, out=out, batch_size=batch, loader_workers=workers,
                                     **{SCHEDULE!r}), {POLICY!r})
 dist.destroy_process_group()
+from distill.cli import main
+main(["train-student", "--shards", {str(shards)!r}, "--out", {str(tmp_path / "cli")!r}, "--hard-labels",
+      "--model", "tinyvit-tiny", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--loader-workers", "1",
+      "--device", "cpu", "--threads", "1", "--warmup-epochs", "0.5", "--lr", "1e-3"])
 """
     res, took = _two_ranks(code, tmp_path, timeout=300)
     assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
     for batch, workers in SCHEDULE_CASES:
         _schedule_ok(json.loads((tmp_path / f"b{batch}w{workers}" / "summary.json").read_text()), 2, batch, workers)
+    # one voice: the CLI run (progress, epoch lines, summary) speaks on rank 0 only
+    (_, out0, err0), (_, out1, err1) = res
+    assert "train-student: " in out0 and "val: " not in out0 and "epoch 1/2" in err0, (out0, err0[-2000:])
+    assert out1 == "" and "distill:" not in err1 and "epoch 1/2" not in err1, (out1, err1[-2000:])
 
 
 def test_resume_refuses_another_split_unless_allowed(shards, tmp_path):

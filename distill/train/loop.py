@@ -61,6 +61,7 @@ class TrainResult:
     schedule: dict = field(default_factory=dict)   # steps taken and planned, steps per epoch, last and min lr
     temperature: float | None = None               # T of the soft loss (the cache's); None: hard labels
     val: dict | None = None                        # images scored and skipped by the last validation
+    rank: int = 0                                  # the DDP rank that made this result (only rank 0 reports)
 
     def to_dict(self) -> dict:
         d = {"run_dir": str(self.run_dir), "model": self.model, "source": self.source, "epochs": self.epochs,
@@ -534,7 +535,7 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                       best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
                       val=({"scored": final["val_images"], "skipped": final["val_skipped"],
                             "skipped_examples": final["val_skipped_examples"]} if "val_images" in final else None),
-                      complete=state["epoch"] >= cfg.epochs, temperature=None if cfg.hard_labels else data.temperature,
+                      rank=d.rank, complete=state["epoch"] >= cfg.epochs, temperature=None if cfg.hard_labels else data.temperature,
                       notes=list(data.notes) + list(state.get("notes", [])),
                       schedule={"steps": state["step"], "steps_planned": state.get("planned"),
                                 "steps_per_epoch": s.steps_per_epoch, "last_lr": final.get("lr"), "min_lr": cfg.min_lr})
