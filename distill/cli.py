@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -99,7 +100,8 @@ def cmd_train_student(args) -> int:
     from .train import train_student
     cfg, policy = _stage_config(C.TrainConfig, "train-student", args)
     res = train_student(cfg, policy)
-    print(res.summary())
+    if res.rank == 0:                    # under DDP one voice: rank 0's
+        print(res.summary())
     return 0
 
 
@@ -150,9 +152,12 @@ def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) 
         cls = STAGES[stage][0]
         extra = {"quiet": True} if quiet else {}
         cfg = C.build(cls, pipe.stage_layer(stage), extra, where=f"[{stage}] of {path}")
-        print(f"== {stage}", flush=True)
+        main = os.environ.get("RANK", "0") == "0"          # under torchrun only rank 0 speaks
+        if main:
+            print(f"== {stage}", flush=True)
         res = _stage_func(stage)(cfg) if stage == "filter-labels" else _stage_func(stage)(cfg, pipe.policy)
-        print(res.summary(), flush=True)
+        if main:
+            print(res.summary(), flush=True)
         results[stage] = res
         if getattr(res, "failed", None):
             raise SystemExit(f"distill: {stage} failed; later stages not run")

@@ -259,4 +259,5 @@ class TrainConfig:
     compile: bool = opt(False, help="torch.compile the model")
     threads: int = opt(0, help="torch intra-op threads (0: default)")
     allow_replay_drift: bool = opt(False, help="train although recorded views replay differently here (other Pillow/libjpeg-turbo); noted in the summary")
+    allow_resplit: bool = opt(False, help="--resume although the world size or --loader-workers changed (the data split and the lr schedule are recomputed; noted in the summary)")
     quiet: bool = opt(False, help="no progress bar")

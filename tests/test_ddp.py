@@ -224,3 +224,100 @@ def test_rank0_lock_failure_ends_every_rank(shards, tmp_path):
     (rc0, _, err0), (rc1, _, err1) = res
     assert rc0 == rc1 == 2 and took < 60, (took, err0[-2000:], err1[-2000:])
     assert "in use" in err0 and "rank 0 failed" in err1 and "in use" in err1, (err0[-2000:], err1[-2000:])
+
+
+# ----------------------------------------------------------------------------- the schedule ends where it says
+
+SCHEDULE = dict(hard_labels=True, model="tinyvit-tiny", image_size=32, epochs=2, lr=1e-3, min_lr=1e-5,
+                warmup_epochs=0.5, device="cpu", quiet=True, threads=1)
+# (batch size, loader workers): full batches split unevenly over workers, and a rank with less than a batch
+# (then one short batch per worker: 60 samples a rank, batch 64)
+SCHEDULE_CASES = [(8, 0), (8, 1), (8, 2), (8, 3), (64, 3)]
+
+
+def _schedule_ok(summary: dict, world: int, batch: int, workers: int) -> None:
+    sch = summary["schedule"]
+    per_rank = sum(SIZES) // world
+    per_epoch = per_rank // batch if per_rank >= batch else min(max(1, workers), per_rank)
+    assert sch["steps"] == sch["steps_planned"] == 2 * per_epoch == 2 * sch["steps_per_epoch"], (world, batch, workers, sch)
+    assert sch["last_lr"] == pytest.approx(sch["min_lr"], rel=1e-9, abs=1e-12), (world, batch, workers, sch)
+
+
+def test_schedule_steps_and_last_lr_one_rank(shards, tmp_path):
+    """For 0-3 loader workers the steps taken are the steps planned and the last step's lr is min lr."""
+    from distill.train import train_student
+    for batch, workers in SCHEDULE_CASES:
+        out = tmp_path / f"b{batch}w{workers}"
+        train_student(TrainConfig(shards=str(shards), out=str(out), batch_size=batch, loader_workers=workers,
+                                  **SCHEDULE), POLICY)
+        _schedule_ok(json.loads((out / "summary.json").read_text()), 1, batch, workers)
+
+
+def test_schedule_steps_and_last_lr_two_ranks(shards, tmp_path):
+    """The same on 2 gloo ranks (one process pair runs every case); only rank 0 prints."""
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from distill.config import TrainConfig
+from distill.train import train_student
+for batch, workers in {SCHEDULE_CASES!r}:
+    out = {str(tmp_path)!r} + f"/b{{batch}}w{{workers}}"
+    res = train_student(TrainConfig(shards={str(shards)!r}, out=out, batch_size=batch, loader_workers=workers,
+                                    **{SCHEDULE!r}), {POLICY!r})
+dist.destroy_process_group()
+from distill.cli import main
+main(["train-student", "--shards", {str(shards)!r}, "--out", {str(tmp_path / "cli")!r}, "--hard-labels",
+      "--model", "tinyvit-tiny", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--loader-workers", "1",
+      "--device", "cpu", "--threads", "1", "--warmup-epochs", "0.5", "--lr", "1e-3"])
+"""
+    res, took = _two_ranks(code, tmp_path, timeout=300)
+    assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
+    for batch, workers in SCHEDULE_CASES:
+        _schedule_ok(json.loads((tmp_path / f"b{batch}w{workers}" / "summary.json").read_text()), 2, batch, workers)
+    # one voice: the CLI run (progress, epoch lines, summary) speaks on rank 0 only
+    (_, out0, err0), (_, out1, err1) = res
+    assert "train-student: " in out0 and "val: " not in out0 and "epoch 1/2" in err0, (out0, err0[-2000:])
+    assert out1 == "" and "distill:" not in err1 and "epoch 1/2" not in err1, (out1, err1[-2000:])
+
+
+def test_resume_refuses_another_split_unless_allowed(shards, tmp_path):
+    from distill.files import UserError
+    from distill.train import train_student
+    from distill.train.checkpoint import check_resume
+    base = dict(shards=str(shards), out=str(tmp_path / "run"), batch_size=8, **SCHEDULE)
+    train_student(TrainConfig(loader_workers=1, **base), POLICY, stop_after=1)
+    with pytest.raises(UserError, match=r"1 process\(es\) x 1 loader worker\(s\), now 1 process\(es\) x 2 .*--allow-resplit"):
+        train_student(TrainConfig(loader_workers=2, resume=True, **base), POLICY)
+    res = train_student(TrainConfig(loader_workers=2, resume=True, allow_resplit=True, **base), POLICY)
+    summ = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert res.complete and any("--allow-resplit" in n and "recomputed" in n for n in summ["notes"])
+    _schedule_ok(summ, 1, 8, 2)
+    ckpt = {"config": {"loader-workers": 0}, "data": {"world": 1}, "epoch": 1}     # another world size
+    with pytest.raises(UserError, match="--allow-resplit"):
+        check_resume(ckpt, {"loader-workers": 0}, {"world": 2}, Path("last.pt"))
+    assert "with 2 process(es) x 1 loader worker(s) instead of 1" in check_resume(ckpt, {"loader-workers": 0}, {"world": 2}, Path("last.pt"), True)
+
+
+# ----------------------------------------------------------------------------- honest validation
+
+def test_validation_reports_images_scored_and_skipped(shards, tmp_path):
+    """A val shard with a corrupt image and an out-of-range label: both are counted as skipped, with
+    their keys and reasons, in summary.json, metrics.jsonl and the printed summary."""
+    from conftest import write_tar
+    from distill.train import train_student
+    good = [image_bytes("JPEG", (20, 16), seed=500 + i) for i in range(4)]
+    corrupt = good[1][: len(good[1]) // 3]                               # a JPEG cut short
+    val = write_tar(tmp_path / "val" / "val-000000.tar", [
+        ("v0.jpg", good[0]), ("v0.cls", b"1"), ("v1.jpg", corrupt), ("v1.cls", b"2"),
+        ("v2.jpg", good[2]), ("v2.cls", b"99"), ("v3.jpg", good[3]), ("v3.cls", b"0")])
+    res = train_student(TrainConfig(shards=str(shards), val_shards=str(val), out=str(tmp_path / "run"), batch_size=8,
+                                    **dict(SCHEDULE, epochs=1)), POLICY)
+    summ = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summ["val"]["scored"] == 2 and summ["val"]["skipped"] == 2, summ["val"]
+    why = {e["key"]: e["reason"] for e in summ["val"]["skipped_examples"]}
+    assert set(why) == {"val-000000.tar/v1", "val-000000.tar/v2"} and "out of range" in why["val-000000.tar/v2"]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (row["val_images"], row["val_skipped"]) == (2, 2)
+    assert "val: 2 images scored, 2 skipped (first: val-000000.tar/v1: " in res.summary()

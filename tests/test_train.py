@@ -6,6 +6,7 @@ cache whose teacher file no longer exists.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -416,3 +417,35 @@ def test_cache_beats_hard_labels_on_flipped_labels(tmp_path):
         given_c, given_h = fc.gather(1, flip_given[:, None]).mean().item(), fh.gather(1, flip_given[:, None]).mean().item()
         assert true_c - true_h >= 0.08 and given_c < given_h, (seed, true_c, true_h, given_c, given_h)
     assert sum(gaps) / len(gaps) >= 3.0, gaps
+
+
+# ----------------------------------------------------------------------------- temperature both sides
+
+def test_temperature_two_cache_trains_at_t_and_scales_by_t_squared(tmp_path):
+    """A T = 2 cache stores softmax(z_t / 2): on one batch the student's loss is
+    T² · CE(softmax(z_t / T), softmax(z_s / T)); summary.json records T."""
+    from distill.models import create_model
+    from distill.train.loop import criterion
+    shards = f"{DEMO}/train/train-000000.tar"
+    res = _cache_teacher(shards=shards, teacher=(str(TEACHER),), out=str(tmp_path / "cache"), epochs=1, topk=10,
+                         prob_dtype="float32", temperature=2.0, policy=MIX_POLICY)
+    assert not res.failed and open_cache(tmp_path / "cache").manifest["temperature"] == 2.0
+    cfg = _cfg(tmp_path / "cache", tmp_path / "run", shards=shards, epochs=1, val_shards=None)
+    data = prepare_data(cfg, None)
+    assert data.temperature == 2.0
+    ds = _stream(data, batch_size=64)
+    ds.set_epoch(0)
+    b = next(iter(ds))
+    teacher = torch.jit.load(str(TEACHER)).eval()
+    torch.manual_seed(0)
+    student = create_model("tinyvit-tiny", data.num_classes, img_size=32).eval()
+    with torch.no_grad():
+        z_t, z_s = teacher(b["image"]), student(b["image"])
+        loss, parts = criterion(cfg, data)(z_s, b)
+    want = 4.0 * -((z_t / 2).softmax(-1) * (z_s / 2).log_softmax(-1)).sum(1).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-3)
+    at_one = -((z_t / 2).softmax(-1) * z_s.log_softmax(-1)).sum(1).mean()     # what ignoring T would give
+    assert abs(float(loss) - float(at_one)) > 1e-2
+    run = train_student(dataclasses.replace(cfg, epochs=1, batch_size=120))
+    summ = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summ["temperature"] == 2.0 and "T = 2" in run.summary()

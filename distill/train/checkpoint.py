@@ -23,9 +23,11 @@ from ..files import UserError, atomic_write_bytes, atomic_write_json
 
 LAST, BEST, METRICS, SUMMARY, BASELINE = RUN_LAST, RUN_BEST, RUN_METRICS_NAME, RUN_SUMMARY_NAME, RUN_BASELINE_DIR
 
-# Config keys a resumed run may change (how it runs, not what it computes).
-RESUME_FREE = {"out", "resume", "device", "compile", "threads", "quiet", "loader_workers", "val_shards",
-               "compare_hard_labels", "shards", "cache"}
+# Config keys a resumed run may change (how it runs, not what it computes). The split of an epoch over
+# (rank, loader worker) is checked apart (``_check_split``): it changes only with --allow-resplit.
+RESUME_FREE = {"out", "resume", "device", "compile", "threads", "quiet", "val_shards",
+               "compare_hard_labels", "shards", "cache", "allow_resplit"}
+SPLIT_KEYS = {"loader_workers"}
 
 
 def rng_state() -> dict:
@@ -62,11 +64,13 @@ def load(path: Path) -> dict:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
-def check_resume(ckpt: dict, config: dict, data: dict, path: Path) -> None:
-    """Refuse to resume when the run would compute something else than the checkpointed one."""
+def check_resume(ckpt: dict, config: dict, data: dict, path: Path, allow_resplit: bool = False) -> str | None:
+    """Refuse to resume when the run would compute something else than the checkpointed one. A changed
+    split (world size, loader workers) is refused unless ``allow_resplit``; then returns the note
+    the summary carries."""
     old = ckpt.get("config", {})
-    diff = sorted(k for k in set(old) | set(config)
-                  if k.replace("-", "_") not in RESUME_FREE and old.get(k) != config.get(k))
+    diff = sorted(k for k in set(old) | set(config) if k.replace("-", "_") not in RESUME_FREE | SPLIT_KEYS
+                  and old.get(k) != config.get(k))
     old_data = ckpt.get("data", {})
     diff += sorted(f"data.{k}" for k in set(old_data) | set(data)
                    if k != "world" and old_data.get(k) != data.get(k))
@@ -74,6 +78,24 @@ def check_resume(ckpt: dict, config: dict, data: dict, path: Path) -> None:
         shown = ", ".join(f"{k} ({_short(_get(old, old_data, k))} -> {_short(_get(config, data, k))})" for k in diff[:6])
         raise UserError(f"cannot resume {path}: the run was started with different {shown}; "
                         f"use the original settings or another --out")
+    return _check_split(ckpt, config, data, path, allow_resplit)
+
+
+def _split(config: dict, data: dict) -> tuple[int | None, int]:
+    """(processes, loader workers) of a run; 0 and 1 loader workers split an epoch the same way."""
+    return data.get("world"), max(1, int(config.get("loader-workers") or 0))
+
+
+def _check_split(ckpt: dict, config: dict, data: dict, path: Path, allow: bool) -> str | None:
+    (w0, l0), (w1, l1) = _split(ckpt.get("config", {}), ckpt.get("data", {})), _split(config, data)
+    if (w0, l0) == (w1, l1):
+        return None
+    was, now = (f"{w} process(es) x {n} loader worker(s)" for w, n in ((w0, l0), (w1, l1)))
+    if not allow:
+        raise UserError(f"cannot resume {path}: it was trained with {was}, now {now}, which splits every epoch "
+                        f"otherwise; use the original --loader-workers and world size, or pass --allow-resplit")
+    return (f"--allow-resplit: resumed after epoch {ckpt.get('epoch')} with {now} instead of {was}: "
+            f"the data split and the lr schedule of the remaining epochs were recomputed")
 
 
 def _get(cfg: dict, data: dict, k: str):

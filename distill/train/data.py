@@ -94,6 +94,16 @@ def worker_range(total: int, rank: int, world: int, worker: int, workers: int, b
     return start + worker * per_rank // workers, start + (worker + 1) * per_rank // workers
 
 
+def batches_per_epoch(total: int, world: int, batch_size: int, workers: int = 1) -> int:
+    """Batches each rank yields in an epoch of ``total`` places, exactly (``worker_range``'s split):
+    ``(total // world) // batch_size`` whole batches when a rank has a full batch (``drop_last``),
+    else one short batch per loader worker with samples (``workers``: 0 counts as 1)."""
+    per_rank = total // world
+    if per_rank >= batch_size:
+        return per_rank // batch_size
+    return min(max(1, workers), per_rank)
+
+
 def epoch_segments(counts: Sequence[int], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int,
                    batch_size: int, drop_last: bool = True) -> list[tuple[int, int, int]]:
     """(shard index, first, stop) of every segment (rank, worker) reads in ``epoch``: shards laid end
@@ -393,7 +403,9 @@ def _fixed(t, name: str) -> np.ndarray:
 
 class ValStream(IterableDataset):
     """Batches of deterministic centre views (``augment.decode_center``) with their labels; every
-    (rank, worker) reads every n-th shard."""
+    (rank, worker) reads every n-th shard. A batch's ``skipped`` lists the (key, reason) of the samples
+    left out since the previous batch (no image or an unreadable one, a bad label); a last batch of no
+    images carries the skips after the last full one."""
 
     def __init__(self, shards: list[ShardRef], *, image_size: int, batch_size: int, num_classes: int,
                  rank: int = 0, world: int = 1, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
@@ -403,23 +415,30 @@ class ValStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
-        images, labels = [], []
+        images, labels, skipped = [], [], []
         for ref in _every_nth(self.shards, self.rank, self.world, worker, workers):
             for item in shardio.iter_shard(ref.path):
-                if isinstance(item, Skip) or shardio.check_label(item.label, self.num_classes):
-                    continue
-                try:
-                    src = augment.SourceImage(item.data)
-                    images.append(augment.view(src, augment.decode_center(src.width, src.height), self.size,
-                                               self.mean, self.std))
-                except Exception:
+                why = item.reason if isinstance(item, Skip) else shardio.check_label(item.label, self.num_classes)
+                if why is None:
+                    try:
+                        src = augment.SourceImage(item.data)
+                        images.append(augment.view(src, augment.decode_center(src.width, src.height), self.size,
+                                                   self.mean, self.std))
+                    except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and reported
+                        why = f"cannot decode: {type(e).__name__}: {e}".splitlines()[0][:200]
+                if why is not None:
+                    skipped.append((f"{ref.name}/{item.key}", why))
                     continue
                 labels.append(int(item.label))
                 if len(images) == self.batch_size:
-                    yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64)}
-                    images, labels = [], []
-        if images:
-            yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64)}
+                    yield self._batch(images, labels, skipped)
+                    images, labels, skipped = [], [], []
+        if images or skipped:
+            yield self._batch(images, labels, skipped)
+
+    def _batch(self, images: list, labels: list, skipped: list) -> dict:
+        image = torch.stack(images) if images else torch.zeros(0, 3, self.size, self.size)
+        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "skipped": list(skipped)}
 
 
 def shard_refs(paths: list[Path], counts: Sequence[int] | None = None) -> list[ShardRef]:

@@ -31,11 +31,12 @@ from ..files import ReaderMark, UserError, atomic_write_json, lock_dir
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
-from .data import TrainStream, ValStream, loader
+from .data import TrainStream, ValStream, batches_per_epoch, loader
 from .losses import DistillLoss, topk_correct
 from .prepare import Data, prepare_data, validate
 
 VAL_CACHE_BYTES = 512 << 20   # keep the validation views in memory between epochs below this size
+VAL_SKIPS_SHOWN = 5           # skipped validation keys (with reasons) a summary names
 
 
 # ----------------------------------------------------------------------------- result
@@ -57,24 +58,33 @@ class TrainResult:
     complete: bool = True
     hard_labels: "TrainResult | None" = None   # the --compare-hard-labels run
     notes: list[str] = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)   # steps taken and planned, steps per epoch, last and min lr
+    temperature: float | None = None               # T of the soft loss (the cache's); None: hard labels
+    val: dict | None = None                        # images scored and skipped by the last validation
+    rank: int = 0                                  # the DDP rank that made this result (only rank 0 reports)
 
     def to_dict(self) -> dict:
         d = {"run_dir": str(self.run_dir), "model": self.model, "source": self.source, "epochs": self.epochs,
              "complete": self.complete, "images_seen": self.images_seen, "wall_s": round(self.wall_s, 3),
              "img_s": round(self.img_s, 1),
-             "final": {"val_top1": self.final_top1, "val_top5": self.final_top5},
+             "final": {"val_top1": self.final_top1, "val_top5": self.final_top5}, "val": self.val,
              "best": {"val_top1": self.best_top1, "val_top5": self.best_top5, "epoch": self.best_epoch},
-             "notes": self.notes}
+             "temperature": self.temperature, "schedule": self.schedule, "notes": self.notes}
         if self.hard_labels is not None:
             d["hard_labels"] = self.hard_labels.to_dict()
         return d
 
     def summary(self) -> str:
         lines = [f"train-student: {self.run_dir} ({self.model} from {self.source}, {self.epochs} epochs"
+                 + (f", soft loss at T = {self.temperature:g}" if self.temperature not in (None, 1.0) else "")
                  + ("" if self.complete else ", stopped early: --resume to continue") + ")"]
         if self.final_top1 is not None:
             lines.append(f"  val top-1 {_pct(self.final_top1)} (best {_pct(self.best_top1)} at epoch {self.best_epoch}), "
                          f"top-5 {_pct(self.final_top5)}")
+        if self.val is not None:
+            v = self.val
+            why = "; ".join(f"{e['key']}: {e['reason']}" for e in v["skipped_examples"])
+            lines.append(f"  val: {v['scored']:,} images scored, {v['skipped']:,} skipped" + (f" (first: {why})" if why else ""))
         lines.append(f"  {self.images_seen:,} images seen, {self.img_s:,.0f} img/s, wall {_hms(self.wall_s)}")
         lines += [f"  NOTE: {n}" for n in self.notes]
         h = self.hard_labels
@@ -218,10 +228,11 @@ def _synced(batches, d: Dist):
 # ----------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from lr/warmup to lr over ``warmup`` steps, then cosine down to ``min_lr`` at ``total``."""
+    """The lr of step ``step`` (0-based) of ``total``: linear warmup from lr/warmup to lr over ``warmup``
+    steps, then cosine from lr down to ``min_lr``, reached exactly at the last step (``total - 1``)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
@@ -293,9 +304,10 @@ class _Session:
     steps_per_epoch: int
     warmup: int
 
-    def lr(self) -> float:
+    def lr(self, epoch: int, step: int) -> float:
+        """The lr of step ``step`` of ``epoch``: every epoch starts at its planned place in the schedule."""
         c = self.cfg
-        return lr_at(self.state["step"], self.steps_per_epoch * c.epochs, self.warmup, c.lr, c.min_lr)
+        return lr_at(epoch * self.steps_per_epoch + step, self.steps_per_epoch * c.epochs, self.warmup, c.lr, c.min_lr)
 
 
 def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict, list]:
@@ -311,7 +323,7 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
     ckpt = None
     if cfg.resume and last.exists():
         ckpt = ck.load(last)
-        ck.check_resume(ckpt, to_dict(cfg), data.identity, last)
+        split_note = ck.check_resume(ckpt, to_dict(cfg), data.identity, last, cfg.allow_resplit)
         model.load_state_dict(ckpt["model"])
     elif cfg.init:
         try:
@@ -323,17 +335,17 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
         note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
     model.to(d.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
-             "best_top1": None, "best_top5": None, "best_epoch": None}
+    state = {"epoch": 0, "step": 0, "planned": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
+             "best_top1": None, "best_top5": None, "best_epoch": None, "notes": []}
     rows: list[dict] = []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"])
         ck.set_rng_state(ckpt["rng"])
         rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
-        if ckpt["data"].get("world") != d.world:
-            note(f"warning: resuming with {d.world} processes instead of {ckpt['data'].get('world')}: the data split differs",
-                 not d.main)
+        if split_note:
+            state["notes"] = list(state.get("notes", [])) + [split_note]
+            note(split_note, quiet)
         note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
     return model, opt, state, rows
 
@@ -356,12 +368,18 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
         fwd = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
-    crit = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
-                       hard_only=cfg.hard_labels)
+    crit = criterion(cfg, data)
     per_step = cfg.batch_size * d.world
-    steps = max(1, data.samples // per_step if data.samples >= per_step else 1)
+    steps = max(1, batches_per_epoch(data.samples, d.world, cfg.batch_size, cfg.loader_workers))
     return _Session(cfg, data, d, model, fwd, opt, crit, state, per_step, steps,
                     int(round(cfg.warmup_epochs * steps)))
+
+
+def criterion(cfg: TrainConfig, data: Data) -> DistillLoss:
+    """The run's loss: soft CE on the cache's targets at the cache's temperature (T² · CE at T), plus alpha
+    times the hard-label CE; the hard term alone in a --hard-labels run."""
+    return DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
+                       hard_only=cfg.hard_labels, temperature=data.temperature or 1.0)
 
 
 def _stream(s: _Session):
@@ -394,12 +412,12 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
     s.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     part_sums: dict[str, torch.Tensor] = {}
-    n, lr = 0, s.lr()
+    n, taken, lr = 0, 0, s.lr(epoch, 0)
     pbar = bar(s.steps_per_epoch * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
     for b in batches(epoch):
         b.pop("stats")
         b.pop("key", None)
-        lr = s.lr()
+        lr = s.lr(epoch, taken)
         for g in s.opt.param_groups:
             g["lr"] = lr
         b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
@@ -412,6 +430,7 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad)
         s.opt.step()
         s.state["step"] += 1
+        taken += 1
         bs = b["label"].shape[0]
         n += bs
         loss_sum += loss.detach().double() * bs
@@ -423,6 +442,11 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
         pbar.close()
     if n == 0:     # the same on every rank: they stop at the same step
         raise UserError(f"epoch {epoch + 1}: no training batch could be made (every sample skipped?)")
+    s.state["planned"] = s.state.get("planned", 0) + s.steps_per_epoch
+    if taken != s.steps_per_epoch:
+        s.state.setdefault("notes", []).append(
+            f"epoch {epoch + 1}: {taken} of {s.steps_per_epoch} planned steps (samples skipped): "
+            f"its schedule ended at lr {lr:.3g}")
     keys = sorted(part_sums)
     return _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d), keys, lr
 
@@ -440,6 +464,9 @@ def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: f
     row = {"epoch": epoch + 1, "train_loss": tot[0] / max(n_all, 1), "lr": lr, "val_top1": top1, "val_top5": top5,
            "img_s": n_all / max(train_s, 1e-9), "images": n_all, "time_s": round(time.perf_counter() - t_epoch, 3)}
     row.update({f"{k}_loss": tot[2 + i] / max(n_all, 1) for i, k in enumerate(keys)})
+    if val is not None and val.report is not None:
+        rep = val.report
+        row.update(val_images=rep["scored"], val_skipped=rep["skipped"], val_skipped_examples=rep["skipped_examples"])
     if data.cache is not None:
         row["cache_epoch"] = epoch % data.cache.epochs
     best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
@@ -506,7 +533,12 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                       img_s=state["images_seen"] / max(state["train_s"], 1e-9),
                       final_top1=final.get("val_top1"), final_top5=final.get("val_top5"),
                       best_top1=state["best_top1"], best_top5=state["best_top5"], best_epoch=state["best_epoch"],
-                      complete=state["epoch"] >= cfg.epochs, notes=list(data.notes))
+                      val=({"scored": final["val_images"], "skipped": final["val_skipped"],
+                            "skipped_examples": final["val_skipped_examples"]} if "val_images" in final else None),
+                      rank=d.rank, complete=state["epoch"] >= cfg.epochs, temperature=None if cfg.hard_labels else data.temperature,
+                      notes=list(data.notes) + list(state.get("notes", [])),
+                      schedule={"steps": state["step"], "steps_planned": state.get("planned"),
+                                "steps_per_epoch": s.steps_per_epoch, "last_lr": final.get("lr"), "min_lr": cfg.min_lr})
     if d.main and res.complete:
         atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
     return res
@@ -522,6 +554,7 @@ class _Validator:
         self.loader = loader(self.ds, cfg.loader_workers, pin_memory=self.cuda)
         self.kept: list | None = None
         self.keep = True
+        self.report: dict | None = None   # the last evaluation's images scored and skipped (every rank's)
 
     def _batches(self):
         if self.kept is not None:
@@ -540,27 +573,37 @@ class _Validator:
             self.kept = kept
 
     def evaluate(self, model) -> tuple[float, float]:
-        """(top-1, top-5) in percent over every rank's part; a rank's error ends every rank (``_sync``)."""
-        err, counts = None, [0, 0, 0]
+        """(top-1, top-5) in percent over every rank's part; a rank's error ends every rank (``_sync``).
+        ``report`` then holds the images scored and skipped, with the first few skipped keys and reasons."""
+        err, counts, skipped = None, [0, 0, 0, 0], []
         try:
-            counts = self._count(model)
+            counts, skipped = self._count(model)
         except Exception as e:  # noqa: BLE001 - every rank stops
             err = e
         _sync(self.d, err)
-        c1, c5, n = _all_sum(counts, self.d)
+        c1, c5, n, k = _all_sum(counts, self.d)
+        gather = _gather(self.d)
+        first = (gather(skipped) if gather else skipped)[:VAL_SKIPS_SHOWN]
+        self.report = {"scored": int(n), "skipped": int(k),
+                       "skipped_examples": [{"key": key, "reason": why} for key, why in first]}
         return (100.0 * c1 / n, 100.0 * c5 / n) if n else (None, None)
 
     @torch.inference_mode()
-    def _count(self, model) -> list:
-        """[top-1 hits, top-5 hits, samples] of this rank."""
+    def _count(self, model) -> tuple[list, list]:
+        """([top-1 hits, top-5 hits, samples, samples skipped], the first skipped (key, reason)) of this rank."""
         was = model.training
         model.eval()
-        c1 = c5 = n = 0
+        c1 = c5 = n = k = 0
+        first: list = []
         for b in self._batches():
+            k += len(b["skipped"])
+            first += b["skipped"][:VAL_SKIPS_SHOWN - len(first)]
+            if not b["label"].shape[0]:
+                continue
             x, y = b["image"].to(self.d.device, non_blocking=True), b["label"].to(self.d.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = model(x)
             a, b5 = topk_correct(logits.float(), y, (1, 5))
             c1, c5, n = c1 + a, c5 + b5, n + y.shape[0]
         model.train(was)
-        return [c1, c5, n]
+        return [c1, c5, n, k], first

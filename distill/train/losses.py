@@ -8,6 +8,10 @@ on the training device here:
   ``1 - sum(prob)`` spread evenly over the other ``C - K`` classes;
 * ``renorm``: the top-K probabilities rescaled to sum to 1, zero elsewhere.
 
+With a cache made at temperature ``T`` (it stores softmax(z_t / T)) the soft term is standard KD:
+``T² · CE(p_t, softmax(z_s / T))``, the student's logits taken at the same temperature and the loss
+scaled by T² so that its gradients keep their size (Hinton et al.); T = 1 is TinyViT's plain soft CE.
+
 Hard labels (the baseline, and the ``alpha`` part of a distillation loss) are one-hot targets with
 label smoothing, mixed like the images: ``lam * onehot(label) + (1 - lam) * onehot(partner label)``.
 
@@ -65,7 +69,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 class DistillLoss:
     """``(1 - alpha) * soft CE(cached targets) + alpha * CE(smoothed, mixed hard labels)``.
 
-    ``hard_only=True`` (a --hard-labels run) uses the hard term alone. ``batch`` holds ``idx``,
+    ``hard_only=True`` (a --hard-labels run) uses the hard term alone. ``temperature``: the cache's T; the
+    soft term is ``T² · CE(target, softmax(logits / T))`` (the hard term is always at T = 1). ``batch`` holds ``idx``,
     ``prob`` (soft part), ``label``, ``label2``, ``lam`` (hard part), all on the logits' device.
     """
     num_classes: int
@@ -73,19 +78,23 @@ class DistillLoss:
     fill: str = "uniform"
     smoothing: float = 0.1
     hard_only: bool = False
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         parts: dict[str, torch.Tensor] = {}
         w_hard = 1.0 if self.hard_only else self.alpha
         total = None
         if w_hard < 1.0:
-            soft = soft_cross_entropy(logits, dense_targets(batch["idx"], batch["prob"], self.num_classes, self.fill))
+            t, target = self.temperature, dense_targets(batch["idx"], batch["prob"], self.num_classes, self.fill)
+            soft = soft_cross_entropy(logits, target) if t == 1.0 else t * t * soft_cross_entropy(logits.float() / t, target)
             parts["soft"] = soft
             total = (1.0 - w_hard) * soft
         if w_hard > 0.0:

@@ -37,6 +37,7 @@ class Data:
     exclude: frozenset
     identity: dict               # what a resumed run must share with its checkpoint
     source: str
+    temperature: float | None = None            # the cache's softmax temperature T (None: no cache)
     notes: list = field(default_factory=list)   # what the run's summary must say (e.g. replay drift allowed)
 
     @property
@@ -200,4 +201,4 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
         val_refs = shard_refs(vpaths)
     return Data(refs=shard_refs(paths, counts), val_refs=val_refs, spec=spec, num_classes=num_classes, cache=cache,
                 samples=max(0, samples), excluded=excluded, exclude=exclude, identity=identity, source=source,
-                notes=notes)
+                temperature=float(cache.manifest.get("temperature", 1.0)) if cache is not None else None, notes=notes)
