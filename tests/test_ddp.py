@@ -266,11 +266,11 @@ for batch, workers in {SCHEDULE_CASES!r}:
     out = {str(tmp_path)!r} + f"/b{{batch}}w{{workers}}"
     res = train_student(TrainConfig(shards={str(shards)!r}, out=out, batch_size=batch, loader_workers=workers,
                                     **{SCHEDULE!r}), {POLICY!r})
-dist.destroy_process_group()
-from distill.cli import main
+from distill.cli import main     # in the same process group (a re-init on the same port may race)
 main(["train-student", "--shards", {str(shards)!r}, "--out", {str(tmp_path / "cli")!r}, "--hard-labels",
       "--model", "tinyvit-tiny", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--loader-workers", "1",
       "--device", "cpu", "--threads", "1", "--warmup-epochs", "0.5", "--lr", "1e-3"])
+dist.destroy_process_group()
 """
     res, took = _two_ranks(code, tmp_path, timeout=300)
     assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
