@@ -17,7 +17,7 @@ Prints ONE JSON line (and, with --write, the section for BENCHMARKS.md on stderr
   duplicate-key check of cache-teacher's finish run on synthetic E=90 caches;
 * ``classes_per_batch_ratio`` / ``same_class_pair_ratio_to_chance``: a 200-class image-folder tree in
   class order, written by make-shards (shuffles by default), read by the real TrainStream with mixing
-  (batch 64, 2 ranks' splits, 3 epochs; --quick 1): distinct classes per batch / a perfectly shuffled batch's,
+  (batch 64, 2 ranks' splits, 3 epochs): distinct classes per batch / a perfectly shuffled batch's,
   and the rate of same-class mix partners / chance.
 
 Every stage of the driver RSS runs in its own child process (``--child``), so one stage's memory does
@@ -212,7 +212,7 @@ def mixing(tmp: Path, quick: bool) -> dict:
     from distill.data import augment, views
     from distill.data.shards import make_shards, resolve_shards
     from distill.train.data import TrainStream, classes_per_batch_ratio, same_class_pair_ratio, shard_refs
-    classes, per, epochs = 200, (8 if quick else 16), (1 if quick else 3)
+    classes, per, epochs = 200, (8 if quick else 16), 3
     src = tmp / "folders"
     rng = np.random.default_rng(0)
     for c in range(classes):
