@@ -11,7 +11,7 @@ Prints ONE JSON line (and, with --write, the section for BENCHMARKS.md on stderr
   disk (counted through the file) / the file's bytes per epoch;
 * ``driver_rss_mb_per_1m_samples``: growth of the driver's peak RSS per 1M samples (slope between two
   sizes, the largest over the stages) at 1/1000 and 1/100 of ImageNet-21K (14,200 and 142,000
-  samples; --quick: 1,420 and 5,680), shards of 1,420 samples: cache-teacher (2 epochs: E only
+  samples; --quick: 14,200 and 42,600), shards of 1,420 samples: cache-teacher (2 epochs: E only
   changes the bytes of the one shard result in flight) and filter-labels run for real (Ray workers are
   other processes) on tiny-JPEG shards; verify, open_cache + a record of the last shard, and the
   duplicate-key check of cache-teacher's finish run on synthetic E=90 caches;
@@ -129,7 +129,7 @@ def run_child(spec: dict) -> dict:
 
 
 def driver_rss(tmp: Path, quick: bool) -> dict:
-    sizes = (1420, 5680) if quick else (14_200, 142_000)       # 1/1000 and 1/100 of ImageNet-21K (full)
+    sizes = (14_200, 42_600) if quick else (14_200, 142_000)   # 1/1000 and 1/100 of ImageNet-21K (full)
     real = syn = sizes
     out = {}
     for stage in ("cache-teacher", "filter-labels"):
