@@ -66,6 +66,7 @@ class CacheConfig:
     temperature: float = opt(1.0, help="softmax temperature applied to teacher logits")
     prob_dtype: str = opt("float16", help="stored probability dtype: float16 or float32")
     policy: str | None = opt(None, help="TOML file with a [policy] table (default: the pipeline's [policy], else timm-like defaults)", metavar="FILE")
+    recipe: str | None = opt(None, help="take the augmentation policy of this training recipe (tinyvit-22k-distill, tinyvit-1k, tinyvit-22kto1k: the views TinyViT's save_logits.py cuts); policy keys you give override it", metavar="NAME")
     retries: int = opt(2, help="times a shard is retried after its worker dies")
     quiet: bool = opt(False, help="no progress bar")
 
@@ -190,9 +191,9 @@ def to_dict(cfg) -> dict:
     return out
 
 
-def write_resolved(cfg, directory: str | os.PathLike, name: str = RUN_CONFIG_NAME) -> None:
-    """Write the resolved config next to a stage's output."""
-    atomic_write_json(Path(directory) / name, to_dict(cfg))
+def write_resolved(cfg, directory: str | os.PathLike, name: str = RUN_CONFIG_NAME, extra: dict | None = None) -> None:
+    """Write the resolved config next to a stage's output (plus ``extra`` keys: values derived from it)."""
+    atomic_write_json(Path(directory) / name, dict(to_dict(cfg), **(extra or {})))
 
 
 def config_json(cfg) -> str:
@@ -237,20 +238,27 @@ class TrainConfig:
     val_shards: str | None = opt(None, help="validation shards, evaluated every epoch", metavar="VAL")
     image_size: int = opt(224, help="student input size (divisible by 32)")
     batch_size: int = opt(128, help="batch size per process")
-    lr: float = opt(1e-3, help="peak learning rate (AdamW)")
-    min_lr: float = opt(1e-5, help="final learning rate of the cosine schedule")
-    weight_decay: float = opt(0.05, help="AdamW weight decay (not on norms, biases, attention biases)")
-    warmup_epochs: float = opt(0.0, help="linear warmup length in epochs")
-    clip_grad: float = opt(5.0, help="gradient norm clip (0: off)")
+    recipe: str | None = opt(None, help="training recipe: tinyvit-22k-distill, tinyvit-1k, tinyvit-22kto1k or none (default: tinyvit-22k-distill from a cache, tinyvit-1k with --hard-labels); every option below marked 'recipe' takes the recipe's value unless given", metavar="NAME")
+    lr: float | None = opt(None, help="base learning rate (AdamW), per --lr-base-batch images of global batch (recipe)")
+    min_lr: float | None = opt(None, help="final learning rate of the cosine schedule, scaled like --lr (recipe)")
+    warmup_lr: float | None = opt(None, help="learning rate the linear warmup starts from, scaled like --lr (recipe)")
+    warmup_epochs: float | None = opt(None, help="linear warmup length in epochs (recipe)")
+    lr_base_batch: int | None = opt(None, help="--lr, --min-lr and --warmup-lr are per this many images of global batch (batch-size x processes x accumulation-steps) and scaled linearly; 0: used as given (recipe: 512, none: 0)")
+    weight_decay: float | None = opt(None, help="AdamW weight decay, not on norms, biases, attention biases (recipe)")
+    clip_grad: float | None = opt(None, help="gradient norm clip, 0: off (recipe)")
+    accumulation_steps: int | None = opt(None, help="batches whose gradients are summed per optimiser step (recipe: 1)")
+    layer_lr_decay: float | None = opt(None, help="layer-wise lr decay: block i of D gets lr x decay^(D-1-i), the head 1 (recipe)")
+    eval_bn: bool | None = opt(None, help="true: keep BatchNorm statistics frozen (eval mode) while training (recipe)", metavar="true|false")
+    broadcast_buffers: bool | None = opt(None, help="true: DDP broadcasts buffers (BatchNorm statistics) from rank 0 every step (recipe)", metavar="true|false")
     alpha: float = opt(0.0, help="weight of the hard-label loss mixed with the soft-target loss")
     target_fill: str = opt("uniform", help="dense target from top-K: uniform (rest spread over other classes) or renorm")
-    label_smoothing: float = opt(0.1, help="label smoothing of the hard-label loss")
+    label_smoothing: float | None = opt(None, help="label smoothing of the hard-label loss (recipe)")
     hard_labels: bool = opt(False, help="train from the shards' labels, no cache (the baseline)")
     compare_hard_labels: bool = opt(False, help="also train the same student from hard labels and report both")
     policy: str | None = opt(None, help="TOML [policy] for --hard-labels runs (cache runs replay the cache's policy)", metavar="FILE")
     exclude: str | None = opt(None, help="filter-labels output: its dropped samples are left out", metavar="FILTER_DIR")
     init: str | None = opt(None, help="initial weights (a timm TinyViT checkpoint or ours)", metavar="PATH")
-    drop_path: float | None = opt(None, help="stochastic depth rate (default: the model's)")
+    drop_path: float | None = opt(None, help="stochastic depth rate (recipe, per model size; else the model's default)")
     resume: bool = opt(False, help="continue from RUN_DIR/last.pt")
     seed: int = opt(0, help="training seed (shuffling, init)")
     shuffle_buffer: int = opt(1000, help="sample shuffle buffer")

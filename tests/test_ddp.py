@@ -230,27 +230,30 @@ def test_rank0_lock_failure_ends_every_rank(shards, tmp_path):
 
 SCHEDULE = dict(hard_labels=True, model="tinyvit-tiny", image_size=32, epochs=2, lr=1e-3, min_lr=1e-5,
                 warmup_epochs=0.5, device="cpu", quiet=True, threads=1)
-# (batch size, loader workers): full batches split unevenly over workers, and a rank with less than a batch
-# (then one short batch per worker: 60 samples a rank, batch 64)
-SCHEDULE_CASES = [(8, 0), (8, 1), (8, 2), (8, 3), (64, 3)]
+# (batch size, loader workers, accumulation steps): full batches split unevenly over workers, a rank with
+# less than a batch (then one short batch per worker: 60 samples a rank, batch 64), and optimiser steps of
+# 3 batches (15 batches an epoch on one rank: 5 steps; 7 on each of two ranks: steps of 3, 3 and 1)
+SCHEDULE_CASES = [(8, 0, 1), (8, 1, 1), (8, 2, 1), (8, 3, 1), (64, 3, 1), (8, 2, 3)]
 
 
-def _schedule_ok(summary: dict, world: int, batch: int, workers: int) -> None:
+def _schedule_ok(summary: dict, world: int, batch: int, workers: int, accum: int = 1) -> None:
     sch = summary["schedule"]
     per_rank = sum(SIZES) // world
-    per_epoch = per_rank // batch if per_rank >= batch else min(max(1, workers), per_rank)
+    batches = per_rank // batch if per_rank >= batch else min(max(1, workers), per_rank)
+    per_epoch = -(-batches // accum)
     assert sch["steps"] == sch["steps_planned"] == 2 * per_epoch == 2 * sch["steps_per_epoch"], (world, batch, workers, sch)
     assert sch["last_lr"] == pytest.approx(sch["min_lr"], rel=1e-9, abs=1e-12), (world, batch, workers, sch)
+    assert sch["global_batch"] == batch * world * accum, sch
 
 
 def test_schedule_steps_and_last_lr_one_rank(shards, tmp_path):
     """For 0-3 loader workers the steps taken are the steps planned and the last step's lr is min lr."""
     from distill.train import train_student
-    for batch, workers in SCHEDULE_CASES:
-        out = tmp_path / f"b{batch}w{workers}"
+    for batch, workers, accum in SCHEDULE_CASES:
+        out = tmp_path / f"b{batch}w{workers}a{accum}"
         train_student(TrainConfig(shards=str(shards), out=str(out), batch_size=batch, loader_workers=workers,
-                                  **SCHEDULE), POLICY)
-        _schedule_ok(json.loads((out / "summary.json").read_text()), 1, batch, workers)
+                                  accumulation_steps=accum, **SCHEDULE), POLICY)
+        _schedule_ok(json.loads((out / "summary.json").read_text()), 1, batch, workers, accum)
 
 
 def test_schedule_steps_and_last_lr_two_ranks(shards, tmp_path):
@@ -262,10 +265,10 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 from distill.config import TrainConfig
 from distill.train import train_student
-for batch, workers in {SCHEDULE_CASES!r}:
-    out = {str(tmp_path)!r} + f"/b{{batch}}w{{workers}}"
+for batch, workers, accum in {SCHEDULE_CASES!r}:
+    out = {str(tmp_path)!r} + f"/b{{batch}}w{{workers}}a{{accum}}"
     res = train_student(TrainConfig(shards={str(shards)!r}, out=out, batch_size=batch, loader_workers=workers,
-                                    **{SCHEDULE!r}), {POLICY!r})
+                                    accumulation_steps=accum, **{SCHEDULE!r}), {POLICY!r})
 from distill.cli import main     # in the same process group (a re-init on the same port may race)
 main(["train-student", "--shards", {str(shards)!r}, "--out", {str(tmp_path / "cli")!r}, "--hard-labels",
       "--model", "tinyvit-tiny", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--loader-workers", "1",
@@ -274,8 +277,9 @@ dist.destroy_process_group()
 """
     res, took = _two_ranks(code, tmp_path, timeout=300)
     assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
-    for batch, workers in SCHEDULE_CASES:
-        _schedule_ok(json.loads((tmp_path / f"b{batch}w{workers}" / "summary.json").read_text()), 2, batch, workers)
+    for batch, workers, accum in SCHEDULE_CASES:
+        _schedule_ok(json.loads((tmp_path / f"b{batch}w{workers}a{accum}" / "summary.json").read_text()),
+                     2, batch, workers, accum)
     # one voice: the CLI run (progress, epoch lines, summary) speaks on rank 0 only
     (_, out0, err0), (_, out1, err1) = res
     assert "train-student: " in out0 and "val: " not in out0 and "epoch 1/2" in err0, (out0, err0[-2000:])

@@ -58,8 +58,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _cfg(cache_dir, out, **kw) -> TrainConfig:
+    # recipe none: these tests train a tiny student for a few dozen steps at a fixed lr (TinyViT's
+    # recipes are tested on their own in test_recipes.py)
     base = dict(shards=TRAIN2, cache=str(cache_dir), val_shards=VAL1, out=str(out), model="tinyvit-tiny",
-                image_size=32, epochs=2, batch_size=64, lr=2e-3, warmup_epochs=0.5, quiet=True)
+                image_size=32, epochs=2, batch_size=64, lr=2e-3, warmup_epochs=0.5, quiet=True, recipe="none")
     base.update(kw)
     return TrainConfig(**base)
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import engine
+from .. import engine, recipes
 from ..config import CacheConfig
 from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
@@ -70,6 +70,8 @@ def _validate(cfg: CacheConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.workers < 0 or cfg.threads < 0 or cfg.retries < 0:
         raise UserError("--workers, --threads and --retries must be >= 0")
+    if cfg.recipe:
+        recipes.get(cfg.recipe)                        # an unknown name is refused here
     if len(cfg.teacher_mean) != 3 or len(cfg.teacher_std) != 3 or min(cfg.teacher_std) <= 0:
         raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers (std > 0)")
 
@@ -120,7 +122,8 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     warnings: list[str] = []
     size = _input_size(cfg, specs, warnings)
     spec = (views.ViewSpec.scoring(size, center_crop) if center_crop is not None
-            else views.ViewSpec(augment.load_policy(cfg.policy, policy_table)))
+            else views.ViewSpec(augment.load_policy(cfg.policy, policy_table,
+                                                    base=recipes.get(cfg.recipe).policy if cfg.recipe else None)))
     teachers.resolve_precision(cfg.teacher_precision, "cpu")          # a bad value is refused here
     ens = teachers.Ensemble(specs, "cpu", cfg.temperature)
     width, members = ens.output_width(size), ens.identity()
@@ -147,6 +150,8 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
         "exclude": {"count": len(exclude), "keys_sha256": digest("\n".join(sorted(exclude)))},
         "num_classes": len(classes), "classes": classes,
     }
+    if cfg.recipe:
+        identity["recipe"] = cfg.recipe
     return Plan(paths, index, spec, specs, identity, exclude, warnings)
 
 

@@ -129,15 +129,17 @@ def _r(x: float) -> float:
     return round(float(x), 6)
 
 
-def load_policy(path: str | None = None, table: dict | None = None, default: dict | None = None) -> "Policy":
+def load_policy(path: str | None = None, table: dict | None = None, default: dict | None = None,
+                base: dict | None = None) -> "Policy":
     """The policy of a ``--policy FILE`` (its [policy] table), else ``table`` (a pipeline's [policy]),
-    else ``default`` (else timm-like defaults). Errors are one-line UserErrors."""
+    else ``default`` (else timm-like defaults), each key over ``base`` (a recipe's policy). Errors are
+    one-line UserErrors."""
     if path:
         from ..config import load_toml
         raw = load_toml(path)
         table = raw.get("policy", raw)
     try:
-        return Policy.from_dict(table or default or {})
+        return Policy.from_dict(dict(base or {}, **(table or default or {})))
     except (ValueError, TypeError) as e:
         raise UserError(f"bad augmentation policy: {e}") from None
 

@@ -50,22 +50,28 @@ def create_model(name: str, num_classes: int, img_size: int = 224,
     return MODELS[name](num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay for weights; none for norms, biases and attention-bias tables.
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: decay for weights; none for norms, biases and attention-bias tables; with
+    ``layer_lr_decay`` < 1 one group per (decay, lr factor), the factor in the group's ``lr_scale``
+    (the trainer multiplies the scheduled lr by it, as TinyViT's ``LRSchedulerWrapper``).
 
     A parameter goes to the no-decay group when it is 1-D (norm weights, biases) or its name contains
     ``attention_biases``. Frozen parameters are left out; empty groups are dropped.
     """
-    decay, no_decay = [], []
+    scales: dict[str, float] = {}
+    if layer_lr_decay != 1.0:
+        if not hasattr(model, "layer_lr_scales"):
+            raise ValueError(f"{type(model).__name__} has no layer-wise lr decay (layer_lr_scales)")
+        scales = model.layer_lr_scales(layer_lr_decay)
+    groups: dict[tuple[float, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        wd = 0.0 if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES) else weight_decay
+        scale = scales.get(name, 1.0)
+        g = groups.setdefault((wd == 0.0, -scale), {"params": [], "weight_decay": wd, "lr_scale": scale})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 @dataclass

@@ -308,6 +308,30 @@ class TinyVit(nn.Module):
         ref = self.head.norm.weight
         self.head.fc = _make_fc(self.num_features, num_classes).to(device=ref.device, dtype=ref.dtype)
 
+    def layer_lr_scales(self, decay: float) -> dict[str, float]:
+        """Parameter name -> lr factor of layer-wise decay, as TinyViT's ``set_layer_lr_decay``: block i
+        of D gets ``decay ** (D - 1 - i)``; the patch embedding the first block's; a stage's patch merging
+        the factor of the block before it (TinyViT's layer i ends with the downsample that our stage
+        i + 1 starts with); the head 1."""
+        blocks = [b for st in self.stages for b in st.blocks]
+        depth = len(blocks)
+        scales: dict[str, float] = {}
+
+        def put(prefix: str, module: nn.Module, i: int) -> None:
+            for name, _ in module.named_parameters(prefix=prefix):
+                scales[name] = decay ** (depth - 1 - i)
+
+        put("patch_embed", self.patch_embed, 0)
+        i = 0
+        for s, st in enumerate(self.stages):
+            if hasattr(st, "downsample"):
+                put(f"stages.{s}.downsample", st.downsample, i - 1)
+            for j, b in enumerate(st.blocks):
+                put(f"stages.{s}.blocks.{j}", b, i)
+                i += 1
+        put("head", self.head, depth - 1)
+        return scales
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.patch_embed(x))
 

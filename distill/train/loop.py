@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
 from ..files import ReaderMark, UserError, atomic_write_json, lock_dir
 from ..models import create_model, load_init, param_groups
@@ -227,11 +228,13 @@ def _synced(batches, d: Dist):
 
 # ----------------------------------------------------------------------------- schedule
 
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """The lr of step ``step`` (0-based) of ``total``: linear warmup from lr/warmup to lr over ``warmup``
-    steps, then cosine from lr down to ``min_lr``, reached exactly at the last step (``total - 1``)."""
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, warmup_lr: float = 0.0) -> float:
+    """The lr of optimiser step ``step`` (0-based) of ``total``: linear warmup from ``warmup_lr`` (step 0)
+    towards lr over ``warmup`` steps (timm's CosineLRScheduler warmup, as TinyViT uses it), then cosine
+    from lr down to ``min_lr``, reached exactly at the last step (``total - 1``). (TinyViT's timm
+    scheduler runs its cosine over all steps and would reach min lr one step after the last.)"""
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return warmup_lr + (lr - warmup_lr) * step / warmup
     t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
@@ -242,14 +245,21 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
     (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
     same student from hard labels on the cache's views (same samples, epochs, steps, schedule and
-    seed) into ``RUN_DIR/hard-labels``. Rank 0 holds the run directory's lock."""
+    seed) into ``RUN_DIR/hard-labels``. Rank 0 holds the run directory's lock. Options the config leaves unset (None)
+    take the values of its recipe (``distill.recipes``)."""
+    cfg, overridden = recipes.resolve_train(cfg)
     validate(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
     try:
+        note(recipes.describe(cfg, d.world, overridden), cfg.quiet or not d.main)
+        if recipes.get(cfg.recipe).fine_tune and not cfg.init and not cfg.resume:
+            note(f"warning: recipe {cfg.recipe} fine-tunes a pretrained student; without --init it starts "
+                 f"from random weights", cfg.quiet or not d.main)
         # every refusal, before anything is written; each rank checks 1/world of the cache files
         data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
+        _policy_note(cfg, data, cfg.quiet or not d.main)
         with contextlib.ExitStack() as held:
             err = None
             if d.main:
@@ -276,6 +286,17 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
             dist.destroy_process_group()
 
 
+def _policy_note(cfg: TrainConfig, data: Data, quiet: bool) -> None:
+    """Say when the cache's views were cut with another augmentation policy than the recipe's."""
+    if data.cache is None or not recipes.get(cfg.recipe).policy:
+        return
+    diff = recipes.policy_differences(cfg.recipe, data.policy)
+    if diff:
+        note(f"note: the cache's views were cut with another augmentation policy than recipe {cfg.recipe}'s "
+             f"({', '.join(diff)} differ); the student replays the cache's views (cache-teacher --recipe "
+             f"{cfg.recipe} cuts the recipe's)", quiet)
+
+
 @contextlib.contextmanager
 def _reading(data: Data, d: Dist, quiet: bool):
     """Rank 0 marks the cache as being read, so that cache-teacher --overwrite will not delete it."""
@@ -300,14 +321,18 @@ class _Session:
     opt: torch.optim.Optimizer
     crit: DistillLoss
     state: dict
-    per_step: int
-    steps_per_epoch: int
-    warmup: int
+    per_step: int                 # images of one batch over all ranks
+    batches: int                  # batches per rank and epoch (what the loader yields)
+    steps_per_epoch: int          # optimiser steps per epoch: batches / accumulation-steps, rounded up
+    warmup: int                   # warmup optimiser steps
+    plan: recipes.LrPlan          # lr, min lr and warmup lr scaled by the global batch
+    ddp: torch.nn.Module | None = None   # the DDP wrapper (its no_sync skips all-reduces while accumulating)
 
     def lr(self, epoch: int, step: int) -> float:
         """The lr of step ``step`` of ``epoch``: every epoch starts at its planned place in the schedule."""
-        c = self.cfg
-        return lr_at(epoch * self.steps_per_epoch + step, self.steps_per_epoch * c.epochs, self.warmup, c.lr, c.min_lr)
+        p = self.plan
+        return lr_at(epoch * self.steps_per_epoch + step, self.steps_per_epoch * self.cfg.epochs, self.warmup,
+                     p.peak, p.min_lr, p.warmup_lr)
 
 
 def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict, list]:
@@ -334,7 +359,11 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
     elif cfg.resume:
         note(f"--resume: no {ck.LAST} in {out}; starting a new run", quiet)
     model.to(d.device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    try:
+        groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay)
+    except ValueError as e:
+        raise UserError(f"--layer-lr-decay: {e}") from None
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     state = {"epoch": 0, "step": 0, "planned": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
              "best_top1": None, "best_top5": None, "best_epoch": None, "notes": []}
     rows: list[dict] = []
@@ -351,28 +380,32 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
 
 
 def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
+    batches = max(1, batches_per_epoch(data.samples, d.world, cfg.batch_size, cfg.loader_workers))
+    steps = -(-batches // cfg.accumulation_steps)
+    plan, warmup = recipes.lr_plan(cfg, d.world), int(round(cfg.warmup_epochs * steps))
     err = None
     try:
         model, opt, state, rows = _open(cfg, data, d)
         if d.main:
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
-            write_resolved(cfg, out)
+            write_resolved(cfg, out, extra={"schedule": dict(plan.to_dict(), **{
+                "steps-per-epoch": steps, "batches-per-epoch": batches, "warmup-steps": warmup,
+                "steps": steps * cfg.epochs, "processes": d.world})})
             ck.write_metrics(out, rows)
     except Exception as e:  # noqa: BLE001 - every rank stops (_sync)
         err = e
     _sync(d, err)
-    fwd = model
+    fwd, ddp = model, None
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        fwd = ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                        broadcast_buffers=cfg.broadcast_buffers)
     if cfg.compile:
         fwd = torch.compile(fwd)
     crit = criterion(cfg, data)
-    per_step = cfg.batch_size * d.world
-    steps = max(1, batches_per_epoch(data.samples, d.world, cfg.batch_size, cfg.loader_workers))
-    return _Session(cfg, data, d, model, fwd, opt, crit, state, per_step, steps,
-                    int(round(cfg.warmup_epochs * steps)))
+    return _Session(cfg, data, d, model, fwd, opt, crit, state, cfg.batch_size * d.world, batches, steps,
+                    warmup, plan, ddp)
 
 
 def criterion(cfg: TrainConfig, data: Data) -> DistillLoss:
@@ -393,8 +426,8 @@ def _stream(s: _Session):
                      num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
                      drop_last=data.samples >= s.per_step)
     workers = max(1, cfg.loader_workers)
-    if ds.drop_last and s.steps_per_epoch < workers:
-        note(f"warning: {s.steps_per_epoch} batch(es) per process and epoch for {workers} loader workers: "
+    if ds.drop_last and s.batches < workers:
+        note(f"warning: {s.batches} batch(es) per process and epoch for {workers} loader workers: "
              f"some workers idle", not d.main)
     train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda")
 
@@ -404,33 +437,57 @@ def _stream(s: _Session):
     return batches
 
 
+def _train_mode(s: _Session) -> None:
+    """Training mode; BatchNorm layers stay in eval mode (frozen statistics) under ``eval_bn``."""
+    s.model.train()
+    if s.cfg.eval_bn:
+        for m in s.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _step(s: _Session) -> None:
+    if s.cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.clip_grad)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    s.state["step"] += 1
+
+
 def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[str], float]:
-    """One epoch of steps: returns (all-reduced [loss sum, n, part sums...], part names, last lr)."""
+    """One epoch of steps: returns (all-reduced [loss sum, n, part sums...], part names, last lr).
+    With accumulation, each optimiser step sums the gradients of ``accumulation_steps`` batches (the
+    epoch's last step those left), each batch's loss divided by their number; under DDP only the last
+    batch of a step all-reduces (``no_sync``)."""
     cfg, d = s.cfg, s.d
+    accum = cfg.accumulation_steps
     cuda = d.device.type == "cuda"
     torch.manual_seed(hash((cfg.seed, epoch, d.rank)) & 0x7FFFFFFF)
-    s.model.train()
+    _train_mode(s)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     part_sums: dict[str, torch.Tensor] = {}
-    n, taken, lr = 0, 0, s.lr(epoch, 0)
-    pbar = bar(s.steps_per_epoch * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
+    n, taken, micro, lr = 0, 0, 0, s.lr(epoch, 0)
+    s.opt.zero_grad(set_to_none=True)
+    pbar = bar(s.batches * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
     for b in batches(epoch):
         b.pop("stats")
         b.pop("key", None)
-        lr = s.lr(epoch, taken)
-        for g in s.opt.param_groups:
-            g["lr"] = lr
+        group = max(1, min(accum, s.batches - taken * accum))    # batches of this optimiser step
+        if micro == 0:
+            lr = s.lr(epoch, taken)
+            for g in s.opt.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
         b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = s.fwd(b["image"])
-        loss, parts = s.crit(logits, b)
-        s.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad)
-        s.opt.step()
-        s.state["step"] += 1
-        taken += 1
+        last = micro + 1 >= group
+        with (s.ddp.no_sync() if s.ddp is not None and not last else contextlib.nullcontext()):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits = s.fwd(b["image"])
+            loss, parts = s.crit(logits, b)
+            (loss / group if group > 1 else loss).backward()
+        micro += 1
+        if last:
+            _step(s)
+            taken, micro = taken + 1, 0
         bs = b["label"].shape[0]
         n += bs
         loss_sum += loss.detach().double() * bs
@@ -438,6 +495,9 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
             part_sums[k] = part_sums.get(k, 0) + v.double() * bs
         if pbar:
             pbar.update(bs * d.world)
+    if micro:                      # the loader ran out inside a step (samples skipped): step on what it has
+        _step(s)
+        taken += 1
     if pbar:
         pbar.close()
     if n == 0:     # the same on every rank: they stop at the same step
@@ -538,7 +598,9 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                       rank=d.rank, complete=state["epoch"] >= cfg.epochs, temperature=None if cfg.hard_labels else data.temperature,
                       notes=list(data.notes) + list(state.get("notes", [])),
                       schedule={"steps": state["step"], "steps_planned": state.get("planned"),
-                                "steps_per_epoch": s.steps_per_epoch, "last_lr": final.get("lr"), "min_lr": cfg.min_lr})
+                                "steps_per_epoch": s.steps_per_epoch, "last_lr": final.get("lr"),
+                                "min_lr": s.plan.min_lr, "peak_lr": s.plan.peak, "global_batch": s.plan.global_batch,
+                                "recipe": cfg.recipe})
     if d.main and res.complete:
         atomic_write_json(Path(cfg.out) / ck.SUMMARY, res.to_dict())
     return res

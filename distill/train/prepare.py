@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .. import recipes
 from ..cache.reader import Cache, open_cache
 from ..cache.verify import check_files, check_view_fingerprints
 from ..config import TrainConfig
@@ -53,8 +54,14 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.image_size % 32:
         raise UserError(f"--image-size must be a multiple of 32 (TinyViT), got {cfg.image_size}")
-    if not cfg.lr > 0 or cfg.min_lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.clip_grad < 0:
-        raise UserError("--lr must be > 0; --min-lr, --weight-decay, --warmup-epochs and --clip-grad must be >= 0")
+    if not cfg.lr > 0 or min(cfg.min_lr, cfg.warmup_lr, cfg.weight_decay, cfg.warmup_epochs, cfg.clip_grad) < 0:
+        raise UserError("--lr must be > 0; --min-lr, --warmup-lr, --weight-decay, --warmup-epochs and --clip-grad "
+                        "must be >= 0")
+    if cfg.accumulation_steps < 1 or cfg.lr_base_batch < 0:
+        raise UserError(f"--accumulation-steps must be >= 1 and --lr-base-batch >= 0, got "
+                        f"{cfg.accumulation_steps} and {cfg.lr_base_batch}")
+    if not 0.0 < cfg.layer_lr_decay <= 1.0:
+        raise UserError(f"--layer-lr-decay must be in (0, 1], got {cfg.layer_lr_decay}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {cfg.alpha}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
@@ -178,6 +185,7 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
     With ``--cache`` the views (and, unless ``--hard-labels``, the targets) come from the cache, so a
     ``--hard-labels`` baseline given the cache sees the same views, samples and steps per epoch.
     ``gather`` (DDP): a list of this rank's problems -> every rank's, so all ranks stop together."""
+    cfg, _ = recipes.resolve_train(cfg)              # (already resolved by train_student: unchanged)
     paths, index = resolve_shards(cfg.shards)
     exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
     source = "hard labels" if cfg.hard_labels else "cache"
@@ -188,7 +196,8 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
         identity = {"source": source, "cache_run_id": cache.manifest.get("run_id"), "shards": cache.shard_names,
                     "policy_id": spec.policy.id, "num_classes": num_classes, "topk": cache.topk, "world": world}
     else:
-        spec = views.ViewSpec(augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size}))
+        spec = views.ViewSpec(augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size},
+                                                  base=dict(recipes.get(cfg.recipe).policy, size=cfg.image_size)))
         num_classes, counts, excluded = _shard_counts(exclude, cfg, paths, index)
         identity = {"source": source, "shards": [p.name for p in paths], "policy_id": spec.policy.id,
                     "num_classes": num_classes, "world": world}
