@@ -19,8 +19,8 @@ DEMO_PIPELINE = "pipelines/demo.toml"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):            # argparse's usage errors: one line, exit 2
-        sys.stderr.write(f"distill: error: {self.prog}: {message}\n")
+    def error(self, message):            # argparse's usage errors: one line, exit 2 ("distill train-student: error: ...")
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
@@ -194,6 +194,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="distill", description="Offline knowledge distillation: run the teacher once, train students from its cache.")
+    p.add_argument("--version", action="version", version=f"distill {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("make-shards", help="image folder tree or CSV -> webdataset shards + index.json",
@@ -258,7 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _resume_hint(args, argv: list[str]) -> str:
+    """What to type after an interrupt: the same command resumes (train-student: with --resume)."""
+    import shlex
+    cmd = "distill " + shlex.join(argv)
+    command = getattr(args, "command", None)
+    if command in ("cache-teacher", "filter-labels"):
+        return f"finished shards are kept; rerun the same command to resume: {cmd}"
+    if command == "train-student":
+        if args.resume:
+            return f"finished epochs are kept; rerun the same command to resume: {cmd}"
+        return f"finished epochs are kept; rerun with --resume to continue: {cmd} --resume"
+    if command in ("run", "demo"):
+        return (f"finished shards (and epochs of a train-student with resume = true) are kept; rerun the same "
+                f"command to resume: {cmd}")
+    if command == "make-shards":
+        return f"the shards are incomplete; rerun with --overwrite to write them again: {cmd} --overwrite"
+    if command == "convert-cache":
+        return f"nothing was written under the new name; rerun: {cmd}"
+    return f"rerun: {cmd}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -266,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"distill: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("distill: interrupted\n")
+        sys.stderr.write(f"distill: interrupted; {_resume_hint(args, argv)}\n")
         return 130
 
 

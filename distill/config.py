@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .files import UserError, atomic_write_json
-from .format import RUN_CONFIG_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,9 +30,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_ORDER = ("filter-labels", "cache-teacher", "train-student")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", metavar: str | None = None, **kw) -> Any:
-    """A config field with the help text its CLI flag shows."""
-    md = {"help": help, "metavar": metavar}
+def opt(default: Any = dataclasses.MISSING, help: str = "", metavar: str | None = None, required: bool = False,
+        **kw) -> Any:
+    """A config field with the help text its CLI flag shows. ``required``: a repeatable option (default
+    empty) that must be given at least once; ``build`` names it among the missing ones."""
+    md = {"help": help, "metavar": metavar, "required": required}
     if isinstance(default, (list, dict, tuple)) and default != ():
         return field(default_factory=lambda: default, metadata=md, **kw)
     return field(default=default, metadata=md, **kw)
@@ -44,7 +45,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", metavar: str | None 
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     shards: str = opt(help="directory of .tar shards or a brace pattern (dir/train-{000000..000009}.tar)", metavar="SHARDS")
-    teacher: tuple[str, ...] = opt((), help="teacher spec: TorchScript file, .pt2 export, module.path:callable, or timm:<name>; repeat for an ensemble", metavar="SPEC")
+    teacher: tuple[str, ...] = opt((), help="teacher spec: TorchScript file, .pt2 export, module.path:callable, or timm:<name>; repeat for an ensemble", metavar="SPEC", required=True)
     out: str = opt(help="cache directory to write", metavar="CACHE_DIR")
     epochs: int = opt(1, help="augmented views (epochs) per sample")
     topk: int = opt(10, help="classes stored per record")
@@ -133,7 +134,8 @@ def build(cls, *layers: dict[str, Any], where: str = "config"):
             if value is not None:
                 merged[name] = _coerce(name, value, types[name])
     missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+               if (f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+               or (f.metadata.get("required") and not merged.get(f.name))]
     if missing:
         raise UserError(f"missing required option(s) in {where}: " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cls(**merged)
@@ -191,9 +193,10 @@ def to_dict(cfg) -> dict:
     return out
 
 
-def write_resolved(cfg, directory: str | os.PathLike, name: str = RUN_CONFIG_NAME, extra: dict | None = None) -> None:
+def write_resolved(cfg, directory: str | os.PathLike, name: str | None = None, extra: dict | None = None) -> None:
     """Write the resolved config next to a stage's output (plus ``extra`` keys: values derived from it)."""
-    atomic_write_json(Path(directory) / name, dict(to_dict(cfg), **(extra or {})))
+    from .format import RUN_CONFIG_NAME          # (format loads numpy and pyarrow: not at import, for --help)
+    atomic_write_json(Path(directory) / (name or RUN_CONFIG_NAME), dict(to_dict(cfg), **(extra or {})))
 
 
 def config_json(cfg) -> str:
@@ -203,7 +206,7 @@ def config_json(cfg) -> str:
 @dataclass(frozen=True, kw_only=True)
 class FilterConfig:
     shards: str = opt(help="directory of .tar shards or a brace pattern", metavar="SHARDS")
-    scorer: tuple[str, ...] = opt((), help="scorer spec (same forms as --teacher); repeat for an ensemble", metavar="SPEC")
+    scorer: tuple[str, ...] = opt((), help="scorer spec (same forms as --teacher); repeat for an ensemble", metavar="SPEC", required=True)
     out: str = opt(help="filter directory to write", metavar="FILTER_DIR")
     rule: str = opt("confident", help="topk:N (keep when the label is among the N most probable), confident (confident learning on top-K), or both")
     topk: int = opt(10, help="classes recorded per sample")

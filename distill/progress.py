@@ -13,10 +13,16 @@ def note(msg: str, quiet: bool = False) -> None:
 
 
 def bar(total: int | None, desc: str, unit: str = "it", quiet: bool = False):
-    """A tqdm bar, or None when quiet (call sites do ``if pbar: pbar.update(n)``)."""
+    """A tqdm bar, or None when quiet (call sites do ``if pbar: pbar.update(n)``; a bar is always true,
+    also without a total, where tqdm's own ``bool()`` raises)."""
     if quiet:
         return None
     from tqdm import tqdm
+
+    class _Bar(tqdm):
+        def __bool__(self) -> bool:
+            return True
+
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.2 if tty else 5.0,
+    return _Bar(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.2 if tty else 5.0,
                 dynamic_ncols=tty, unit_scale=True)

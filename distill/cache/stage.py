@@ -48,13 +48,17 @@ class CacheResult:
     mean_label_prob: float | None = None   # the teacher's mean probability of the given label
     warnings: list[str] = field(default_factory=list)
 
+    def _speed(self) -> str:
+        if self.records_per_s == 0.0 and self.reused_shards and not self.failed:
+            return f"all {self.reused_shards} shard(s) reused from an earlier run (nothing computed), wall {self.wall_s:.1f}s"
+        return (f"{self.records_per_s:,.1f} records/s, teacher forward {self.teacher_share:.0%} of worker time, "
+                f"wall {self.wall_s:.1f}s" + (f", {self.reused_shards} shard(s) reused" if self.reused_shards else ""))
+
     def summary(self) -> str:
         lines = [f"cache: {self.out}",
                  f"  samples {self.samples}, epochs {self.epochs}, records {self.records}, "
                  f"skipped {self.skipped}, excluded {self.excluded}",
-                 f"  {self.bytes:,} bytes, {self.bytes_per_record:.1f} B/record, "
-                 f"{self.records_per_s:,.1f} records/s, teacher forward {self.teacher_share:.0%} of worker time, "
-                 f"wall {self.wall_s:.1f}s" + (f", {self.reused_shards} shard(s) reused" if self.reused_shards else "")]
+                 f"  {self.bytes:,} bytes, {self.bytes_per_record:.1f} B/record, " + self._speed()]
         if self.top1_agreement is not None:
             lines.append(f"  teacher vs given labels: top-1 agrees on {self.top1_agreement:.1%} of records, "
                          f"mean label probability {self.mean_label_prob:.3f}")
@@ -210,8 +214,11 @@ def _input_sha256(plan: Plan, path: Path) -> str:
     return sha256_file(path)
 
 
-def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entries: dict, out: Path):
-    """Run the shard tasks on the pool; each finished shard's file is written (atomically) and dropped."""
+def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entries: dict, out: Path,
+               label: str = "cache-teacher"):
+    """Run the shard tasks on the pool; each finished shard's file is written (atomically) and dropped.
+    The bar (named ``label``) counts records; as each shard finishes, its samples skipped or excluded
+    leave the total, so a run that completes ends at 100%."""
     t = plan.identity["teacher"]
     init = dict(specs=plan.specs, expect=t["members"], device=place.device, precision=t["precision"],
                 threads=place.threads, temperature=cfg.temperature,
@@ -219,8 +226,11 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
                 cache_seed=cfg.seed, input_size=t["input_size"], mean=cfg.teacher_mean, std=cfg.teacher_std,
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
                 prob_dtype=cfg.prob_dtype, exclude=plan.exclude, decode_threads=place.decode)
-    total = sum(_count_hint(plan.index, t_["name"]) for t_ in tasks)
-    pbar = bar(total * cfg.epochs if total else None, "cache-teacher", "rec", cfg.quiet)
+    if not tasks:
+        note(f"{label}: all {len(plan.names)} shard(s) reused from an earlier run: nothing to compute", cfg.quiet)
+    hints = {t_["name"]: _count_hint(plan.index, t_["name"]) * cfg.epochs for t_ in tasks}
+    total = sum(hints.values())
+    pbar = bar(total if total else None, label, "rec", cfg.quiet or not tasks)
     timing = {"teacher_s": 0.0, "wall_s": 0.0, "steady_records": 0, "steady_s": 0.0, "new_records": 0}
 
     def on_result(o: engine.ShardOutcome) -> None:
@@ -232,6 +242,9 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
         entries[r["name"]] = dict(r["entry"], file_bytes=len(r["data"]),
                                   file_sha256=hashlib.sha256(r["data"]).hexdigest())
         timing["new_records"] += r["entry"]["records"]
+        if pbar and pbar.total and hints.get(r["name"]):   # skipped / excluded samples leave the total
+            pbar.total = max(pbar.n, pbar.total - max(0, hints[r["name"]] - r["entry"]["records"]))
+            pbar.refresh()
         for k in ("teacher_s", "wall_s", "steady_records", "steady_s"):
             timing[k] += r[k]
         o.result = None                          # the driver keeps no shard's bytes
@@ -243,9 +256,13 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
     outcomes = engine.run_pool(CacheWorker, init, tasks, workers=place.workers, num_cpus=place.num_cpus,
                                num_gpus=place.num_gpus, retries=cfg.retries, on_result=on_result,
                                on_progress=pbar.update if pbar else None, probe=probe)
+    failed = [o for o in outcomes if o.error]
     if pbar:
+        if not failed:                           # every shard done: 100% (a retried shard's first try counted too;
+            pbar.total = pbar.total or pbar.n    # without an index the total was unknown until now)
+            pbar.n = pbar.total
         pbar.close()
-    return [f"{o.task['name']}: {o.error}" for o in outcomes if o.error], timing
+    return [f"{o.task['name']}: {o.error}" for o in failed], timing
 
 
 def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_crop: float | None = None) -> CacheResult:
@@ -268,7 +285,8 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
         with lock_dir(out, "cache-teacher"):
             _prepare_out(out, plan.identity, cfg.overwrite)
             entries, tasks = _tasks(out, plan)
-            failed, timing = _run_tasks(cfg, plan, place, tasks, entries, out)
+            failed, timing = _run_tasks(cfg, plan, place, tasks, entries, out,
+                                        "filter-labels: scoring" if center_crop is not None else "cache-teacher")
             res = _finish(cfg, plan, out, entries, failed)
     res.reused_shards = len(plan.names) - len(tasks)
     res.wall_s = time.perf_counter() - t_wall

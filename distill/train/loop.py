@@ -253,12 +253,12 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
     try:
+        # every refusal, before anything is written; each rank checks 1/world of the cache files
+        data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
         note(recipes.describe(cfg, d.world, overridden), cfg.quiet or not d.main)
         if recipes.get(cfg.recipe).fine_tune and not cfg.init and not cfg.resume:
             note(f"warning: recipe {cfg.recipe} fine-tunes a pretrained student; without --init it starts "
                  f"from random weights", cfg.quiet or not d.main)
-        # every refusal, before anything is written; each rank checks 1/world of the cache files
-        data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
         _policy_note(cfg, data, cfg.quiet or not d.main)
         with contextlib.ExitStack() as held:
             err = None

@@ -75,24 +75,30 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
-    """Refuse a cache built over other shards (names, sizes or checksums differ)."""
+    """Refuse a cache built over other shards (names, sizes or checksums differ), saying what differs
+    and whether any shard matches (a wrong --shards or --cache, or shards changed since)."""
     names = [p.name for p in paths]
     have = cache.shard_names
     only_cache, only_train = sorted(set(have) - set(names)), sorted(set(names) - set(have))
     if only_cache or only_train:
+        common = len(set(have) & set(names))
         parts = []
         if only_train:
-            parts.append(f"{len(only_train)} training shard(s) not in the cache (e.g. {only_train[0]})")
+            parts.append(f"{len(only_train)} of the {len(names)} training shard(s) are not in the cache "
+                         f"({_first(only_train)})")
         if only_cache:
-            parts.append(f"{len(only_cache)} cached shard(s) not in --shards (e.g. {only_cache[0]})")
-        raise UserError(f"the cache {cache.path} was built over a different shard set: {'; '.join(parts)}")
+            parts.append(f"{len(only_cache)} of the cache's {len(have)} shard(s) are not in --shards ({_first(only_cache)})")
+        hint = ("no shard name matches: wrong --shards or --cache?" if not common
+                else f"{common} shard name(s) match")
+        raise UserError(f"the cache {cache.path} was built over a different shard set: {'; '.join(parts)}; {hint}")
     idx = {e.name: e for e in index.shards} if index is not None else {}
+    differ: list[str] = []
     for p in paths:
         entry = cache._entry(p.name)
         size = p.stat().st_size
         if size != entry["bytes"]:
-            raise UserError(f"shard {p} has {size} bytes, the cache was built from {entry['bytes']}: "
-                            f"the shards changed since cache-teacher ran; rebuild the cache")
+            differ.append(f"{p.name} has {size:,} bytes, the cache's {entry['bytes']:,}")
+            continue
         ie = idx.get(p.name)
         if ie is not None and ie.sha256:
             digest = ie.sha256
@@ -101,7 +107,21 @@ def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
         else:
             digest = sha256_file(p)
         if digest != entry["sha256"]:
-            raise UserError(f"shard {p} differs from the one the cache was built from (checksum); rebuild the cache")
+            differ.append(f"{p.name} has the same size but another checksum")
+    if differ:
+        where = paths[0].parent
+        if len(differ) == len(paths):
+            raise UserError(f"none of the {len(paths)} shard(s) in {where} is the one the cache {cache.path} was "
+                            f"built from, though the names match ({_first(differ, 2)}): wrong --shards or --cache, "
+                            f"or the shards were rewritten since cache-teacher ran (then rebuild the cache)")
+        raise UserError(f"{len(differ)} of the {len(paths)} shard(s) in {where} changed since cache-teacher built "
+                        f"{cache.path} ({_first(differ, 2)}); the other {len(paths) - len(differ)} match: "
+                        f"rebuild the cache for the changed shards (rerun cache-teacher)")
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return f"{shown} and {len(items) - n} more" if len(items) > n else shown
 
 
 def _scan_classes(paths: list[Path]) -> tuple[int, list[int]]:
