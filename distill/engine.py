@@ -272,7 +272,8 @@ class _Pool:
             if user:                                 # the user's input: every worker would refuse it
                 raise UserError(f"a Ray worker failed to start: {line}{suffix}")
             self.start_error = f"{name}: {line}{suffix}"
-            sys.stderr.write(f"distill: a Ray worker failed to start: {self.start_error}\n")
+            if self.live or self.starting:          # the run goes on without it; else check() says it, once
+                sys.stderr.write(f"distill: a Ray worker failed to start: {self.start_error}\n")
             return
         self.idle.append(k)
         self.was_up = True

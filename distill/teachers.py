@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -117,6 +118,9 @@ def _import_callable(spec: str):
     return module, fn
 
 
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -184,8 +188,9 @@ def _build(spec: TeacherSpec) -> torch.nn.Module:
                 model = fn()
             except UserError:
                 raise
-            except Exception as e:
-                raise UserError(f"teacher {spec.spec} raised {_first_line(e)}") from None
+            except Exception as e:       # chained: a worker's log shows where it raised
+                text = " ".join(x.strip() for x in _ANSI.sub("", str(e)).splitlines() if x.strip())
+                raise UserError(f"teacher {spec.spec} raised {type(e).__name__}" + (f": {text[:500]}" if text else "")) from e
             if not isinstance(model, torch.nn.Module):
                 raise UserError(f"{spec.spec} returned {type(model).__name__}, not a torch.nn.Module")
             return model
