@@ -11,18 +11,28 @@ With no live worker and none up within ``wait_s`` the run stops with one line (r
 A Python exception inside ``run`` is reported at once on stderr (shard, last line) and the shard is
 resubmitted up to ``retries`` times too (a UserError is not retried), then it is that shard's
 failure and the other shards go on.
+
+A Python exception in a worker's ``__init__`` is caught in the worker and reported to the driver: a
+UserError ends the run at once, another one when no worker is left to run the shards (an exception
+in ``probe`` at once); each as one UserError line. What reaches the terminal of any worker error is
+one plain line (the exception's type and last line, ANSI codes removed); its full traceback is
+appended to ``log_path`` and the line names that file.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
+import re
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .files import UserError
 
+ERRORS_LOG = ".distill.errors.log"     # in a stage's output directory: full tracebacks of worker errors
 FAULT_ENV = "DISTILL_FAULT_KILL_ONCE"   # test hook: path of a marker file; the first run() that finds it absent creates it and kills its own process
 
 
@@ -97,12 +107,13 @@ class Progress:
 def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, num_cpus: float = 1,
              num_gpus: float = 0, retries: int = 2, on_result: Callable[[ShardOutcome], None] | None = None,
              on_progress: Callable[[int], None] | None = None, probe: Callable[[Any], None] | None = None,
-             wait_s: float = 120.0) -> list[ShardOutcome]:
+             wait_s: float = 120.0, log_path: str | os.PathLike | None = None) -> list[ShardOutcome]:
     """Run ``worker.run(task)`` for every task on ``workers`` actors; returns outcomes in task order.
 
     ``probe(result_of_worker.probe())`` runs once, on the first worker up, before any task, so that
     a bad teacher is refused before work starts (raise UserError there). ``wait_s``: how long the
-    pool may have no live worker (none up yet, or all died) before it gives up with a UserError."""
+    pool may have no live worker (none up yet, or all died) before it gives up with a UserError.
+    ``log_path``: the file worker errors' full tracebacks are appended to (their one line names it)."""
     import ray
 
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
@@ -112,7 +123,8 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
     counter = ray.remote(num_cpus=0, scheduling_strategy=_on_this_node())(Progress).remote()
     outcomes = [ShardOutcome(task=t) for t in tasks]
     n = max(1, min(workers, len(tasks))) if tasks else 0
-    pool = _Pool(ray.remote(**opts)(worker_cls), dict(init_kwargs, progress=counter), n, wait_s)
+    log = _ErrorLog(log_path)
+    pool = _Pool(ray.remote(**opts)(_hosted(worker_cls)), dict(init_kwargs, progress=counter), n, wait_s, log)
     pending: dict[Any, tuple[int, int]] = {}   # future -> (task index, worker id)
     queue = list(range(len(tasks)))
     queue.reverse()
@@ -129,12 +141,12 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
                     pool.came_up(fut)
                     continue
                 i, k = pending.pop(fut)
-                if _settle(fut, outcomes[i], k, pool, retries):
+                if _settle(fut, outcomes[i], k, pool, retries, log):
                     queue.append(i)                # retried next, on the next free live worker
                 elif on_result is not None:
                     on_result(outcomes[i])
             if not probed and pool.idle:
-                _probe(pool.actors[pool.idle[0]], probe)
+                _probe(pool.actors[pool.idle[0]], probe, log)
                 probed = True
             while probed and queue and pool.idle:
                 i, k = queue.pop(), pool.idle.pop()
@@ -146,6 +158,57 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
         pool.close()
         ray.kill(counter)
     return outcomes
+
+
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")     # colour and other CSI/escape sequences
+
+
+def plain(text: str) -> str:
+    """Text without ANSI escape codes (Ray colours its tracebacks)."""
+    return ANSI.sub("", str(text))
+
+
+def _last_line(err: BaseException | str) -> str:
+    return (plain(str(err)).strip().splitlines() or [""])[-1].strip()
+
+
+class _ErrorLog:
+    """Appends worker errors' full tracebacks to a file; ``write`` returns what their line says about it."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = os.fspath(path) if path is not None else None
+
+    def write(self, what: str, text: str) -> str:
+        if self.path is None:
+            return ""
+        try:
+            with open(self.path, "a") as f:
+                f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} {what}\n"
+                        f"{plain(text).rstrip()}\n\n")
+        except OSError:
+            return ""
+        return f" (full traceback: {self.path})"
+
+
+def _hosted(worker_cls):
+    """``worker_cls`` whose ``__init__`` exceptions are kept, not raised: ``distill_ready()`` returns
+    None, or (type name, is a UserError, last line, traceback) for the driver to report as one line
+    (raised, it would reach the terminal as Ray's colour traceback of a dead actor)."""
+
+    class Hosted(worker_cls):
+        def __init__(self, **kwargs):
+            self._distill_init_error = None
+            try:
+                super().__init__(**kwargs)
+            except Exception as e:
+                self._distill_init_error = (type(e).__name__, isinstance(e, UserError), _last_line(e),
+                                            traceback.format_exc())
+
+        def distill_ready(self):
+            return self._distill_init_error
+
+    Hosted.__name__ = Hosted.__qualname__ = worker_cls.__name__
+    return Hosted
 
 
 def _died_errors() -> tuple:
@@ -168,8 +231,9 @@ class _Pool:
     Tasks go only to live workers, so a replacement that is never placed (its node is gone, every
     other GPU is held) blocks nothing while live workers remain: the pool shrinks and goes on."""
 
-    def __init__(self, Actor, init_kwargs: dict, n: int, wait_s: float):
+    def __init__(self, Actor, init_kwargs: dict, n: int, wait_s: float, log: _ErrorLog | None = None):
         self.Actor, self.init_kwargs, self.wait_s, self.requested = Actor, init_kwargs, wait_s, n
+        self.log = log or _ErrorLog(None)
         self.actors: dict[int, Any] = {}        # worker id -> actor handle (starting or live)
         self.starting: dict[Any, int] = {}      # ready future -> worker id
         self.idle: list[int] = []
@@ -188,18 +252,28 @@ class _Pool:
         """Ask Ray for one more worker; it gets tasks once it is up."""
         k = next(self._ids)
         self.actors[k] = a = self.Actor.remote(**self.init_kwargs)
-        self.starting[a.__ray_ready__.remote()] = k
+        self.starting[a.distill_ready.remote()] = k
 
     def came_up(self, fut) -> None:
         """A starting worker's ready future resolved: it is live, or it died before it was up."""
         import ray
         k = self.starting.pop(fut)
         try:
-            ray.get(fut)
-        except _died_errors() as e:
+            failed = ray.get(fut)
+        except _died_errors() as e:                 # its process died before __init__ returned
             self.actors.pop(k)
-            self.start_error = _last_line(e)
+            self.start_error = _last_line(e) + self.log.write("a Ray worker died while starting", str(e))
             sys.stderr.write(f"distill: a Ray worker failed to start: {self.start_error}\n")
+            return
+        if failed is not None:                      # its __init__ raised
+            ray.kill(self.actors.pop(k), no_restart=True)
+            name, user, line, tb = failed
+            suffix = self.log.write("a Ray worker failed to start", tb)
+            if user:                                 # the user's input: every worker would refuse it
+                raise UserError(f"a Ray worker failed to start: {line}{suffix}")
+            self.start_error = f"{name}: {line}{suffix}"
+            if self.live or self.starting:          # the run goes on without it; else check() says it, once
+                sys.stderr.write(f"distill: a Ray worker failed to start: {self.start_error}\n")
             return
         self.idle.append(k)
         self.was_up = True
@@ -219,7 +293,7 @@ class _Pool:
         if self.live or (self.starting and time.monotonic() - self.none_since < self.wait_s):
             return
         if not self.was_up and self.start_error and not self.starting:
-            raise RuntimeError(f"worker failed to start: {self.start_error}")
+            raise UserError(f"a Ray worker failed to start: {self.start_error}")
         if not self.was_up:
             raise UserError(f"no Ray worker became ready within {self.wait_s:g} s ({self.requested} requested; "
                             f"does the cluster have the CPUs/GPUs they ask for?); {unfinished} shard(s) not run")
@@ -250,17 +324,24 @@ class _Poll:
             self.last = n
 
 
-def _probe(actor, probe: Callable[[Any], None]) -> None:
+def _probe(actor, probe: Callable[[Any], None], log: _ErrorLog) -> None:
     import ray
     try:
-        probe(ray.get(actor.probe.remote()))
+        result = ray.get(actor.probe.remote())
     except _died_errors() as e:
-        raise RuntimeError(f"worker failed to start: {e}") from None
+        raise UserError(f"a Ray worker died before its first task: {type(e).__name__}"
+                        + log.write("a Ray worker died in probe()", str(e))) from None
     except ray.exceptions.RayTaskError as e:
-        raise _unwrap(e) from None
+        err = _unwrap(e)
+        suffix = log.write("a Ray worker's probe() raised", str(e))
+        if isinstance(err, UserError):
+            raise UserError(_last_line(err) + suffix) from None
+        raise UserError(f"a Ray worker failed before its first task: {type(err).__name__}: {_last_line(err)}"
+                        + suffix) from None
+    probe(result)
 
 
-def _settle(fut, outcome: ShardOutcome, k: int, pool: _Pool, retries: int) -> bool:
+def _settle(fut, outcome: ShardOutcome, k: int, pool: _Pool, retries: int, log: _ErrorLog | None = None) -> bool:
     """Take a finished task's result or error; True when the shard is to be run again. A worker
     that died is dropped from the pool; one whose task raised stays and is free again."""
     import ray
@@ -278,19 +359,21 @@ def _settle(fut, outcome: ShardOutcome, k: int, pool: _Pool, retries: int) -> bo
     except ray.exceptions.RayTaskError as e:
         pool.busy.discard(k)
         pool.idle.append(k)
-        return _raised(outcome, _unwrap(e), retries)   # a Python exception may be transient (I/O): bounded
+        suffix = (log or _ErrorLog(None)).write(f"shard {outcome.task.get('name', '?')}, attempt {outcome.attempts}",
+                                                str(e))
+        return _raised(outcome, _unwrap(e), retries, suffix)   # a Python exception may be transient (I/O): bounded
     pool.busy.discard(k)
     pool.idle.append(k)
     return False
 
 
-def _raised(outcome: ShardOutcome, err: BaseException, retries: int) -> bool:
+def _raised(outcome: ShardOutcome, err: BaseException, retries: int, suffix: str = "") -> bool:
     """Report a task's exception at once (shard, last line of the error); True when it is to be
     retried, else the outcome's error is set. A UserError is not retried."""
     msg = f"{type(err).__name__}: {_last_line(err)}"
     again = outcome.attempts <= retries and not isinstance(err, UserError)
     sys.stderr.write(f"distill: shard {outcome.task.get('name', '?')} failed (attempt {outcome.attempts}"
-                     f"{', retrying' if again else ''}): {msg}\n")
+                     f"{', retrying' if again else ''}): {msg}{suffix}\n")
     if not again:
         outcome.error = msg
     return again
@@ -300,8 +383,4 @@ def _unwrap(e) -> BaseException:
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException):
         return cause
-    return RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
-
-
-def _last_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[-1]
+    return RuntimeError(_last_line(e) or repr(e))

@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class TeacherSpec:
     spec: str
     checkpoint: str | None = None
     random_weights: bool = False    # allow a timm model without checkpoint (tests, benchmarks)
+    num_classes: int = 0            # classes a timm model is created with (0: timm's default for it)
 
     @property
     def kind(self) -> str:
@@ -74,6 +76,9 @@ def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
         else:
             import timm
             ident["timm_version"] = timm.__version__
+            n = getattr(model, "num_classes", None)
+            if n and n != _timm_cfg(model).get("num_classes", n):     # only a head other than timm's default:
+                ident["num_classes"] = n                             # older identities keep their shape
         ident["weights_sha256"] = weights_digest(model)
         if spec.random_weights and not spec.checkpoint:
             ident["random_weights"] = True
@@ -113,17 +118,62 @@ def _import_callable(spec: str):
     return module, fn
 
 
-def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _load_checkpoint(model: torch.nn.Module, spec: "TeacherSpec") -> None:
+    """Load the checkpoint into ``model``; every way it can fail is one UserError line (a missing or
+    unreadable file, no state dict, keys of other shapes: the first named with both shapes)."""
+    path = spec.checkpoint
+    if not os.path.isfile(path):
+        raise UserError(f"--teacher-checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:        # not a torch file, a pickle weights_only refuses, truncated
+        raise UserError(f"cannot read --teacher-checkpoint {path}: not a checkpoint torch.load reads with "
+                        f"weights_only ({_first_line(e)})") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model", "module"):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise UserError(f"--teacher-checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    wrong = [(k, list(v.shape), list(own[k].shape)) for k, v in state.items()
+             if isinstance(v, torch.Tensor) and k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(_mismatch(spec, model, wrong))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:
+        raise UserError(f"--teacher-checkpoint {path} does not fit {spec.spec}: {_first_line(e)}") from None
     if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not fit the model: {len(missing)} missing keys "
+        raise UserError(f"--teacher-checkpoint {path} does not fit {spec.spec}: {len(missing)} missing keys "
                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def _mismatch(spec: "TeacherSpec", model: torch.nn.Module, wrong: list) -> str:
+    """The checkpoint's keys of other shapes, in one sentence; for a timm model whose classifier
+    differs only in its class count, the --teacher-num-classes that fits."""
+    n = getattr(model, "num_classes", None) if spec.kind == "timm" else None
+    head = [w for w in wrong if n and w[2][:1] == [n] and w[1][1:] == w[2][1:]]
+    key, file_shape, model_shape = (head or wrong)[0]
+    what = f"{spec.spec} with {n} classes" if n else spec.spec
+    msg = (f"--teacher-checkpoint {spec.checkpoint} does not fit {what}: {key} is {file_shape} in the file, "
+           f"{model_shape} in the model")
+    others = [w[0] for w in wrong if w[0] != key]
+    if others:
+        msg += f" (also {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    if head:
+        msg += (f"; pass --teacher-num-classes {file_shape[0]} for a {file_shape[0]}-class checkpoint "
+                "(default: the shards' class count)")
+    return msg
 
 
 def _build(spec: TeacherSpec) -> torch.nn.Module:
@@ -133,7 +183,14 @@ def _build(spec: TeacherSpec) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if spec.kind == "callable":
-            model = _import_callable(spec.spec)[1]()
+            fn = _import_callable(spec.spec)[1]
+            try:
+                model = fn()
+            except UserError:
+                raise
+            except Exception as e:       # chained: a worker's log shows where it raised
+                text = " ".join(x.strip() for x in _ANSI.sub("", str(e)).splitlines() if x.strip())
+                raise UserError(f"teacher {spec.spec} raised {type(e).__name__}" + (f": {text[:500]}" if text else "")) from e
             if not isinstance(model, torch.nn.Module):
                 raise UserError(f"{spec.spec} returned {type(model).__name__}, not a torch.nn.Module")
             return model
@@ -143,7 +200,8 @@ def _build(spec: TeacherSpec) -> torch.nn.Module:
             raise UserError(f"timm teachers need the timm extra: pip install 'distill[timm]' ({e})") from None
         name = spec.spec.split(":", 1)[1]
         try:
-            return timm.create_model(name, pretrained=False)
+            return timm.create_model(name, pretrained=False, **({"num_classes": spec.num_classes}
+                                                                if spec.num_classes else {}))
         except Exception as e:
             raise UserError(f"timm cannot create {name!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
@@ -154,14 +212,14 @@ def load_module(spec: TeacherSpec) -> torch.nn.Module:
         try:
             model = torch.jit.load(spec.spec, map_location="cpu")
         except Exception as e:  # torch raises RuntimeError with multi-line text
-            raise UserError(f"cannot load TorchScript teacher {spec.spec}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load TorchScript teacher {spec.spec}: {(str(e).splitlines() or [repr(e)])[0]}") from None
     elif kind == "export":
-        return torch.export.load(_exported_path(spec)).module()   # traced in its export mode; eval() is refused
+        return _load_export(spec).module()   # traced in its export mode; eval() is refused
     else:
         _refuse_random(spec)
         model = _build(spec)
         if spec.checkpoint:
-            _load_checkpoint(model, spec.checkpoint)
+            _load_checkpoint(model, spec)
     return model.eval()
 
 
@@ -177,14 +235,25 @@ def _exported_path(spec: TeacherSpec) -> str:
     return spec.spec
 
 
-def make_specs(teachers, checkpoints=(), random_weights: bool = False) -> list[TeacherSpec]:
+def _load_export(spec: TeacherSpec):
+    path = _exported_path(spec)
+    try:
+        return torch.export.load(path)
+    except Exception as e:
+        raise UserError(f"cannot load .pt2 teacher {path}: {_first_line(e)}") from None
+
+
+def make_specs(teachers, checkpoints=(), random_weights: bool = False, num_classes: int = 0) -> list[TeacherSpec]:
+    """Specs of ``teachers`` (checkpoints one per teacher, in order); ``num_classes``: the classes
+    its timm members are created with (0: timm's default)."""
     teachers = list(teachers)
     checkpoints = list(checkpoints)
     if not teachers:
         raise UserError("no teacher given: use --teacher SPEC")
     if checkpoints and len(checkpoints) != len(teachers):
         raise UserError(f"{len(checkpoints)} --teacher-checkpoint for {len(teachers)} --teacher: give one per teacher")
-    specs = [TeacherSpec(t, checkpoints[i] if checkpoints else None, bool(random_weights))
+    specs = [TeacherSpec(t, checkpoints[i] if checkpoints else None, bool(random_weights),
+                         int(num_classes) if t.startswith("timm:") else 0)
              for i, t in enumerate(teachers)]
     for spec in specs:           # before anything loads: a checkpoint-less timm teacher is refused at once
         _refuse_random(spec)
@@ -296,19 +365,53 @@ def _declared_size(spec: TeacherSpec) -> int | None:
     if kind == "torchscript":
         return None
     if kind == "export":
-        ep = torch.export.load(_exported_path(spec))
+        ep = _load_export(spec)
         inputs = set(ep.graph_signature.user_inputs)
         shapes = [n.meta["val"].shape for n in ep.graph.nodes
                   if n.op == "placeholder" and n.name in inputs and hasattr(n.meta.get("val"), "shape")]
         shape = shapes[0] if shapes else ()
+    elif kind == "timm":
+        shape = timm_config(spec)["input_size"]
     else:
         model = _build(spec)              # the architecture declares it; no checkpoint needed
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        shape = cfg.get("input_size", ()) if isinstance(cfg, dict) else ()
+        shape = _timm_cfg(model).get("input_size", ())
     dims = tuple(shape)[-2:]
     if len(dims) == 2 and all(type(d) is int for d in dims) and dims[0] == dims[1]:   # not symbolic, square
         return dims[0]
     return None
+
+
+def _timm_cfg(model: torch.nn.Module) -> dict:
+    """A model's ``pretrained_cfg`` (or older timm's ``default_cfg``), {} when it has none."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+_TIMM_CONFIGS: dict[tuple, dict] = {}
+
+
+def timm_config(spec: TeacherSpec) -> dict:
+    """timm's default data config of a timm spec's architecture (no checkpoint needed):
+    {"input_size": (C, H, W), "mean": (...), "std": (...)}, as ``timm.data.resolve_data_config``."""
+    key = (spec.spec, spec.num_classes)
+    if key not in _TIMM_CONFIGS:
+        model = _build(spec)
+        from timm.data import resolve_data_config
+        cfg = resolve_data_config({}, model=model)
+        _TIMM_CONFIGS[key] = {k: tuple(cfg[k]) for k in ("input_size", "mean", "std") if k in cfg}
+    return _TIMM_CONFIGS[key]
+
+
+def timm_preprocessing(specs: list[TeacherSpec]) -> dict | None:
+    """timm's default ``input_size`` (int), ``mean`` and ``std`` when every member is a timm model
+    and they agree on them; else None."""
+    if not specs or any(s.kind != "timm" for s in specs):
+        return None
+    cfgs = {(c["input_size"][-1], c["mean"], c["std"]) for c in (timm_config(s) for s in dict.fromkeys(specs))}
+    if len(cfgs) != 1:
+        return None
+    size, mean, std = cfgs.pop()
+    return {"input_size": size, "mean": tuple(float(x) for x in mean), "std": tuple(float(x) for x in std)}
 
 
 def topk(probs: torch.Tensor, k: int, labels: torch.Tensor):

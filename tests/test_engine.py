@@ -118,6 +118,6 @@ def test_workers_that_cannot_be_placed_or_started_stop_the_run_at_once(tmp_path)
         engine.run_pool(DyingWorker, {"marker_dir": str(tmp_path)}, [{"name": "a"}], workers=1, num_cpus=64,
                         wait_s=2)   # more CPUs than the embedded Ray has: never placed
     assert time.monotonic() - t0 < 30
-    with pytest.raises(RuntimeError, match=r"^worker failed to start: ValueError: no teacher here$"):
+    with pytest.raises(UserError, match=r"^a Ray worker failed to start: ValueError: no teacher here$"):
         engine.run_pool(DyingWorker, {"marker_dir": str(tmp_path), "fail_init": True}, [{"name": "a"}, {"name": "b"}],
                         workers=2, probe=lambda _: None)

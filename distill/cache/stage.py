@@ -47,6 +47,7 @@ class CacheResult:
     top1_agreement: float | None = None    # the teacher's top-1 equals the given label, over records
     mean_label_prob: float | None = None   # the teacher's mean probability of the given label
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # settings taken from the teacher (timm's default config)
 
     def _speed(self) -> str:
         if self.records_per_s == 0.0 and self.reused_shards and not self.failed:
@@ -62,6 +63,7 @@ class CacheResult:
         if self.top1_agreement is not None:
             lines.append(f"  teacher vs given labels: top-1 agrees on {self.top1_agreement:.1%} of records, "
                          f"mean label probability {self.mean_label_prob:.3f}")
+        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  WARNING: {w}" for w in self.warnings]
         if self.failed:
             lines.append("  FAILED: " + "; ".join(self.failed))
@@ -76,8 +78,11 @@ def _validate(cfg: CacheConfig) -> None:
         raise UserError("--workers, --threads and --retries must be >= 0")
     if cfg.recipe:
         recipes.get(cfg.recipe)                        # an unknown name is refused here
-    if len(cfg.teacher_mean) != 3 or len(cfg.teacher_std) != 3 or min(cfg.teacher_std) <= 0:
+    if (len(cfg.teacher_mean) not in (0, 3) or len(cfg.teacher_std) not in (0, 3)
+            or min(cfg.teacher_std, default=1) <= 0):
         raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers (std > 0)")
+    if cfg.teacher_num_classes < 0:
+        raise UserError(f"--teacher-num-classes must be >= 0, got {cfg.teacher_num_classes}")
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Plan:
     identity: dict
     exclude: set
     warnings: list[str]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -116,15 +122,51 @@ def _input_size(cfg: CacheConfig, specs, warnings: list[str]) -> int:
     return 224
 
 
+def _normalisation(cfg: CacheConfig, specs, size: int, warnings: list[str], notes: list[str]):
+    """(mean, std): --teacher-mean/--teacher-std, else timm's default config when every member is a
+    timm model (said in a note, with the input size when that came from timm too), else ImageNet's."""
+    from .. import teachers
+    from ..config import IMAGENET_MEAN, IMAGENET_STD
+    timm_cfg = teachers.timm_preprocessing(specs)
+    mean, std = tuple(cfg.teacher_mean), tuple(cfg.teacher_std)
+    took = []
+    if timm_cfg and not cfg.teacher_input_size and size == timm_cfg["input_size"]:
+        took.append(f"input {size}")
+    if timm_cfg and not mean:
+        mean = timm_cfg["mean"]
+        took.append(f"mean {_fmt(mean)}")
+    if timm_cfg and not std:
+        std = timm_cfg["std"]
+        took.append(f"std {_fmt(std)}")
+    if took:
+        notes.append(f"{', '.join(dict.fromkeys(s.spec for s in specs))}: {', '.join(took)} from timm's default "
+                     "config (--teacher-input-size, --teacher-mean, --teacher-std set them)")
+    if not timm_cfg and (not mean or not std) and any(s.kind == "timm" for s in specs):
+        warnings.append("the teacher's members do not share one timm default config: using ImageNet's mean/std "
+                        "where --teacher-mean/--teacher-std are not given")
+    return mean or IMAGENET_MEAN, std or IMAGENET_STD
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
 def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None) -> Plan:
     """Resolve shards, views and the teacher (loaded once on the driver: its weights digest, output
     width and input size); refuse bad combinations (K vs classes, classes vs the index)."""
     from .. import teachers
     _validate(cfg)
     paths, index = shardio.resolve_shards(cfg.shards)
-    specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint, random_weights=cfg.teacher_random_weights)
+    # a timm teacher is created with --teacher-num-classes, else the shards' classes (else timm's default)
+    num_classes = cfg.teacher_num_classes or (len(index.classes) if index else 0)
+    specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint, random_weights=cfg.teacher_random_weights,
+                                num_classes=num_classes)
+    if cfg.teacher_num_classes and not any(s.kind == "timm" for s in specs):
+        raise UserError("--teacher-num-classes applies to timm: teachers only (the others' heads are their own)")
     warnings: list[str] = []
+    notes: list[str] = []
     size = _input_size(cfg, specs, warnings)
+    mean, std = _normalisation(cfg, specs, size, warnings, notes)
     spec = (views.ViewSpec.scoring(size, center_crop) if center_crop is not None
             else views.ViewSpec(augment.load_policy(cfg.policy, policy_table,
                                                     base=recipes.get(cfg.recipe).policy if cfg.recipe else None)))
@@ -134,7 +176,8 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     del ens
     classes = list(index.classes) if index else [str(i) for i in range(width)]
     if width != len(classes):
-        raise UserError(f"teacher outputs {width} classes but the shard index lists {len(classes)}")
+        raise UserError(f"teacher outputs {width} classes but the shard index lists {len(classes)}: the teacher must "
+                        f"predict the shards' {len(classes)} classes, in the index's order")
     if cfg.topk > width:
         raise UserError(f"--topk {cfg.topk} exceeds the teacher's {width} classes")
     exclude = read_excluded_keys(cfg.exclude) if cfg.exclude else set()
@@ -145,8 +188,8 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
                         "class-ordered; rewrite the shards with make-shards (shuffles by default)")
     identity = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
-        "teacher": {"members": members, "input_size": size, "mean": list(cfg.teacher_mean),
-                    "std": list(cfg.teacher_std), "temperature": cfg.temperature},
+        "teacher": {"members": members, "input_size": size, "mean": list(mean),
+                    "std": list(std), "temperature": cfg.temperature},
         "policy": {"canonical": policy.canonical(), "id": policy.id, "version": augment.POLICY_VERSION},
         "view": spec.manifest_view(),
         "topk": cfg.topk, "temperature": cfg.temperature, "prob_dtype": cfg.prob_dtype,
@@ -156,7 +199,7 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     }
     if cfg.recipe:
         identity["recipe"] = cfg.recipe
-    return Plan(paths, index, spec, specs, identity, exclude, warnings)
+    return Plan(paths, index, spec, specs, identity, exclude, warnings, notes)
 
 
 def _precision(cfg: CacheConfig, device: str) -> str:
@@ -223,7 +266,7 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
     init = dict(specs=plan.specs, expect=t["members"], device=place.device, precision=t["precision"],
                 threads=place.threads, temperature=cfg.temperature,
                 views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
-                cache_seed=cfg.seed, input_size=t["input_size"], mean=cfg.teacher_mean, std=cfg.teacher_std,
+                cache_seed=cfg.seed, input_size=t["input_size"], mean=tuple(t["mean"]), std=tuple(t["std"]),
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
                 prob_dtype=cfg.prob_dtype, exclude=plan.exclude, decode_threads=place.decode)
     if not tasks:
@@ -255,7 +298,8 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
 
     outcomes = engine.run_pool(CacheWorker, init, tasks, workers=place.workers, num_cpus=place.num_cpus,
                                num_gpus=place.num_gpus, retries=cfg.retries, on_result=on_result,
-                               on_progress=pbar.update if pbar else None, probe=probe)
+                               on_progress=pbar.update if pbar else None, probe=probe,
+                               log_path=out / engine.ERRORS_LOG)
     failed = [o for o in outcomes if o.error]
     if pbar:
         if not failed:                           # every shard done: 100% (a retried shard's first try counted too;
@@ -276,6 +320,8 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     plan = _plan(cfg, policy_table, center_crop)
+    for n in plan.notes:
+        note(f"note: {n}", cfg.quiet)
     for w in plan.warnings:
         note(f"warning: {w}", cfg.quiet)
     with engine.RayContext(cfg.ray_address):
@@ -295,6 +341,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     res.worker_s = timing["wall_s"]
     res.steady_records_per_s = timing["steady_records"] / timing["steady_s"] if timing["steady_s"] else 0.0
     res.warnings = plan.warnings + res.warnings
+    res.notes = plan.notes
     return res
 
 

@@ -187,10 +187,11 @@ def _recompute(cache: Cache, res: VerifyResult, n: int, teacher, teacher_checkpo
     t = cache.teacher
     members = t["members"]
     if teacher:
-        specs = teachers.make_specs(teacher, teacher_checkpoint, random_weights=False)
+        specs = teachers.make_specs(teacher, teacher_checkpoint, random_weights=False, num_classes=cache.num_classes)
         expect = None
     else:
-        specs = [teachers.TeacherSpec(m["spec"], m.get("checkpoint"), bool(m.get("random_weights")))
+        specs = [teachers.TeacherSpec(m["spec"], m.get("checkpoint"), bool(m.get("random_weights")),
+                                      int(m.get("num_classes", 0)))
                  for m in members]
         expect = members
     precision = t.get("precision", "fp32")

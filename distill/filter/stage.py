@@ -7,6 +7,7 @@ decision pass (distill.filter.rules) streams over those files.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +81,15 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
     cc = CacheConfig(shards=cfg.shards, teacher=cfg.scorer, out=str(out / SCORING_DIR), epochs=1, topk=cfg.topk,
                      batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers, threads=cfg.threads,
                      ray_address=cfg.ray_address, overwrite=cfg.overwrite, teacher_checkpoint=cfg.scorer_checkpoint,
-                     teacher_random_weights=cfg.scorer_random_weights, teacher_precision=cfg.scorer_precision,
+                     teacher_random_weights=cfg.scorer_random_weights, teacher_num_classes=cfg.scorer_num_classes, teacher_precision=cfg.scorer_precision,
                      teacher_input_size=cfg.scorer_input_size, teacher_mean=cfg.scorer_mean,
                      teacher_std=cfg.scorer_std, temperature=cfg.temperature, prob_dtype="float32",
                      retries=cfg.retries, quiet=cfg.quiet)
     with lock_dir(out, "filter-labels"):
-        scored = cache_teacher(cc, center_crop=cfg.crop_pct)
+        try:
+            scored = cache_teacher(cc, center_crop=cfg.crop_pct)
+        except UserError as e:       # the scoring pass speaks of the teacher: name the scorer's flags
+            raise UserError(re.sub(r"--teacher\b", "--scorer", str(e))) from None
         if scored.failed:
             return FilterResult(out=out, samples=scored.samples, dropped=0, rule=cfg.rule, failed=scored.failed,
                                 wall_s=time.perf_counter() - t0)
