@@ -495,8 +495,8 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     classes are the lines of ``classes_file``, else "0".."C-1" for C = max label + 1) or all class
     names (classes are the lines of ``classes_file``, which must hold every name, else the sorted set
     of names; label = position); a mix is refused, naming both lines. The first row is a header if its
-    label is not an integer and either every other label is an integer or its path cell is not an
-    image file (no .jpg/.jpeg/.png/.webp extension and no such file), e.g. ``path,label``.
+    label is not an integer and its path cell is not an image file (no .jpg/.jpeg/.png/.webp
+    extension and no such file), e.g. ``path,label``.
     Image bytes are stored unchanged with the extension of their real format (a PNG named .jpg is
     stored as .png). Keys: ``stem`` (the sanitised file stem) or ``path`` (the sanitised path relative
     to SRC or the CSV's folder, without extension, '/' -> '_'). Unreadable or unsupported images are
@@ -630,7 +630,7 @@ def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tu
         if len(row) < 2:
             raise UserError(f"{src} line {lineno}: expected two columns path{delimiter}label, got {len(row)}")
         rows.append((lineno, row[0].strip(), row[1].strip()))
-    if rows and rows[0][0] == 1 and _is_header(rows[0][1], rows[0][2], rows[1:], base):
+    if rows and rows[0][0] == 1 and _is_header(rows[0][1], rows[0][2], base):
         rows = rows[1:]
     by_name = bool(rows) and not _is_int(rows[0][2])
     for lineno, _, label_text in rows:
@@ -680,16 +680,13 @@ def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tu
     return classes, sources, skips
 
 
-def _is_header(path_text: str, label_text: str, rest: list[tuple[int, str, str]], base: Path) -> bool:
-    """Line 1 is a header when its label is not an integer and either the other labels are integers
-    (as before class names were allowed) or its path cell does not name an image file (no image
-    extension and no such file), e.g. ``path,label``."""
+def _is_header(path_text: str, label_text: str, base: Path) -> bool:
+    """Line 1 is a header when its label is not an integer and its path cell does not name an image
+    file (no image extension and no such file), e.g. ``path,label``."""
     if _is_int(label_text):
         return False
-    if rest and all(_is_int(label) for _, _, label in rest):
-        return True
     path = Path(path_text).expanduser()
-    return Path(path_text).suffix.lower() not in SOURCE_EXTS and not (path if path.is_absolute() else base / path).is_file()
+    return path.suffix.lower() not in SOURCE_EXTS and not (path if path.is_absolute() else base / path).is_file()
 
 
 def _read_classes(path: Path) -> list[str]:
