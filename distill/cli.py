@@ -122,8 +122,8 @@ def cmd_convert_cache(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import describe
-    print(describe(args.path, n=args.n))
+    from .inspect import describe, skipped_tsv
+    print(skipped_tsv(args.path) if args.skipped else describe(args.path, n=args.n))
     return 0
 
 
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print what a distill directory holds: counts, classes, sizes, sample records.")
     s.add_argument("path", metavar="PATH")
     s.add_argument("-n", type=int, default=3, help="example rows to show")
+    s.add_argument("--skipped", action="store_true",
+                   help="print every skipped sample recorded for PATH as TSV (shard, key, reason) instead")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("run", help="run a pipeline TOML file stage by stage", description="Run the stages of a pipeline file in order.")

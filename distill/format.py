@@ -113,6 +113,44 @@ def skips_to_dicts(skips: Iterable[Skip]) -> list[dict]:
     return [asdict(s) for s in skips]
 
 
+# How many skipped samples a summary (cache-teacher, filter-labels, inspect) names before pointing
+# at the full list.
+SKIPS_SHOWN = 10
+SKIPS_TSV_HEADER = "shard\tkey\treason"
+
+
+def _skip_dict(s: Skip | dict) -> dict:
+    return asdict(s) if isinstance(s, Skip) else s
+
+
+def skip_lines(skips: Iterable[Skip | dict], full: str, indent: str = "  ") -> list[str]:
+    """Summary lines for skipped samples (``Skip`` or ``{"key", "reason", "shard"}``): a count naming
+    where the full list is (``full``), then the first ``SKIPS_SHOWN`` as ``key (shard): reason``.
+    No lines when nothing was skipped."""
+    skips = [_skip_dict(s) for s in skips]
+    if not skips:
+        return []
+    more = len(skips) - SKIPS_SHOWN
+    lines = [f"{indent}skipped {len(skips)} sample(s){f', first {SKIPS_SHOWN} shown' if more > 0 else ''} "
+             f"(full list: {full}):"]
+    for s in skips[:SKIPS_SHOWN]:
+        where = f" ({s['shard']})" if s.get("shard") else ""
+        lines.append(f"{indent}  {s['key']}{where}: {' '.join(str(s['reason']).split())}")
+    if more > 0:
+        lines.append(f"{indent}  ... and {more} more")
+    return lines
+
+
+def skips_tsv(skips: Iterable[Skip | dict]) -> str:
+    """Every skipped sample as TSV: the header ``shard, key, reason`` then one line each (tabs and line
+    breaks inside a field become spaces)."""
+    cell = lambda x: " ".join(str(x or "").replace("\t", " ").splitlines())
+    rows = [SKIPS_TSV_HEADER]
+    for s in map(_skip_dict, skips):
+        rows.append("\t".join(cell(s.get(k)) for k in ("shard", "key", "reason")))
+    return "\n".join(rows)
+
+
 # Shard members: ``KEY.<ext>`` holds the image bytes (ext in IMAGE_EXTS), ``KEY.cls`` the label. A
 # reader maps IMAGE_EXT_ALIASES onto IMAGE_EXTS; writers store only IMAGE_EXTS.
 IMAGE_EXT_ALIASES = {"jpeg": "jpg"}

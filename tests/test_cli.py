@@ -57,7 +57,7 @@ def test_make_shards_bad_input_exit_2(tmp_path, case):
     elif case == "badlabel":
         write_image_tree(tmp_path / "img", {"a": ["x.jpg"]})
         src = tmp_path / "list.csv"
-        src.write_text("path,label\nimg/a/x.jpg,cat\n")
+        src.write_text("path,label\nimg/a/x.jpg,0\nimg/a/x.jpg,cat\n")   # integers and a class name: refused
     elif case == "duplicate":
         write_image_tree(src, {"a": ["same.jpg"], "b": ["same.png"]})
     r = distill("make-shards", src, tmp_path / "out", "--quiet")

@@ -19,7 +19,7 @@ from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
                      sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
-                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, read_excluded_keys)
+                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, read_excluded_keys, skip_lines)
 from ..progress import bar, note
 from .verify import replay_env
 from .writer import CacheWorker
@@ -48,12 +48,19 @@ class CacheResult:
     mean_label_prob: float | None = None   # the teacher's mean probability of the given label
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)      # settings taken from the teacher (timm's default config)
+    skips: list[dict] = field(default_factory=list)   # every skipped sample: {"shard", "key", "reason"}
 
     def _speed(self) -> str:
         if self.records_per_s == 0.0 and self.reused_shards and not self.failed:
             return f"all {self.reused_shards} shard(s) reused from an earlier run (nothing computed), wall {self.wall_s:.1f}s"
         return (f"{self.records_per_s:,.1f} records/s, teacher forward {self.teacher_share:.0%} of worker time, "
                 f"wall {self.wall_s:.1f}s" + (f", {self.reused_shards} shard(s) reused" if self.reused_shards else ""))
+
+    def skips_where(self) -> str:
+        """Where the full list of skipped samples is (for the summary)."""
+        if self.failed:
+            return f"{self.out / MANIFEST_NAME} once a rerun completes the cache"
+        return f"{self.out / MANIFEST_NAME}, \"skipped\" of each shard, or: distill inspect {self.out} --skipped"
 
     def summary(self) -> str:
         lines = [f"cache: {self.out}",
@@ -64,6 +71,7 @@ class CacheResult:
             lines.append(f"  teacher vs given labels: top-1 agrees on {self.top1_agreement:.1%} of records, "
                          f"mean label probability {self.mean_label_prob:.3f}")
         lines += [f"  note: {n}" for n in self.notes]
+        lines += skip_lines(self.skips, self.skips_where())
         lines += [f"  WARNING: {w}" for w in self.warnings]
         if self.failed:
             lines.append("  FAILED: " + "; ".join(self.failed))
@@ -383,7 +391,8 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
                        bytes_per_record=nbytes / records if records else float("nan"), records_per_s=0.0,
                        teacher_share=0.0, wall_s=0.0, reused_shards=0, failed=failed,
                        top1_agreement=agreement["top1"], mean_label_prob=agreement["mean_label_prob"],
-                       warnings=warnings)
+                       warnings=warnings,
+                       skips=[{"shard": e["name"], **s} for e in shard_entries for s in e["skipped"]])
 
 
 def _agreement(entries: list[dict]) -> dict:

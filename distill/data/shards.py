@@ -6,6 +6,7 @@ shards (``format.ShardIndex``) names them and the classes. Images are never deco
 
 * ``resolve_shards(spec)``: a directory or a brace pattern -> shard paths (+ the index, if there is one).
 * ``iter_shard(path)``: ``Sample`` or ``Skip`` records; never raises on bad content (see its docstring).
+* ``scan_shard(path)``: the same records from the tar headers and labels only (image bytes not read).
 * ``write_shards(samples, ...)``: byte-for-byte reproducible tars, then ``index.json`` last.
 * ``make_shards(src, out, ...)``: an image-folder tree or a ``path,label`` CSV/TSV -> shards.
 """
@@ -179,6 +180,54 @@ def read_samples(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Samp
 
     with tar:
         return {x.key: x for x in _samples(members(), path.name, require_label=False) if isinstance(x, Sample)}
+
+
+def scan_shard(path: str | os.PathLike) -> Iterator[Sample | Skip]:
+    """Like ``iter_shard`` (same samples, same skips, same damage record), but reading only the tar
+    headers and the label members: image members are seeked over and ``Sample.data`` is empty. For
+    counting a shard cheaply (``distill inspect`` of shards without an index)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"shard not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot open shard {path}: {e.strerror or e}") from None
+
+    def members():
+        head = f.read(6)
+        f.seek(0)
+        plain = not (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00")
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:" if plain else "r:*")
+        except _TAR_ERRORS as e:
+            yield _Damage(f"not a tar file: {e}")
+            return
+        read = 0
+        try:
+            for info in tar:
+                tar.members = []
+                if not info.isreg():
+                    continue
+                read += 1
+                label = info.name.rpartition("/")[2].split(".", 1)[-1].lower() == LABEL_EXT
+                yield info.name, tar.extractfile(info).read() if label else b""
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+            yield _Damage(f"truncated tar: {e} (after {read} members)")
+            return
+        except OSError as e:
+            yield _Damage(f"read error: {e} (after {read} members)")
+            return
+        if plain:                             # a plain tar must end with its end-of-archive block
+            f.seek(tar.offset)
+            block = f.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                yield _Damage(f"truncated tar: no end-of-archive block at byte {tar.offset} (after {read} members)")
+            elif block.count(0) != tarfile.BLOCKSIZE:
+                yield _Damage(f"corrupt tar: invalid header at byte {tar.offset} (after {read} members)")
+
+    with f:
+        yield from _samples(members(), path.name, True)
 
 
 class _Damage(str):
@@ -442,8 +491,12 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     folder); label = position; order = class, then relative path. Files that are not .jpg, .jpeg, .png
     or .webp (any case) are recorded as skips, as are files directly in SRC.
     CSV/TSV (tab-separated if the name ends in .tsv or the first line has a tab): rows ``path,label``
-    in file order, paths relative to the CSV's folder; the first row is a header if its label is not an
-    integer; classes are the lines of ``classes_file``, else "0".."C-1" for C = max label + 1.
+    in file order, paths relative to the CSV's folder. Labels are either all integers (class indices:
+    classes are the lines of ``classes_file``, else "0".."C-1" for C = max label + 1) or all class
+    names (classes are the lines of ``classes_file``, which must hold every name, else the sorted set
+    of names; label = position); a mix is refused, naming both lines. The first row is a header if its
+    label is not an integer and its path cell is not an image file (no .jpg/.jpeg/.png/.webp
+    extension and no such file), e.g. ``path,label``.
     Image bytes are stored unchanged with the extension of their real format (a PNG named .jpg is
     stored as .png). Keys: ``stem`` (the sanitised file stem) or ``path`` (the sanitised path relative
     to SRC or the CSV's folder, without extension, '/' -> '_'). Unreadable or unsupported images are
@@ -557,7 +610,12 @@ def _list_folder(src: Path, keys: str, names: list[str] | None) -> tuple[list[st
     return classes, sources, skips
 
 
+def _is_int(text: str) -> bool:
+    return re.fullmatch(r"-?[0-9]+", text) is not None
+
+
 def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tuple[list[str], list[_Source], list[Skip]]:
+    """Rows ``path,label``: labels are all integers (class indices) or all class names (see make_shards)."""
     try:
         text = src.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -565,25 +623,48 @@ def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tu
     lines = text.splitlines()
     delimiter = "\t" if src.suffix.lower() == ".tsv" or (lines and "\t" in lines[0]) else ","
     base = src.parent
-    sources: list[_Source] = []
-    skips: list[Skip] = []
-    max_label = -1
+    rows: list[tuple[int, str, str]] = []          # (line number, path as written, label text)
     for lineno, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) < 2:
             raise UserError(f"{src} line {lineno}: expected two columns path{delimiter}label, got {len(row)}")
-        name, label_text = row[0].strip(), row[1].strip()
-        if not re.fullmatch(r"-?[0-9]+", label_text):
-            if lineno == 1:
-                continue  # a header
-            raise UserError(f"{src} line {lineno}: label {label_text!r} is not an integer")
-        label = int(label_text)
-        if label < 0:
-            raise UserError(f"{src} line {lineno}: label {label} is negative")
-        if names is not None and label >= len(names):
-            raise UserError(f"{src} line {lineno}: label {label} is out of range for the {len(names)} classes in {classes_file}")
-        max_label = max(max_label, label)
+        rows.append((lineno, row[0].strip(), row[1].strip()))
+    if rows and rows[0][0] == 1 and _is_header(rows[0][1], rows[0][2], base):
+        rows = rows[1:]
+    by_name = bool(rows) and not _is_int(rows[0][2])
+    for lineno, _, label_text in rows:
+        if _is_int(label_text) == by_name:
+            first = rows[0]
+            if by_name:
+                raise UserError(f"{src} line {lineno}: label {label_text!r} is an integer but line {first[0]}'s label "
+                                f"{first[2]!r} is a class name: write every label as a class name, or every label "
+                                f"as an integer class index")
+            raise UserError(f"{src} line {lineno}: label {label_text!r} is not an integer but line {first[0]}'s label "
+                            f"{first[2]} is: write every label as an integer class index, or every label as a class name")
+    if by_name:
+        if names is None:
+            classes = sorted({label_text for _, _, label_text in rows})
+        else:
+            known = set(names)
+            for lineno, _, label_text in rows:
+                if label_text not in known:
+                    raise UserError(f"{src} line {lineno}: class {label_text!r} is not in the classes file {classes_file}")
+            classes = names
+        position = {c: i for i, c in enumerate(classes)}
+    sources: list[_Source] = []
+    skips: list[Skip] = []
+    max_label = -1
+    for lineno, name, label_text in rows:
+        if by_name:
+            label = position[label_text]
+        else:
+            label = int(label_text)
+            if label < 0:
+                raise UserError(f"{src} line {lineno}: label {label} is negative")
+            if names is not None and label >= len(names):
+                raise UserError(f"{src} line {lineno}: label {label} is out of range for the {len(names)} classes in {classes_file}")
+            max_label = max(max_label, label)
         path = Path(name).expanduser()
         path = path if path.is_absolute() else base / path
         try:
@@ -594,8 +675,18 @@ def _list_csv(src: Path, keys: str, names: list[str] | None, classes_file) -> tu
             skips.append(Skip(_key(rel, keys), f"not an image file extension ({', '.join(SOURCE_EXTS)})", name))
             continue
         _add_source(path, name, rel, label, keys, sources, skips)
-    classes = names if names is not None else [str(i) for i in range(max_label + 1)]
+    if not by_name:
+        classes = names if names is not None else [str(i) for i in range(max_label + 1)]
     return classes, sources, skips
+
+
+def _is_header(path_text: str, label_text: str, base: Path) -> bool:
+    """Line 1 is a header when its label is not an integer and its path cell does not name an image
+    file (no image extension and no such file), e.g. ``path,label``."""
+    if _is_int(label_text):
+        return False
+    path = Path(path_text).expanduser()
+    return path.suffix.lower() not in SOURCE_EXTS and not (path if path.is_absolute() else base / path).is_file()
 
 
 def _read_classes(path: Path) -> list[str]:

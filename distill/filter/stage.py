@@ -19,7 +19,7 @@ from . import rules
 from ..cache.stage import cache_teacher
 from ..config import CacheConfig, FilterConfig
 from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION,
-                      read_ipc)
+                      MANIFEST_NAME, read_ipc, skip_lines)
 from ..files import UserError, atomic_write_json, lock_dir
 from ..cache.reader import open_cache
 
@@ -37,6 +37,7 @@ class FilterResult:
     failed: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     shards_written: int = 0
+    skips: list[dict] = field(default_factory=list)   # every skipped sample: {"shard", "key", "reason"}
 
     def summary(self) -> str:
         frac = self.dropped / self.samples if self.samples else 0.0
@@ -45,6 +46,11 @@ class FilterResult:
                  f"  scored {self.samples} samples, rule {self.rule}: flagged {self.dropped} ({frac:.1%}), "
                  f"skipped {self.skipped}, wall {self.wall_s:.1f}s",
                  "  most dropped classes: " + ", ".join(f"{c['name']} {c['dropped_frac']:.0%}" for c in worst)]
+        if self.failed:
+            where = f"{self.out / SCORING_DIR / MANIFEST_NAME} once a rerun completes the scoring"
+        else:
+            where = f"{self.out / FILTER_SUMMARY_NAME}, \"skipped\", or: distill inspect {self.out} --skipped"
+        lines += skip_lines(self.skips, where)
         if self.shards_written:
             lines.append(f"  wrote {self.shards_written} cleaned shard(s)")
         if self.failed:
@@ -92,7 +98,7 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
             raise UserError(re.sub(r"--teacher\b", "--scorer", str(e))) from None
         if scored.failed:
             return FilterResult(out=out, samples=scored.samples, dropped=0, rule=cfg.rule, failed=scored.failed,
-                                wall_s=time.perf_counter() - t0)
+                                wall_s=time.perf_counter() - t0, skipped=scored.skipped, skips=scored.skips)
         cache = open_cache(out / SCORING_DIR)
         chunks = _scoring_chunks(cache)
         dec = rules.decide(chunks, cache.num_classes, rule, cfg.max_drop_frac, cfg.min_per_class)
@@ -106,7 +112,7 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
         atomic_write_json(out / FILTER_SUMMARY_NAME, summary)
     return FilterResult(out=out, samples=summary["samples"], dropped=summary["dropped"], rule=cfg.rule,
                         per_class=summary["per_class"], skipped=len(summary["skipped"]),
-                        wall_s=time.perf_counter() - t0, shards_written=written)
+                        wall_s=time.perf_counter() - t0, shards_written=written, skips=summary["skipped"])
 
 
 def _summary(cfg: FilterConfig, cache, dec: rules.Decision) -> dict:
