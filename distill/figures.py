@@ -193,8 +193,8 @@ def show_cache_views(cache, key: str, epochs=None, view: str = "teacher", size: 
         x = views.view_tensor(cache.view_spec, srcs, keys, seeds[e], pos, size, mean, std)
         ax = fig.add_subplot(grid[0, j + 1])
         ax.imshow(_to_image(x, mean, std), interpolation="nearest")
-        text, fs = fit_text(f"epoch {e}\n{_describe(params[e], plan, partner)}", COLUMN_PT, 8, min_fontsize=6,
-                            max_lines=3)
+        text, fs = fit_text(f"epoch {e}\n{_describe(params[e], plan, partner)}", COLUMN_PT, 8, min_fontsize=6.5,
+                            max_lines=4)
         ax.set_title(text, fontsize=fs, color=c)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -250,15 +250,19 @@ def show_flagged(flt, n: int = 24, cols: int = 6):
 
 
 def _nothing_flagged(flt):
-    fig = _figure("FilterOutput.show_flagged", 6.0, 1.8)
+    """A short figure that says nothing was flagged, and how many samples were scored under which rule."""
+    w, h = 6.0, 1.8
+    fig = _figure("FilterOutput.show_flagged", w, h)
     fig.set_layout_engine("none")
-    width = (6.0 - 0.4) * 72
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.axis("off")
+    width = (w - 0.4) * 72
     head, fs = fit_text("no samples flagged", width, 13, min_fontsize=9)
-    fig.text(0.5, 0.62, head, ha="center", va="center", fontsize=fs)
+    ax.text(0.5, 0.62, head, ha="center", va="center", fontsize=fs, transform=ax.transAxes)
     scored = flt.num_samples
     detail, fs = fit_text(f"{scored} scored sample{'s' if scored != 1 else ''} under rule {flt.rule}: "
                           f"every label kept", width, 10, min_fontsize=8)
-    fig.text(0.5, 0.30, detail, ha="center", va="center", fontsize=fs, color="#555555")
+    ax.text(0.5, 0.30, detail, ha="center", va="center", fontsize=fs, color="#555555", transform=ax.transAxes)
     return fig
 
 
@@ -293,9 +297,9 @@ def plot_run(run):
     named by run (the hard-labels baseline dashed)."""
     from matplotlib.ticker import MaxNLocator
     base = run.baseline
-    series = [("from cache" if base is not None else run.path.name, run, run.rows, "-")]
-    if base is not None:
-        series.append(("from hard labels", base, base.rows, "--"))
+    series = [("from cache" if base is not None else run.path.name, run, run.rows, dict(ls="-", marker="o"))]
+    if base is not None:      # dashed, hollow squares: visible where both runs draw the same values
+        series.append(("from hard labels", base, base.rows, dict(ls="--", marker="s", mfc="none")))
     losses = [(name, rows, style, _run_losses(r, rows)) for name, r, rows, style in series]
     quantities = [q for q in (SOFT, HARD) if any(q in ls for *_, ls in losses)]
     quantities += list(dict.fromkeys(q for *_, ls in losses for q in ls if q not in quantities))
@@ -305,7 +309,7 @@ def plot_run(run):
         colour, ylabel, title = LOSS_AXES.get(q, ("C7", q, f"{q} (total)"))
         for name, rows, style, ls in losses:
             if q in ls:
-                ax.plot([r["epoch"] for r in rows], ls[q], style, color=colour, marker="o", ms=3, label=name)
+                ax.plot([r["epoch"] for r in rows], ls[q], color=colour, ms=4, label=name, **style)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
     acc = axes[-1]
@@ -314,7 +318,7 @@ def plot_run(run):
         for k, c in (("val_top1", "C0"), ("val_top5", "C1")):
             vals = [np.nan if r.get(k) is None else r[k] for r in rows]
             if not all(np.isnan(vals)):
-                acc.plot(ep, vals, style, color=c, marker="o", ms=3, label=f"top-{k[-1]} {name}")
+                acc.plot(ep, vals, color=c, ms=4, label=f"top-{k[-1]} {name}", **style)
     acc.set_ylabel("val accuracy (%)")
     acc.set_title("validation top-1 / top-5", fontsize=9)
     if not acc.lines:
@@ -326,7 +330,7 @@ def plot_run(run):
         if ax.lines:
             ax.legend(fontsize=8)
     s = run.summary or {}
-    what = f"{s.get('model', '')} {('from ' + s['source']) if s.get('source') else ''}".strip()
-    vs = " vs the hard-labels baseline" if base is not None else ""
-    _suptitle(fig, f"{run.path.name}: {what}{vs}" if what or vs else run.path.name)
+    what = " ".join(filter(None, [s.get("model"), s.get("source") and f"from {s['source']}"]))
+    _suptitle(fig, run.path.name + (f": {what}" if what else "")
+              + (" vs the hard-labels baseline" if base is not None else ""))
     return fig
