@@ -27,7 +27,8 @@ SEPARATORLESS = "supercalifragilisticexpialidociousastronauttrainimage"   # nowh
 def build(root: Path, per_class: int = 6, train: bool = True) -> dict:
     """Long-key shards from demo digits (the second half of each class filed under the next class), then
     filter-labels (confident rule: flags the misfiled ones; topk:10 rule: flags nothing), cache-teacher
-    and, with ``train``, a 2-epoch tinyvit-tiny run from the cache with its hard-labels baseline."""
+    and, with ``train``, 2-epoch tinyvit-tiny runs from the cache with their hard-labels baselines (``run``:
+    soft targets only; ``run_alpha``: ``--alpha 0.5``, which also records the hard-label part)."""
     from distill.cache import cache_teacher
     from distill.config import FilterConfig, TrainConfig
     from distill.data.shards import iter_shard, make_shards
@@ -53,11 +54,12 @@ def build(root: Path, per_class: int = 6, train: bool = True) -> dict:
     filter_labels(FilterConfig(out=str(root / "filter"), **common))
     filter_labels(FilterConfig(out=str(root / "clean"), **dict(common, topk=10), rule="topk:10"))
     cache_teacher(cache_config(root / "train", root / "cache"), DEMO_POLICY)
-    out = {k: root / k for k in ("train", "filter", "clean", "cache", "run")}
+    out = {k: root / k for k in ("train", "filter", "clean", "cache", "run", "run_alpha")}
     if train:
-        train_student(TrainConfig(shards=str(root / "train"), cache=str(root / "cache"), out=str(root / "run"),
-                                  val_shards=str(root / "train"), model="tinyvit-tiny", epochs=2, image_size=32,
-                                  batch_size=16, compare_hard_labels=True, quiet=True, threads=1))
+        for name, alpha in (("run", 0.0), ("run_alpha", 0.5)):
+            train_student(TrainConfig(shards=str(root / "train"), cache=str(root / "cache"), out=str(root / name),
+                                      val_shards=str(root / "train"), model="tinyvit-tiny", epochs=2, image_size=32,
+                                      batch_size=16, alpha=alpha, compare_hard_labels=True, quiet=True, threads=1))
     return out
 
 
@@ -119,6 +121,22 @@ def test_run_plot_keeps_soft_and_hard_label_losses_on_their_own_axes(outs):
     assert sorted(ln.get_label() for ln in acc.lines) == sorted(
         f"{k} {n}" for k in ("top-1", "top-5") for n in ("from cache", "from hard labels"))
     assert all(ax.get_xlabel() == "epoch" for ax in (soft, hard, acc))
+    assert not _clipped(fig, renderer)
+
+
+def test_run_plot_puts_the_hard_label_ce_of_both_runs_on_one_axis(outs):
+    """With --alpha the cache run records its hard-label part too: the same quantity as the baseline's loss,
+    so the two share the hard-label axis; the soft part keeps its own."""
+    run = distill.open_run(outs["run_alpha"])
+    assert "soft_loss" in run.rows[0] and "hard_loss" in run.rows[0]
+    fig = run.plot()
+    renderer = _drawn(fig)
+    hard = next(ax for ax in fig.axes if "hard-label" in ax.get_ylabel())
+    soft = next(ax for ax in fig.axes if "soft-target" in ax.get_ylabel())
+    assert [ln.get_label() for ln in hard.lines] == ["from cache", "from hard labels"]
+    assert list(hard.lines[0].get_ydata()) == pytest.approx([r["hard_loss"] for r in run.rows])
+    assert list(hard.lines[1].get_ydata()) == pytest.approx([r["hard_loss"] for r in run.baseline.rows])
+    assert [ln.get_label() for ln in soft.lines] == ["from cache"]
     assert not _clipped(fig, renderer)
 
 
