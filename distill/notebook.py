@@ -28,7 +28,7 @@ from .cache.reader import Cache, _need_pandas, _read_columns, open_cache
 
 __all__ = ["open_cache", "open_filter", "open_run", "Cache", "FilterOutput", "Run", "show_cache_views"]
 
-from .figures import GIVEN, _figure, show_cache_views  # noqa: F401 (show_cache_views re-exported)
+from .figures import show_cache_views  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- filter directory
@@ -106,35 +106,12 @@ class FilterOutput:
         return out
 
     def show_flagged(self, n: int = 24, cols: int = 6):
-        """A montage of the ``n`` most suspicious flagged samples: the image, the given label (red) and
-        the scorer's top-1 (green) by name, with their probabilities. Needs ``distill[viz]``."""
-        top = self.flagged(n)
-        m = top.num_rows
-        cols = max(1, min(cols, m))
-        rows = max(1, -(-m // cols))
-        fig = _figure("FilterOutput.show_flagged", 1.8 * cols + 0.4, 2.05 * rows + 0.5)
-        if m == 0:
-            fig.set_layout_engine("none")
-            ax = fig.add_subplot()
-            ax.axis("off")
-            ax.text(0.5, 0.5, f"no flagged samples (rule {self.rule}, {self.num_samples} scored)",
-                    ha="center", va="center")
-            return fig
-        r = top.to_pylist()
-        imgs = self.images([x["key"] for x in r], [x["shard"] for x in r])
-        for i, x in enumerate(r):
-            ax = fig.add_subplot(rows, cols, i + 1)
-            if x["key"] in imgs:
-                ax.imshow(imgs[x["key"]])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(x["key"][-18:], fontsize=7)
-            ax.set_xlabel(f"given {x['label_name']} {x['label_prob']:.2f}", fontsize=7, color="#c0392b")
-            ax.text(0.5, -0.30, f"pred {x['pred_name']} {x['topk_prob'][0]:.2f}", fontsize=7, color=GIVEN,
-                    ha="center", va="top", transform=ax.transAxes)
-        fig.suptitle(f"{m} most suspicious of {self.num_flagged} flagged (lowest margin), rule {self.rule}",
-                     fontsize=10)
-        return fig
+        """A montage of the ``n`` most suspicious flagged samples: the key (whole: wrapped or in a smaller font
+        when long), the image, the given label (red) and the scorer's top-1 (green) by name, with their
+        probabilities; with nothing flagged, a short figure that says so and how many were scored.
+        Needs ``distill[viz]``."""
+        from .figures import show_flagged
+        return show_flagged(self, n, cols)
 
 
 def open_filter(path: str | os.PathLike, shards_dir: str | os.PathLike | None = None) -> FilterOutput:
@@ -223,35 +200,12 @@ class Run:
         return f"Run({str(self.path)!r}: {len(rows)} epoch(s){acc}, {state}{base})"
 
     def plot(self):
-        """Training loss and validation top-1/top-5 against epoch (the hard-labels baseline dashed, when
-        there is one). Needs ``distill[viz]``."""
-        fig = _figure("Run.plot", 10, 3.6)
-        loss_ax, acc_ax = fig.subplots(1, 2)
-        series = [("from cache" if self.baseline is not None else self.path.name, self.rows, "-")]
-        if self.baseline is not None:
-            series.append(("from hard labels", self.baseline.rows, "--"))
-        for name, rows, style in series:
-            ep = [r["epoch"] for r in rows]
-            loss_ax.plot(ep, [r.get("train_loss") for r in rows], style, marker="o", ms=3, label=name)
-            for k, c in (("val_top1", "C0"), ("val_top5", "C1")):
-                vals = [np.nan if r.get(k) is None else r[k] for r in rows]
-                if not all(np.isnan(vals)):
-                    acc_ax.plot(ep, vals, style, color=c, marker="o", ms=3,
-                                label=f"{k.replace('val_', '')} {name}")
-        from matplotlib.ticker import MaxNLocator
-        for ax in (loss_ax, acc_ax):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        loss_ax.set_xlabel("epoch")
-        loss_ax.set_ylabel("train loss")
-        loss_ax.legend(fontsize=8)
-        acc_ax.set_xlabel("epoch")
-        acc_ax.set_ylabel("val accuracy (%)")
-        if acc_ax.lines:
-            acc_ax.legend(fontsize=8)
-        s = self.summary or {}
-        fig.suptitle(f"{self.path.name}: {s.get('model', '')} {('from ' + s['source']) if s.get('source') else ''}".strip(),
-                     fontsize=10)
-        return fig
+        """Training losses and validation top-1/top-5 against epoch, one axis per quantity: the soft-target
+        loss (a cache run) and the hard-label cross-entropy (the hard-labels baseline, and a cache run's
+        ``--alpha`` part) are different numbers and never share an axis; accuracy is shared by both runs
+        (the baseline dashed, when there is one). Needs ``distill[viz]``."""
+        from .figures import plot_run
+        return plot_run(self)
 
 
 def open_run(path: str | os.PathLike) -> Run:
