@@ -362,7 +362,7 @@ def test_open_filter(outs, tmp_path):
         assert f"given {r['label_name']}" in titled[0].get_xlabel()
         fig.savefig(tmp_path / "flagged.png")
         empty = f.show_flagged(0)
-        assert "no flagged" in empty.axes[0].texts[0].get_text()
+        assert "no samples flagged" in empty.axes[0].texts[0].get_text()
     with pytest.raises(UserError, match="not found"):
         distill.open_filter(tmp_path / "none")
     with pytest.raises(FormatError):
@@ -382,9 +382,10 @@ def test_open_run_on_a_real_run(outs):
     assert base.baseline is None and "baseline" in repr(run)
     pytest.importorskip("matplotlib")
     fig = run.plot()
-    loss_ax, acc_ax = fig.axes
-    assert len(loss_ax.lines) == 2 and len(acc_ax.lines) == 4          # cache + hard labels; top-1/top-5 each
-    assert list(loss_ax.lines[0].get_xdata()) == [1, 2]
+    soft_ax, hard_ax, acc_ax = fig.axes             # the two losses are different quantities: own axes
+    assert [ax.get_ylabel() for ax in fig.axes] == ["soft-target loss", "hard-label cross-entropy", "val accuracy (%)"]
+    assert len(soft_ax.lines) == 1 and len(hard_ax.lines) == 1 and len(acc_ax.lines) == 4   # top-1/top-5 each
+    assert list(soft_ax.lines[0].get_xdata()) == [1, 2]
 
 
 def test_open_run_in_progress_and_bad_directories(tmp_path):
