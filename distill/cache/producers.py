@@ -139,7 +139,7 @@ class ShardReader:
                 if self.decoded:      # the finest decode any epoch needs, kept for the views
                     src.at(min(augment.draft_factor(p, self.size) for p in params))
                 else:                 # decodable? (the producer decodes again at the scale it needs)
-                    augment.open_image(src.data, CHECK_FACTOR)
+                    src.at(CHECK_FACTOR)
             except Exception as e:
                 self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}",
                                          os.path.basename(str(self.path))))
@@ -227,6 +227,7 @@ def _process_main(tasks, results, spec_of: dict, epochs: int, size: int, batch_s
     import torch
     torch.set_num_threads(1)
     spec = views.ViewSpec.from_manifest(spec_of)
+    results.put(("ready", os.getpid()))
 
     def put(item) -> None:
         while True:
@@ -270,6 +271,20 @@ class ProcessProducers:
                                   daemon=True, name=f"distill-views-{i}") for i in range(n)]
         for p in self.procs:
             p.start()
+        # wait until every producer has imported what it needs (torch, Pillow): their start-up belongs to
+        # the worker's start, not to its first shard
+        ready = 0
+        deadline = time.monotonic() + 300
+        while ready < n:
+            try:
+                kind, _ = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"view producer process {dead[0] if dead else ''} did not start")
+                continue
+            ready += kind == "ready"
 
     def pieces(self, blocks, spec, epochs, size, batch_size):
         """Yield every piece of ``blocks``: a feeder thread hands blocks out, this generator collects."""

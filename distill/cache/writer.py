@@ -136,7 +136,7 @@ class CacheWorker:
         engine.maybe_inject_fault()
         t_start = time.perf_counter()
         path = task["path"]
-        gate = CpuGate() if self.device.type == "cpu" and self.producers is None else None
+        gate = CpuGate() if self.device.type == "cpu" and self.producers is None and not self.ens.off_cpu else None
         reader = ShardReader(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed, size=self.size,
                              num_classes=self.num_classes, exclude=self.exclude, decoded=self.producers is None)
         blocks: dict[int, Block] = {}

@@ -461,8 +461,9 @@ def _scaled(w: int, h: int, factor: int) -> int:
     return factor
 
 
-def _open(data: bytes, factor: int) -> tuple[Image.Image, int]:
-    im = Image.open(io.BytesIO(data))
+def _open(data: bytes, factor: int, im: Image.Image | None = None) -> tuple[Image.Image, int]:
+    """Decode ``data`` (``im``: the same bytes already opened, header read, nothing decoded yet)."""
+    im = Image.open(io.BytesIO(data)) if im is None else im
     f = 1
     if factor > 1 and im.format == "JPEG":
         f = _scaled(im.width, im.height, factor)
@@ -499,9 +500,10 @@ class SourceImage:
 
     def __init__(self, data: bytes):
         self.data = bytes(data)
-        with Image.open(io.BytesIO(self.data)) as im:  # header only, no pixel decode
-            self.width, self.height = im.size
-            self.format = im.format
+        im = Image.open(io.BytesIO(self.data))  # header only, no pixel decode
+        self.width, self.height = im.size
+        self.format = im.format
+        self._opened: Image.Image | None = im   # reused by the first decode (a JPEG is not parsed twice)
         self._cache: dict[int, tuple[Image.Image, int]] = {}
 
     def decoded(self, factor: int = 1) -> tuple[Image.Image, int]:
@@ -509,8 +511,12 @@ class SourceImage:
         if self.format != "JPEG":
             factor = 1
         if factor not in self._cache:
-            self._cache[factor] = _open(self.data, factor)
+            im, self._opened = self._opened, None
+            self._cache[factor] = _open(self.data, factor, im)
         return self._cache[factor]
+
+    def __getstate__(self) -> dict:          # (a lazily opened Pillow image does not pickle)
+        return dict(self.__dict__, _opened=None)
 
     def at(self, factor: int) -> Image.Image:
         return self.decoded(factor)[0]
