@@ -55,6 +55,7 @@ class CacheConfig:
     workers: int = opt(0, help="Ray workers (0: one per GPU, or one on CPU)")
     threads: int = opt(0, help="torch intra-op threads per CPU worker (0: cores / workers)")
     decode_threads: int = opt(0, help="image decode/augment threads per worker (0: --threads on CPU, where views and the teacher take turns; the node's cores per GPU - 1 on GPU, at most 16)")
+    view_workers: int = opt(-1, help="view producer processes per teacher worker (each decodes an image once and cuts all its epoch views; uint8 to the teacher's device); 0: producer threads inside the worker (--decode-threads); -1: the node's cores per GPU - 1 on GPU (at most 16), 0 on CPU")
     exclude: str | None = opt(None, help="filter-labels output directory: its dropped samples are left out", metavar="FILTER_DIR")
     ray_address: str | None = opt(None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)", metavar="ADDR")
     overwrite: bool = opt(False, help="replace an existing cache built with other settings")

@@ -321,6 +321,9 @@ class Ensemble:
             if expect is not None:
                 _check_weights(spec, model, expect[i])
             self.models.append(model.to(self.device))
+        # a teacher whose forward runs off this process's CPU (a stand-in for a GPU in benchmarks, a remote
+        # inference server) sets ``distill_off_cpu = True``: its views need not take turns with it
+        self.off_cpu = all(getattr(m, "distill_off_cpu", False) for m in self.models)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

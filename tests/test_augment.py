@@ -432,9 +432,9 @@ def _count_decodes(monkeypatch) -> list:
     calls = []
     real = A._open
 
-    def counting(data, factor):
+    def counting(data, factor, im=None):
         calls.append(factor)
-        return real(data, factor)
+        return real(data, factor, im)
     monkeypatch.setattr(A, "_open", counting)
     return calls
 

@@ -6,7 +6,6 @@ import importlib.util
 import hashlib
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
@@ -61,24 +60,12 @@ def mixed(outs):
 
 
 def _producer_views(cache, exclude=()) -> dict:
-    """{(key, epoch): tensor} exactly as cache-teacher's ViewProducer fed them to the teacher for one shard."""
-    from distill.cache.writer import ViewProducer
+    """{(key, epoch): tensor} exactly as cache-teacher's worker fed them to the teacher for one shard."""
+    from distill.cache.writer import shard_views
     t = cache.teacher
-    q: queue.Queue = queue.Queue()
-    samples: list = []
-    p = ViewProducer(cache.shard_path(SHARD), spec=cache.view_spec, epochs=cache.epochs,
-                     cache_seed=cache.manifest["cache_seed"], size=t["input_size"], mean=tuple(t["mean"]),
-                     std=tuple(t["std"]), batch_size=64, num_classes=cache.num_classes, exclude=frozenset(exclude),
-                     out_queue=q, samples=samples)
-    p.start()
-    p.join()                                   # one thread; the queue is unbounded, so it finishes on its own
-    assert p.error is None, p.error
-    views = {}
-    while (item := q.get()) is not None:
-        x, _, where = item
-        for row, (s, e) in enumerate(where):
-            views[samples[s][0], e] = x[row]
-    return views
+    return shard_views(cache.shard_path(SHARD), spec=cache.view_spec, epochs=cache.epochs,
+                       cache_seed=cache.manifest["cache_seed"], size=t["input_size"], mean=tuple(t["mean"]),
+                       std=tuple(t["std"]), batch_size=64, num_classes=cache.num_classes, exclude=frozenset(exclude))
 
 
 def _teacher():

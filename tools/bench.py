@@ -19,6 +19,8 @@ Parts (``--only`` takes a comma-separated subset):
   scale       tools/bench_scale.py      ImageNet-21K scale: driver RSS per 1M samples, bytes read per epoch,
                                         bytes/record, class mix per batch, same-class mix partners
   cli         tools/bench_cli.py        start-up: `distill --help` wall time against a bare Python start
+  producers   tools/bench_producers.py  view producer threads vs processes against a stub GPU teacher
+  gpu         tools/bench_gpu.py        the teacher pass and student steps on CUDA (--cpu-smoke without one)
   projection  here                      ImageNet-21K at 90 epochs, K=10 and K=100, from anchors + measurements
 
 Stage scripts run as subprocesses; their JSON (``--json``) is used where they offer it, else their
@@ -44,7 +46,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "projection")
+PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "producers", "gpu",
+         "projection")
 
 # Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
 ANCHORS = {
@@ -60,7 +63,8 @@ ANCHORS = {
 }
 GOALS = {"efficiency": 0.85, "scaling": 1.7, "filter_mb": 2048, "loader": 0.95, "step": 0.97,
          "open_s": 1.0, "table_s": 2.0, "driver_mb_per_1m": 200, "read_amp": 1.5, "bytes_per_record": 27,
-         "classes_per_batch": 0.9, "same_class_pairs": 2.0, "help_s": 0.5}
+         "classes_per_batch": 0.9, "same_class_pairs": 2.0, "help_s": 0.5,
+         "producers_2_over_1": 1.8, "stub_efficiency": 0.90}
 
 
 # ----------------------------------------------------------------------------- environment
@@ -163,15 +167,34 @@ def part_scale(quick: bool, tmp: Path) -> dict:
     return r
 
 
-def part_cli(quick: bool, tmp: Path) -> dict:
-    r = run_script("bench_cli.py", ["--repeats", "3" if quick else "5"], 300)
+def _json_part(name: str, args: list[str], timeout: float, status_from_json: bool = False) -> dict:
+    r = run_script(name, args, timeout)
     lines = [x for x in r.get("stdout", "").splitlines() if x.startswith("{")]
     if lines:
         r["json"] = json.loads(lines[-1])
-        r["status"] = "ok"           # the script exits 1 when the goal is missed; the numbers are the result
+        if status_from_json:
+            r["status"] = "ok"
     elif r["status"] == "ok":
         r.update(status="failed", why="no JSON line printed")
     return r
+
+
+def part_cli(quick: bool, tmp: Path) -> dict:
+    # the script exits 1 when the goal is missed; the numbers are still the result
+    return _json_part("bench_cli.py", ["--repeats", "3" if quick else "5"], 300, status_from_json=True)
+
+
+def part_producers(quick: bool, tmp: Path) -> dict:
+    return _json_part("bench_producers.py", ["--quick"] if quick else [], 900 if quick else 2400)
+
+
+def part_gpu(quick: bool, tmp: Path) -> dict:
+    import importlib.util
+    cuda = False
+    if not quick and importlib.util.find_spec("torch"):
+        import torch
+        cuda = torch.cuda.is_available()
+    return _json_part("bench_gpu.py", [] if cuda else ["--cpu-smoke"], 600 if not cuda else 3600)
 
 
 def part_filter(quick: bool, tmp: Path) -> dict:
@@ -449,13 +472,18 @@ def render(res: dict, env: dict, quick: bool) -> str:
         v = sj.get(key)
         L.append(f"| {label} | {_f(v, '{:.3f}' if key != 'driver_rss_mb_per_1m_samples' else '{:.0f}')} | "
                  f"{'≥' if higher else '≤'} {GOALS[goal]} | {_ok(v, GOALS[goal], higher)} |")
+    pj = res.get("producers", {}).get("json", {})
+    for key, label, goal in (("processes_2_over_1", "view producers: 2 processes ÷ 1 (views/s, stub GPU)", "producers_2_over_1"),
+                             ("stub_efficiency_processes", "cache-teacher ÷ a stub GPU at 80% of 2 producers' capacity", "stub_efficiency")):
+        v = pj.get(key)
+        L.append(f"| {label} | {_f(v, '{:.3f}')} | ≥ {GOALS[goal]} | {_ok(v, GOALS[goal])} |")
     hs = res.get("cli", {}).get("json", {}).get("help_s")
     L.append(f"| `distill --help` wall time, median (s) | {_f(hs, '{:.3f}')} | < {GOALS['help_s']} | {_ok(hs, GOALS['help_s'], False)} |")
     L.append("")
 
     L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
     L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
-    L += _sec_scale(res, env) + _sec_cli(res, env)
+    L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env)
     L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
           "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(L)
@@ -694,6 +722,55 @@ def _sec_cli(res, env):
     return L
 
 
+def _sec_producers(res, env):
+    r = res.get("producers")
+    L = ["## 11. View producers against a simulated GPU", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    j = r["json"]
+    c = j["capacity"]
+    L += [f"`tools/bench_producers.py`: the real cache-teacher over synthetic 500x375 JPEGs ({j['images']} images x "
+          f"{j['epochs']} epochs, {j['size']} px views, RandAugment + erasing, batch {j['batch']}), one Ray worker; a stub "
+          "teacher that sleeps per batch (releasing the GIL, `distill_off_cpu`) stands in for a GPU. Records/s over the "
+          "time the worker spent in shard tasks.", "",
+          "| producers | threads (`--view-workers 0 --decode-threads N`) | processes (`--view-workers N`) |", "|---|---:|---:|",
+          f"| 1 | {c['threads_1']:,.1f} | {c['processes_1']:,.1f} |",
+          f"| 2 | {c['threads_2']:,.1f} | {c['processes_2']:,.1f} |",
+          f"| 2 ÷ 1 | {j['threads_2_over_1']:.3f} | **{j['processes_2_over_1']:.3f}** |", "",
+          f"With the stub at {j['stub_img_s']:,.1f} img/s (80% of 2 processes' capacity): cache-teacher reaches "
+          f"**{j['stub_efficiency_processes']:.3f}** of the stub's rate with 2 processes, {j['stub_efficiency_threads']:.3f} "
+          "with 2 threads.", ""]
+    return L
+
+
+def _sec_gpu(res, env):
+    r = res.get("gpu")
+    L = ["## 12. GPU", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    j = r["json"]
+    if j.get("smoke"):
+        L += ["Not measured on a GPU: no CUDA device was available to this run. `tools/bench_gpu.py --cpu-smoke` ran its "
+              "code paths at tiny shapes on the CPU (the numbers below are not GPU figures). On a CUDA machine: "
+              "`python tools/bench_gpu.py` (goals: cache-teacher ÷ bare forward ≥ 0.95 for the ViT-L/14-shaped teacher, "
+              "≥ 0.85 for ViT-B/16; TinyViT-21M offline ÷ online ≥ 2.0; bf16 vs fp32 top-1 agreement ≥ 99%).", ""]
+    L += [f"Device: {j['device']}, {j['cpu_cores']} CPU cores; batch {j['batch']}, {j['images']} images x {j['epochs']} epochs.", "",
+          "| teacher | bare forward img/s | cache-teacher records/s (tasks) | ÷ bare | whole command | CPU cores busy |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for name in ("vit_l14", "vit_b16"):
+        t = j.get(name) or {}
+        L.append(f"| {name} | {_f(t.get('bare_img_s'), '{:,.1f}')} | {_f(t.get('records_per_s_tasks'), '{:,.1f}')} | "
+                 f"{_f(t.get('ratio_tasks'), '{:.3f}')} | {_f(t.get('ratio_command'), '{:.3f}')} | {_f(t.get('cpu_cores_busy'), '{:.1f}')} |")
+    L += ["", "| student | from the cache img/s | online distillation img/s | hard labels img/s | offline ÷ online |",
+          "|---|---:|---:|---:|---:|"]
+    for name, t in j.get("students", {}).items():
+        L.append(f"| {name} | {t['offline']:,.1f} | {t['online']:,.1f} | {t['hard']:,.1f} | {t['offline_over_online']:.2f} |")
+    b = j.get("bf16_vs_fp32", {})
+    L += ["", f"bf16 vs fp32 stored top-K on {b.get('views')} views: top-1 agreement {_f(b.get('top1_agreement'), '{:.4f}')}, "
+              f"top-5 overlap {_f(b.get('top5_overlap'), '{:.4f}')}.", ""]
+    return L
+
+
 def _sec_scale(res, env):
     r = res.get("scale", {})
     j = r.get("json")
@@ -865,6 +942,10 @@ def main(argv=None) -> int:
             go("scale", lambda: part_scale(a.quick, tmp))
         if "cli" in parts:
             go("cli", lambda: part_cli(a.quick, tmp))
+        if "producers" in parts:
+            go("producers", lambda: part_producers(a.quick, tmp))
+        if "gpu" in parts:
+            go("gpu", lambda: part_gpu(a.quick, tmp))
         if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:

@@ -189,7 +189,6 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     if cfg.topk > width:
         raise UserError(f"--topk {cfg.topk} exceeds the teacher's {width} classes")
     exclude = read_excluded_keys(cfg.exclude) if cfg.exclude else set()
-    policy = spec.policy
     if spec.mixing and index is not None and index.order is not None and not index.order.get("shuffled"):
         warnings.append("the shards were written without shuffling (make-shards --no-shuffle) and the policy mixes: "
                         "mix partners come from consecutive samples, of the same class when the input was "
@@ -198,8 +197,7 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
         "teacher": {"members": members, "input_size": size, "mean": list(mean),
                     "std": list(std), "temperature": cfg.temperature},
-        "policy": {"canonical": policy.canonical(), "id": policy.id, "version": augment.POLICY_VERSION},
-        "view": spec.manifest_view(),
+        **spec.views_of(),
         "topk": cfg.topk, "temperature": cfg.temperature, "prob_dtype": cfg.prob_dtype,
         "epochs": cfg.epochs, "cache_seed": cfg.seed, "shard_set": [p.name for p in paths],
         "exclude": {"count": len(exclude), "keys_sha256": digest("\n".join(sorted(exclude)))},
@@ -225,6 +223,7 @@ class Placement:
     decode: int
     num_cpus: float
     num_gpus: float
+    view_workers: int = 0       # view producer processes per worker (0: producer threads in the worker)
 
 
 def _placement(cfg: CacheConfig, res: dict) -> Placement:
@@ -234,12 +233,17 @@ def _placement(cfg: CacheConfig, res: dict) -> Placement:
         workers = cfg.workers or max(1, int(res.get("GPU", 1)))
         per_gpu = int(res.get("CPU", 1)) // workers
         decode = cfg.decode_threads or max(1, min(16, per_gpu - 1))
-        return Placement("cuda", workers, cfg.threads or 0, decode, min(decode, max(per_gpu, 1)), 1)
+        # view producer processes: the node's cores per GPU - 1 (one core drives the GPU and finishes views)
+        procs = cfg.view_workers if cfg.view_workers >= 0 else max(0, min(16, per_gpu - 1))
+        return Placement("cuda", workers, cfg.threads or 0, decode, min(max(decode, procs), max(per_gpu, 1)), 1,
+                         procs)
     cpus = int(res.get("CPU", os.cpu_count() or 1))
     workers = cfg.workers or 1
     threads = cfg.threads or max(1, cpus // workers)
-    # views and the teacher take turns on the worker's cores (CpuGate)
-    return Placement("cpu", workers, threads, cfg.decode_threads or threads, min(threads, cpus), 0)
+    # views and the teacher take turns on the worker's cores (CpuGate), unless --view-workers N asks for
+    # N producer processes beside the teacher
+    return Placement("cpu", workers, threads, cfg.decode_threads or threads, min(threads, cpus), 0,
+                     max(0, cfg.view_workers))
 
 
 def _tasks(out: Path, plan: Plan) -> tuple[dict, list]:
@@ -276,7 +280,8 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
                 views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
                 cache_seed=cfg.seed, input_size=t["input_size"], mean=tuple(t["mean"]), std=tuple(t["std"]),
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
-                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, decode_threads=place.decode)
+                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, decode_threads=place.decode,
+                view_workers=place.view_workers)
     if not tasks:
         note(f"{label}: all {len(plan.names)} shard(s) reused from an earlier run: nothing to compute", cfg.quiet)
     hints = {t_["name"]: _count_hint(plan.index, t_["name"]) * cfg.epochs for t_ in tasks}

@@ -1,27 +1,27 @@
 """The cache-teacher worker: one Ray actor per teacher replica; ``CacheWorker.run(task)`` turns one
 input shard into its Arrow file (all E epochs of views, top-K per view).
 
-Per shard every image is decoded once (per JPEG draft scale) and all E epoch views are cut from it;
-producer threads (``--decode-threads``) decode/augment into batches while the teacher runs on the
-previous batch (on a CPU teacher they take turns, ``CpuGate``).
+Per shard every image is decoded once (per JPEG draft scale) and all E epoch views are cut from it
+by view producers (``producers.py``: threads of the worker, or ``--view-workers`` processes) while
+the teacher runs on the previous piece (on a CPU teacher, producer threads take turns, ``CpuGate``).
+Each teacher batch is one piece (k epochs of one block), so the records do not depend on the number of
+producers.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import queue
 import threading
 import time
 
 import numpy as np
 
 from .. import engine
-from ..data import augment, shards as shardio, views
-from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, DUPLICATE_KEY_REASON, FINGERPRINTS_KEY, SHARD_SKIP_KEY, Skip, encode_cache_shard,
-                      ipc_bytes)
+from ..data import augment, views
+from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
+from .producers import Block, Piece, ProcessProducers, ShardReader, ThreadProducers
 
-FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
 
 
 # ----------------------------------------------------------------------------- the worker (runs in a Ray actor)
@@ -67,124 +67,6 @@ class CpuGate:
                 self._cond.notify_all()
 
 
-class ViewProducer:
-    """Reads a shard and puts (batch tensor, labels, [(sample, epoch)]) on a queue, block by block.
-
-    Samples are grouped in blocks of ``policy.mix_block`` valid samples (the unit of mix pairing);
-    for each epoch the block's views are made (and mixed), so memory holds one block of decoded
-    images and one batch of views per thread. ``threads`` decode/augment threads take whole blocks
-    in turn (a GPU teacher needs several cores of views); each puts ``None`` on the queue when done.
-    Records are keyed by (sample, epoch), so the order batches arrive in does not matter."""
-
-    def __init__(self, path, *, spec: views.ViewSpec, epochs, cache_seed, size, mean, std, batch_size, num_classes,
-                 exclude, out_queue, samples: list, threads: int = 1, gate: CpuGate | None = None):
-        self.threads = max(1, threads)
-        self.gate = gate
-        self.path, self.spec, self.epochs, self.cache_seed = path, spec, epochs, cache_seed
-        self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
-        self.num_classes, self.exclude, self.q = num_classes, exclude, out_queue
-        self.samples = samples              # appended: (key, label, seeds) in output order
-        self.skipped: list[Skip] = []
-        self.duplicates: list[str] = []
-        self.fingerprints: list[dict] = []
-        self.excluded = 0
-        self.error: str | None = None
-        self.decode_s = 0.0
-
-    def start(self) -> None:
-        self._gen = self._blocks()
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._work, daemon=True) for _ in range(self.threads)]
-        for t in self._workers:
-            t.start()
-
-    def join(self) -> None:
-        for t in self._workers:
-            t.join()
-
-    def _next_block(self):
-        with self._lock:
-            return next(self._gen, None)
-
-    def _work(self):
-        import torch
-        try:
-            batch, meta = [], []
-
-            def flush():
-                if batch:
-                    self.q.put((torch.stack(batch), [m[2] for m in meta], [(m[0], m[1]) for m in meta]))
-                    batch.clear()
-                    meta.clear()
-
-            while (block := self._next_block()) is not None:
-                t0 = time.perf_counter()
-                srcs = [b[2] for b in block]
-                for e in range(self.epochs):
-                    made = views.block_views(self.spec, srcs, [b[3][e] for b in block], self.size, self.mean,
-                                             self.std, params_=[b[4][e] for b in block],
-                                             guard=self.gate.producer if self.gate else None)
-                    for v, b in zip(made, block):
-                        batch.append(v)
-                        meta.append((b[0], e, b[1]))
-                        if len(batch) == self.batch_size:
-                            self.decode_s += time.perf_counter() - t0
-                            flush()
-                            t0 = time.perf_counter()
-                self.decode_s += time.perf_counter() - t0
-            flush()
-        except BaseException as e:  # surfaced by the consumer
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.q.put(None)
-
-    def _blocks(self):
-        """Yield lists of valid samples: (index, label, SourceImage, seeds, params per epoch)."""
-        block = []
-        for item in shardio.iter_shard(self.path):
-            t0 = time.perf_counter()
-            if isinstance(item, Skip):
-                if item.reason.startswith(DUPLICATE_KEY_REASON):
-                    self.duplicates.append(item.key)   # fails the run, naming key and shard (like duplicates across shards)
-                else:
-                    self.skipped.append(item)
-                continue
-            key = item.key
-            if key in self.exclude:
-                self.excluded += 1
-                continue
-            reason = shardio.check_label(item.label, self.num_classes)
-            if reason:
-                self.skipped.append(Skip(key, reason, item_shard(self.path)))
-                continue
-            try:
-                src = augment.SourceImage(item.data)
-                seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
-                params = [views.params(self.spec, s, src) for s in seeds]
-                src.at(min(augment.draft_factor(p, self.size) for p in params))   # the finest decode any epoch needs
-            except Exception as e:
-                self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}", item_shard(self.path)))
-                continue
-            self.decode_s += time.perf_counter() - t0
-            idx = len(self.samples)
-            if idx < FINGERPRINT_SAMPLES:
-                self._fingerprint(key, src, seeds)
-            self.samples.append((key, item.label, seeds))
-            block.append((idx, item.label, src, seeds, params))
-            if len(block) == self.spec.policy.mix_block:
-                yield block
-                block = []
-        if block:
-            yield block
-
-
-    def _fingerprint(self, key: str, src, seeds: list[int]) -> None:
-        """Record the pixels of this sample's first and last epoch views (manifest ``view_fingerprints``)."""
-        for e in sorted({0, self.epochs - 1}):
-            self.fingerprints.append({"key": key, "epoch": e, "seed": int(seeds[e]), "size": self.size,
-                                      "sha256": views.fingerprint(self.spec, seeds[e], src, self.size)})
-
-
 class Records:
     """The teacher's results of one shard in arrays indexed by (sample, epoch), grown as samples arrive:
     ~4 bytes per class id and probability, not a Python object per record."""
@@ -220,16 +102,12 @@ class Records:
         return self.idx[:n], self.prob[:n], self.label_prob[:n]
 
 
-def item_shard(path) -> str:
-    return os.path.basename(str(path))
-
-
 class CacheWorker:
     """One teacher replica. ``run`` processes one whole shard for all epochs."""
 
     def __init__(self, *, specs, device, threads, temperature, views_of: dict, epochs, cache_seed, input_size, mean,
                  std, batch_size, topk, num_classes, prob_dtype, precision="fp32", expect=None, exclude=(),
-                 decode_threads=1, progress=None):
+                 decode_threads=1, view_workers=0, progress=None):
         import torch
         from .. import teachers
         if threads:
@@ -243,6 +121,8 @@ class CacheWorker:
         self.num_classes, self.prob_dtype, self.progress = num_classes, prob_dtype, progress
         self.exclude = frozenset(exclude)
         self.decode_threads = decode_threads
+        self.producers = (ProcessProducers(view_workers, views_of, epochs, input_size, batch_size)
+                          if view_workers > 0 else None)
         # warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
         # spend their first calls optimising, which would otherwise land in the first shard
         x = torch.zeros(batch_size, 3, input_size, input_size)
@@ -256,34 +136,42 @@ class CacheWorker:
         engine.maybe_inject_fault()
         t_start = time.perf_counter()
         path = task["path"]
-        q: queue.Queue = queue.Queue(maxsize=4)
-        samples: list = []
-        gate = CpuGate() if self.device.type == "cpu" else None
-        prod = ViewProducer(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed,
-                            size=self.size, mean=self.mean, std=self.std, batch_size=self.batch_size,
-                            num_classes=self.num_classes, exclude=self.exclude, out_queue=q, samples=samples,
-                            threads=self.decode_threads, gate=gate)
-        prod.start()
-        got, timing = self._consume(q, prod.threads, gate)
-        prod.join()
-        if prod.error:
-            raise RuntimeError(f"{os.path.basename(path)}: {prod.error}")
-        table, entry = self._assemble(task, prod, samples, got)
-        return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
-                "decode_s": prod.decode_s, "wall_s": time.perf_counter() - t_start, **timing}
+        gate = CpuGate() if self.device.type == "cpu" and self.producers is None and not self.ens.off_cpu else None
+        reader = ShardReader(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed, size=self.size,
+                             num_classes=self.num_classes, exclude=self.exclude, decoded=self.producers is None)
+        blocks: dict[int, Block] = {}
 
-    def _consume(self, q: queue.Queue, running: int, gate: CpuGate | None) -> tuple["Records", dict]:
-        """Run the teacher on every batch the producers queue; results land in arrays by (sample, epoch)."""
+        def kept(it):                  # the blocks' labels, seeds and params stay here for finishing
+            for b in it:
+                blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
+                yield b
+
+        prod = self.producers or ThreadProducers(self.decode_threads, gate)
+        try:
+            pieces = prod.pieces(kept(reader.blocks()), self.spec, self.epochs, self.size, self.batch_size)
+            got, timing = self._consume(pieces, blocks, gate)
+        except Exception as e:
+            if self.producers is not None:    # producers may hold this shard's pieces: start them afresh
+                self.producers.close()
+                self.producers = ProcessProducers(self.producers.n, self.producers.spec_of, self.epochs,
+                                                  self.size, self.batch_size)
+            raise RuntimeError(f"{os.path.basename(path)}: {type(e).__name__}: {e}") from e
+        table, entry = self._assemble(task, reader, got)
+        return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
+                "decode_s": reader.read_s + timing.pop("render_s"), "wall_s": time.perf_counter() - t_start, **timing}
+
+    def _consume(self, pieces, blocks: dict, gate: CpuGate | None) -> tuple["Records", dict]:
+        """Finish every piece (normalise, erase, mix, on the teacher's device) and run the teacher on it;
+        results land in arrays by (sample, epoch)."""
         import torch
         from .. import teachers
         got = Records(self.epochs, self.topk)
-        teacher_s, first_at, last_at, done = 0.0, None, None, 0
-        while running:
-            item = q.get()
-            if item is None:
-                running -= 1
-                continue
-            x, labels, where = item
+        teacher_s, render_s, first_at, last_at, done = 0.0, 0.0, None, None, 0
+        pin = self.device.type == "cuda"
+        for p in pieces:
+            render_s += p.decode_s
+            b = blocks[p.block]
+            x, labels, where = finish_piece(p, b, self.spec, self.epochs, self.mean, self.std, self.device, pin)
             t0 = time.perf_counter()
             first_at = t0 if first_at is None else first_at
             with gate.teacher() if gate else contextlib.nullcontext():
@@ -291,15 +179,20 @@ class CacheWorker:
             teacher_s += time.perf_counter() - t0
             done += len(where)
             last_at = time.perf_counter()
-            got.put(np.asarray(where, dtype=np.int64).reshape(-1, 2), i.numpy(), v.numpy(), lp.numpy())
+            got.put(where, i.numpy(), v.numpy(), lp.numpy())
             if self.progress is not None:
                 self.progress.add.remote(len(where))
         # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
-        return got, {"teacher_s": teacher_s, "steady_records": done,
+        return got, {"teacher_s": teacher_s, "steady_records": done, "render_s": render_s,
                      "steady_s": (last_at - first_at) if first_at else 0.0}
 
-    def _assemble(self, task: dict, prod: ViewProducer, samples: list, got: dict):
+    def close(self) -> None:
+        if self.producers is not None:
+            self.producers.close()
+
+    def _assemble(self, task: dict, prod: ShardReader, got: "Records"):
         """The shard's Arrow table and its manifest entry (counts, skips, errors, fingerprints, agreement)."""
+        samples = prod.samples
         n, E = len(samples), self.epochs
         topk_idx, topk_prob, label_prob = got.arrays(n)
         labels = np.array([s[1] for s in samples], dtype=np.int64)
@@ -310,10 +203,57 @@ class CacheWorker:
         entry = dict(task["entry"], samples=n, records=n * E, excluded=prod.excluded,
                      skipped=[{"key": s.key, "reason": s.reason} for s in prod.skipped if s.key != SHARD_SKIP_KEY],
                      errors=[s.reason for s in prod.skipped if s.key == SHARD_SKIP_KEY],
-                     duplicates=sorted(set(prod.duplicates)), **{FINGERPRINTS_KEY: prod.fingerprints},
+                     duplicates=sorted(set(prod.duplicates)), **{FINGERPRINTS_KEY: prod.fingerprints()},
                      # the teacher against the given labels: top-1 hits and summed label probability over records
                      agreement={"records": n * E, "top1": int((topk_idx[:, :, 0] == labels[:, None]).sum()) if n else 0,
                                 "label_prob_sum": round(float(label_prob.sum(dtype=np.float64)), 6)})
         meta = {**table.schema.metadata, ARROW_ENTRY_KEY: json.dumps(entry).encode(),
                 ARROW_RUN_ID_KEY: task["run_id"].encode()}
         return table.replace_schema_metadata(meta), entry
+
+
+def finish_piece(p: Piece, b: Block, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False):
+    """(views (B, 3, H, W) float32 on ``device``, labels, (position, epoch) rows) of a piece: its uint8
+    views normalised on the device, erased and mixed exactly as ``augment.view`` / ``augment.mix`` do."""
+    n = len(b.labels)
+    es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
+    px = p.pixels.pin_memory() if pin else p.pixels
+    x = augment.normalize_u8(px.to(device, non_blocking=True), mean, std)
+    for j, e in enumerate(es):
+        for i in range(n):
+            augment.erase_(x[j * n + i], b.params[i][e])
+    if spec.mixing:
+        out = x.clone()
+        for j, e in enumerate(es):
+            for i, plan in enumerate(views.block_plan(spec, [s[e] for s in b.seeds])):
+                if plan is not None:
+                    out[j * n + i] = augment.mix(x[j * n + i], x[j * n + plan["partner"]], plan)
+        x = out
+    where = np.array([(b.start + i, e) for e in es for i in range(n)], dtype=np.int64).reshape(-1, 2)
+    labels = [b.labels[i] for _ in es for i in range(n)]
+    return x, labels, where
+
+
+def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, mean, std, batch_size: int,
+                num_classes: int, exclude=frozenset(), view_workers: int = 0) -> dict:
+    """{(key, epoch): view tensor} exactly as cache-teacher's worker feeds them to the teacher (tests, notebooks)."""
+    import torch
+    reader = ShardReader(path, spec=spec, epochs=epochs, cache_seed=cache_seed, size=size, num_classes=num_classes,
+                         exclude=frozenset(exclude), decoded=view_workers == 0)
+    blocks: dict = {}
+
+    def kept(it):
+        for b in it:
+            blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
+            yield b
+
+    prod = ProcessProducers(view_workers, spec.views_of(), epochs, size, batch_size) if view_workers else ThreadProducers(1)
+    out = {}
+    try:
+        for p in prod.pieces(kept(reader.blocks()), spec, epochs, size, batch_size):
+            x, _, where = finish_piece(p, blocks[p.block], spec, epochs, mean, std, torch.device("cpu"))
+            for row, (s, e) in enumerate(where):
+                out[reader.samples[s][0], int(e)] = x[row]
+    finally:
+        prod.close()
+    return out

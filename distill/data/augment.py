@@ -461,8 +461,9 @@ def _scaled(w: int, h: int, factor: int) -> int:
     return factor
 
 
-def _open(data: bytes, factor: int) -> tuple[Image.Image, int]:
-    im = Image.open(io.BytesIO(data))
+def _open(data: bytes, factor: int, im: Image.Image | None = None) -> tuple[Image.Image, int]:
+    """Decode ``data`` (``im``: the same bytes already opened, header read, nothing decoded yet)."""
+    im = Image.open(io.BytesIO(data)) if im is None else im
     f = 1
     if factor > 1 and im.format == "JPEG":
         f = _scaled(im.width, im.height, factor)
@@ -499,9 +500,10 @@ class SourceImage:
 
     def __init__(self, data: bytes):
         self.data = bytes(data)
-        with Image.open(io.BytesIO(self.data)) as im:  # header only, no pixel decode
-            self.width, self.height = im.size
-            self.format = im.format
+        im = Image.open(io.BytesIO(self.data))  # header only, no pixel decode
+        self.width, self.height = im.size
+        self.format = im.format
+        self._opened: Image.Image | None = im   # reused by the first decode (a JPEG is not parsed twice)
         self._cache: dict[int, tuple[Image.Image, int]] = {}
 
     def decoded(self, factor: int = 1) -> tuple[Image.Image, int]:
@@ -509,8 +511,12 @@ class SourceImage:
         if self.format != "JPEG":
             factor = 1
         if factor not in self._cache:
-            self._cache[factor] = _open(self.data, factor)
+            im, self._opened = self._opened, None
+            self._cache[factor] = _open(self.data, factor, im)
         return self._cache[factor]
+
+    def __getstate__(self) -> dict:          # (a lazily opened Pillow image does not pickle)
+        return dict(self.__dict__, _opened=None)
 
     def at(self, factor: int) -> Image.Image:
         return self.decoded(factor)[0]
@@ -596,23 +602,36 @@ def to_tensor(img: Image.Image, params: dict, mean=IMAGENET_MEAN, std=IMAGENET_S
         img = img.convert("RGB")
     w, h = img.size
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
-    x = torch.empty((3, h, w), dtype=torch.float32).copy_(pixels.permute(2, 0, 1))
+    return erase_(normalize_u8(pixels, mean, std), params)
+
+
+def normalize_u8(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W): x / 255, then (x - mean) / std, on the pixels' device
+    (torchvision's ToTensor + Normalize, bit for bit, on every device: each step is one IEEE operation)."""
+    x = pixels.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
     m, sd = _norm(tuple(map(float, mean)), tuple(map(float, std)))
-    x.div_(255.0).sub_(m).div_(sd)  # torchvision's ToTensor + Normalize, bit for bit
+    return x.div_(255.0).sub_(m.to(x.device)).div_(sd.to(x.device))
+
+
+def erase_(x: torch.Tensor, params: dict) -> torch.Tensor:
+    """RandomErasing of one normalised view (3, H, W) in place, from its params (the noise is drawn on
+    the CPU from the view's erase seed, then moved to the view's device)."""
     boxes = params.get("erase") or ()
-    if boxes:
-        mode = params.get("erase_mode", "pixel")
-        gen = torch.Generator().manual_seed(int(params["erase_seed"])) if mode != "const" else None
-        for bx0, by0, bx1, by1 in boxes:
-            px0, px1 = int(round(bx0 * w)), int(round(bx1 * w))
-            py0, py1 = int(round(by0 * h)), int(round(by1 * h))
-            if px1 <= px0 or py1 <= py0:
-                continue
-            if mode == "const":
-                x[:, py0:py1, px0:px1] = 0.0
-            else:
-                shape = (3, py1 - py0, px1 - px0) if mode == "pixel" else (3, 1, 1)
-                x[:, py0:py1, px0:px1] = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if not boxes:
+        return x
+    h, w = x.shape[-2], x.shape[-1]
+    mode = params.get("erase_mode", "pixel")
+    gen = torch.Generator().manual_seed(int(params["erase_seed"])) if mode != "const" else None
+    for bx0, by0, bx1, by1 in boxes:
+        px0, px1 = int(round(bx0 * w)), int(round(bx1 * w))
+        py0, py1 = int(round(by0 * h)), int(round(by1 * h))
+        if px1 <= px0 or py1 <= py0:
+            continue
+        if mode == "const":
+            x[:, py0:py1, px0:px1] = 0.0
+        else:
+            shape = (3, py1 - py0, px1 - px0) if mode == "pixel" else (3, 1, 1)
+            x[:, py0:py1, px0:px1] = torch.randn(shape, generator=gen, dtype=torch.float32).to(x.device)
     return x
 
 

@@ -49,6 +49,11 @@ class ViewSpec:
             raise UserError(f"--crop-pct must be in (0, 1], got {center_crop}")
         return cls(augment.Policy(size=size, auto_augment=None, hflip=0.0, re_prob=0.0), float(center_crop))
 
+    def views_of(self) -> dict:
+        """The run identity's ``policy`` and ``view`` entries (``from_manifest`` reads them back)."""
+        return {"policy": {"canonical": self.policy.canonical(), "id": self.policy.id, "version": augment.POLICY_VERSION},
+                "view": self.manifest_view()}
+
     def manifest_view(self) -> dict:
         """The manifest's ``view`` entry for this spec."""
         return {"center_crop": self.center_crop} if self.center_crop else {"augment": True}

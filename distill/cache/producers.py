@@ -1,0 +1,332 @@
+"""View producers of the cache-teacher worker: a shard's samples -> uint8 views -> teacher batches.
+
+The worker's reader thread reads the shard in order, checks each sample (excluded, label, duplicate,
+decodable) and cuts the valid ones into blocks of ``policy.mix_block`` positions (the unit of mix
+pairing). A producer takes a whole block: it decodes each image once (at the finest JPEG draft
+scale any of its epochs needs) and renders all E epoch views of the block as uint8, ``k`` epochs
+at a time (``k = max(1, batch_size // block length)``), so one *piece* = k epochs of one block.
+The worker finishes each piece (normalisation, random erasing, mixing; on the teacher's device) and
+runs the teacher on it: **a teacher batch is always one piece**, whatever the number of producers or
+the order pieces arrive in, so the records are byte-identical for every number of producers.
+
+Producers are threads of the worker (``--view-workers 0``: on a CPU they take turns with the
+teacher, ``CpuGate``) or processes (``--view-workers N``). Processes are started with ``spawn``:
+a Ray actor is a multi-threaded process (its core worker runs gRPC and event-loop threads), and a
+forked child would inherit their locks in whatever state they were; a spawned child starts a clean
+interpreter, imports only this module's dependencies (torch, Pillow, numpy), never Ray, and runs with
+one torch thread whatever ``OMP_NUM_THREADS`` Ray set for the actor. The uint8 pieces travel back
+through torch's shared-memory queues (no pickled pixel copies).
+
+With processes, the reader checks decodability with a 1/8-scale JPEG decode (cheap: the DCT draft;
+a full decode for other formats) and the producer decodes again at the scale the views need. An image
+that passes the first but fails the second fails the shard with one line (it cannot be skipped any
+more: its position is taken); the in-process path decodes once and skips it.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..data import augment, shards as shardio, views
+from ..format import DUPLICATE_KEY_REASON, Skip
+
+FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
+CHECK_FACTOR = 8            # the draft scale of the reader's decodability check (producer processes)
+
+
+@dataclass
+class Block:
+    """One block of valid samples: their first position, labels, seeds (per epoch), view parameters
+    (per epoch) and image bytes, or (in-process) the decoded ``SourceImage``."""
+    index: int
+    start: int
+    labels: list
+    seeds: list
+    params: list
+    data: list = field(default_factory=list)      # encoded bytes (for producer processes)
+    srcs: list = field(default_factory=list)      # SourceImage, already decoded (in-process producers)
+
+
+@dataclass
+class Piece:
+    """k epochs of one block, rendered: ``pixels`` uint8 (k * n, H, W, 3), epoch-major."""
+    block: int
+    epoch0: int
+    pixels: object
+    decode_s: float = 0.0
+
+
+def epochs_per_piece(batch_size: int, block_len: int, epochs: int) -> int:
+    return max(1, min(epochs, batch_size // max(1, block_len)))
+
+
+def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: int, guard=None):
+    """Yield the block's pieces (k epochs each, the last one may hold fewer)."""
+    import numpy as np
+    import torch
+    t0 = time.perf_counter()
+    srcs = block.srcs
+    if not srcs:
+        srcs = []
+        for data, params in zip(block.data, block.params):
+            src = augment.SourceImage(data)
+            try:
+                src.at(min(augment.draft_factor(p, size) for p in params))
+            except Exception as e:
+                raise RuntimeError(f"an image passed the reader's 1/{CHECK_FACTOR}-scale check but does not decode "
+                                   f"at the scale its views need: {type(e).__name__}: {e}") from None
+            srcs.append(src)
+    decode_s = time.perf_counter() - t0
+    n = len(srcs)
+    for e0 in range(0, epochs, k):
+        t0 = time.perf_counter()
+        es = range(e0, min(epochs, e0 + k))
+        out = np.empty((len(es) * n, size, size, 3), np.uint8)
+        for j, e in enumerate(es):
+            for i, src in enumerate(srcs):
+                if guard is None:
+                    img = augment.render(src, block.params[i][e], size)
+                else:
+                    with guard():
+                        img = augment.render(src, block.params[i][e], size)
+                out[j * n + i] = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+        yield Piece(block.index, e0, torch.from_numpy(out), decode_s + time.perf_counter() - t0)
+        decode_s = 0.0
+
+
+# ----------------------------------------------------------------------------- the reader
+
+class ShardReader:
+    """Reads one shard in order into blocks of valid samples; records skips, duplicates, exclusions
+    and the keys/labels/seeds of the positions (``samples``: (key, label, seeds) in position order)."""
+
+    def __init__(self, path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, num_classes: int,
+                 exclude, decoded: bool):
+        self.path, self.spec, self.epochs, self.cache_seed, self.size = path, spec, epochs, cache_seed, size
+        self.num_classes, self.exclude, self.decoded = num_classes, exclude, decoded
+        self.samples: list = []
+        self.skipped: list[Skip] = []
+        self.duplicates: list[str] = []
+        self.excluded = 0
+        self.read_s = 0.0
+        self.first_srcs: list = []          # SourceImages of the fingerprinted samples
+
+    def blocks(self):
+        block: Block | None = None
+        t0 = time.perf_counter()
+        for item in shardio.iter_shard(self.path):
+            if isinstance(item, Skip):
+                if item.reason.startswith(DUPLICATE_KEY_REASON):
+                    self.duplicates.append(item.key)   # fails the run, naming key and shard
+                else:
+                    self.skipped.append(item)
+                continue
+            key = item.key
+            if key in self.exclude:
+                self.excluded += 1
+                continue
+            reason = shardio.check_label(item.label, self.num_classes)
+            if reason:
+                self.skipped.append(Skip(key, reason, os.path.basename(str(self.path))))
+                continue
+            try:
+                src = augment.SourceImage(item.data)
+                seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
+                params = [views.params(self.spec, s, src) for s in seeds]
+                if self.decoded:      # the finest decode any epoch needs, kept for the views
+                    src.at(min(augment.draft_factor(p, self.size) for p in params))
+                else:                 # decodable? (the producer decodes again at the scale it needs)
+                    src.at(CHECK_FACTOR)
+            except Exception as e:
+                self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}",
+                                         os.path.basename(str(self.path))))
+                continue
+            pos = len(self.samples)
+            self.samples.append((key, item.label, seeds))
+            if pos < FINGERPRINT_SAMPLES:
+                self.first_srcs.append(src)
+            if block is None:
+                block = Block(index=pos // self.spec.policy.mix_block, start=pos, labels=[], seeds=[], params=[])
+            block.labels.append(item.label)
+            block.seeds.append(seeds)
+            block.params.append(params)
+            (block.srcs if self.decoded else block.data).append(src if self.decoded else src.data)
+            if len(block.labels) == self.spec.policy.mix_block:
+                self.read_s += time.perf_counter() - t0
+                yield block
+                t0 = time.perf_counter()
+                block = None
+        self.read_s += time.perf_counter() - t0
+        if block is not None:
+            yield block
+
+    def fingerprints(self) -> list[dict]:
+        """The manifest's ``view_fingerprints`` of this shard: its first samples' first and last epoch views."""
+        out = []
+        for (key, _, seeds), src in zip(self.samples, self.first_srcs):
+            for e in sorted({0, self.epochs - 1}):
+                out.append({"key": key, "epoch": e, "seed": int(seeds[e]), "size": self.size,
+                            "sha256": views.fingerprint(self.spec, seeds[e], src, self.size)})
+        return out
+
+
+# ----------------------------------------------------------------------------- producers
+
+class ThreadProducers:
+    """``threads`` producers inside the worker, taking blocks from the reader in turn."""
+
+    def __init__(self, threads: int, gate=None):
+        self.threads, self.gate = max(1, threads), gate
+
+    def pieces(self, blocks, spec, epochs, size, batch_size):
+        """Yield every piece of ``blocks`` (any order); an error in a producer is raised here."""
+        lock, out = threading.Lock(), queue.Queue(maxsize=2 * self.threads + 2)
+        it = iter(blocks)
+        errors: list = []
+
+        def work():
+            try:
+                while True:
+                    with lock:
+                        b = next(it, None)
+                    if b is None:
+                        break
+                    k = epochs_per_piece(batch_size, len(b.labels), epochs)
+                    for p in render_block(b, spec, epochs, size, k, self.gate.producer if self.gate else None):
+                        out.put(p)
+            except BaseException as e:  # noqa: BLE001 - surfaced by the consumer
+                errors.append(f"{type(e).__name__}: {e}")
+            finally:
+                out.put(None)
+
+        workers = [threading.Thread(target=work, daemon=True) for _ in range(self.threads)]
+        for t in workers:
+            t.start()
+        running = len(workers)
+        while running:
+            p = out.get()
+            if p is None:
+                running -= 1
+                continue
+            yield p
+        for t in workers:
+            t.join()
+        if errors:
+            raise RuntimeError(errors[0])
+
+    def close(self) -> None:
+        pass
+
+
+def _process_main(tasks, results, spec_of: dict, epochs: int, size: int, batch_size: int, parent: int) -> None:
+    """A producer process: blocks from ``tasks`` -> pieces on ``results``; ``None`` ends it, and so does
+    the end of its parent (a worker killed by Ray leaves no producer behind)."""
+    import torch
+    torch.set_num_threads(1)
+    spec = views.ViewSpec.from_manifest(spec_of)
+    results.put(("ready", os.getpid()))
+
+    def put(item) -> None:
+        while True:
+            try:
+                results.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                if os.getppid() != parent:
+                    raise SystemExit(0) from None
+
+    while True:
+        try:
+            b = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if b is None:
+            return
+        try:
+            k = epochs_per_piece(batch_size, len(b.labels), epochs)
+            for p in render_block(b, spec, epochs, size, k):
+                put(("piece", p))
+        except BaseException as e:  # noqa: BLE001 - the worker fails the shard with this line
+            put(("error", f"{type(e).__name__}: {e}"))
+        put(("done", b.index))
+
+
+class ProcessProducers:
+    """``n`` spawned producer processes, kept for the worker's life (their start, ~torch's import, is paid
+    once); blocks go out on a bounded queue, pieces come back on another."""
+
+    def __init__(self, n: int, spec_of: dict, epochs: int, size: int, batch_size: int):
+        import torch.multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.n, self.spec_of = n, spec_of
+        self.tasks = ctx.Queue(maxsize=2 * n)
+        self.results = ctx.Queue(maxsize=4 * n)
+        self.procs = [ctx.Process(target=_process_main, args=(self.tasks, self.results, spec_of, epochs, size, batch_size,
+                                                              os.getpid()),
+                                  daemon=True, name=f"distill-views-{i}") for i in range(n)]
+        for p in self.procs:
+            p.start()
+        # wait until every producer has imported what it needs (torch, Pillow): their start-up belongs to
+        # the worker's start, not to its first shard
+        ready = 0
+        deadline = time.monotonic() + 300
+        while ready < n:
+            try:
+                kind, _ = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"view producer process {dead[0] if dead else ''} did not start")
+                continue
+            ready += kind == "ready"
+
+    def pieces(self, blocks, spec, epochs, size, batch_size):
+        """Yield every piece of ``blocks``: a feeder thread hands blocks out, this generator collects."""
+        sent, state = [0], {"fed": False, "error": None}
+
+        def feed():
+            try:
+                for b in blocks:
+                    self.tasks.put(b)
+                    sent[0] += 1
+            except BaseException as e:  # noqa: BLE001 - a read error of the reader: surfaced below
+                state["error"] = f"{type(e).__name__}: {e}"
+            state["fed"] = True
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        done = 0
+        while not (state["fed"] and done == sent[0]):
+            try:
+                kind, value = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"view producer process {dead[0]} died") from None
+                continue
+            if kind == "piece":
+                yield value
+            elif kind == "done":
+                done += 1
+            else:
+                state["error"] = state["error"] or value
+        feeder.join()
+        if state["error"]:
+            raise RuntimeError(state["error"])
+
+    def close(self) -> None:
+        for _ in self.procs:
+            try:
+                self.tasks.put(None, timeout=1.0)
+            except Exception:  # noqa: BLE001 - best effort; daemon processes die with the worker
+                pass
+        for p in self.procs:
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.terminate()

@@ -1,0 +1,133 @@
+"""View producers against a simulated GPU: threads (in the worker) vs processes (--view-workers).
+
+    python tools/bench_producers.py            # prints a table and one JSON line
+    python tools/bench_producers.py --quick
+
+A GPU runs the teacher without holding the worker's CPU; here a stub teacher stands in for it: its
+forward sleeps a fixed time per batch (releasing the GIL) and declares ``distill_off_cpu``, so the
+views do not take turns with it. The real ``cache-teacher`` runs over synthetic 500x375 JPEG shards
+(224 px views, RandAugment + erasing), one Ray worker, and reports records/s over the time its worker
+spent inside shard tasks (Ray, actor and producer start-up excluded).
+
+1. Capacity: the stub at 0 s per batch; 1 and 2 producers, threads and processes. Goal: 2 producer
+   processes / 1 >= 1.8x views/s.
+2. Efficiency: the stub set to 80% of the 2-process capacity; cache-teacher's records/s / the stub's own
+   rate, threads and processes. Goal: >= 0.90 with processes.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+STUB = '''
+import time
+import torch
+
+
+class Stub(torch.nn.Module):
+    distill_off_cpu = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        time.sleep({per_batch_s!r})
+        return torch.arange({classes}, dtype=torch.float32).expand(x.shape[0], {classes}).clone()
+
+
+def make():
+    return Stub()
+'''
+
+
+def _shards(root: Path, n_images: int, shards: int) -> Path:
+    """Smooth-gradient + noise 500x375 JPEGs (quality 90, ~40 KB) in ``shards`` shards of 2 classes."""
+    import numpy as np
+    from PIL import Image
+    from distill.data.shards import make_shards
+    rng = np.random.default_rng(0)
+    src = root / "src"
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(n_images):
+        d = src / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = np.stack([(xx * (1 + i % 5)) % 256, (yy * (1 + i % 3)) % 256, (xx + yy + 17 * i) % 256], -1)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        (d / f"img{i:05d}.jpg").write_bytes(buf.getvalue())
+    make_shards(str(src), str(root / "shards"), shard_size=-(-n_images // shards))
+    return root / "shards"
+
+
+def _stub(root: Path, per_batch_s: float, tag: str) -> str:
+    mod = f"distill_stub_{tag}"
+    (root / f"{mod}.py").write_text(STUB.format(per_batch_s=per_batch_s, classes=2))
+    return f"{mod}:make"
+
+
+def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, mode: str, n: int) -> float:
+    from distill.cache import cache_teacher
+    from distill.config import CacheConfig
+    policy = {"size": 224, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mix_block": 64}
+    cfg = CacheConfig(shards=str(shards), teacher=(spec,), out=str(out), epochs=epochs, topk=2, batch_size=batch,
+                      teacher_input_size=224, workers=1, threads=1, device="cpu", quiet=True, overwrite=True,
+                      view_workers=n if mode == "processes" else 0, decode_threads=n if mode == "threads" else 1)
+    res = cache_teacher(cfg, policy)
+    if res.failed:
+        raise SystemExit(f"cache-teacher failed: {res.failed}")
+    return res.records / res.worker_s        # inside the shard tasks: Ray, actor and producer start excluded
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--images", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=0)
+    a = ap.parse_args()
+    images = a.images or (128 if a.quick else 384)
+    epochs = a.epochs or (2 if a.quick else 4)
+    batch = 64
+    with tempfile.TemporaryDirectory(prefix="distill-producers-") as d:
+        root = Path(d)
+        sys.path.insert(0, str(root))                 # the stub modules (embedded Ray passes sys.path on)
+        shards = _shards(root, images, 2)
+        free = _stub(root, 0.0, "free")
+        cap = {}
+        for mode in ("threads", "processes"):
+            for n in (1, 2):
+                cap[mode, n] = _run(shards, root / f"cap-{mode}-{n}", free, epochs, batch, mode, n)
+                print(f"capacity  {mode:<9} {n}: {cap[mode, n]:8.1f} views/s", flush=True)
+        stub_rate = 0.8 * cap["processes", 2]
+        per_batch = batch / stub_rate
+        busy = _stub(root, per_batch, "busy")
+        eff = {}
+        for mode in ("threads", "processes"):
+            got = _run(shards, root / f"eff-{mode}", busy, epochs, batch, mode, 2)
+            eff[mode] = got / stub_rate
+            print(f"stub GPU at {stub_rate:.0f} img/s ({per_batch * 1e3:.1f} ms/batch), 2 {mode}: "
+                  f"{got:.1f} records/s = {eff[mode]:.3f} of the stub's rate", flush=True)
+    out = {"images": images, "epochs": epochs, "batch": batch, "size": 224,
+           "capacity": {f"{m}_{n}": round(v, 1) for (m, n), v in cap.items()},
+           "processes_2_over_1": round(cap["processes", 2] / cap["processes", 1], 3),
+           "threads_2_over_1": round(cap["threads", 2] / cap["threads", 1], 3),
+           "stub_img_s": round(stub_rate, 1), "stub_efficiency_processes": round(eff["processes"], 3),
+           "stub_efficiency_threads": round(eff["threads"], 3), "load": round(os.getloadavg()[0], 2),
+           "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
