@@ -10,6 +10,19 @@ Rules:
 * ``confident`` — confident learning on top-K data: threshold t_c = mean label_prob of the samples
   labelled c; flag when label_prob < t_label and some other class j in the top-K has prob >= t_j.
 * ``both`` — flag when both rules flag.
+* ``noise-rate`` / ``by-class`` / ``both-prune`` — cleanlab's pruning (``find_label_issues`` with
+  ``filter_by="prune_by_noise_rate"`` / ``"prune_by_class"`` / ``"both"``) on top-K data: the confident
+  joint (given class x guessed true class) is counted sparsely, calibrated and turned into a number of
+  errors per (given, true) pair as cleanlab does (``confident_joint`` .. ``prune_counts``); then
+  ``noise-rate`` removes, in each off-diagonal pair (k, j), that many samples labelled k of largest
+  margin p[j] - p[k], ``by-class`` removes n_k - (kept count) samples of lowest p[k] in class k, and
+  ``both-prune`` flags what both flag. As in cleanlab, a sample whose given label is the scorer's
+  argmax is never flagged.
+  Top-K: p of a class outside a sample's top-K is unknown; it is at most the K-th probability and at
+  most 1 - sum(top-K) (``outside_bound``). Such a class is never counted as confident (exact whenever
+  the bound is below its threshold). The pruning keeps per sample only the ``others`` most probable
+  classes other than the label; for a pair (k, j) with more errors to remove than samples carrying j,
+  the rest of class k is ranked by the margin's upper bound (the last kept other's probability).
 Guards: per class, at most ``max_drop_frac`` of its samples are dropped and at least
 ``min_per_class`` are kept; the least suspicious flagged samples (highest label_prob) are kept first.
 """
@@ -20,21 +33,32 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-KEEP, TOPK, CONFIDENT, BOTH, GUARD = 0, 1, 2, 3, 4
+KEEP, TOPK, CONFIDENT, BOTH, GUARD, NOISE_RATE, BY_CLASS, BOTH_PRUNE = range(8)
 REASONS = {KEEP: "", TOPK: "label outside the scorer's top-{n}", CONFIDENT: "confident learning: another class is confident",
-           BOTH: "outside top-{n} and another class is confident", GUARD: "flagged, kept by the per-class guard"}
+           BOTH: "outside top-{n} and another class is confident", GUARD: "flagged, kept by the per-class guard",
+           NOISE_RATE: "pruned by noise rate: large margin of a likely true class",
+           BY_CLASS: "pruned by class: low probability of the given label",
+           BOTH_PRUNE: "pruned by noise rate and by class"}
+PRUNE_KINDS = {"noise-rate": NOISE_RATE, "by-class": BY_CLASS, "both-prune": BOTH_PRUNE}
+RULE_NAMES = "topk:N, confident, both[:N], noise-rate, by-class or both-prune"
+EPS = 1e-6                 # cleanlab's FLOATING_POINT_COMPARISON
+THRESHOLD_FLOOR = 2e-6     # cleanlab's CONFIDENT_THRESHOLDS_LOWER_BOUND
 
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str            # topk | confident | both
+    kind: str            # topk | confident | both | noise-rate | by-class | both-prune
     n: int = 0
+
+    @property
+    def prunes(self) -> bool:
+        return self.kind in PRUNE_KINDS
 
     @classmethod
     def parse(cls, text: str, k: int) -> "Rule":
         text = text.strip()
-        if text in ("confident",):
-            return cls("confident")
+        if text == "confident" or text in PRUNE_KINDS:
+            return cls(text)
         kind, _, num = text.partition(":")
         if kind in ("topk", "both"):
             try:
@@ -44,7 +68,7 @@ class Rule:
             if not 1 <= n <= k:
                 raise ValueError(f"rule {text!r}: N must be between 1 and --topk ({k})")
             return cls(kind, n)
-        raise ValueError(f"unknown rule {text!r} (topk:N, confident, both or both:N)")
+        raise ValueError(f"unknown rule {text!r} ({RULE_NAMES})")
 
     def reason(self, code: int) -> str:
         return REASONS[code].format(n=self.n)
@@ -57,6 +81,7 @@ class Decision:
     label_prob: np.ndarray    # (N,) float32
     code: np.ndarray          # (N,) uint8 reason code (KEEP/GUARD keep the sample)
     thresholds: np.ndarray    # (C,) float32, NaN for classes with no samples
+    joint: "SparseJoint | None" = None   # calibrated confident joint (given x true), every rule
 
     @property
     def keep(self) -> np.ndarray:
@@ -129,17 +154,235 @@ def apply_guards(label: np.ndarray, label_prob: np.ndarray, code: np.ndarray, nu
     return code
 
 
+# ----------------------------------------------------------------------------- confident joint (sparse)
+
+@dataclass
+class SparseJoint:
+    """A C x C count matrix, rows = given label, columns = (guessed) true label: the diagonal dense,
+    the off-diagonal as (row, col, count) triples sorted by row * C + col, zero counts left out."""
+    num_classes: int
+    diag: np.ndarray      # (C,)
+    rows: np.ndarray      # (M,) int64
+    cols: np.ndarray      # (M,) int64
+    counts: np.ndarray    # (M,)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.rows * self.num_classes + self.cols
+
+    def row_sums(self) -> np.ndarray:
+        return self.diag + np.bincount(self.rows, self.counts, self.num_classes).astype(self.diag.dtype)
+
+    def to_dense(self) -> np.ndarray:
+        """For tests and small C only."""
+        m = np.diag(self.diag).astype(np.result_type(self.diag, self.counts))
+        m[self.rows, self.cols] = self.counts
+        return m
+
+    def largest(self, n: int) -> list[tuple[int, int, int]]:
+        """The n largest off-diagonal entries as (given, true, count), largest first."""
+        top = np.lexsort((self.keys, -self.counts))[:n]
+        return [(int(self.rows[i]), int(self.cols[i]), int(self.counts[i])) for i in top]
+
+
+def _sparse(num_classes: int, diag, keys, counts) -> SparseJoint:
+    counts = np.asarray(counts)
+    dtype = np.int64 if counts.dtype.kind in "iub" else np.float64
+    keys, inv = np.unique(np.asarray(keys, np.int64), return_inverse=True)
+    counts = np.bincount(inv.reshape(-1), counts.astype(np.float64), len(keys)).astype(dtype)
+    nz = counts != 0
+    keys, counts = keys[nz], counts[nz]
+    return SparseJoint(num_classes, diag, keys // num_classes, keys % num_classes, counts)
+
+
+def outside_bound(topk_prob: np.ndarray) -> np.ndarray:
+    """Upper bound on the probability of any class outside a sample's top-K: min(p_K, 1 - sum)."""
+    return np.clip(np.minimum(topk_prob[:, -1], 1.0 - topk_prob.sum(1)), 0.0, None).astype(np.float32)
+
+
+def confident_guess(chunk: dict, thresholds: np.ndarray) -> np.ndarray:
+    """cleanlab's true-label guess per sample (-1: no class confident). A class is confident when
+    p >= t - 1e-6; several confident -> the argmax (the top-1), one -> that class. Classes outside the
+    top-K count as not confident; the given label's probability is always known (label_prob)."""
+    label, lp = chunk["label"].astype(np.int64), chunk["label_prob"].astype(np.float32)
+    idx, prob = chunk["topk_idx"].astype(np.int64), chunk["topk_prob"].astype(np.float32)
+    thr = np.maximum(np.nan_to_num(thresholds.astype(np.float32), nan=np.inf), THRESHOLD_FLOOR) - EPS
+    conf = prob >= thr[idx]
+    label_out = ~(idx == label[:, None]).any(1)
+    label_conf = label_out & (lp >= thr[label])          # a confident label outside the top-K
+    n_conf = conf.sum(1) + label_conf
+    only = np.where(conf.any(1), idx[np.arange(len(idx)), conf.argmax(1)], label)
+    return np.where(n_conf > 1, idx[:, 0], np.where(n_conf == 1, only, -1))
+
+
+def calibrate(joint: SparseJoint, label_counts: np.ndarray) -> SparseJoint:
+    """cleanlab's ``calibrate_confident_joint``: rows rescaled to the given-label counts, the whole
+    normalised to their total, then rounded to integers preserving each row's total."""
+    n = label_counts.astype(np.float64)
+    scale = n / np.maximum(joint.row_sums().astype(np.float64), 1e-100)
+    diag = joint.diag * scale
+    off = joint.counts * scale[joint.rows]
+    total = diag.sum() + off.sum()
+    factor = n.sum() / max(total, 1e-100)
+    diag, off = diag * factor, off * factor
+    diag_i, off_i = _round_rows(joint.num_classes, diag, joint.rows, off)
+    return _sparse(joint.num_classes, diag_i, joint.keys, off_i)
+
+
+def _round_rows(num_classes: int, diag: np.ndarray, rows: np.ndarray, off: np.ndarray):
+    """cleanlab's ``round_preserving_row_totals`` on a sparse matrix (zeros stay zero)."""
+    r = np.concatenate([np.arange(num_classes), rows])
+    v = np.concatenate([diag, off])
+    ints = np.round(v)
+    want = np.round(np.bincount(r, v, num_classes))
+    diff = (want - np.bincount(r, ints, num_classes)).astype(np.int64)
+    step = np.sign(diff)[r]
+    order = np.lexsort((-(v - ints) * step, r))          # per row: the entries to move first
+    rank = _rank_in_groups(r[order], num_classes)
+    move = order[rank < np.abs(diff)[r[order]]]
+    ints[move] += step[move]
+    ints = ints.astype(np.int64)
+    return ints[:num_classes], ints[num_classes:]
+
+
+def _rank_in_groups(sorted_groups: np.ndarray, num_groups: int) -> np.ndarray:
+    starts = np.searchsorted(sorted_groups, np.arange(num_groups))
+    return np.arange(len(sorted_groups)) - starts[sorted_groups]
+
+
+def prune_counts(cal: SparseJoint, min_examples: int = 1) -> SparseJoint:
+    """cleanlab's ``_keep_at_least_n_per_class`` (frac_noise 1), same orientation as the joint: entry
+    (k, j) is how many samples labelled k with true class j to remove, diag[k] how many of k to keep."""
+    c = cal.num_classes
+    new_diag = np.maximum(cal.diag, min_examples)
+    raised = new_diag - cal.diag
+    nnz = np.bincount(cal.rows, minlength=c) + (cal.diag != 0)
+    per = raised / np.maximum(nnz - 1.0, 1.0)
+    off = np.maximum(cal.counts - per[cal.rows], 0).astype(np.int64)     # cleanlab truncates to int
+    return _sparse(c, new_diag.astype(np.int64), cal.keys, off)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+@dataclass
+class PruneState:
+    """Per sample: the ``others`` most probable classes other than the given label (from the top-K;
+    a missing one is -1 with the outside-top-K bound as probability) and whether the label is argmax."""
+    other_idx: np.ndarray     # (N, m) int32
+    other_prob: np.ndarray    # (N, m) float32
+
+
+def others(chunk: dict, m: int) -> tuple[np.ndarray, np.ndarray]:
+    label = chunk["label"].astype(np.int64)
+    idx, prob = chunk["topk_idx"].astype(np.int64), chunk["topk_prob"].astype(np.float32)
+    n = len(label)
+    idx = np.concatenate([idx, np.full((n, 1), -1)], 1)
+    prob = np.concatenate([prob, outside_bound(prob)[:, None]], 1)
+    order = np.argsort(idx == label[:, None], axis=1, kind="stable")[:, :m]   # the label moves last
+    return (np.take_along_axis(idx, order, 1).astype(np.int32), np.take_along_axis(prob, order, 1))
+
+
+def _by_class(label, label_prob, to_remove, counts, min_examples) -> np.ndarray:
+    """Per class k, the to_remove[k] samples of lowest label_prob (classes of <= min_examples: none)."""
+    c = len(counts)
+    quota = np.where(counts > min_examples, np.maximum(to_remove, 0), 0)
+    order = np.lexsort((label_prob, label))
+    rank = _rank_in_groups(label[order], c)
+    flag = np.zeros(len(label), bool)
+    flag[order[rank < quota[label[order]]]] = True
+    return flag
+
+
+def _by_noise_rate(label, label_prob, st: PruneState, pc: SparseJoint, counts, min_examples,
+                   block: int = 1 << 20) -> np.ndarray:
+    """Per off-diagonal pair (k, j) of ``pc``, the pc[k, j] samples labelled k of largest p[j] - p[k]."""
+    c, n = pc.num_classes, len(label)
+    keys, need = pc.keys, pc.counts.astype(np.int64)
+    if not len(keys):
+        return np.zeros(n, bool)
+    ok = counts > min_examples
+    sample, pair, marg = [], [], []
+    for s in range(0, n, block):            # candidates: (sample, pair) where j is one of its others
+        lab, lp = label[s:s + block].astype(np.int64), label_prob[s:s + block]
+        for r in range(st.other_idx.shape[1]):
+            j = st.other_idx[s:s + block, r].astype(np.int64)
+            key = lab * c + j
+            pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+            hit = np.flatnonzero((keys[pos] == key) & (j >= 0) & ok[lab])
+            sample.append(hit + s)
+            pair.append(pos[hit])
+            marg.append(st.other_prob[s:s + block, r][hit] - lp[hit])
+    sample, pair, marg = np.concatenate(sample), np.concatenate(pair), np.concatenate(marg)
+    order = np.lexsort((-marg, pair))
+    rank = _rank_in_groups(pair[order], len(keys))
+    flag = np.zeros(n, bool)
+    flag[sample[order[rank < need[pair[order]]]]] = True
+    # pairs with more to remove than samples carrying j: the rest of class k by the margin's upper bound
+    short = np.maximum(need - np.bincount(pair, minlength=len(keys)), 0)
+    fill = np.zeros(c, np.int64)
+    np.maximum.at(fill, pc.rows, short)
+    if fill.any():
+        upper = st.other_prob[:, -1] - label_prob
+        order = np.lexsort((-upper, label))
+        rank = _rank_in_groups(label[order], c)
+        flag[order[(rank < fill[label[order]]) & ok[label[order]]]] = True
+    return flag
+
+
+def prune(rule: Rule, label, label_prob, st: PruneState, pc: SparseJoint, min_examples: int = 1) -> np.ndarray:
+    """Reason codes of a pruning rule (cleanlab's find_label_issues for one filter_by)."""
+    counts = np.bincount(label, minlength=pc.num_classes)
+    flag = np.ones(len(label), bool)
+    if rule.kind in ("by-class", "both-prune"):
+        flag &= _by_class(label, label_prob, counts - pc.diag, counts, min_examples)
+    if rule.kind in ("noise-rate", "both-prune"):
+        flag &= _by_noise_rate(label, label_prob, st, pc, counts, min_examples)
+    flag &= ~(label_prob + EPS >= st.other_prob[:, 0])        # the given label is the argmax
+    return np.where(flag, PRUNE_KINDS[rule.kind], KEEP).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the two passes
+
 def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, max_drop_frac: float = 1.0,
-           min_per_class: int = 0) -> Decision:
-    """Two streaming passes over ``chunks()`` (a callable returning a fresh iterator each time)."""
+           min_per_class: int = 0, others_kept: int = 3) -> Decision:
+    """Two streaming passes over ``chunks()`` (a callable returning a fresh iterator each time): class
+    thresholds, then per sample label, label_prob, a reason code (and for the pruning rules the
+    ``others_kept`` most probable other classes) while the confident joint is counted sparsely."""
     thresholds = class_thresholds(chunks(), num_classes)
-    labels, probs, codes = [], [], []
+    labels, probs, codes, o_idx, o_prob = [], [], [], [], []
+    diag = np.zeros(num_classes, np.int64)
+    keys: list[np.ndarray] = []
+    kcounts: list[np.ndarray] = []
     for c in chunks():
-        labels.append(c["label"].astype(np.int32))
+        lab = c["label"].astype(np.int64)
+        labels.append(lab.astype(np.int32))
         probs.append(c["label_prob"].astype(np.float32))
-        codes.append(flag_chunk(rule, c, thresholds))
+        guess = confident_guess(c, thresholds)
+        diag += np.bincount(lab[guess == lab], minlength=num_classes)
+        off = (guess >= 0) & (guess != lab)
+        u, cnt = np.unique(lab[off] * num_classes + guess[off], return_counts=True)
+        keys.append(u)
+        kcounts.append(cnt)
+        if len(keys) >= 16:                                  # keep the pair list compact
+            j = _sparse(num_classes, diag, np.concatenate(keys), np.concatenate(kcounts))
+            keys, kcounts = [j.keys], [j.counts]
+        if rule.prunes:
+            i, p = others(c, others_kept)
+            o_idx.append(i)
+            o_prob.append(p)
+        else:
+            codes.append(flag_chunk(rule, c, thresholds))
     label = np.concatenate(labels) if labels else np.zeros(0, np.int32)
     label_prob = np.concatenate(probs) if probs else np.zeros(0, np.float32)
-    code = np.concatenate(codes) if codes else np.zeros(0, np.uint8)
+    raw = _sparse(num_classes, np.maximum(diag, 1), np.concatenate(keys or [np.zeros(0, np.int64)]),
+                  np.concatenate(kcounts or [np.zeros(0, np.int64)]))
+    cal = calibrate(raw, np.bincount(label, minlength=num_classes))
+    if rule.prunes and len(label):
+        st = PruneState(np.concatenate(o_idx), np.concatenate(o_prob))
+        del o_idx, o_prob
+        code = prune(rule, label, label_prob, st, prune_counts(cal))
+        del st
+    else:
+        code = np.concatenate(codes) if codes else np.zeros(0, np.uint8)
     code = apply_guards(label, label_prob, code, num_classes, max_drop_frac, min_per_class)
-    return Decision(rule, label, label_prob, code, thresholds)
+    return Decision(rule, label, label_prob, code, thresholds, cal)
