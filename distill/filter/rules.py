@@ -219,25 +219,28 @@ def calibrate(joint: SparseJoint, label_counts: np.ndarray) -> SparseJoint:
     """cleanlab's ``calibrate_confident_joint``: rows rescaled to the given-label counts, the whole
     normalised to their total, then rounded to integers preserving each row's total."""
     n = label_counts.astype(np.float64)
-    scale = n / np.maximum(joint.row_sums().astype(np.float64), 1e-100)
-    diag = joint.diag * scale
-    off = joint.counts * scale[joint.rows]
-    total = diag.sum() + off.sum()
-    factor = n.sum() / max(total, 1e-100)
-    diag, off = diag * factor, off * factor
-    diag_i, off_i = _round_rows(joint.num_classes, diag, joint.rows, off)
+    rs = np.maximum(joint.row_sums().astype(np.float64), 1e-100)
+    diag = joint.diag / rs * n                       # cleanlab's order of operations, for equal rounding
+    off = joint.counts / rs[joint.rows] * n[joint.rows]
+    total = max(diag.sum() + off.sum(), 1e-100)
+    diag, off = diag / total * n.sum(), off / total * n.sum()
+    diag_i, off_i = _round_rows(joint.num_classes, diag, joint.rows, joint.cols, off)
     return _sparse(joint.num_classes, diag_i, joint.keys, off_i)
 
 
-def _round_rows(num_classes: int, diag: np.ndarray, rows: np.ndarray, off: np.ndarray):
+def _round_rows(num_classes: int, diag: np.ndarray, rows: np.ndarray, cols: np.ndarray, off: np.ndarray):
     """cleanlab's ``round_preserving_row_totals`` on a sparse matrix (zeros stay zero)."""
     r = np.concatenate([np.arange(num_classes), rows])
+    col = np.concatenate([np.arange(num_classes), cols])
     v = np.concatenate([diag, off])
     ints = np.round(v)
     want = np.round(np.bincount(r, v, num_classes))
     diff = (want - np.bincount(r, ints, num_classes)).astype(np.int64)
     step = np.sign(diff)[r]
-    order = np.lexsort((-(v - ints) * step, r))          # per row: the entries to move first
+    # per row the entries to move first: largest residual when rounding up (ties: last column first,
+    # as cleanlab's reversed argsort), smallest when rounding down (ties: first column first). Residuals
+    # equal to 1e-9 are ties: cleanlab breaks those by the last bits of its dense float sums.
+    order = np.lexsort((-col * step, np.round(-(v - ints) * step, 9), r))
     rank = _rank_in_groups(r[order], num_classes)
     move = order[rank < np.abs(diff)[r[order]]]
     ints[move] += step[move]
@@ -341,6 +344,39 @@ def prune(rule: Rule, label, label_prob, st: PruneState, pc: SparseJoint, min_ex
     return np.where(flag, PRUNE_KINDS[rule.kind], KEEP).astype(np.uint8)
 
 
+class JointCounter:
+    """cleanlab's (uncalibrated) confident joint, counted chunk by chunk: a dense diagonal and the
+    off-diagonal (given, guess) pairs that occur, merged every 16 chunks."""
+
+    def __init__(self, num_classes: int, thresholds: np.ndarray):
+        self.c, self.thresholds = num_classes, thresholds
+        self.diag = np.zeros(num_classes, np.int64)
+        self.keys: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, chunk: dict) -> None:
+        lab = chunk["label"].astype(np.int64)
+        guess = confident_guess(chunk, self.thresholds)
+        self.diag += np.bincount(lab[guess == lab], minlength=self.c)
+        off = (guess >= 0) & (guess != lab)
+        u, cnt = np.unique(lab[off] * self.c + guess[off], return_counts=True)
+        self.keys.append(u)
+        self.counts.append(cnt)
+        if len(self.keys) >= 16:
+            j = self._merged()
+            self.keys, self.counts = [j.keys], [j.counts]
+
+    def _merged(self) -> SparseJoint:
+        return _sparse(self.c, self.diag, np.concatenate(self.keys or [np.zeros(0, np.int64)]),
+                       np.concatenate(self.counts or [np.zeros(0, np.int64)]))
+
+    def joint(self) -> SparseJoint:
+        """As cleanlab's compute_confident_joint(calibrate=False): the diagonal clipped to >= 1."""
+        j = self._merged()
+        j.diag = np.maximum(j.diag, 1)
+        return j
+
+
 # ----------------------------------------------------------------------------- the two passes
 
 def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, max_drop_frac: float = 1.0,
@@ -350,22 +386,11 @@ def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, m
     ``others_kept`` most probable other classes) while the confident joint is counted sparsely."""
     thresholds = class_thresholds(chunks(), num_classes)
     labels, probs, codes, o_idx, o_prob = [], [], [], [], []
-    diag = np.zeros(num_classes, np.int64)
-    keys: list[np.ndarray] = []
-    kcounts: list[np.ndarray] = []
+    counter = JointCounter(num_classes, thresholds)
     for c in chunks():
-        lab = c["label"].astype(np.int64)
-        labels.append(lab.astype(np.int32))
+        labels.append(c["label"].astype(np.int32))
         probs.append(c["label_prob"].astype(np.float32))
-        guess = confident_guess(c, thresholds)
-        diag += np.bincount(lab[guess == lab], minlength=num_classes)
-        off = (guess >= 0) & (guess != lab)
-        u, cnt = np.unique(lab[off] * num_classes + guess[off], return_counts=True)
-        keys.append(u)
-        kcounts.append(cnt)
-        if len(keys) >= 16:                                  # keep the pair list compact
-            j = _sparse(num_classes, diag, np.concatenate(keys), np.concatenate(kcounts))
-            keys, kcounts = [j.keys], [j.counts]
+        counter.add(c)
         if rule.prunes:
             i, p = others(c, others_kept)
             o_idx.append(i)
@@ -374,8 +399,7 @@ def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, m
             codes.append(flag_chunk(rule, c, thresholds))
     label = np.concatenate(labels) if labels else np.zeros(0, np.int32)
     label_prob = np.concatenate(probs) if probs else np.zeros(0, np.float32)
-    raw = _sparse(num_classes, np.maximum(diag, 1), np.concatenate(keys or [np.zeros(0, np.int64)]),
-                  np.concatenate(kcounts or [np.zeros(0, np.int64)]))
+    raw = counter.joint()
     cal = calibrate(raw, np.bincount(label, minlength=num_classes))
     if rule.prunes and len(label):
         st = PruneState(np.concatenate(o_idx), np.concatenate(o_prob))
