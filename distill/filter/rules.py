@@ -21,8 +21,10 @@ Rules:
   Top-K: p of a class outside a sample's top-K is unknown; it is at most the K-th probability and at
   most 1 - sum(top-K) (``outside_bound``). Such a class is never counted as confident (exact whenever
   the bound is below its threshold). The pruning keeps per sample only the ``others`` most probable
-  classes other than the label; for a pair (k, j) with more errors to remove than samples carrying j,
-  the rest of class k is ranked by the margin's upper bound (the last kept other's probability).
+  classes other than the label (``OTHERS_KEPT``). For a pair (k, j) a sample labelled k that carries
+  j has its exact margin; one that does not has p[j] in [0, u] (u: its last kept other's probability,
+  which bounds every class beyond them) and is ranked with p[j] = u / 2 (``UNKNOWN_SHARE``), the two
+  rankings merged; with every class kept (others = K = C) this is cleanlab's result exactly.
 Guards: per class, at most ``max_drop_frac`` of its samples are dropped and at least
 ``min_per_class`` are kept; the least suspicious flagged samples (highest label_prob) are kept first.
 """
@@ -43,6 +45,8 @@ PRUNE_KINDS = {"noise-rate": NOISE_RATE, "by-class": BY_CLASS, "both-prune": BOT
 RULE_NAMES = "topk:N, confident, both[:N], noise-rate, by-class or both-prune"
 EPS = 1e-6                 # cleanlab's FLOATING_POINT_COMPARISON
 THRESHOLD_FLOOR = 2e-6     # cleanlab's CONFIDENT_THRESHOLDS_LOWER_BOUND
+UNKNOWN_SHARE = 0.5        # p[j] of a class j beyond the kept others: estimated as this share of its bound
+OTHERS_KEPT = 5            # other classes kept per sample by the pruning rules (6 bytes each at C < 65,536)
 
 
 @dataclass(frozen=True)
@@ -270,19 +274,22 @@ def prune_counts(cal: SparseJoint, min_examples: int = 1) -> SparseJoint:
 @dataclass
 class PruneState:
     """Per sample: the ``others`` most probable classes other than the given label (from the top-K;
-    a missing one is -1 with the outside-top-K bound as probability) and whether the label is argmax."""
-    other_idx: np.ndarray     # (N, m) int32
+    a missing one is id C with the outside-top-K bound as probability)."""
+    other_idx: np.ndarray     # (N, m) uint16 (int32 when C >= 65,535)
     other_prob: np.ndarray    # (N, m) float32
 
 
-def others(chunk: dict, m: int) -> tuple[np.ndarray, np.ndarray]:
+def others(chunk: dict, m: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The m most probable classes other than the label (uint16 ids when C < 65,536); a missing one
+    (top-K shorter than m + 1) is id C with the outside-top-K bound as its probability."""
     label = chunk["label"].astype(np.int64)
     idx, prob = chunk["topk_idx"].astype(np.int64), chunk["topk_prob"].astype(np.float32)
     n = len(label)
-    idx = np.concatenate([idx, np.full((n, 1), -1)], 1)
+    idx = np.concatenate([idx, np.full((n, 1), num_classes)], 1)
     prob = np.concatenate([prob, outside_bound(prob)[:, None]], 1)
     order = np.argsort(idx == label[:, None], axis=1, kind="stable")[:, :m]   # the label moves last
-    return (np.take_along_axis(idx, order, 1).astype(np.int32), np.take_along_axis(prob, order, 1))
+    dtype = np.uint16 if num_classes < 65535 else np.int32
+    return (np.take_along_axis(idx, order, 1).astype(dtype), np.take_along_axis(prob, order, 1))
 
 
 def _by_class(label, label_prob, to_remove, counts, min_examples) -> np.ndarray:
@@ -311,24 +318,47 @@ def _by_noise_rate(label, label_prob, st: PruneState, pc: SparseJoint, counts, m
             j = st.other_idx[s:s + block, r].astype(np.int64)
             key = lab * c + j
             pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-            hit = np.flatnonzero((keys[pos] == key) & (j >= 0) & ok[lab])
+            hit = np.flatnonzero((keys[pos] == key) & (j < c) & ok[lab])
             sample.append(hit + s)
             pair.append(pos[hit])
             marg.append(st.other_prob[s:s + block, r][hit] - lp[hit])
     sample, pair, marg = np.concatenate(sample), np.concatenate(pair), np.concatenate(marg)
     order = np.lexsort((-marg, pair))
-    rank = _rank_in_groups(pair[order], len(keys))
+    sample, pair, marg = sample[order], pair[order], marg[order]
+    cstart = np.searchsorted(pair, np.arange(len(keys)))
+    ccount = np.bincount(pair, minlength=len(keys))
+    # every sample of class k, ranked by an estimate of p[j] - p[k] for a j it does not carry
+    est = UNKNOWN_SHARE * st.other_prob[:, -1] - label_prob
+    lorder = np.lexsort((-est, label))
+    lest = est[lorder]
+    lcount = counts.astype(np.int64)
+    lstart = np.concatenate([[0], np.cumsum(lcount)[:-1]])
+    k = pc.rows
+    need = np.minimum(need, ccount + lcount[k])
+    # a = how many of pair's top-`need` are its candidates: the top-`need` of the two merged rankings
+    lo, hi = np.maximum(0, need - lcount[k]), np.minimum(need, ccount)
+    while True:
+        todo = lo < hi
+        if not todo.any():
+            break
+        mid = (lo + hi) // 2
+        more = np.zeros(len(keys), bool)
+        t = np.flatnonzero(todo)
+        cm = marg[np.minimum(cstart[t] + mid[t], len(marg) - 1)]
+        le = lest[np.clip(lstart[k[t]] + need[t] - mid[t] - 1, 0, max(len(lest) - 1, 0))]
+        more[t] = cm >= le
+        lo = np.where(todo & more, mid + 1, lo)
+        hi = np.where(todo & ~more, mid, hi)
+    take = lo
     flag = np.zeros(n, bool)
-    flag[sample[order[rank < need[pair[order]]]]] = True
-    # pairs with more to remove than samples carrying j: the rest of class k by the margin's upper bound
-    short = np.maximum(need - np.bincount(pair, minlength=len(keys)), 0)
+    rank = np.arange(len(pair)) - cstart[pair]
+    flag[sample[rank < take[pair]]] = True
     fill = np.zeros(c, np.int64)
-    np.maximum.at(fill, pc.rows, short)
+    np.maximum.at(fill, k, need - take)           # the same ranking of class k serves every pair
     if fill.any():
-        upper = st.other_prob[:, -1] - label_prob
-        order = np.lexsort((-upper, label))
-        rank = _rank_in_groups(label[order], c)
-        flag[order[(rank < fill[label[order]]) & ok[label[order]]]] = True
+        lab = label[lorder]
+        lrank = _rank_in_groups(lab, c)
+        flag[lorder[(lrank < fill[lab]) & ok[lab]]] = True
     return flag
 
 
@@ -380,7 +410,7 @@ class JointCounter:
 # ----------------------------------------------------------------------------- the two passes
 
 def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, max_drop_frac: float = 1.0,
-           min_per_class: int = 0, others_kept: int = 3) -> Decision:
+           min_per_class: int = 0, others_kept: int = OTHERS_KEPT) -> Decision:
     """Two streaming passes over ``chunks()`` (a callable returning a fresh iterator each time): class
     thresholds, then per sample label, label_prob, a reason code (and for the pruning rules the
     ``others_kept`` most probable other classes) while the confident joint is counted sparsely."""
@@ -392,7 +422,7 @@ def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, m
         probs.append(c["label_prob"].astype(np.float32))
         counter.add(c)
         if rule.prunes:
-            i, p = others(c, others_kept)
+            i, p = others(c, others_kept, num_classes)
             o_idx.append(i)
             o_prob.append(p)
         else:
