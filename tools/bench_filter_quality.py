@@ -50,8 +50,11 @@ def make_noisy(num_classes: int, n: int, seed: int = 0, flip: float = 0.2):
     given = np.minimum(given, num_classes - 1)
     errors = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(errors, (given[given != true], true[given != true]), 1)
-    logits = rng.normal(0, 1.0, (n, num_classes)).astype(np.float32)
-    lift = rng.uniform(0.0, 2.0, n).astype(np.float32)       # the whole true group looks alike
+    # background logits are shifted by -log(C / 100) / 1.6 so that the mass spread over unrelated
+    # classes is the same at 100 and at 1,000 classes (a scorer does not get worse with more classes)
+    shift = np.float32(np.log(num_classes / 100) / 1.6)
+    logits = rng.normal(0, 1.0, (n, num_classes)).astype(np.float32) - shift
+    lift = rng.uniform(0.0, 2.0, n).astype(np.float32) + shift   # the whole true group looks alike
     for g in range(GROUP):
         cls = np.minimum(group * GROUP + g, num_classes - 1)
         logits[np.arange(n), cls] += lift

@@ -2,8 +2,9 @@
 
 A chunk is a dict of arrays for n samples: ``label`` (n,), ``label_prob`` (n,), ``topk_idx`` (n, K),
 ``topk_prob`` (n, K). ``decide`` makes two streaming passes over the chunks (per-class thresholds,
-then flags) and keeps only label, label_prob and a reason code per sample, so 14 million samples
-decide in well under 2 GB (tools/bench_filter.py).
+then flags and the confident joint) and keeps only label, label_prob and a reason code per sample --
+the pruning rules also ``OTHERS_KEPT`` (class, probability) pairs, 30 bytes -- so 14 million samples
+decide in under 2 GB (tools/bench_filter.py --rule all).
 
 Rules:
 * ``topk:N`` — flag when the given label is not among the scorer's N most probable classes.
@@ -13,7 +14,7 @@ Rules:
 * ``noise-rate`` / ``by-class`` / ``both-prune`` — cleanlab's pruning (``find_label_issues`` with
   ``filter_by="prune_by_noise_rate"`` / ``"prune_by_class"`` / ``"both"``) on top-K data: the confident
   joint (given class x guessed true class) is counted sparsely, calibrated and turned into a number of
-  errors per (given, true) pair as cleanlab does (``confident_joint`` .. ``prune_counts``); then
+  errors per (given, true) pair as cleanlab does (``JointCounter``, ``calibrate``, ``prune_counts``); then
   ``noise-rate`` removes, in each off-diagonal pair (k, j), that many samples labelled k of largest
   margin p[j] - p[k], ``by-class`` removes n_k - (kept count) samples of lowest p[k] in class k, and
   ``both-prune`` flags what both flag. As in cleanlab, a sample whose given label is the scorer's
@@ -374,6 +375,17 @@ def prune(rule: Rule, label, label_prob, st: PruneState, pc: SparseJoint, min_ex
     return np.where(flag, PRUNE_KINDS[rule.kind], KEEP).astype(np.uint8)
 
 
+def _stack(parts: list) -> np.ndarray:
+    """np.concatenate that frees each part once copied (peak: the result plus one part)."""
+    out = np.empty((sum(len(x) for x in parts),) + parts[0].shape[1:], parts[0].dtype)
+    s = 0
+    while parts:
+        x = parts.pop(0)
+        out[s:s + len(x)] = x
+        s += len(x)
+    return out
+
+
 class JointCounter:
     """cleanlab's (uncalibrated) confident joint, counted chunk by chunk: a dense diagonal and the
     off-diagonal (given, guess) pairs that occur, merged every 16 chunks."""
@@ -432,8 +444,7 @@ def decide(chunks: Callable[[], Iterable[dict]], num_classes: int, rule: Rule, m
     raw = counter.joint()
     cal = calibrate(raw, np.bincount(label, minlength=num_classes))
     if rule.prunes and len(label):
-        st = PruneState(np.concatenate(o_idx), np.concatenate(o_prob))
-        del o_idx, o_prob
+        st = PruneState(_stack(o_idx), _stack(o_prob))
         code = prune(rule, label, label_prob, st, prune_counts(cal))
         del st
     else:
