@@ -135,11 +135,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smaller sets (a smoke run)")
     ap.add_argument("--no-cleanlab-1000", action="store_true", help="skip cleanlab on the 1,000-class set")
     a = ap.parse_args(argv)
-    try:
-        import cleanlab  # noqa: F401
-        have_cl = True
-    except ImportError:
-        have_cl = False
+    import importlib.util
+    have_cl = importlib.util.find_spec("cleanlab") is not None
     small = (100, 4_000 if a.quick else 20_000)
     big = (1000, 8_000 if a.quick else 40_000)
     rows: list = []
