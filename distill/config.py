@@ -210,7 +210,7 @@ class FilterConfig:
     shards: str = opt(help="directory of .tar shards or a brace pattern", metavar="SHARDS")
     scorer: tuple[str, ...] = opt((), help="scorer spec (same forms as --teacher); repeat for an ensemble", metavar="SPEC", required=True)
     out: str = opt(help="filter directory to write", metavar="FILTER_DIR")
-    rule: str = opt("confident", help="topk:N (keep when the label is among the N most probable), confident (confident learning on top-K), or both")
+    rule: str = opt("confident", help="topk:N (keep when the label is among the N most probable), confident (confident learning on top-K), both[:N] (topk:N and confident), noise-rate / by-class / both-prune (cleanlab's prune_by_noise_rate / prune_by_class / both on the top-K confident joint)")
     topk: int = opt(10, help="classes recorded per sample")
     max_drop_frac: float = opt(0.5, help="never drop more than this fraction of a class")
     min_per_class: int = opt(1, help="always keep at least this many samples of a class")

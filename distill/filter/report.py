@@ -111,6 +111,13 @@ def write_filter_report(out: Path, summary: dict, cache) -> None:
              "| label | class | samples | dropped | fraction |", "| --- | --- | --- | --- | --- |"]
     for c in sorted(summary["per_class"], key=lambda c: -c["dropped_frac"])[:50]:
         lines.append(f"| {c['label']} | {c['name']} | {c['samples']} | {c['dropped']} | {c['dropped_frac']:.1%} |")
+    pairs = summary.get("noise_pairs") or []
+    lines += ["", "## Estimated label errors (calibrated confident joint, largest off-diagonal entries)", ""]
+    if pairs:
+        lines += ["| given class | likely true class | estimated errors |", "| --- | --- | --- |"]
+        lines += [f"| {p['given']} {p['given_name']} | {p['true']} {p['true_name']} | {p['count']} |" for p in pairs]
+    else:
+        lines.append("No confident off-diagonal pair: the scorer agrees with the given labels.")
     if _montage(out, scores, cache, classes):
         lines += ["", "## Most suspicious (lowest margin): given label in red, scorer's top-1 in green", "",
                   f"![suspicious]({MONTAGE_NAME})"]

@@ -122,6 +122,7 @@ def _summary(cfg: FilterConfig, cache, dec: rules.Decision) -> dict:
             "guard_kept": int((dec.code == rules.GUARD).sum()),
             "thresholds": [None if np.isnan(x) else round(float(x), 6) for x in dec.thresholds],
             "classes": cache.classes, "per_class": _per_class(dec, cache.classes),
+            "noise_pairs": _noise_pairs(dec, cache.classes),
             "skipped": [dict(s, shard=e["name"]) for e in cache.manifest["shards"] for s in e["skipped"]],
             "shards": [e["name"] for e in cache.manifest["shards"]]}
 
@@ -160,6 +161,14 @@ def _dropped_keys(out: Path) -> list[str]:
     t = read_ipc(out / FILTER_SCORES_NAME, ["key", "keep"])
     keep = t.column("keep").to_numpy(zero_copy_only=False)
     return [k for k, kp in zip(t.column("key").to_pylist(), keep) if not kp]
+
+
+def _noise_pairs(dec: rules.Decision, classes: list[str], n: int = 20) -> list[dict]:
+    """The calibrated confident joint's largest off-diagonal entries: estimated errors per pair."""
+    if dec.joint is None:
+        return []
+    return [{"given": g, "given_name": classes[g], "true": t, "true_name": classes[t], "count": c}
+            for g, t, c in dec.joint.largest(n) if c > 0]
 
 
 def _per_class(dec: rules.Decision, classes: list[str]) -> list[dict]:
