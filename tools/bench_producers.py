@@ -80,7 +80,8 @@ def _stub(root: Path, per_batch_s: float, tag: str) -> str:
 def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, mode: str, n: int) -> float:
     from distill.cache import cache_teacher
     from distill.config import CacheConfig
-    policy = {"size": 224, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mix_block": 64}
+    # blocks of 32: one shard holds many, so that 2 producers have work side by side
+    policy = {"size": 224, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mix_block": 32}
     cfg = CacheConfig(shards=str(shards), teacher=(spec,), out=str(out), epochs=epochs, topk=2, batch_size=batch,
                       teacher_input_size=224, workers=1, threads=1, device="cpu", quiet=True, overwrite=True,
                       view_workers=n if mode == "processes" else 0, decode_threads=n if mode == "threads" else 1)
@@ -96,13 +97,13 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=0)
     a = ap.parse_args()
-    images = a.images or (128 if a.quick else 384)
+    images = a.images or (192 if a.quick else 512)
     epochs = a.epochs or (2 if a.quick else 4)
     batch = 64
     with tempfile.TemporaryDirectory(prefix="distill-producers-") as d:
         root = Path(d)
         sys.path.insert(0, str(root))                 # the stub modules (embedded Ray passes sys.path on)
-        shards = _shards(root, images, 2)
+        shards = _shards(root, images, 1)
         free = _stub(root, 0.0, "free")
         cap = {}
         for mode in ("threads", "processes"):
