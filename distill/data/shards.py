@@ -129,14 +129,19 @@ def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterat
     reason. Only a missing or unopenable file raises (``UserError``).
     """
     path = Path(path)
+    f = _open_shard(path)
+    with f:
+        yield from _samples(_members(f), path.name, require_label)
+
+
+def _open_shard(path: Path):
+    """The shard opened for reading; a missing or unopenable file is one UserError."""
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"shard not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot open shard {path}: {e.strerror or e}") from None
-    with f:
-        yield from _samples(_members(f), path.name, require_label)
 
 
 READ_FAULT_ENV = "DISTILL_FAULT_READ_ONCE"   # test hook: a marker path; the first read that finds it absent creates it and fails
@@ -187,12 +192,7 @@ def scan_shard(path: str | os.PathLike) -> Iterator[Sample | Skip]:
     headers and the label members: image members are seeked over and ``Sample.data`` is empty. For
     counting a shard cheaply (``distill inspect`` of shards without an index)."""
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise UserError(f"shard not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot open shard {path}: {e.strerror or e}") from None
+    f = _open_shard(path)
 
     def members():
         head = f.read(6)
