@@ -6,6 +6,7 @@ Notebook entry points (each reads one output directory; nothing runs a teacher):
     cache = distill.open_cache("out/demo/cache")      # teacher cache: tables, records, replayed views
     flt = distill.open_filter("out/demo/filter")      # filter-labels scores and flags
     run = distill.open_run("out/demo/student")        # train-student metrics and summary
+    distill.student_models()                          # the registered students: params, GFLOPs, source
 
 ``import distill`` is light: the readers (pyarrow) load on first use, torch only when a view is
 replayed, matplotlib (``pip install 'distill[viz]'``) only when a figure is drawn.
@@ -13,11 +14,11 @@ replayed, matplotlib (``pip install 'distill[viz]'``) only when a figure is draw
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["open_cache", "open_filter", "open_run", "Cache", "FilterOutput", "Run", "UserError", "__version__"]
+__all__ = ["open_cache", "open_filter", "open_run", "student_models", "Cache", "FilterOutput", "Run", "UserError", "__version__"]
 
 # name -> module that defines it; imported on first access (PEP 562) so `import distill` stays cheap
 _LAZY = {"open_cache": "cache.reader", "Cache": "cache.reader", "open_filter": "notebook", "FilterOutput": "notebook",
-         "open_run": "notebook", "Run": "notebook", "UserError": "files"}
+         "open_run": "notebook", "Run": "notebook", "student_models": "notebook", "UserError": "files"}
 
 
 def lazy_names(package: str, where: dict[str, str]):

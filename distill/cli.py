@@ -121,6 +121,18 @@ def cmd_convert_cache(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    import json
+
+    from .models.catalog import describe_models, format_table
+    try:
+        rows = describe_models(args.names or None, latency=args.latency)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print("\n".join(json.dumps(r) for r in rows) if args.json else format_table(rows))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import describe, skipped_tsv
     print(skipped_tsv(args.path) if args.skipped else describe(args.path, n=args.n))
@@ -246,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skipped", action="store_true",
                    help="print every skipped sample recorded for PATH as TSV (shard, key, reason) instead")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("models", help="list the student models: parameters, GFLOPs, source paper",
+                       description="List the registered students (train-student --model): parameters with a "
+                                   "1,000-class head, GFLOPs (multiply-accumulates) at 224 px, source paper.")
+    s.add_argument("names", nargs="*", metavar="MODEL", help="only these models")
+    s.add_argument("--latency", action="store_true",
+                   help="also measure CPU latency: batch 1, 224 px, median of 10 forwards (seconds per model)")
+    s.add_argument("--json", action="store_true", help="one JSON object per model instead of a table")
+    s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("run", help="run a pipeline TOML file stage by stage", description="Run the stages of a pipeline file in order.")
     s.add_argument("pipeline", metavar="PIPELINE.toml")

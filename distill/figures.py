@@ -268,10 +268,11 @@ def _nothing_flagged(flt):
 
 # ----------------------------------------------------------------------------- run: curves
 
-SOFT, HARD = "soft", "hard"
+SOFT, HARD, DIST = "soft", "hard", "dist"
 LOSS_AXES = {     # quantity -> (colour, y label, axis title)
     SOFT: ("C2", "soft-target loss", "soft-target loss: CE vs the teacher's top-K"),
     HARD: ("C3", "hard-label cross-entropy", "hard-label cross-entropy (train)"),
+    DIST: ("C4", "distillation-head loss", "distillation head: CE vs the teacher (EfficientFormer)"),
 }
 
 
@@ -280,7 +281,7 @@ def _run_losses(run, rows) -> dict[str, list]:
     rows have no parts (older metrics) gives its ``train_loss`` under ``hard`` when it trained from hard
     labels, else under ``train loss`` (a total of unknown parts, drawn on its own axis)."""
     out = {}
-    for q in (SOFT, HARD):
+    for q in (SOFT, HARD, DIST):
         if any(r.get(f"{q}_loss") is not None for r in rows):
             out[q] = [np.nan if r.get(f"{q}_loss") is None else r[f"{q}_loss"] for r in rows]
     if not out and any(r.get("train_loss") is not None for r in rows):
@@ -333,4 +334,31 @@ def plot_run(run):
     what = " ".join(filter(None, [s.get("model"), s.get("source") and f"from {s['source']}"]))
     _suptitle(fig, run.path.name + (f": {what}" if what else "")
               + (" vs the hard-labels baseline" if base is not None else ""))
+    return fig
+
+
+# ----------------------------------------------------------------------------- run: class relations
+
+def plot_class_relations(rel):
+    """Student and teacher class-correlation matrices side by side (one colour scale, symmetric about 0 over
+    both matrices' off-diagonal entries; the diagonal, always 1, left blank), their agreement in the title;
+    class names on the axes when there are at most 30."""
+    n = len(rel.classes)
+    fig = _figure("Run.class_relations().plot", 11.0, 5.4)
+    axes = fig.subplots(1, 2)
+    off = ~np.eye(n, dtype=bool)
+    lim = max(1e-3, float(np.abs(rel.student[off]).max(initial=0)), float(np.abs(rel.teacher[off]).max(initial=0)))
+    for ax, mat, title in ((axes[0], rel.student, f"student: {rel.student_images} val images"),
+                           (axes[1], rel.teacher, f"teacher: {rel.teacher_records} cached records")):
+        shown = np.where(off, mat, np.nan)          # the diagonal (always 1) would flatten the colour scale
+        im = ax.imshow(shown, vmin=-lim, vmax=lim, cmap="RdBu_r", interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        if n <= 30:
+            ax.set_xticks(range(n), [str(c) for c in rel.classes], rotation=90, fontsize=7)
+            ax.set_yticks(range(n), [str(c) for c in rel.classes], fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="Pearson correlation of class predictions")
+    _suptitle(fig, f"class relations, {n} classes: agreement (off-diagonal Pearson) {rel.agreement:.3f}")
     return fig

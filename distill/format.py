@@ -648,3 +648,4 @@ RUN_METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch
 RUN_SUMMARY_NAME = "summary.json"   # written when the run completes
 RUN_CONFIG_NAME = "config.json"     # the resolved TrainConfig
 RUN_BASELINE_DIR = "hard-labels"    # the --compare-hard-labels run, inside the run directory
+RUN_CLASS_STATS_NAME = "class_stats.npz"  # last epoch's validation sums for class relations (train/relations.py)

@@ -21,12 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import (FILTER_REPORT_NAME, FILTER_SCORING_DIR, RUN_BASELINE_DIR, RUN_CONFIG_NAME, RUN_METRICS_NAME,
-                     RUN_SUMMARY_NAME, FILTER_SCORES_NAME, Skip, read_filter_summary)
+from dataclasses import dataclass
+
+from .format import (FILTER_REPORT_NAME, FILTER_SCORING_DIR, RUN_BASELINE_DIR, RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME,
+                     RUN_METRICS_NAME, RUN_SUMMARY_NAME, FILTER_SCORES_NAME, Skip, read_filter_summary)
 from .files import FormatError, UserError, read_json
 from .cache.reader import Cache, _need_pandas, _read_columns, open_cache
 
-__all__ = ["open_cache", "open_filter", "open_run", "Cache", "FilterOutput", "Run", "show_cache_views"]
+__all__ = ["open_cache", "open_filter", "open_run", "student_models", "Cache", "ClassRelations", "FilterOutput", "Run",
+           "show_cache_views"]
 
 from .figures import show_cache_views  # noqa: F401 (re-exported)
 
@@ -207,7 +210,87 @@ class Run:
         from .figures import plot_run
         return plot_run(self)
 
+    def class_relations(self, cache: str | os.PathLike | None = None, epochs=(0,),
+                        max_records: int = 200_000) -> "ClassRelations":
+        """What the student learned of the teacher's class relations (TinyViT §3.3): the Pearson correlation
+        between classes' predictions of the student (softmax on the last epoch's validation images, from
+        ``class_stats.npz``) beside the teacher's (its cached top-K, densified, over the records of
+        ``epochs``, at most ``max_records``), and their agreement (the correlation of the two matrices'
+        off-diagonals). ``cache``: the run's own cache by default (a hard-labels baseline uses its parent's)."""
+        from .train.relations import agreement, correlation
+        p = self.path / RUN_CLASS_STATS_NAME
+        if not p.exists():
+            raise UserError(f"{self.path} has no {RUN_CLASS_STATS_NAME} (written after the last epoch's validation: "
+                            f"train with --val-shards, let the run finish)")
+        with np.load(p) as z:
+            st = {k: z[k] for k in z.files}
+        cache_dir = cache or (self.config or {}).get("cache")
+        if cache_dir is None and self.path.name == RUN_BASELINE_DIR:
+            cache_dir = (Run(self.path.parent).config or {}).get("cache")
+        if cache_dir is None:
+            raise UserError(f"{self.path}: no cache to compare with: pass class_relations(cache=CACHE_DIR)")
+        c = open_cache(cache_dir)
+        ids = st["class_ids"]
+        if int(ids.max()) >= c.num_classes:
+            raise UserError(f"{cache_dir}: {c.num_classes} classes, but the run tracked class id {int(ids.max())}")
+        teacher, n_rec = teacher_class_stats(c, ids, epochs, max_records)
+        s_corr, t_corr = correlation(**st), correlation(**teacher)
+        names = [c.classes[i] for i in ids]
+        return ClassRelations(names, s_corr, t_corr, agreement(s_corr, t_corr), int(st["n"]), n_rec, str(self.path))
+
 
 def open_run(path: str | os.PathLike) -> Run:
     """Open a train-student run directory (complete or still running)."""
     return Run(path)
+
+
+@dataclass
+class ClassRelations:
+    """Class-correlation matrices of a student (validation predictions) and its teacher (cached top-K)."""
+    classes: list
+    student: np.ndarray
+    teacher: np.ndarray
+    agreement: float          # Pearson of the two matrices' off-diagonal entries
+    student_images: int
+    teacher_records: int
+    run: str
+
+    def __repr__(self) -> str:
+        return (f"ClassRelations({self.run}: {len(self.classes)} classes, agreement {self.agreement:.3f}; "
+                f"student on {self.student_images} val images, teacher on {self.teacher_records} cached records)")
+
+    def plot(self):
+        """The two matrices side by side, the agreement in the title (needs ``distill[viz]``)."""
+        from .figures import plot_class_relations
+        return plot_class_relations(self)
+
+
+def teacher_class_stats(cache: Cache, class_ids: np.ndarray, epochs=(0,), max_records: int = 200_000):
+    """The relation sums (``train/relations.py``) of the teacher's densified cached targets (uniform fill)
+    over ``epochs``' records, in shard order, stopping after ``max_records``; returns (sums, records)."""
+    import torch
+
+    from .train.losses import dense_targets
+    from .train.relations import ClassStats
+    stats = ClassStats(class_ids)
+    for t in cache.iter_tables(epochs=list(epochs), columns=["topk_idx", "topk_prob"]):
+        t = t.slice(0, max(0, max_records - stats.n))
+        if not t.num_rows:
+            break
+        k = cache.topk
+        idx = torch.from_numpy(pc.list_flatten(t["topk_idx"]).to_numpy().astype(np.int64).reshape(-1, k))
+        prob = torch.from_numpy(pc.list_flatten(t["topk_prob"]).to_numpy().astype(np.float32).reshape(-1, k))
+        for a in range(0, len(idx), 4096):
+            stats.add_probs(dense_targets(idx[a:a + 4096], prob[a:a + 4096], cache.num_classes))
+    return stats.arrays(), stats.n
+
+
+def student_models(latency: bool = False, names: list[str] | None = None) -> pa.Table:
+    """The registered students (``distill models``) as a table: name, family, params (1,000-class head),
+    gflops (at 224 px), image_size, paper, and with ``latency=True`` the CPU ``latency_ms`` of a batch-1
+    forward (median of 10; takes a few seconds per model). ``.to_pandas()`` for a DataFrame."""
+    from .models.catalog import describe_models
+    try:
+        return pa.Table.from_pylist(describe_models(names, latency=latency))
+    except ValueError as e:
+        raise UserError(str(e)) from None

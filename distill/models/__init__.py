@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from distill.models.tinyvit import TinyVit, tinyvit_5m, tinyvit_11m, tinyvit_21m, tinyvit_tiny
 
 __all__ = [
-    "MODELS", "InitReport", "TinyVit", "create_model", "list_models", "load_init", "param_groups",
+    "MODELS", "PAPERS", "InitReport", "TinyVit", "create_model", "list_models", "load_init", "param_groups",
     "resize_attention_biases",
 ]
 
@@ -33,7 +33,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "tinyvit-21m": tinyvit_21m,
 }
 
-# Classifier parameters: dropped from a checkpoint whose class count differs from the model's.
+PAPERS: dict[str, str] = {name: "TinyViT (Wu et al., ECCV 2022)" for name in MODELS}
+
+# Classifier parameters: dropped from a checkpoint whose class count differs from the model's
+# (a model lists its own in ``head_keys``; TinyViT's are these).
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 NO_DECAY_NAMES = ("attention_biases",)
 
@@ -102,6 +105,7 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
     """
     state = _read_state_dict(path)
     target = model.state_dict()
+    head_keys = tuple(getattr(model, "head_keys", HEAD_KEYS))
     report = InitReport()
     out: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
@@ -111,12 +115,12 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
             report.ignored.append(key)
             continue
         if key not in target:
-            (report.dropped_head if key in HEAD_KEYS else unexpected).append(key)
+            (report.dropped_head if key in head_keys else unexpected).append(key)
             continue
         want = target[key].shape
         if value.shape == want:
             out[key] = value
-        elif key in HEAD_KEYS:
+        elif key in head_keys:
             report.dropped_head.append(key)
         elif key.endswith("attention_biases") and value.ndim == 2 and value.shape[0] == want[0]:
             out[key] = resize_attention_biases(value, want[1])
@@ -125,7 +129,7 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
 
     # A file without a classifier (saved headless) is fine: the model keeps its fresh one.
-    report.dropped_head += [k for k in HEAD_KEYS if k in target and k not in state]
+    report.dropped_head += [k for k in head_keys if k in target and k not in state]
     missing = [k for k in target if k not in out and k not in report.dropped_head
                and not k.endswith("num_batches_tracked")]
     if unexpected or missing or mismatched:

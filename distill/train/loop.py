@@ -18,23 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import ReaderMark, UserError, atomic_write_json, lock_dir
+from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, lock_dir
+from ..format import RUN_CLASS_STATS_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
 from .data import TrainStream, ValStream, batches_per_epoch, loader
-from .losses import DistillLoss, topk_correct
+from .losses import DistillLoss, TwoHeadLoss, topk_correct
 from .prepare import Data, prepare_data, validate
+from .relations import ClassStats, relation_classes
 
 VAL_CACHE_BYTES = 512 << 20   # keep the validation views in memory between epochs below this size
 VAL_SKIPS_SHOWN = 5           # skipped validation keys (with reasons) a summary names
@@ -319,7 +323,7 @@ class _Session:
     model: torch.nn.Module
     fwd: torch.nn.Module
     opt: torch.optim.Optimizer
-    crit: DistillLoss
+    crit: TwoHeadLoss
     state: dict
     per_step: int                 # images of one batch over all ranks
     batches: int                  # batches per rank and epoch (what the loader yields)
@@ -344,7 +348,12 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
     if last.exists() and not cfg.resume:
         raise UserError(f"{out} already holds a run ({ck.LAST}); pass --resume to continue it or choose another --out")
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, data.num_classes, img_size=cfg.image_size, drop_path_rate=cfg.drop_path)
+    try:
+        model = create_model(cfg.model, data.num_classes, img_size=cfg.image_size, drop_path_rate=cfg.drop_path)
+    except ValueError as e:
+        raise UserError(f"--model {cfg.model}: {e}") from None
+    if hasattr(model, "set_distilled_training"):       # a distillation head learns from the cached teacher
+        model.set_distilled_training(not cfg.hard_labels)
     ckpt = None
     if cfg.resume and last.exists():
         ckpt = ck.load(last)
@@ -408,11 +417,16 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
                     warmup, plan, ddp)
 
 
-def criterion(cfg: TrainConfig, data: Data) -> DistillLoss:
+def criterion(cfg: TrainConfig, data: Data) -> TwoHeadLoss:
     """The run's loss: soft CE on the cache's targets at the cache's temperature (T² · CE at T), plus alpha
-    times the hard-label CE; the hard term alone in a --hard-labels run."""
-    return DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
-                       hard_only=cfg.hard_labels, temperature=data.temperature or 1.0)
+    times the hard-label CE; the hard term alone in a --hard-labels run. A student with a distillation
+    head (its forward gives two logits) gets ``TwoHeadLoss``: labels for one head, the cache for the other."""
+    try:
+        plain = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
+                            hard_only=cfg.hard_labels, temperature=data.temperature or 1.0)
+        return TwoHeadLoss(plain, cfg.dist_head_target)
+    except ValueError as e:
+        raise UserError(f"loss options (--alpha, --target-fill, --dist-head-target): {e}") from None
 
 
 def _stream(s: _Session):
@@ -517,7 +531,8 @@ def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: f
     data, d, state = s.data, s.d, s.state
     n_all = int(tot[1])
     train_s = time.perf_counter() - t_epoch
-    top1, top5 = val.evaluate(s.model) if val else (None, None)
+    stats = ClassStats(relation_classes(data.num_classes), d.device) if val and epoch + 1 == s.cfg.epochs else None
+    top1, top5 = val.evaluate(s.model, stats) if val else (None, None)
     state["epoch"] = epoch + 1
     state["images_seen"] += n_all
     state["train_s"] += train_s
@@ -537,6 +552,10 @@ def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: f
     if d.main:
         try:
             _save(s, epoch, row, best)
+            if stats is not None and stats.n > 1:
+                buf = io.BytesIO()
+                np.savez(buf, **stats.arrays())
+                atomic_write_bytes(Path(s.cfg.out) / RUN_CLASS_STATS_NAME, buf.getvalue())
         except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
             err = e
     _sync(d, err)
@@ -634,15 +653,21 @@ class _Validator:
         if self.keep:
             self.kept = kept
 
-    def evaluate(self, model) -> tuple[float, float]:
+    def evaluate(self, model, stats: ClassStats | None = None) -> tuple[float, float]:
         """(top-1, top-5) in percent over every rank's part; a rank's error ends every rank (``_sync``).
-        ``report`` then holds the images scored and skipped, with the first few skipped keys and reasons."""
+        ``report`` then holds the images scored and skipped, with the first few skipped keys and reasons.
+        ``stats``, when given, gathers every rank's class-relation sums (``relations.py``)."""
         err, counts, skipped = None, [0, 0, 0, 0], []
         try:
-            counts, skipped = self._count(model)
+            counts, skipped = self._count(model, stats)
         except Exception as e:  # noqa: BLE001 - every rank stops
             err = e
         _sync(self.d, err)
+        if stats is not None and self.d.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(stats.sum_p)
+            dist.all_reduce(stats.sum_pp)
+            stats.n = int(_all_sum([float(stats.n)], self.d)[0])
         c1, c5, n, k = _all_sum(counts, self.d)
         gather = _gather(self.d)
         first = (gather(skipped) if gather else skipped)[:VAL_SKIPS_SHOWN]
@@ -651,7 +676,7 @@ class _Validator:
         return (100.0 * c1 / n, 100.0 * c5 / n) if n else (None, None)
 
     @torch.inference_mode()
-    def _count(self, model) -> tuple[list, list]:
+    def _count(self, model, stats: ClassStats | None = None) -> tuple[list, list]:
         """([top-1 hits, top-5 hits, samples, samples skipped], the first skipped (key, reason)) of this rank."""
         was = model.training
         model.eval()
@@ -666,6 +691,8 @@ class _Validator:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = model(x)
             a, b5 = topk_correct(logits.float(), y, (1, 5))
+            if stats is not None:
+                stats.add(logits)
             c1, c5, n = c1 + a, c5 + b5, n + y.shape[0]
         model.train(was)
         return [c1, c5, n, k], first

@@ -20,6 +20,7 @@ label smoothing, mixed like the images: ``lam * onehot(label) + (1 - lam) * oneh
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,40 @@ class DistillLoss:
             parts["hard"] = hard
             total = hard * w_hard if total is None else total + w_hard * hard
         return total, {k: v.detach() for k, v in parts.items()}
+
+
+DIST_TARGETS = ("soft", "hard")
+
+
+@dataclass
+class TwoHeadLoss:
+    """Students with a distillation head (EfficientFormer, DeiT): their forward in distilled training
+    returns ``(cls_logits, dist_logits)``. The classification head learns from the hard labels (smoothed,
+    mixed like the images: ``labels``), the distillation head from the cached teacher targets: ``soft``
+    (the dense top-K, T² · CE at the cache's temperature) or ``hard`` (CE with the teacher's top-1 on the
+    view, DeiT's hard distillation); the loss is their mean, as DeiT's. Inference averages the two heads
+    (the model does that in eval mode). A plain tensor of logits falls back to ``plain`` (a one-head model).
+    """
+    plain: DistillLoss
+    dist_target: str = "soft"
+
+    def __post_init__(self):
+        if self.dist_target not in DIST_TARGETS:
+            raise ValueError(f"dist_target must be one of {DIST_TARGETS}, got {self.dist_target!r}")
+
+    def __call__(self, logits, batch: dict) -> tuple[torch.Tensor, dict]:
+        if not isinstance(logits, tuple):
+            return self.plain(logits, batch)
+        cls_logits, dist_logits = logits
+        p = self.plain
+        hard = soft_cross_entropy(cls_logits, hard_targets(batch["label"], p.num_classes, batch.get("label2"),
+                                                           batch.get("lam"), p.smoothing))
+        if self.dist_target == "hard":
+            top1 = batch["idx"].gather(1, batch["prob"].argmax(1, keepdim=True))[:, 0]
+            dist = F.cross_entropy(dist_logits.float(), top1)
+        else:
+            dist, _ = dataclasses.replace(p, alpha=0.0, hard_only=False)(dist_logits, batch)
+        return 0.5 * (hard + dist), {"hard": hard.detach(), "dist": dist.detach()}
 
 
 def topk_correct(logits: torch.Tensor, label: torch.Tensor, ks=(1, 5)) -> list[int]:
