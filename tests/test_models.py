@@ -10,6 +10,7 @@ from distill.models import (
     MODELS, InitReport, create_model, list_models, load_init, param_groups, resize_attention_biases,
 )
 from distill.models.tinyvit import CONFIGS, TinyVit, bias_table_index
+from tests.helpers.timm_stub import import_timm
 
 # Published sizes (TinyViT paper / timm) with a 1,000-class head.
 PUBLISHED_PARAMS = {"tinyvit-5m": 5.39e6, "tinyvit-11m": 11.00e6, "tinyvit-21m": 21.20e6}
@@ -300,7 +301,7 @@ def test_load_init_mismatches(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(TIMM_NAMES))
 def test_matches_timm(tmp_path, name):
-    timm = pytest.importorskip("timm")
+    timm = import_timm()
     reference = timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=1000)
     ref_sd = reference.state_dict()
     if "head.norm.weight" not in ref_sd:

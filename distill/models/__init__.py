@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.models import dat, efficientformer, vit
 from distill.models.tinyvit import TinyVit, tinyvit_5m, tinyvit_11m, tinyvit_21m, tinyvit_tiny
 
 __all__ = [
@@ -31,14 +32,21 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "tinyvit-5m": tinyvit_5m,
     "tinyvit-11m": tinyvit_11m,
     "tinyvit-21m": tinyvit_21m,
+    **efficientformer.BUILDERS,
+    **vit.BUILDERS,
+    **dat.BUILDERS,
 }
 
-PAPERS: dict[str, str] = {name: "TinyViT (Wu et al., ECCV 2022)" for name in MODELS}
+PAPERS: dict[str, str] = {**{name: "TinyViT (Wu et al., ECCV 2022)" for name in ("tinyvit-tiny", "tinyvit-5m",
+                                                                                "tinyvit-11m", "tinyvit-21m")},
+                          **efficientformer.PAPERS, **vit.PAPERS, **dat.PAPERS}
 
 # Classifier parameters: dropped from a checkpoint whose class count differs from the model's
 # (a model lists its own in ``head_keys``; TinyViT's are these).
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 NO_DECAY_NAMES = ("attention_biases",)
+# Buffers a model derives from its sizes (index tables, masks): a checkpoint's copy is not needed.
+DERIVED_BUFFERS = ("attention_bias_idxs",)
 
 
 def list_models() -> list[str]:
@@ -58,9 +66,14 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     ``layer_lr_decay`` < 1 one group per (decay, lr factor), the factor in the group's ``lr_scale``
     (the trainer multiplies the scheduled lr by it, as TinyViT's ``LRSchedulerWrapper``).
 
-    A parameter goes to the no-decay group when it is 1-D (norm weights, biases) or its name contains
-    ``attention_biases``. Frozen parameters are left out; empty groups are dropped.
+    A parameter goes to the no-decay group when it is 1-D (norm weights, biases), its name contains
+    ``attention_biases`` or one of the model's ``no_weight_decay_keywords()``, or it is one of the model's
+    ``no_weight_decay()`` names (timm's conventions: ViT's ``pos_embed`` and ``cls_token``, DAT's bias
+    tables). Frozen parameters are left out; empty groups are dropped.
     """
+    exact = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    words = NO_DECAY_NAMES + tuple(model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords")
+                                   else ())
     scales: dict[str, float] = {}
     if layer_lr_decay != 1.0:
         if not hasattr(model, "layer_lr_scales"):
@@ -70,7 +83,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES) else weight_decay
+        wd = 0.0 if p.ndim <= 1 or name in exact or any(s in name for s in words) else weight_decay
         scale = scales.get(name, 1.0)
         g = groups.setdefault((wd == 0.0, -scale), {"params": [], "weight_decay": wd, "lr_scale": scale})
         g["params"].append(p)
@@ -83,7 +96,7 @@ class InitReport:
 
     loaded: int = 0
     dropped_head: list[str] = field(default_factory=list)      # classifier keys left at fresh init
-    resized: list[str] = field(default_factory=list)           # attention-bias tables interpolated
+    resized: list[str] = field(default_factory=list)           # attention-bias tables / pos_embed interpolated
     ignored: list[str] = field(default_factory=list)           # derived buffers in the file, not needed
 
     def summary(self) -> str:
@@ -91,7 +104,8 @@ class InitReport:
         if self.dropped_head:
             parts.append(f"dropped head ({', '.join(self.dropped_head)})")
         if self.resized:
-            parts.append(f"resized {len(self.resized)} attention-bias tables")
+            parts.append(f"resized {len(self.resized)} position tables ({', '.join(self.resized[:3])}"
+                         f"{', ...' if len(self.resized) > 3 else ''})")
         return "; ".join(parts)
 
 
@@ -104,14 +118,17 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
     differ. Any other missing, unexpected or mis-shaped tensor raises ValueError.
     """
     state = _read_state_dict(path)
+    if hasattr(model, "adapt_state_dict"):           # e.g. DAT: bias tables saved at another image size
+        state = model.adapt_state_dict(state)
     target = model.state_dict()
     head_keys = tuple(getattr(model, "head_keys", HEAD_KEYS))
+    derived = DERIVED_BUFFERS + tuple(getattr(model, "derived_buffer_names", ()))
     report = InitReport()
     out: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
 
     for key, value in state.items():
-        if key.endswith("attention_bias_idxs"):
+        if key.rsplit(".", 1)[-1] in derived:
             report.ignored.append(key)
             continue
         if key not in target:
@@ -125,13 +142,17 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
         elif key.endswith("attention_biases") and value.ndim == 2 and value.shape[0] == want[0]:
             out[key] = resize_attention_biases(value, want[1])
             report.resized.append(key)
+        elif key == "pos_embed" and value.ndim == 3 and hasattr(model, "grid_size"):      # ViT at another size
+            prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+            out[key] = vit.resample_pos_embed(value, model.grid_size, prefix)
+            report.resized.append(key)
         else:
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
 
     # A file without a classifier (saved headless) is fine: the model keeps its fresh one.
     report.dropped_head += [k for k in head_keys if k in target and k not in state]
     missing = [k for k in target if k not in out and k not in report.dropped_head
-               and not k.endswith("num_batches_tracked")]
+               and not k.endswith("num_batches_tracked") and k.rsplit(".", 1)[-1] not in derived]
     if unexpected or missing or mismatched:
         lines = [f"checkpoint {os.fspath(path)} does not fit {type(model).__name__}:"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
