@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(not TEACHER.is_file(), reason="demo shards/teach
 def one_thread():
     """One intra-op thread: the 2-core test machine runs these small models faster that way."""
     before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
