@@ -21,6 +21,7 @@ Parts (``--only`` takes a comma-separated subset):
   cli         tools/bench_cli.py        start-up: `distill --help` wall time against a bare Python start
   producers   tools/bench_producers.py  view producer threads vs processes against a stub GPU teacher
   gpu         tools/bench_gpu.py        the teacher pass and student steps on CUDA (--cpu-smoke without one)
+  students    tools/bench_students.py   train-step img/s of each student family, as ratios to tinyvit-5m
   projection  here                      ImageNet-21K at 90 epochs, K=10 and K=100, from anchors + measurements
 
 Stage scripts run as subprocesses; their JSON (``--json``) is used where they offer it, else their
@@ -47,7 +48,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "producers", "gpu",
-         "projection")
+         "students", "projection")
 
 # Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
 ANCHORS = {
@@ -186,6 +187,10 @@ def part_cli(quick: bool, tmp: Path) -> dict:
 
 def part_producers(quick: bool, tmp: Path) -> dict:
     return _json_part("bench_producers.py", ["--quick"] if quick else [], 900 if quick else 2400)
+
+
+def part_students(quick: bool, tmp: Path) -> dict:
+    return _json_part("bench_students.py", ["--quick"] if quick else [], 600 if quick else 1800)
 
 
 def part_gpu(quick: bool, tmp: Path) -> dict:
@@ -489,7 +494,7 @@ def render(res: dict, env: dict, quick: bool) -> str:
 
     L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
     L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
-    L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env)
+    L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env) + _sec_students(res, env)
     L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
           "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(L)
@@ -788,6 +793,22 @@ def _sec_gpu(res, env):
     return L
 
 
+def _sec_students(res, env):
+    r = res.get("students")
+    L = ["## 13. Students: train-step throughput", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    j = r["json"]
+    L += [f"`tools/bench_students.py`: forward + soft cross-entropy + backward + AdamW on random {j['size']} px inputs, "
+          f"batch {j['batch']}, {j['threads']} threads; models timed in {j['rounds']} interleaved rounds, median step. "
+          "GFLOPs are multiply-accumulates at this size (what the papers report at 224).", "",
+          f"| model | params | GFLOPs at {j['size']} | train img/s | ÷ {j['baseline']} |", "|---|---:|---:|---:|---:|"]
+    for name, m in j["models"].items():
+        L.append(f"| {name} | {m['params'] / 1e6:.2f}M | {m['gflops_at_size']:.2f} | {m['img_s']:,.1f} | "
+                 f"**{m['ratio_to_baseline']:.2f}** |")
+    return L + [""]
+
+
 def _sec_scale(res, env):
     r = res.get("scale", {})
     j = r.get("json")
@@ -963,6 +984,8 @@ def main(argv=None) -> int:
             go("producers", lambda: part_producers(a.quick, tmp))
         if "gpu" in parts:
             go("gpu", lambda: part_gpu(a.quick, tmp))
+        if "students" in parts:
+            go("students", lambda: part_students(a.quick, tmp))
         if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:
