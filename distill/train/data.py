@@ -140,10 +140,14 @@ def _inject_fault(rank: int, batch: int) -> None:
         raise UserError(f"injected fault ({FAULT_ENV}={rank}) in the training stream at batch {batch}")
 
 
-def _collate(items: list, stats: list) -> dict:
+def _raw(item: tuple) -> tuple:
+    return item
+
+
+def _collate(items: list, stats: list, images: bool = True) -> dict:
     k = items[0][1].shape[0]
     out = {
-        "image": torch.stack([it[0] for it in items]),
+        "image": torch.stack([it[0] for it in items]) if images else None,
         "idx": torch.from_numpy(np.stack([it[1] for it in items])) if k else torch.zeros(len(items), 0, dtype=torch.int64),
         "prob": torch.from_numpy(np.stack([it[2] for it in items])) if k else torch.zeros(len(items), 0),
         "label": torch.tensor([it[3] for it in items], dtype=torch.int64),
@@ -154,6 +158,23 @@ def _collate(items: list, stats: list) -> dict:
     }
     stats[0] = stats[1] = 0
     return out
+
+
+def finish_batch(batch: dict, device: torch.device, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD) -> torch.Tensor:
+    """The float32 views (B, 3, S, S) of a ``device_finish`` batch, made on ``device``: the uint8 pixels
+    normalised there (``augment.normalize_u8``, the same IEEE steps on every device), erased and mixed
+    with the partners' (``augment.erase_``, ``augment.mix``) — on the CPU bit for bit what the workers'
+    ``augment.to_tensor`` + ``augment.mix`` give."""
+    x = augment.normalize_u8(batch["image"].to(device, non_blocking=True), mean, std)
+    plans = batch["finish"]
+    mixed = [i for i, (_, _, plan) in enumerate(plans) if plan is not None]
+    y = augment.normalize_u8(batch["image2"][mixed].to(device, non_blocking=True), mean, std) if mixed else None
+    for i, (p, _, _) in enumerate(plans):
+        augment.erase_(x[i], p)
+    for j, i in enumerate(mixed):
+        _, q, plan = plans[i]
+        x[i] = augment.mix(x[i], augment.erase_(y[j], q), plan)
+    return x
 
 
 def _pixels(src: "augment.SourceImage", params: dict, size: int) -> bytes:
@@ -173,18 +194,24 @@ class TrainStream(IterableDataset):
     def __init__(self, shards: list[ShardRef], *, spec: views.ViewSpec, image_size: int, batch_size: int,
                  seed: int, shuffle_buffer: int, cache=None, num_classes: int, exclude=frozenset(),
                  rank: int = 0, world: int = 1, drop_last: bool = True, open_shards: int = OPEN_SHARDS,
-                 mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
+                 mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, device_finish: bool = False):
         super().__init__()
+        self.device_finish = device_finish
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()   # seen by persistent loader workers
         self.shards, self.spec, self.size, self.batch_size = list(shards), spec, image_size, batch_size
         self.seed, self.buffer, self.cache, self.num_classes = seed, max(1, shuffle_buffer), cache, num_classes
         self.exclude, self.rank, self.world, self.drop_last = frozenset(exclude), rank, world, drop_last
         self.open_shards, self.mean, self.std = max(1, open_shards), tuple(mean), tuple(std)
-        self.epoch = 0
         self.counts = self._counts()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Training epoch (0-based; a cache run reads cached epoch ``epoch mod E``)."""
-        self.epoch = epoch
+        """Training epoch (0-based; a cache run reads cached epoch ``epoch mod E``). The value lives in
+        shared memory, so persistent DataLoader workers read it when the next epoch's iteration starts."""
+        self._epoch[0] = epoch
 
     def _counts(self) -> list[int]:
         """Samples per shard and epoch: the refs' own, else the cache manifest's less --exclude, else
@@ -216,15 +243,16 @@ class TrainStream(IterableDataset):
         stats = [0, 0]
         batch: list = []
         made = 0
+        finish, collate = (_raw, self._collate_u8) if self.device_finish else (self._finish, _collate)
         for item in self._shuffled(self._interleaved(self.my_segments(), rng, stats), rng):
-            batch.append(self._finish(item))
+            batch.append(finish(item))
             if len(batch) == self.batch_size:
                 _inject_fault(self.rank, made)
                 made += 1
-                yield _collate(batch, stats)
+                yield collate(batch, stats)
                 batch = []
         if batch and not self.drop_last:
-            yield _collate(batch, stats)
+            yield collate(batch, stats)
 
     def _shuffled(self, items: Iterable[tuple], rng: random.Random) -> Iterator[tuple]:
         """Items through a swap buffer of ``shuffle_buffer`` items, then the rest in random order."""
@@ -285,6 +313,19 @@ class TrainStream(IterableDataset):
             w = augment.to_tensor(Image.frombytes("RGB", (self.size, self.size), other), q, self.mean, self.std)
             v = augment.mix(v, w, plan)
         return (v,) + item[5:]
+
+    def _collate_u8(self, items: list, stats: list) -> dict:
+        """A batch whose ``image`` is the views' uint8 pixels (B, S, S, 3), with ``image2`` the mix partners'
+        (zeros where unmixed) and ``finish``: per sample (own params, partner params, mix plan), for
+        ``finish_batch`` to normalise, erase and mix on the training device."""
+        s = self.size
+        zero = bytes(s * s * 3)
+        own = torch.frombuffer(bytearray(b"".join(it[0] for it in items)), dtype=torch.uint8)
+        other = torch.frombuffer(bytearray(b"".join(it[2] or zero for it in items)), dtype=torch.uint8)
+        out = _collate([(None,) + it[5:] for it in items], stats, images=False)
+        out["image"], out["image2"] = own.view(len(items), s, s, 3), other.view(len(items), s, s, 3)
+        out["finish"] = [(it[1], it[3], it[4]) for it in items]
+        return out
 
     def _cache_blocks(self, seg: Segment, stats: list):
         """The blocks of a shard's cache rows that hold the segment's samples: (keys, sources, seeds,
@@ -451,12 +492,24 @@ def _init_worker(_):
     torch.set_num_threads(1)
 
 
-def loader(ds: IterableDataset, workers: int, pin_memory: bool = False):
-    """A DataLoader over a dataset that yields whole batches (no re-batching, no per-sample pickling)."""
+def loader(ds: IterableDataset, workers: int, pin_memory: bool = False, persistent: bool = False):
+    """A DataLoader over a dataset that yields whole batches (no re-batching, no per-sample pickling).
+    ``persistent``: the workers live across epochs (``TrainStream.set_epoch`` reaches them through
+    shared memory), so an epoch does not start by forking and warming up new ones."""
     if workers <= 0:
         return ds
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       worker_init_fn=_init_worker, prefetch_factor=4)
+                                       worker_init_fn=_init_worker, prefetch_factor=4, persistent_workers=persistent)
+
+
+def auto_workers(local_processes: int = 1) -> int:
+    """Default DataLoader workers per training process: its share of the CPU cores this process may use,
+    less one for the training process itself (0 on a one-core share: replay in the training process)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:          # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, cores // max(1, local_processes) - 1)
 
 
 # ----------------------------------------------------------------------------- how mixed are batches

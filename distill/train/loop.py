@@ -35,7 +35,7 @@ from ..format import RUN_CLASS_STATS_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
-from .data import TrainStream, ValStream, batches_per_epoch, loader
+from .data import TrainStream, ValStream, auto_workers, batches_per_epoch, finish_batch, loader
 from .losses import DistillLoss, TwoHeadLoss, topk_correct
 from .prepare import Data, prepare_data, validate
 from .relations import ClassStats, relation_classes
@@ -253,6 +253,8 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     take the values of its recipe (``distill.recipes``)."""
     cfg, overridden = recipes.resolve_train(cfg)
     validate(cfg)
+    if cfg.loader_workers < 0:           # resolved here, so config.json (and --resume's check) hold the number
+        cfg = dataclasses.replace(cfg, loader_workers=auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
@@ -331,6 +333,12 @@ class _Session:
     warmup: int                   # warmup optimiser steps
     plan: recipes.LrPlan          # lr, min lr and warmup lr scaled by the global batch
     ddp: torch.nn.Module | None = None   # the DDP wrapper (its no_sync skips all-reduces while accumulating)
+
+    @property
+    def device_views(self) -> bool:
+        """uint8 views from the loader, finished on the training device (``--device-views``; default on CUDA)."""
+        v = self.cfg.device_views
+        return self.d.device.type == "cuda" if v is None else bool(v)
 
     def lr(self, epoch: int, step: int) -> float:
         """The lr of step ``step`` of ``epoch``: every epoch starts at its planned place in the schedule."""
@@ -438,12 +446,12 @@ def _stream(s: _Session):
     ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size,
                      seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=data.cache,
                      num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
-                     drop_last=data.samples >= s.per_step)
+                     drop_last=data.samples >= s.per_step, device_finish=s.device_views)
     workers = max(1, cfg.loader_workers)
     if ds.drop_last and s.batches < workers:
         note(f"warning: {s.batches} batch(es) per process and epoch for {workers} loader workers: "
              f"some workers idle", not d.main)
-    train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda")
+    train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda", persistent=True)
 
     def batches(epoch: int):
         ds.set_epoch(epoch)
@@ -486,11 +494,15 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
     for b in batches(epoch):
         b.pop("stats")
         b.pop("key", None)
+        finish = b.pop("finish", None)
+        image2 = b.pop("image2", None)
         group = max(1, min(accum, s.batches - taken * accum))    # batches of this optimiser step
         if micro == 0:
             lr = s.lr(epoch, taken)
             for g in s.opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
+        if finish is not None:           # uint8 views: normalised, erased and mixed here, on the device
+            b["image"] = finish_batch({"image": b["image"], "image2": image2, "finish": finish}, d.device)
         b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
         last = micro + 1 >= group
         with (s.ddp.no_sync() if s.ddp is not None and not last else contextlib.nullcontext()):

@@ -68,8 +68,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.target_fill not in FILLS:
         raise UserError(f"--target-fill must be one of {', '.join(FILLS)}, got {cfg.target_fill!r}")
-    if cfg.loader_workers < 0 or cfg.threads < 0 or cfg.shuffle_buffer < 0:
-        raise UserError("--loader-workers, --threads and --shuffle-buffer must be >= 0")
+    if cfg.loader_workers < -1 or cfg.threads < 0 or cfg.shuffle_buffer < 0:
+        raise UserError("--loader-workers must be >= -1 (-1: automatic), --threads and --shuffle-buffer >= 0")
     if not cfg.hard_labels and not cfg.cache:
         raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
 
