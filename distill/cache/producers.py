@@ -52,27 +52,36 @@ class Block:
 
 @dataclass
 class Piece:
-    """k epochs of one block, rendered: ``pixels`` uint8 (k * n, H, W, 3), epoch-major."""
+    """k epochs of one block, rendered: ``pixels`` uint8 (k * n, H, W, 3), epoch-major, or, when
+    ``finished``, the views already normalised, erased and mixed: float32 (k * n, 3, H, W). ``params``:
+    the block's view parameters, on the first piece of a block whose parameters the producer computed."""
     block: int
     epoch0: int
     pixels: object
     decode_s: float = 0.0
+    finished: bool = False
+    params: list | None = None
 
 
 def epochs_per_piece(batch_size: int, block_len: int, epochs: int) -> int:
     return max(1, min(epochs, batch_size // max(1, block_len)))
 
 
-def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: int, guard=None):
-    """Yield the block's pieces (k epochs each, the last one may hold fewer)."""
-    import numpy as np
+def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: int, guard=None, shared: bool = False):
+    """Yield the block's pieces (k epochs each, the last one may hold fewer). A block read without view
+    parameters (producer processes) gets them here, from its seeds and images, and the first piece
+    carries them back. ``shared``: pixels are allocated in shared memory (they cross to another process)."""
     import torch
     t0 = time.perf_counter()
-    srcs = block.srcs
+    srcs, computed = block.srcs, None
     if not srcs:
         srcs = []
-        for data, params in zip(block.data, block.params):
+        if not block.params:
+            computed = block.params = [[] for _ in block.data]
+        for data, seeds, params in zip(block.data, block.seeds, block.params):
             src = augment.SourceImage(data)
+            if computed is not None:
+                params.extend(views.params(spec, s, src) for s in seeds)
             try:
                 src.at(min(augment.draft_factor(p, size) for p in params))
             except Exception as e:
@@ -84,7 +93,10 @@ def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: 
     for e0 in range(0, epochs, k):
         t0 = time.perf_counter()
         es = range(e0, min(epochs, e0 + k))
-        out = np.empty((len(es) * n, size, size, 3), np.uint8)
+        pixels = torch.empty((len(es) * n, size, size, 3), dtype=torch.uint8)
+        if shared:
+            pixels.share_memory_()
+        out = pixels.numpy()
         for j, e in enumerate(es):
             for i, src in enumerate(srcs):
                 if guard is None:
@@ -92,9 +104,40 @@ def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: 
                 else:
                     with guard():
                         img = augment.render(src, block.params[i][e], size)
-                out[j * n + i] = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
-        yield Piece(block.index, e0, torch.from_numpy(out), decode_s + time.perf_counter() - t0)
-        decode_s = 0.0
+                out[j * n + i] = img.convert("RGB") if img.mode != "RGB" else img
+        yield Piece(block.index, e0, pixels, decode_s + time.perf_counter() - t0, params=computed)
+        decode_s, computed = 0.0, None
+
+
+def finish_pixels(p: Piece, b: Block, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False,
+                  out=None):
+    """The views of a rendered piece, float32 (B, 3, H, W) on ``device``: its uint8 pixels normalised on the
+    device, erased and mixed exactly as ``augment.view`` / ``augment.mix`` do (``out``: a tensor to fill)."""
+    n = len(b.labels)
+    es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
+    px = p.pixels.pin_memory() if pin else p.pixels
+    x = augment.normalize_u8(px.to(device, non_blocking=True), mean, std, out=out)
+    for j, e in enumerate(es):
+        for i in range(n):
+            augment.erase_(x[j * n + i], b.params[i][e])
+    if spec.mixing:
+        mixed = {}
+        for j, e in enumerate(es):
+            for i, plan in enumerate(views.block_plan(spec, [s[e] for s in b.seeds])):
+                if plan is not None:
+                    mixed[j * n + i] = augment.mix(x[j * n + i], x[j * n + plan["partner"]], plan)
+        for row, v in mixed.items():       # after every pair is made: partners are the unmixed views
+            x[row] = v
+    return x
+
+
+def piece_rows(p: Piece, b: Block, epochs: int):
+    """(labels, (position, epoch) rows) of a piece's views, in their order."""
+    import numpy as np
+    n = len(b.labels)
+    es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
+    where = np.array([(b.start + i, e) for e in es for i in range(n)], dtype=np.int64).reshape(-1, 2)
+    return [b.labels[i] for _ in es for i in range(n)], where
 
 
 # ----------------------------------------------------------------------------- the reader
@@ -135,10 +178,11 @@ class ShardReader:
             try:
                 src = augment.SourceImage(item.data)
                 seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
-                params = [views.params(self.spec, s, src) for s in seeds]
                 if self.decoded:      # the finest decode any epoch needs, kept for the views
+                    params = [views.params(self.spec, s, src) for s in seeds]
                     src.at(min(augment.draft_factor(p, self.size) for p in params))
-                else:                 # decodable? (the producer decodes again at the scale it needs)
+                else:                 # decodable? (the producer computes the parameters and decodes again)
+                    params = None
                     src.at(CHECK_FACTOR)
             except Exception as e:
                 self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}",
@@ -152,7 +196,8 @@ class ShardReader:
                 block = Block(index=pos // self.spec.policy.mix_block, start=pos, labels=[], seeds=[], params=[])
             block.labels.append(item.label)
             block.seeds.append(seeds)
-            block.params.append(params)
+            if params is not None:
+                block.params.append(params)
             (block.srcs if self.decoded else block.data).append(src if self.decoded else src.data)
             if len(block.labels) == self.spec.policy.mix_block:
                 self.read_s += time.perf_counter() - t0
@@ -221,9 +266,12 @@ class ThreadProducers:
         pass
 
 
-def _process_main(tasks, results, spec_of: dict, epochs: int, size: int, batch_size: int, parent: int) -> None:
+def _process_main(tasks, results, spec_of: dict, epochs: int, size: int, batch_size: int, parent: int,
+                  finish=None) -> None:
     """A producer process: blocks from ``tasks`` -> pieces on ``results``; ``None`` ends it, and so does
-    the end of its parent (a worker killed by Ray leaves no producer behind)."""
+    the end of its parent (a worker killed by Ray leaves no producer behind). ``finish``: (mean, std) when
+    the teacher's device is the CPU: the views are finished here (normalised, erased, mixed: the same
+    code and bits as on the worker), in parallel, instead of in the worker."""
     import torch
     torch.set_num_threads(1)
     spec = views.ViewSpec.from_manifest(spec_of)
@@ -249,7 +297,11 @@ def _process_main(tasks, results, spec_of: dict, epochs: int, size: int, batch_s
             return
         try:
             k = epochs_per_piece(batch_size, len(b.labels), epochs)
-            for p in render_block(b, spec, epochs, size, k):
+            for p in render_block(b, spec, epochs, size, k, shared=finish is None):
+                if finish is not None:
+                    x = torch.empty((p.pixels.shape[0], 3, size, size), dtype=torch.float32).share_memory_()
+                    p.pixels = finish_pixels(p, b, spec, epochs, *finish, torch.device("cpu"), out=x)
+                    p.finished = True
                 put(("piece", p))
         except BaseException as e:  # noqa: BLE001 - the worker fails the shard with this line
             put(("error", f"{type(e).__name__}: {e}"))
@@ -260,14 +312,14 @@ class ProcessProducers:
     """``n`` spawned producer processes, kept for the worker's life (their start, ~torch's import, is paid
     once); blocks go out on a bounded queue, pieces come back on another."""
 
-    def __init__(self, n: int, spec_of: dict, epochs: int, size: int, batch_size: int):
+    def __init__(self, n: int, spec_of: dict, epochs: int, size: int, batch_size: int, finish=None):
         import torch.multiprocessing as mp
         ctx = mp.get_context("spawn")
-        self.n, self.spec_of = n, spec_of
+        self.n, self.spec_of, self.finish = n, spec_of, finish
         self.tasks = ctx.Queue(maxsize=2 * n)
         self.results = ctx.Queue(maxsize=4 * n)
         self.procs = [ctx.Process(target=_process_main, args=(self.tasks, self.results, spec_of, epochs, size, batch_size,
-                                                              os.getpid()),
+                                                              os.getpid(), finish),
                                   daemon=True, name=f"distill-views-{i}") for i in range(n)]
         for p in self.procs:
             p.start()

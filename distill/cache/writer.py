@@ -20,7 +20,7 @@ import numpy as np
 from .. import engine
 from ..data import augment, views
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
-from .producers import Block, Piece, ProcessProducers, ShardReader, ThreadProducers
+from .producers import Block, ProcessProducers, ShardReader, ThreadProducers, finish_pixels, piece_rows
 
 
 
@@ -121,7 +121,9 @@ class CacheWorker:
         self.num_classes, self.prob_dtype, self.progress = num_classes, prob_dtype, progress
         self.exclude = frozenset(exclude)
         self.decode_threads = decode_threads
-        self.producers = (ProcessProducers(view_workers, views_of, epochs, input_size, batch_size)
+        # on a CPU device the producers finish the views too (in parallel, not in this process)
+        self.finish = (self.mean, self.std) if self.device.type == "cpu" else None
+        self.producers = (ProcessProducers(view_workers, views_of, epochs, input_size, batch_size, self.finish)
                           if view_workers > 0 else None)
         # warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
         # spend their first calls optimising, which would otherwise land in the first shard
@@ -154,7 +156,7 @@ class CacheWorker:
             if self.producers is not None:    # producers may hold this shard's pieces: start them afresh
                 self.producers.close()
                 self.producers = ProcessProducers(self.producers.n, self.producers.spec_of, self.epochs,
-                                                  self.size, self.batch_size)
+                                                  self.size, self.batch_size, self.finish)
             raise RuntimeError(f"{os.path.basename(path)}: {type(e).__name__}: {e}") from e
         table, entry = self._assemble(task, reader, got)
         return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
@@ -170,8 +172,7 @@ class CacheWorker:
         pin = self.device.type == "cuda"
         for p in pieces:
             render_s += p.decode_s
-            b = blocks[p.block]
-            x, labels, where = finish_piece(p, b, self.spec, self.epochs, self.mean, self.std, self.device, pin)
+            x, labels, where = take_piece(p, blocks, self.spec, self.epochs, self.mean, self.std, self.device, pin)
             t0 = time.perf_counter()
             first_at = t0 if first_at is None else first_at
             with gate.teacher() if gate else contextlib.nullcontext():
@@ -212,26 +213,14 @@ class CacheWorker:
         return table.replace_schema_metadata(meta), entry
 
 
-def finish_piece(p: Piece, b: Block, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False):
-    """(views (B, 3, H, W) float32 on ``device``, labels, (position, epoch) rows) of a piece: its uint8
-    views normalised on the device, erased and mixed exactly as ``augment.view`` / ``augment.mix`` do."""
-    n = len(b.labels)
-    es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
-    px = p.pixels.pin_memory() if pin else p.pixels
-    x = augment.normalize_u8(px.to(device, non_blocking=True), mean, std)
-    for j, e in enumerate(es):
-        for i in range(n):
-            augment.erase_(x[j * n + i], b.params[i][e])
-    if spec.mixing:
-        out = x.clone()
-        for j, e in enumerate(es):
-            for i, plan in enumerate(views.block_plan(spec, [s[e] for s in b.seeds])):
-                if plan is not None:
-                    out[j * n + i] = augment.mix(x[j * n + i], x[j * n + plan["partner"]], plan)
-        x = out
-    where = np.array([(b.start + i, e) for e in es for i in range(n)], dtype=np.int64).reshape(-1, 2)
-    labels = [b.labels[i] for _ in es for i in range(n)]
-    return x, labels, where
+def take_piece(p, blocks: dict, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False):
+    """(views (B, 3, H, W) float32 on ``device``, labels, (position, epoch) rows) of a piece, finished here
+    unless its producer finished it; a block's parameters computed by its producer arrive with its first piece."""
+    b = blocks[p.block]
+    if p.params is not None:
+        b.params = p.params
+    x = p.pixels.to(device) if p.finished else finish_pixels(p, b, spec, epochs, mean, std, device, pin)
+    return (x, *piece_rows(p, b, epochs))
 
 
 def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, mean, std, batch_size: int,
@@ -247,11 +236,12 @@ def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, siz
             blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
             yield b
 
-    prod = ProcessProducers(view_workers, spec.views_of(), epochs, size, batch_size) if view_workers else ThreadProducers(1)
+    prod = (ProcessProducers(view_workers, spec.views_of(), epochs, size, batch_size, (tuple(mean), tuple(std)))
+            if view_workers else ThreadProducers(1))
     out = {}
     try:
         for p in prod.pieces(kept(reader.blocks()), spec, epochs, size, batch_size):
-            x, _, where = finish_piece(p, blocks[p.block], spec, epochs, mean, std, torch.device("cpu"))
+            x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
             for row, (s, e) in enumerate(where):
                 out[reader.samples[s][0], int(e)] = x[row]
     finally:

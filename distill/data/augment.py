@@ -605,10 +605,15 @@ def to_tensor(img: Image.Image, params: dict, mean=IMAGENET_MEAN, std=IMAGENET_S
     return erase_(normalize_u8(pixels, mean, std), params)
 
 
-def normalize_u8(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize_u8(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W): x / 255, then (x - mean) / std, on the pixels' device
-    (torchvision's ToTensor + Normalize, bit for bit, on every device: each step is one IEEE operation)."""
-    x = pixels.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    (torchvision's ToTensor + Normalize, bit for bit, on every device: each step is one IEEE operation).
+    ``out``: a float32 (..., 3, H, W) tensor to write into (e.g. one in shared memory)."""
+    if out is None:
+        x = pixels.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    else:
+        x = out.copy_(pixels.movedim(-1, -3))
     m, sd = _norm(tuple(map(float, mean)), tuple(map(float, std)))
     return x.div_(255.0).sub_(m.to(x.device)).div_(sd.to(x.device))
 
