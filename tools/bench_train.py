@@ -80,6 +80,34 @@ def bench_loader(args) -> tuple[float, float]:
     return statistics.median(ra), statistics.median(rb)
 
 
+def bench_workers(args, workers: int = 2) -> tuple[float, float]:
+    """The trainer's own DataLoader (``distill.train.data.loader``, persistent workers, prefetching) over
+    the cache-replay stream with ``workers`` worker processes vs none (the stream in this process):
+    whole passes alternating, which goes first alternating too; median pass rate of each."""
+    from distill.train.data import loader
+    cfg = TrainConfig(shards=args.shards, cache=args.cache, out="-", image_size=args.image_size)
+    data = prepare_data(cfg, None)
+    common = dict(spec=data.spec, image_size=args.image_size, batch_size=args.batch_size,
+                  seed=int(data.cache.manifest["cache_seed"]), shuffle_buffer=1000, num_classes=data.num_classes,
+                  drop_last=False)
+    streams = {w: TrainStream(data.refs, cache=data.cache, **common) for w in (0, workers)}
+    loaders = {w: loader(streams[w], w, persistent=w > 0) for w in (0, workers)}
+
+    def rate(w: int, epoch: int) -> float:
+        streams[w].set_epoch(epoch)
+        t = time.perf_counter()
+        n = sum(len(b["label"]) for b in loaders[w])
+        return n / (time.perf_counter() - t)
+
+    rate(workers, 0)           # start the persistent workers (process start and imports are not the loader's rate)
+    got = {0: [], workers: []}
+    for r in range(args.repeats):
+        e = r % data.cache.epochs
+        for w in ((0, workers) if r % 2 == 0 else (workers, 0)):
+            got[w].append(rate(w, e))
+    return statistics.median(got[workers]), statistics.median(got[0])
+
+
 def bench_step(args) -> tuple[float, float]:
     num_classes, k = args.classes, args.topk
     dev = torch.device(args.device)
@@ -147,10 +175,16 @@ def main(argv=None) -> int:
                 print(f"building a temporary cache of {args.shards} ...", flush=True)
                 build_cache(args.shards, args.cache)
             la, lb = bench_loader(args)
+            wa, wb = bench_workers(args, 2)
         print(f"(a) loader, {args.image_size}px, batch {args.batch_size}, median of {args.repeats} alternating passes:")
         print(f"    cache replay + sparse targets {la:8.1f} img/s")
         print(f"    hard labels (same views)      {lb:8.1f} img/s")
         print(f"    ratio {la / lb:.3f}  (target >= 0.95)")
+        print(f"(c) workers: the trainer's DataLoader over the cache replay, {args.image_size}px, batch {args.batch_size}, "
+              f"median of {args.repeats} alternating passes:")
+        print(f"    2 persistent worker processes {wa:8.1f} img/s")
+        print(f"    0 workers (in the main process) {wb:8.1f} img/s")
+        print(f"    ratio {wa / wb:.3f}  (target >= 1.5)")
     sa, sb = bench_step(args)
     print(f"(b) train step, {args.model} at {args.image_size}px, {args.classes} classes, top-{args.topk}, "
           f"batch {args.batch_size}, {args.device}, median step of {args.repeats * args.steps} alternating steps:")

@@ -5,9 +5,12 @@ decodable) and cuts the valid ones into blocks of ``policy.mix_block`` positions
 pairing). A producer takes a whole block: it decodes each image once (at the finest JPEG draft
 scale any of its epochs needs) and renders all E epoch views of the block as uint8, ``k`` epochs
 at a time (``k = max(1, batch_size // block length)``), so one *piece* = k epochs of one block.
-The worker finishes each piece (normalisation, random erasing, mixing; on the teacher's device) and
-runs the teacher on it: **a teacher batch is always one piece**, whatever the number of producers or
-the order pieces arrive in, so the records are byte-identical for every number of producers.
+Each piece is finished (normalisation, random erasing, mixing) on the teacher's device: by the worker
+on a GPU, by the producer process itself on a CPU device. The teacher runs on one piece at a time, cut
+into batches of at most ``batch_size`` the same way for every piece: **a teacher batch never depends on
+the number of producers** or the order pieces arrive in, so the records are byte-identical for every N.
+Producer processes compute the block's view parameters themselves (the reader only checks, seeds and
+positions) and send them back with the block's first piece.
 
 Producers are threads of the worker (``--view-workers 0``: on a CPU they take turns with the
 teacher, ``CpuGate``) or processes (``--view-workers N``). Processes are started with ``spawn``:
@@ -24,6 +27,7 @@ more: its position is taken); the in-process path decodes once and skips it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -147,8 +151,11 @@ class ShardReader:
     and the keys/labels/seeds of the positions (``samples``: (key, label, seeds) in position order)."""
 
     def __init__(self, path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, num_classes: int,
-                 exclude, decoded: bool):
+                 exclude, decoded: bool, guard=None):
         self.path, self.spec, self.epochs, self.cache_seed, self.size = path, spec, epochs, cache_seed, size
+        # ``guard``: entered around each image's decode (a CPU teacher's gate: decoding must not run
+        # beside the teacher's forward, whose threads already hold every core)
+        self.guard = guard or contextlib.nullcontext
         self.num_classes, self.exclude, self.decoded = num_classes, exclude, decoded
         self.samples: list = []
         self.skipped: list[Skip] = []
@@ -176,14 +183,15 @@ class ShardReader:
                 self.skipped.append(Skip(key, reason, os.path.basename(str(self.path))))
                 continue
             try:
-                src = augment.SourceImage(item.data)
-                seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
-                if self.decoded:      # the finest decode any epoch needs, kept for the views
-                    params = [views.params(self.spec, s, src) for s in seeds]
-                    src.at(min(augment.draft_factor(p, self.size) for p in params))
-                else:                 # decodable? (the producer computes the parameters and decodes again)
-                    params = None
-                    src.at(CHECK_FACTOR)
+                with self.guard():
+                    src = augment.SourceImage(item.data)
+                    seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
+                    if self.decoded:      # the finest decode any epoch needs, kept for the views
+                        params = [views.params(self.spec, s, src) for s in seeds]
+                        src.at(min(augment.draft_factor(p, self.size) for p in params))
+                    else:                 # decodable? (the producer computes the parameters and decodes again)
+                        params = None
+                        src.at(CHECK_FACTOR)
             except Exception as e:
                 self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}",
                                          os.path.basename(str(self.path))))

@@ -140,7 +140,8 @@ class CacheWorker:
         path = task["path"]
         gate = CpuGate() if self.device.type == "cpu" and self.producers is None and not self.ens.off_cpu else None
         reader = ShardReader(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed, size=self.size,
-                             num_classes=self.num_classes, exclude=self.exclude, decoded=self.producers is None)
+                             num_classes=self.num_classes, exclude=self.exclude, decoded=self.producers is None,
+                             guard=gate.producer if gate else None)
         blocks: dict[int, Block] = {}
 
         def kept(it):                  # the blocks' labels, seeds and params stay here for finishing
@@ -175,12 +176,17 @@ class CacheWorker:
             x, labels, where = take_piece(p, blocks, self.spec, self.epochs, self.mean, self.std, self.device, pin)
             t0 = time.perf_counter()
             first_at = t0 if first_at is None else first_at
-            with gate.teacher() if gate else contextlib.nullcontext():
-                i, v, lp = teachers.topk(self.ens(x), self.topk, torch.as_tensor(labels))
+            labels = torch.as_tensor(labels)
+            # a piece larger than --batch-size (a block longer than the batch) goes to the teacher in
+            # batches of at most --batch-size, cut the same way for any number of producers
+            for lo in range(0, len(x), self.batch_size):
+                hi = lo + self.batch_size
+                with gate.teacher() if gate else contextlib.nullcontext():
+                    i, v, lp = teachers.topk(self.ens(x[lo:hi]), self.topk, labels[lo:hi])
+                got.put(where[lo:hi], i.numpy(), v.numpy(), lp.numpy())
             teacher_s += time.perf_counter() - t0
             done += len(where)
             last_at = time.perf_counter()
-            got.put(where, i.numpy(), v.numpy(), lp.numpy())
             if self.progress is not None:
                 self.progress.add.remote(len(where))
         # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
