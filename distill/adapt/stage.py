@@ -47,8 +47,11 @@ class AdaptResult:
     memory: dict
     teacher: dict                      # teacher.json
     notes: list[str] = field(default_factory=list)
+    complete: bool = True              # False: stopped early (stop_after), no teacher written yet
 
     def summary(self) -> str:
+        if not self.complete:
+            return f"adapt-teacher: {self.out} ({self.method}): stopped after epoch {self.epochs}: --resume to continue"
         m = self.teacher.get("metrics", {})
         top1 = "n/a" if self.val_top1 is None else f"{self.val_top1:.1f}%"
         lines = [f"adapt-teacher: {self.out} ({self.method}, {self.epochs} epochs): val top-1 {top1}, "
@@ -116,8 +119,10 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def adapt_teacher(cfg: AdaptConfig, policy_table: dict | None = None) -> AdaptResult:
-    """Adapt ``cfg.base`` to the shards' classes with ``cfg.method`` and write the teacher directory."""
+def adapt_teacher(cfg: AdaptConfig, policy_table: dict | None = None, *, stop_after: int | None = None) -> AdaptResult:
+    """Adapt ``cfg.base`` to the shards' classes with ``cfg.method`` and write the teacher directory.
+    ``stop_after``: end this call after that many epochs, before any teacher is written (the run stays
+    resumable with ``--resume``; the result's ``complete`` is False)."""
     t0 = time.perf_counter()
     cfg = resolve(cfg)
     if cfg.threads > 0:
@@ -138,11 +143,12 @@ def adapt_teacher(cfg: AdaptConfig, policy_table: dict | None = None) -> AdaptRe
     with lock_dir(out, "adapt-teacher"):
         write_resolved(cfg, out, extra={"trained-params": trained})
         val = ValViews(data.val_refs, cfg.image_size, max(cfg.batch_size, 64), data.num_classes)
-        res = fit(cfg, model, masks, data, device, val)
-        teacher = _finish(cfg, model, data, base_id, val, res, trained, total, t0)
-    top1 = teacher["metrics"]["val_top1"]
+        res = fit(cfg, model, masks, data, device, val, stop_after)
+        complete = res.state["epoch"] >= cfg.epochs
+        teacher = _finish(cfg, model, data, base_id, val, res, trained, total, t0) if complete else {}
+    top1 = teacher["metrics"]["val_top1"] if complete else (res.rows[-1]["val_top1"] if res.rows else None)
     return AdaptResult(out, cfg.method, res.state["epoch"], top1, trained, total, time.perf_counter() - t0,
-                       res.memory, teacher, [n for n in notes if "random weights" in n])
+                       res.memory, teacher, [n for n in notes if "random weights" in n], complete)
 
 
 def _finish(cfg: AdaptConfig, model, data: AdaptData, base_id: dict, val: ValViews, res, trained: int, total: int,

@@ -96,9 +96,9 @@ def optimizer(model: nn.Module, masks: dict, lr: float, weight_decay: float) -> 
 
 
 def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device: torch.device,
-        val: ValViews) -> FitResult:
+        val: ValViews, stop_after: int | None = None) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` (from ``OUT/last.pt`` with ``--resume``); a checkpoint and a
-    metrics row after every epoch."""
+    metrics row after every epoch. ``stop_after``: end this call after that many epochs."""
     out = Path(cfg.out)
     model.to(device)
     opt = optimizer(model, masks, cfg.lr, cfg.weight_decay)
@@ -114,7 +114,7 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
     batches = loader(ds, cfg.loader_workers, pin_memory=device.type == "cuda", persistent=cfg.loader_workers > 0)
     crit = DistillLoss(data.num_classes, smoothing=cfg.label_smoothing, hard_only=True)
     total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)):
         t0 = time.perf_counter()
         ds.set_epoch(epoch)
         torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
