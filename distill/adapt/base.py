@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..files import UserError, sha256_file
 from ..models import load_init, vit
-from .methods import replace_head
+from .methods import check_vit_like, replace_head
 
 CLIP_CONFIGS: dict[str, dict] = {
     # vit_base_patch16_clip_224
@@ -26,9 +26,11 @@ CLIP_CONFIGS: dict[str, dict] = {
 PRESETS = tuple(sorted(set(vit.CONFIGS) | set(CLIP_CONFIGS)))
 
 
-def build_base(spec: str, checkpoint: str | None, num_classes: int, image_size: int) -> tuple[nn.Module, dict, list[str]]:
+def build_base(spec: str, checkpoint: str | None, num_classes: int, image_size: int,
+               vit_like: bool = False) -> tuple[nn.Module, dict, list[str]]:
     """(model with a fresh ``num_classes`` head, base identity, notes). Random weights are drawn
-    from a private RNG seeded with 0 (the caller's RNG untouched)."""
+    from a private RNG seeded with 0 (the caller's RNG untouched). ``vit_like``: refuse a base that
+    is not (before anything else is said about it)."""
     notes: list[str] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -39,6 +41,8 @@ def build_base(spec: str, checkpoint: str | None, num_classes: int, image_size: 
             model = load_module(TeacherSpec(spec)).train()
         else:
             raise UserError(f"--base {spec!r}: not a ViT preset ({', '.join(PRESETS)}) nor module.path:callable")
+        if vit_like:
+            check_vit_like(model, f"--base {spec}")
         replace_head(model, num_classes, f"--base {spec}")
         if not hasattr(model, "head_keys"):          # a timm-style module: its classifier is head.weight/bias
             model.head_keys = ("head.weight", "head.bias")

@@ -129,7 +129,8 @@ def adapt_teacher(cfg: AdaptConfig, policy_table: dict | None = None, *, stop_af
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     data = prepare_data(cfg, policy_table)
-    model, base_id, notes = build_base(cfg.base, cfg.base_checkpoint, data.num_classes, cfg.image_size)
+    model, base_id, notes = build_base(cfg.base, cfg.base_checkpoint, data.num_classes, cfg.image_size,
+                                        vit_like=cfg.method in ("attn-only", "repadapter"))
     adapter = dict(r=cfg.adapter_dim, groups=cfg.adapter_groups, scale=cfg.adapter_scale, dropout=cfg.adapter_dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)                 # adapter init
