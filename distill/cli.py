@@ -105,6 +105,13 @@ def cmd_train_student(args) -> int:
     return 0
 
 
+def cmd_adapt_teacher(args) -> int:
+    from .adapt import adapt_teacher
+    cfg, policy = _stage_config(C.AdaptConfig, "adapt-teacher", args)
+    print(adapt_teacher(cfg, policy).summary())
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .cache import verify_cache
     res = verify_cache(args.cache_dir, recompute=args.recompute, teacher=args.teacher or (),
@@ -139,11 +146,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-STAGES = {"filter-labels": (C.FilterConfig, "filter"), "cache-teacher": (C.CacheConfig, "cache"),
+STAGES = {"adapt-teacher": (C.AdaptConfig, "adapt"), "filter-labels": (C.FilterConfig, "filter"), "cache-teacher": (C.CacheConfig, "cache"),
           "train-student": (C.TrainConfig, "train")}
 
 
 def _stage_func(stage: str):
+    if stage == "adapt-teacher":
+        from .adapt import adapt_teacher
+        return adapt_teacher
     if stage == "filter-labels":
         from .filter import filter_labels
         return filter_labels
@@ -225,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_make_shards)
 
     for name, cls, func, text in (
+            ("adapt-teacher", C.AdaptConfig, cmd_adapt_teacher, "fit a pretrained ViT teacher to the shards' classes "
+             "(attn-only, RepAdapter merged back, linear, full); writes a teacher directory for --teacher/--scorer"),
             ("filter-labels", C.FilterConfig, cmd_filter_labels, "score samples with a model and flag noisy labels"),
             ("cache-teacher", C.CacheConfig, cmd_cache_teacher, "run the teacher over E augmented epochs; store top-K + seeds"),
             ("train-student", C.TrainConfig, cmd_train_student, "train a TinyViT student from the cache (or hard labels)")):
@@ -294,7 +306,7 @@ def _resume_hint(args, argv: list[str]) -> str:
     command = getattr(args, "command", None)
     if command in ("cache-teacher", "filter-labels"):
         return f"finished shards are kept; rerun the same command to resume: {cmd}"
-    if command == "train-student":
+    if command in ("train-student", "adapt-teacher"):
         if args.resume:
             return f"finished epochs are kept; rerun the same command to resume: {cmd}"
         return f"finished epochs are kept; rerun with --resume to continue: {cmd} --resume"

@@ -5,7 +5,8 @@ One field = one TOML key (``topk``, ``teacher-input-size``) = one CLI flag (``--
 
 A pipeline file has a ``[data]`` table (``train``, ``val`` shard specs), an optional ``[policy]``
 table (augmentation, see ``distill.data.augment.Policy``) and one table per stage, named like the
-subcommand (``[filter-labels]``, ``[cache-teacher]``, ``[train-student]``), run in that order.
+subcommand (``[adapt-teacher]``, ``[filter-labels]``, ``[cache-teacher]``, ``[train-student]``), run in
+that order.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ else:  # pragma: no cover
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STAGE_ORDER = ("filter-labels", "cache-teacher", "train-student")
+STAGE_ORDER = ("adapt-teacher", "filter-labels", "cache-teacher", "train-student")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", metavar: str | None = None, required: bool = False,
@@ -167,7 +168,7 @@ class Pipeline:
         layer: dict[str, Any] = {}
         if "train" in self.data:
             layer["shards"] = self.data["train"]
-        if "val" in self.data and stage == "train-student":
+        if "val" in self.data and stage in ("train-student", "adapt-teacher"):
             layer["val-shards"] = self.data["val"]
         layer.update(self.stages.get(stage, {}))
         return layer
@@ -276,4 +277,33 @@ class TrainConfig:
     threads: int = opt(0, help="torch intra-op threads (0: default)")
     allow_replay_drift: bool = opt(False, help="train although recorded views replay differently here (other Pillow/libjpeg-turbo); noted in the summary")
     allow_resplit: bool = opt(False, help="--resume although the world size or --loader-workers changed (the data split and the lr schedule are recomputed; noted in the summary)")
+    quiet: bool = opt(False, help="no progress bar")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptConfig:
+    base: str = opt(help="base ViT: a preset (vit-mini, vit-ti16, vit-s16, vit-b16, vit-s16-18x2, vit-b16-22b, vit-b16-clip, vit-l14-clip) or module.path:callable returning a ViT-like nn.Module", metavar="SPEC")
+    base_checkpoint: str | None = opt(None, help="timm-format ViT state dict (.safetensors or .pth) loaded into the base (its head is dropped, pos_embed resampled to --image-size)", metavar="PATH")
+    shards: str = opt(help="training shards (directory or brace pattern); their index.json names the classes", metavar="SHARDS")
+    val_shards: str = opt(help="validation shards: same classes as the training shards", metavar="VAL")
+    method: str = opt("repadapter", help="attn-only (attention weights, head, pos_embed), repadapter (adapters before the attention and MLP input linears, merged after training), linear (head only) or full")
+    out: str = opt(help="output directory: teacher.pt2 + teacher.json (pass it as --teacher / --scorer), checkpoints, metrics.jsonl", metavar="OUT")
+    epochs: int = opt(10, help="training epochs")
+    batch_size: int = opt(64, help="batch size")
+    lr: float | None = opt(None, help="peak learning rate (AdamW; linear warmup, cosine decay); default per method: linear 1e-2, repadapter 1e-3, attn-only 3e-4, full 2e-4")
+    weight_decay: float | None = opt(None, help="AdamW weight decay (not on norms, biases, pos_embed); default per method: repadapter and linear 1e-4, attn-only and full 0.05")
+    warmup_epochs: float = opt(1.0, help="linear warmup length in epochs")
+    label_smoothing: float = opt(0.1, help="label smoothing of the cross-entropy")
+    image_size: int = opt(224, help="input size the teacher is trained and exported at (a multiple of the base's patch)")
+    adapter_dim: int = opt(8, help="RepAdapter hidden dimension r")
+    adapter_groups: int = opt(2, help="RepAdapter groups of its B projection")
+    adapter_scale: float = opt(1.0, help="RepAdapter scale s (x + s * B A x)")
+    adapter_dropout: float = opt(0.1, help="RepAdapter dropout between A and B (training only)")
+    exclude: str | None = opt(None, help="filter-labels output directory: its dropped samples are left out", metavar="FILTER_DIR")
+    policy: str | None = opt(None, help="TOML file with a [policy] table (default: the pipeline's [policy], else timm-like defaults)", metavar="FILE")
+    seed: int = opt(0, help="seed (views, shuffling, head and adapter init)")
+    loader_workers: int = opt(-1, help="DataLoader worker processes; -1: the CPU cores less one")
+    threads: int = opt(0, help="torch intra-op threads (0: default)")
+    device: str = opt("auto", help="cpu, cuda, cuda:N or auto")
+    resume: bool = opt(False, help="continue from OUT/last.pt")
     quiet: bool = opt(False, help="no progress bar")

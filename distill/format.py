@@ -10,6 +10,7 @@ Three kinds of directory:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -649,3 +650,30 @@ RUN_SUMMARY_NAME = "summary.json"   # written when the run completes
 RUN_CONFIG_NAME = "config.json"     # the resolved TrainConfig
 RUN_BASELINE_DIR = "hard-labels"    # the --compare-hard-labels run, inside the run directory
 RUN_CLASS_STATS_NAME = "class_stats.npz"  # last epoch's validation sums for class relations (train/relations.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapted teacher directory (adapt-teacher): a teacher spec on its own (--teacher OUT / --scorer OUT)
+
+ADAPT_FORMAT = "distill-adapted-teacher"
+ADAPT_VERSION = 1
+ADAPT_TEACHER_JSON = "teacher.json"     # what the teacher is: file, input size, mean/std, classes, method, base, metrics
+ADAPT_TEACHER_FILE = "teacher.pt2"      # the merged teacher as a torch.export program (dynamic batch)
+ADAPT_WEIGHTS = "weights.pth"           # its state dict in timm's names (a plain ViT after merging)
+ADAPT_RUN_FILES = ("config.json", "last.pt", "last.json", "metrics.jsonl")   # the training run beside them
+
+
+def read_teacher_json(directory: str | os.PathLike) -> dict | None:
+    """The ``teacher.json`` of an adapted-teacher directory, or None when there is none."""
+    p = Path(directory) / ADAPT_TEACHER_JSON
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {p}: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != ADAPT_FORMAT:
+        raise UserError(f"{p} is not an adapted teacher's teacher.json (format {d.get('format') if isinstance(d, dict) else None!r})")
+    if int(d.get("version", 0)) > ADAPT_VERSION:
+        raise UserError(f"{p} has version {d.get('version')}; this distill reads up to {ADAPT_VERSION}: upgrade distill")
+    return d

@@ -6,6 +6,8 @@ Spec forms (the same for ``--teacher`` and ``--scorer``):
 * ``path/model.pt2``: a ``torch.export`` program;
 * ``package.module:callable``: a callable returning an ``nn.Module`` (weights its own business,
   or a checkpoint given separately);
+* ``OUT/``: the directory ``distill adapt-teacher`` writes (``teacher.json`` names its ``teacher.pt2``
+  and declares input size, mean and std; identity: the program file's sha256, plus method and base);
 * ``timm:<model_name>``: a timm model (``pip install 'distill[timm]'``), weights from the checkpoint;
   without one it is refused unless random weights are asked for (tests, benchmarks), which are
   then seeded so that every process builds the same ones.
@@ -33,8 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from .files import UserError, sha256_file
+from .format import read_teacher_json
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FILE_KINDS = ("torchscript", "export", "directory")     # identified by a file's sha256, not a loaded state dict
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class TeacherSpec:
     def kind(self) -> str:
         if self.spec.startswith("timm:"):
             return "timm"
+        if os.path.isdir(self.spec):
+            if read_teacher_json(self.spec) is None:
+                raise UserError(f"teacher directory {self.spec} has no teacher.json (write one with distill adapt-teacher)")
+            return "directory"
         if self.spec.endswith(".pt2"):
             return "export"
         if os.path.exists(self.spec):
@@ -65,6 +73,8 @@ class TeacherSpec:
 
 def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
     kind = spec.kind
+    if kind == "directory":
+        return _dir_identity(spec)
     ident = {"spec": spec.spec, "kind": kind}
     if kind in ("torchscript", "export"):
         ident["sha256"] = ident["weights_sha256"] = _file_sha256(spec.spec)
@@ -86,6 +96,36 @@ def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
         ident["checkpoint"] = spec.checkpoint
         ident["checkpoint_sha256"] = _file_sha256(spec.checkpoint, "teacher checkpoint")
     return ident
+
+
+def dir_file_spec(spec: TeacherSpec) -> TeacherSpec:
+    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``)."""
+    doc = read_teacher_json(spec.spec)
+    return TeacherSpec(os.path.join(spec.spec, doc["file"]))
+
+
+def _dir_identity(spec: TeacherSpec) -> dict:
+    doc = read_teacher_json(spec.spec)
+    inner = _identity(dir_file_spec(spec), None)
+    if doc.get("weights_sha256") and doc["weights_sha256"] != inner["weights_sha256"]:
+        raise UserError(f"{spec.spec}: {doc['file']} changed since adapt-teacher wrote it (sha256 differs from "
+                        "teacher.json's); rerun adapt-teacher")
+    base = doc.get("base") or {}
+    return {"spec": spec.spec, "kind": "directory", "file": doc["file"], "sha256": inner["sha256"],
+            "weights_sha256": inner["weights_sha256"], "method": doc.get("method"),
+            "base": {k: base[k] for k in ("spec", "weights_sha256", "checkpoint_sha256") if k in base}}
+
+
+def dir_preprocessing(specs: list[TeacherSpec]) -> dict | None:
+    """The ``input_size``, ``mean`` and ``std`` adapted-teacher directories declare, when every member
+    is one and they agree; else None."""
+    if not specs or any(s.kind != "directory" for s in specs):
+        return None
+    cfgs = {(d["input_size"], tuple(d["mean"]), tuple(d["std"])) for d in (read_teacher_json(s.spec) for s in specs)}
+    if len(cfgs) != 1:
+        return None
+    size, mean, std = cfgs.pop()
+    return {"input_size": int(size), "mean": tuple(float(x) for x in mean), "std": tuple(float(x) for x in std)}
 
 
 def _file_sha256(path: str, what: str = "teacher file") -> str:
@@ -208,6 +248,8 @@ def _build(spec: TeacherSpec) -> torch.nn.Module:
 
 def load_module(spec: TeacherSpec) -> torch.nn.Module:
     kind = spec.kind
+    if kind == "directory":
+        return load_module(dir_file_spec(spec))
     if kind == "torchscript":
         try:
             model = torch.jit.load(spec.spec, map_location="cpu")
@@ -340,7 +382,7 @@ class Ensemble:
 
     def identity(self) -> list[dict]:
         """``identity(specs)`` from the models already loaded (no second load)."""
-        return [_identity(s, None if s.kind in ("torchscript", "export") else m)
+        return [_identity(s, None if s.kind in FILE_KINDS else m)
                 for s, m in zip(self.specs, self.models)]
 
     def output_width(self, input_size: int) -> int:
@@ -349,7 +391,7 @@ class Ensemble:
 
 def _check_weights(spec: TeacherSpec, model: torch.nn.Module, expected: dict) -> None:
     want = expected.get("weights_sha256")
-    got = _identity(spec, None if spec.kind in ("torchscript", "export") else model)["weights_sha256"]
+    got = _identity(spec, None if spec.kind in FILE_KINDS else model)["weights_sha256"]
     if got != want:
         raise UserError(f"teacher {spec.spec} loaded with other weights than the run expects (weights sha256 "
                         f"{got[:16]} != {str(want)[:16]}): the checkpoint or the model changed since the run was "
@@ -365,6 +407,8 @@ def input_size_hint(specs: list[TeacherSpec]) -> int | None:
 
 def _declared_size(spec: TeacherSpec) -> int | None:
     kind = spec.kind
+    if kind == "directory":
+        return int(read_teacher_json(spec.spec)["input_size"])
     if kind == "torchscript":
         return None
     if kind == "export":

@@ -15,7 +15,7 @@ from distill.format import ShardIndex
 from distill.files import UserError
 from distill.data.shards import iter_shard
 
-COMMANDS = ["make-shards", "filter-labels", "cache-teacher", "train-student", "verify", "inspect", "run", "demo"]
+COMMANDS = ["make-shards", "adapt-teacher", "filter-labels", "cache-teacher", "train-student", "verify", "inspect", "run", "demo"]
 
 
 def distill(*argv, cwd=None):

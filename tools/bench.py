@@ -22,6 +22,7 @@ Parts (``--only`` takes a comma-separated subset):
   producers   tools/bench_producers.py  view producer threads vs processes against a stub GPU teacher
   gpu         tools/bench_gpu.py        the teacher pass and student steps on CUDA (--cpu-smoke without one)
   students    tools/bench_students.py   train-step img/s of each student family, as ratios to tinyvit-5m
+  adapt       tools/bench_adapt.py      merged RepAdapter teacher: forward time ÷ the base's, max |Δ logit| vs unmerged
   projection  here                      ImageNet-21K at 90 epochs, K=10 and K=100, from anchors + measurements
 
 Stage scripts run as subprocesses; their JSON (``--json``) is used where they offer it, else their
@@ -48,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "producers", "gpu",
-         "students", "projection")
+         "students", "adapt", "projection")
 
 # Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
 ANCHORS = {
@@ -191,6 +192,10 @@ def part_producers(quick: bool, tmp: Path) -> dict:
 
 def part_students(quick: bool, tmp: Path) -> dict:
     return _json_part("bench_students.py", ["--quick"] if quick else [], 600 if quick else 1800)
+
+
+def part_adapt(quick: bool, tmp: Path) -> dict:
+    return _json_part("bench_adapt.py", ["--quick"] if quick else [], 600 if quick else 1800)
 
 
 def part_gpu(quick: bool, tmp: Path) -> dict:
@@ -493,11 +498,14 @@ def render(res: dict, env: dict, quick: bool) -> str:
         L.append(f"| {label} | {_f(v, '{:.3f}')} | ≥ {GOALS[goal]} | {_ok(v, GOALS[goal])} |")
     hs = res.get("cli", {}).get("json", {}).get("help_s")
     L.append(f"| `distill --help` wall time, median (s) | {_f(hs, '{:.3f}')} | < {GOALS['help_s']} | {_ok(hs, GOALS['help_s'], False)} |")
+    aj = res.get("adapt", {}).get("json", {})
+    ar = aj.get("ratio_merged_over_base")
+    L.append(f"| merged RepAdapter teacher forward ÷ base forward | {_f(ar, '{:.3f}')} | ≤ 1.02 | {_ok(ar, 1.02, False)} |")
     L.append("")
 
     L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
     L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
-    L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env) + _sec_students(res, env)
+    L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env) + _sec_students(res, env) + _sec_adapt(res, env)
     L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
           "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(L)
@@ -820,6 +828,24 @@ def _sec_students(res, env):
     return L + [""]
 
 
+def _sec_adapt(res, env):
+    r = res.get("adapt")
+    L = ["## 14. adapt-teacher: merged RepAdapter teacher", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    j = r["json"]
+    L += [f"`tools/bench_adapt.py`: {j['model']} at {j['size']} px, batch {j['batch']}, {j['threads']} thread(s), random "
+          f"weights with seeded non-zero adapters (r 8, 2 groups) before every attention and MLP input linear; "
+          f"{j['repeats']} interleaved rounds, median forward.", "",
+          "| | parameters | eager forward ÷ base | teacher.pt2 forward ÷ base |", "|---|---:|---:|---:|"]
+    for name in ("merged", "unmerged"):
+        L.append(f"| {name} | {j['params'][name]:,} | **{j[f'ratio_{name}_over_base']:.3f}** | "
+                 f"{_f(j.get(f'export_ratio_{name}_over_base'), '{:.3f}')} |")
+    L += ["", f"Base: {j['params']['base']:,} parameters. Merged vs unmerged: max |Δ logit| "
+              f"{j['max_abs_logit_diff']:.2e} (fp32; goal <= 1e-4); merged ÷ base goal <= 1.02.", ""]
+    return L
+
+
 def _sec_scale(res, env):
     r = res.get("scale", {})
     j = r.get("json")
@@ -997,6 +1023,8 @@ def main(argv=None) -> int:
             go("gpu", lambda: part_gpu(a.quick, tmp))
         if "students" in parts:
             go("students", lambda: part_students(a.quick, tmp))
+        if "adapt" in parts:
+            go("adapt", lambda: part_adapt(a.quick, tmp))
         if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:

@@ -136,6 +136,9 @@ def _normalisation(cfg: CacheConfig, specs, size: int, warnings: list[str], note
     from .. import teachers
     from ..config import IMAGENET_MEAN, IMAGENET_STD
     timm_cfg = teachers.timm_preprocessing(specs)
+    source = "timm's default config"
+    if timm_cfg is None and teachers.dir_preprocessing(specs):      # adapt-teacher directories declare theirs
+        timm_cfg, source = teachers.dir_preprocessing(specs), "the teacher directory's teacher.json"
     mean, std = tuple(cfg.teacher_mean), tuple(cfg.teacher_std)
     took = []
     if timm_cfg and not cfg.teacher_input_size and size == timm_cfg["input_size"]:
@@ -147,8 +150,8 @@ def _normalisation(cfg: CacheConfig, specs, size: int, warnings: list[str], note
         std = timm_cfg["std"]
         took.append(f"std {_fmt(std)}")
     if took:
-        notes.append(f"{', '.join(dict.fromkeys(s.spec for s in specs))}: {', '.join(took)} from timm's default "
-                     "config (--teacher-input-size, --teacher-mean, --teacher-std set them)")
+        notes.append(f"{', '.join(dict.fromkeys(s.spec for s in specs))}: {', '.join(took)} from {source} "
+                     "(--teacher-input-size, --teacher-mean, --teacher-std set them)")
     if not timm_cfg and (not mean or not std) and any(s.kind == "timm" for s in specs):
         warnings.append("the teacher's members do not share one timm default config: using ImageNet's mean/std "
                         "where --teacher-mean/--teacher-std are not given")

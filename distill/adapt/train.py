@@ -1,0 +1,244 @@
+"""The adaptation loop: train-student's data path and run directory, a plain cross-entropy step.
+
+Views come from ``train.data.TrainStream`` in its hard-label mode (distill's augmentation policy,
+seeds derived from (seed, epoch, key), mixing as the policy says), validation from ``ValStream``'s
+centre views; checkpoints (``last.pt`` + sidecar), ``metrics.jsonl`` and resume checks are
+``train.checkpoint``'s; the lr schedule is ``train.loop.lr_at`` (linear warmup, cosine to zero).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import AdaptConfig, to_dict
+from ..data import views
+from ..files import UserError
+from ..progress import bar, note
+from ..train import checkpoint as ck
+from ..train.data import ShardRef, TrainStream, ValStream, batches_per_epoch, loader
+from ..train.loop import lr_at
+from ..train.losses import DistillLoss, topk_correct
+
+VAL_KEEP_BYTES = 512 << 20      # validation views kept in memory between epochs below this size
+
+
+@dataclass
+class AdaptData:
+    refs: list[ShardRef]
+    val_refs: list[ShardRef]
+    spec: views.ViewSpec
+    classes: list[str]
+    exclude: frozenset
+    identity: dict               # what a resumed run must share with its checkpoint
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class FitResult:
+    state: dict
+    rows: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+
+class ValViews:
+    """The validation shards' centre views, read once and kept in memory when small."""
+
+    def __init__(self, refs: list[ShardRef], image_size: int, batch_size: int, num_classes: int):
+        self.ds = ValStream(refs, image_size=image_size, batch_size=batch_size, num_classes=num_classes)
+        self.kept: list | None = None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept, size = [], 0
+        for b in self.ds:
+            if not b["label"].shape[0]:
+                continue
+            size += b["image"].numel() * 4
+            if kept is not None and size <= VAL_KEEP_BYTES:
+                kept.append(b)
+            else:
+                kept = None
+            yield b
+        self.kept = kept
+
+    @torch.inference_mode()
+    def top1(self, model: nn.Module, device: torch.device) -> float | None:
+        was = model.training
+        model.eval()
+        hit = n = 0
+        for b in self:
+            logits = model(b["image"].to(device)).float()
+            hit += topk_correct(logits, b["label"].to(device), (1,))[0]
+            n += b["label"].shape[0]
+        model.train(was)
+        return 100.0 * hit / n if n else None
+
+
+def optimizer(model: nn.Module, masks: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on 1-D tensors, ``no_weight_decay()`` names and
+    partly trained (masked) tensors, whose frozen part must not move."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else {"pos_embed", "cls_token"}
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if p.ndim <= 1 or name in skip or name in masks else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device: torch.device,
+        val: ValViews, stop_after: int | None = None) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` (from ``OUT/last.pt`` with ``--resume``); a checkpoint and a
+    metrics row after every epoch. ``stop_after``: end this call after that many epochs."""
+    out = Path(cfg.out)
+    model.to(device)
+    opt = optimizer(model, masks, cfg.lr, cfg.weight_decay)
+    state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "best_top1": None, "memory": {}}
+    rows = _resume(cfg, model, opt, state, data, out)
+    ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
+                     shuffle_buffer=1000, cache=None, num_classes=data.num_classes, exclude=data.exclude)
+    samples = sum(ds.counts)
+    if samples < 1:
+        raise UserError(f"no training samples in {cfg.shards}" + (" after --exclude" if data.exclude else ""))
+    ds.drop_last = samples >= cfg.batch_size
+    steps = max(1, batches_per_epoch(samples, 1, cfg.batch_size, cfg.loader_workers))
+    batches = loader(ds, cfg.loader_workers, pin_memory=device.type == "cuda", persistent=cfg.loader_workers > 0)
+    crit = DistillLoss(data.num_classes, smoothing=cfg.label_smoothing, hard_only=True)
+    total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
+    for epoch in range(state["epoch"], cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)):
+        t0 = time.perf_counter()
+        ds.set_epoch(epoch)
+        torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
+        model.train()
+        loss_sum, n = 0.0, 0
+        pbar = bar(steps * cfg.batch_size, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet)
+        for b in batches:
+            lr = lr_at(state["step"], total, warmup, cfg.lr, 0.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = _step(model, opt, crit, b, device, state)
+            bs = b["label"].shape[0]
+            loss_sum, n = loss_sum + loss * bs, n + bs
+            if pbar:
+                pbar.update(bs)
+        if pbar:
+            pbar.close()
+        train_s = time.perf_counter() - t0
+        top1 = val.top1(model, device)
+        state.update(epoch=epoch + 1, images_seen=state["images_seen"] + n, train_s=state["train_s"] + train_s)
+        if top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"]):
+            state["best_top1"] = top1
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "lr": lr, "val_top1": top1,
+               "img_s": n / max(train_s, 1e-9), "images": n, "time_s": round(time.perf_counter() - t0, 3)}
+        _save(cfg, model, opt, state, data, row, out)
+        rows.append(row)
+    return FitResult(state, rows, dict(state.get("memory", {})))
+
+
+def _step(model: nn.Module, opt, crit, b: dict, device: torch.device, state: dict) -> float:
+    b.pop("stats", None)
+    b.pop("key", None)
+    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    first = not state.get("memory")
+    if first and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    saved = _SavedBytes() if first else None
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with (saved or _null)():
+            logits = model(b["image"])
+        loss, _ = crit(logits, b)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    state["step"] += 1
+    if first:
+        state["memory"] = _memory(model, opt, saved, device, b["image"].shape[0])
+    return float(loss.detach())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _SavedBytes:
+    """Bytes of the distinct tensors autograd saves for the backward pass of one forward."""
+
+    def __init__(self):
+        self.seen: dict[tuple, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def __call__(self):
+        return self.hooks
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.device.type != "meta":
+            st = t.untyped_storage()
+            self.seen[(st.data_ptr(), t.device.type)] = st.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _memory(model: nn.Module, opt, saved: "_SavedBytes", device: torch.device, batch: int) -> dict:
+    """Training memory of one step: parameters, gradients, optimiser state, activations saved for the
+    backward pass (measured with saved-tensor hooks), and on CUDA the allocator's peak."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trained)
+    optim = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    mem = {"batch": batch, "params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optim,
+           "activations_bytes": saved.total}
+    mem["train_step_bytes"] = params + grads + optim + saved.total
+    if device.type == "cuda":
+        mem["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return mem
+
+
+def _resume(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptData, out: Path) -> list[dict]:
+    last = out / ck.LAST
+    if last.exists() and not cfg.resume:
+        raise UserError(f"{out} already holds an adapt-teacher run ({ck.LAST}); pass --resume to continue it or "
+                        "choose another --out")
+    if not (cfg.resume and last.exists()):
+        ck.write_metrics(out, [])
+        return []
+    ckpt = ck.load(last)
+    ck.check_resume(ckpt, to_dict(cfg), data.identity, last)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    state.update(ckpt["state"])
+    ck.set_rng_state(ckpt["rng"])
+    rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
+    ck.write_metrics(out, rows)
+    note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", cfg.quiet)
+    return rows
+
+
+def _save(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptData, row: dict, out: Path) -> None:
+    side = {"epoch": state["epoch"], "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
+            "val_top1": row["val_top1"], "method": cfg.method, "base": cfg.base, "num_classes": data.num_classes,
+            "image_size": cfg.image_size}
+    ck.save(out / ck.LAST, {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
+                            "rng": ck.rng_state(), "config": to_dict(cfg), "data": data.identity,
+                            "epoch": state["epoch"], "step": state["step"]}, side)
+    ck.append_metrics(out, row)
+    if not cfg.quiet:
+        acc = f", val top-1 {row['val_top1']:.2f}%" if row["val_top1"] is not None else ""
+        note(f"epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.2e}{acc}, "
+             f"{row['img_s']:,.0f} img/s")
