@@ -67,25 +67,64 @@ def run_cache(shards: Path, out: Path, teacher: str, policy_table: dict = POLICY
     return cache_teacher(CacheConfig(**base), policy_table)
 
 
-def efficiency(tmp: Path, quick: bool) -> dict:
+def _whole_command(shards: Path, out: Path, script: Path, epochs: int, batch: int, threads: int) -> float:
+    """Wall seconds of the ``distill cache-teacher`` command in a fresh process: interpreter and imports,
+    its own embedded Ray, the worker's start, model load and warm-up, every shard, the manifest."""
+    import subprocess
+    cmd = [sys.executable, "-m", "distill.cli", "cache-teacher", "--shards", str(shards), "--teacher", str(script),
+           "--out", str(out), "--epochs", str(epochs), "--topk", "10", "--batch-size", str(batch),
+           "--teacher-input-size", "224", "--workers", "1", "--threads", str(threads), "--quiet", "--overwrite",
+           "--policy", str(out.parent / "policy.toml")]
+    (out.parent / "policy.toml").write_text("[policy]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in POLICY.items()))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in sys.path if p]))
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        raise SystemExit(f"cache-teacher command failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return wall
+
+
+def _efficiency_of(tmp: Path, name: str, model, *, images: int, shards: int, epochs: int, batch: int, secs: float,
+                   whole: bool) -> dict:
+    """One teacher: steady-state records/s of the shard tasks (and, with ``whole``, of the whole command)
+    over the bare forward's img/s, measured before and after the cache runs and averaged."""
+    import copy
+    from distill.models.catalog import count_gflops
     cores = os.cpu_count() or 1
-    model = bench_teachers.resnet18_like()
-    script = tmp / "resnet18.pt"
+    script = tmp / f"{name}.pt"
     torch.jit.script(model).save(str(script))
-    gmacs = bench_teachers.gflops(model, 224)
-    n, epochs, batch = (32, 2, 16) if quick else (96, 8, 32)
-    shards = make_shard_dir(tmp / "eff", n, n)
-    secs = 5 if quick else 12
+    gmacs = count_gflops(copy.deepcopy(model), 224)
+    shard_dir = make_shard_dir(tmp / f"eff-{name}", images, -(-images // shards))
     bare_before = bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
-    res = run_cache(shards, tmp / "eff-cache", str(script), epochs=epochs, batch_size=batch, workers=1, threads=cores,
-                    teacher_input_size=224)
-    steady = res.steady_records_per_s
+    res = run_cache(shard_dir, tmp / f"eff-{name}-cache", str(script), epochs=epochs, batch_size=batch, workers=1,
+                    threads=cores, teacher_input_size=224)
+    wall = _whole_command(shard_dir, tmp / f"eff-{name}-cmd", script, epochs, batch, cores) if whole else None
     bare_after = bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
-    bare = (bare_before + bare_after) / 2      # the baseline measured on both sides of the cache run
-    return {"teacher": "ResNet-18-like (TorchScript)", "gmacs_per_image": round(gmacs, 2), "threads": cores,
-            "batch": batch, "records": res.records, "cache_records_per_s": round(steady, 2),
-            "bare_images_per_s": round(bare, 2), "ratio": round(steady / bare, 3),
-            "teacher_share_of_worker_time": round(res.teacher_share, 3)}
+    bare = (bare_before + bare_after) / 2      # the baseline measured on both sides of the cache runs
+    steady = res.steady_records_per_s
+    row = {"teacher": name, "gmacs_per_image": round(gmacs, 2), "threads": cores, "batch": batch, "images": images,
+           "shards": shards, "epochs": epochs, "records": res.records, "cache_records_per_s": round(steady, 2),
+           "bare_images_per_s": round(bare, 2), "ratio": round(steady / bare, 3),
+           "teacher_share_of_worker_time": round(res.teacher_share, 3)}
+    if wall:
+        row.update(command_wall_s=round(wall, 1), command_records_per_s=round(res.records / wall, 2),
+                   command_ratio=round(res.records / wall / bare, 3))
+    return row
+
+
+def efficiency(tmp: Path, quick: bool) -> dict:
+    """ResNet-18-like (1.8 GMACs) and ViT-S/16-like (4.6 GMACs) TorchScript teachers; the ViT also as the
+    whole command (1,200 records: 300 images in 2 shards x 4 epochs, batch 32; quick: far fewer)."""
+    secs = 5 if quick else 12
+    resnet = _efficiency_of(tmp, "ResNet-18-like (TorchScript)", bench_teachers.resnet18_like(),
+                            images=32 if quick else 96, shards=1, epochs=2 if quick else 8,
+                            batch=16 if quick else 32, secs=secs, whole=False)
+    torch.manual_seed(0)
+    vit = _efficiency_of(tmp, "ViT-S/16-like (TorchScript)", bench_teachers.ViTLike(dim=384, depth=12, heads=6).eval(),
+                         images=32 if quick else 300, shards=2, epochs=1 if quick else 4, batch=16 if quick else 32,
+                         secs=secs, whole=True)
+    return {**resnet, "teachers": [resnet, vit]}
 
 
 def _dir_bytes(d: Path) -> int:
