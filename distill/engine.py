@@ -44,6 +44,15 @@ class ShardOutcome:
     attempts: int = 0
 
 
+# The embedded Ray's settings. Ray runs its workers at nice 15 (``worker_niceness``): in an embedded run the
+# workers are the job, and at 15 they lose every time slice to Ray's own daemons and the driver, which
+# stalls a CPU teacher's intra-op threads at each barrier; here they run at the driver's priority. Idle
+# prestarted workers and the metrics agent's periodic collection cost a few percent of a core each, which
+# a small machine feels and an embedded run does not use.
+EMBEDDED_RAY_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False,
+                       "enable_metrics_collection": False}
+
+
 @dataclass
 class RayContext:
     """Embedded local Ray (started here, stopped at exit) or a cluster given by address."""
@@ -64,7 +73,8 @@ class RayContext:
             else:
                 env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
                 # address="local": always a new embedded Ray, even when a `ray start` cluster runs here
-                ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), runtime_env={"env_vars": env}, **kw)
+                ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), runtime_env={"env_vars": env},
+                         _system_config=EMBEDDED_RAY_CONFIG, **kw)
         except ConnectionError as e:
             raise UserError(f"cannot connect to Ray at {address}: {e}") from None
         self.started = True
@@ -120,7 +130,9 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
     hooks = {k: v for k, v in os.environ.items() if k.startswith("DISTILL_FAULT_")}
     if hooks:                       # test hooks (this one, shards.READ_FAULT_ENV) travel to the workers
         opts["runtime_env"] = {"env_vars": hooks}
-    counter = ray.remote(num_cpus=0, scheduling_strategy=_on_this_node())(Progress).remote()
+    # the progress counter (an actor the workers add to) only when something shows progress
+    counter = (ray.remote(num_cpus=0, scheduling_strategy=_on_this_node())(Progress).remote()
+               if on_progress is not None else None)
     outcomes = [ShardOutcome(task=t) for t in tasks]
     n = max(1, min(workers, len(tasks))) if tasks else 0
     log = _ErrorLog(log_path)
@@ -156,7 +168,8 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
         poll()
     finally:
         pool.close()
-        ray.kill(counter)
+        if counter is not None:
+            ray.kill(counter)
     return outcomes
 
 

@@ -103,9 +103,11 @@ def ray_local():
     import os
     import sys
     import ray
+    from distill.engine import EMBEDDED_RAY_CONFIG
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
+                 _system_config=EMBEDDED_RAY_CONFIG)      # as distill's embedded Ray
     yield
     ray.shutdown()
 

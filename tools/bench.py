@@ -782,8 +782,10 @@ def _sec_producers(res, env):
     c = j["capacity"]
     L += [f"`tools/bench_producers.py`: the real cache-teacher over synthetic 500x375 JPEGs ({j['images']} images x "
           f"{j['epochs']} epochs, {j['size']} px views, RandAugment + erasing, batch {j['batch']}), one Ray worker; a stub "
-          "teacher that sleeps per batch (releasing the GIL, `distill_off_cpu`) stands in for a GPU. Records/s over the "
-          "time the worker spent in shard tasks.", "",
+          "teacher that sleeps per batch (releasing the GIL, `distill_off_cpu`) stands in for a GPU. Steady-state records/s "
+          "(first teacher batch to last: Ray, actor and producer start and the pipeline's first fill excluded). On a CPU "
+          "device producer processes also finish their views (normalise, erase, mix), so the worker only runs the "
+          "teacher; embedded Ray runs its workers at normal priority (Ray's default nice 15 lost to its own daemons).", "",
           "| producers | threads (`--view-workers 0 --decode-threads N`) | processes (`--view-workers N`) |", "|---|---:|---:|",
           f"| 1 | {c['threads_1']:,.1f} | {c['processes_1']:,.1f} |",
           f"| 2 | {c['threads_2']:,.1f} | {c['processes_2']:,.1f} |",

@@ -323,8 +323,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
     import ray
+    from distill.engine import EMBEDDED_RAY_CONFIG
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+             _system_config=EMBEDDED_RAY_CONFIG)              # as distill's embedded Ray
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
                "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as d:

@@ -7,7 +7,8 @@ A GPU runs the teacher without holding the worker's CPU; here a stub teacher sta
 forward sleeps a fixed time per batch (releasing the GIL) and declares ``distill_off_cpu``, so the
 views do not take turns with it. The real ``cache-teacher`` runs over synthetic 500x375 JPEG shards
 (224 px views, RandAugment + erasing), one Ray worker, and reports records/s over the time its worker
-spent inside shard tasks (Ray, actor and producer start-up excluded).
+spent from its first teacher batch to its last (steady state: Ray, actor and producer start-up and the
+pipeline's first fill excluded).
 
 1. Capacity: the stub at 0 s per batch; 1 and 2 producers, threads and processes. Goal: 2 producer
    processes / 1 >= 1.8x views/s.
@@ -88,7 +89,9 @@ def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, mode: str,
     res = cache_teacher(cfg, policy)
     if res.failed:
         raise SystemExit(f"cache-teacher failed: {res.failed}")
-    return res.records / res.worker_s        # inside the shard tasks: Ray, actor and producer start excluded
+    # steady state: from the first batch reaching the teacher to the last leaving it (Ray, actor and producer
+    # start and the pipeline's first fill excluded), as the GPU sees it
+    return res.steady_records_per_s
 
 
 def main() -> int:
