@@ -126,6 +126,21 @@ def demo_subset(tmp: Path, shards: list[str], split: str = "train") -> Path:
     return dst
 
 
+def demo_head(tmp: Path, n: int, shards: list[str] = ("train-000000.tar",), split: str = "train") -> Path:
+    """The first n samples of each named demo shard, written as shards of the same names (they must be
+    the split's first ones, in order) plus their index.json (the demo's classes) into tmp/<split>: a
+    small real shard for tests whose point is not the data's size."""
+    from itertools import islice
+    from distill.data.shards import Sample, iter_shard, write_shards
+    from distill.format import ShardIndex
+    src = DEMO_DIR / split
+    dst = tmp / split
+    samples = [s for name in shards for s in islice((x for x in iter_shard(src / name) if isinstance(x, Sample)), n)]
+    index = write_shards(samples, dst, split, n, ShardIndex.read(src).classes)
+    assert [e.name for e in index.shards] == list(shards), [e.name for e in index.shards]
+    return dst
+
+
 def cache_config(shards, out, **kw):
     """A CacheConfig for the demo teacher (32x32 input), small and quiet."""
     from distill.config import CacheConfig

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_subset, image_bytes, write_tar
+from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, demo_subset, image_bytes, write_tar
 from distill.data import augment
 from distill.cache import cache_teacher, verify_cache
 from distill.engine import FAULT_ENV
@@ -112,8 +112,8 @@ def test_rerun_resumes_and_refuses_other_settings(demo_cache, tmp_path):
     assert open_cache(again).topk == 3 and res.reused_shards == 0
 
 
-def test_several_decode_threads_give_the_same_records(demo_cache, tmp_path):
-    shards, out, _ = demo_cache
+def test_several_decode_threads_give_the_same_records(tmp_path):
+    shards = demo_head(tmp_path, 96, SHARDS)
     res = cache_teacher(cache_config(shards, tmp_path / "threads", decode_threads=3), dict(DEMO_POLICY, mixup_alpha=0.8,
                                                                                              mix_block=16))
     cache_teacher(cache_config(shards, tmp_path / "one"), dict(DEMO_POLICY, mixup_alpha=0.8, mix_block=16))

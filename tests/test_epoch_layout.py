@@ -163,10 +163,10 @@ def test_convert_cache_keeps_every_record_and_the_result_trains(tmp_path):
 def test_a_transient_read_error_marks_the_shard_incomplete_and_a_rerun_redoes_it(tmp_path, monkeypatch, ray_local):
     """An I/O error mid-tar (injected once, in the Ray worker): the shard's file holds what was read, the
     manifest marks it incomplete and the run fails; the rerun redoes that shard and only that one."""
-    from conftest import DEMO_POLICY, cache_config, demo_subset
+    from conftest import DEMO_POLICY, cache_config, demo_head
     from distill.cache import cache_teacher
     from distill.data.shards import READ_FAULT_ENV
-    shards = demo_subset(tmp_path, ["train-000000.tar", "train-000001.tar"])
+    shards = demo_head(tmp_path, 64, ["train-000000.tar", "train-000001.tar"])
     out = tmp_path / "cache"
     monkeypatch.setenv(READ_FAULT_ENV, str(tmp_path / "read-fault"))
     first = cache_teacher(cache_config(shards, out, workers=1, retries=0), DEMO_POLICY)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, demo_head
 
 sys.path.insert(0, str(REPO / "tests"))
 from helpers.timm_stub import STUB, import_timm  # noqa: E402
@@ -143,7 +143,8 @@ def test_timm_default_input_size_mean_and_std_are_used_and_said(tmp_path):
     want = timm.data.resolve_data_config({}, model=timm.create_model(SPEC[5:]))
     assert want["input_size"][-1] == 160 and tuple(want["mean"]) == (0.5, 0.5, 0.5)     # not ImageNet's
     out = tmp_path / "cache"
-    r = _cli("cache-teacher", "--shards", SHARD, "--teacher", SPEC, "--teacher-random-weights", "--out", out,
+    shard = demo_head(tmp_path, 64) / "train-000000.tar"        # 64 samples of SHARD, index.json: 10 classes
+    r = _cli("cache-teacher", "--shards", shard, "--teacher", SPEC, "--teacher-random-weights", "--out", out,
              "--topk", "3", "--workers", "1", "--batch-size", "32", "--quiet")
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     said = f"{SPEC}: input 160, mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5) from timm's default config"

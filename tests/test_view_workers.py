@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import DEMO_POLICY, cache_config, demo_subset, image_bytes, write_tar
+from conftest import DEMO_POLICY, cache_config, demo_head, image_bytes, write_tar
 from distill.cache import cache_teacher
 from distill.cache.reader import open_cache
 from distill.cache.stage import _placement
@@ -31,7 +31,8 @@ def _files(out) -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return demo_subset(tmp_path_factory.mktemp("vw"), SHARDS)
+    """The first 96 samples of 2 demo shards: pieces of 64 and 32 per shard and epoch for the producers."""
+    return demo_head(tmp_path_factory.mktemp("vw"), 96, SHARDS)
 
 
 def test_records_are_byte_identical_for_0_1_2_view_workers(shards, tmp_path):
