@@ -91,15 +91,18 @@ def _efficiency_of(tmp: Path, name: str, model, *, images: int, shards: int, epo
     over the bare forward's img/s, measured before and after the cache runs and averaged."""
     import copy
     from distill.models.catalog import count_gflops
+    from distill.cache.writer import keep_heap
+    keep_heap()      # the bare forward gets the worker's allocator settings: the ratio is the pipeline's overhead alone
     cores = os.cpu_count() or 1
-    script = tmp / f"{name}.pt"
+    slug = "".join(c if c.isalnum() else "-" for c in name.split(" (")[0]).lower()
+    script = tmp / f"{slug}.pt"
     torch.jit.script(model).save(str(script))
     gmacs = count_gflops(copy.deepcopy(model), 224)
-    shard_dir = make_shard_dir(tmp / f"eff-{name}", images, -(-images // shards))
+    shard_dir = make_shard_dir(tmp / f"eff-{slug}", images, -(-images // shards))
     bare_before = bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
-    res = run_cache(shard_dir, tmp / f"eff-{name}-cache", str(script), epochs=epochs, batch_size=batch, workers=1,
+    res = run_cache(shard_dir, tmp / f"eff-{slug}-cache", str(script), epochs=epochs, batch_size=batch, workers=1,
                     threads=cores, teacher_input_size=224)
-    wall = _whole_command(shard_dir, tmp / f"eff-{name}-cmd", script, epochs, batch, cores) if whole else None
+    wall = _whole_command(shard_dir, tmp / f"eff-{slug}-cmd", script, epochs, batch, cores) if whole else None
     bare_after = bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
     bare = (bare_before + bare_after) / 2      # the baseline measured on both sides of the cache runs
     steady = res.steady_records_per_s
