@@ -55,16 +55,25 @@ def test_bad_samples_are_skipped_alike_with_producer_processes(tmp_path):
     good = image_bytes("JPEG", (40, 40), seed=1)
     more = [item for i in range(20) for item in ((f"m{i}.jpg", image_bytes("JPEG", (48, 36), seed=10 + i)),
                                                   (f"m{i}.cls", str(i % 10).encode()))]
+    # cut inside the scan: the header parses (the reader passes it on), the decode fails in a producer,
+    # which sends the shard back to be read again without it; and a second one in another block
+    cut = image_bytes("JPEG", (64, 48), seed=5)
+    cut = cut[:len(cut) * 4 // 5]
     write_tar(d / "s-000000.tar", [
         ("ok0.jpg", good), ("ok0.cls", b"3"), ("corrupt.jpg", good[:60]), ("corrupt.cls", b"1"),
         ("nolabel.jpg", good), ("outofrange.jpg", good), ("outofrange.cls", b"12"),
-        ("ok1.png", image_bytes("PNG", (30, 50), seed=2)), ("ok1.cls", b"4")] + more)
+        ("cutscan.jpg", cut), ("cutscan.cls", b"2"),
+        ("ok1.png", image_bytes("PNG", (30, 50), seed=2)), ("ok1.cls", b"4")] + more[:30]
+        + [("cutscan2.jpg", cut), ("cutscan2.cls", b"5")] + more[30:])
     a = cache_teacher(cache_config(d, tmp_path / "a", epochs=2), POLICY)
     b = cache_teacher(cache_config(d, tmp_path / "b", epochs=2, view_workers=2), POLICY)
     assert not a.failed and not b.failed
     ma, mb = (json.loads((tmp_path / x / MANIFEST_NAME).read_text()) for x in "ab")
     assert ma["shards"][0]["skipped"] == mb["shards"][0]["skipped"]
-    assert {s["key"] for s in ma["shards"][0]["skipped"]} == {"corrupt", "nolabel", "outofrange"}
+    reasons = {s["key"]: s["reason"] for s in ma["shards"][0]["skipped"]}
+    assert set(reasons) == {"corrupt", "nolabel", "outofrange", "cutscan", "cutscan2"}
+    assert reasons["cutscan"].startswith("cannot decode image: OSError: image file is truncated")
+    assert mb["shards"][0]["samples"] == 22 and mb["totals"]["records"] == 44
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 

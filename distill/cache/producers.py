@@ -20,10 +20,12 @@ interpreter, imports only this module's dependencies (torch, Pillow, numpy), nev
 one torch thread whatever ``OMP_NUM_THREADS`` Ray set for the actor. The uint8 pieces travel back
 through torch's shared-memory queues (no pickled pixel copies).
 
-With processes, the reader checks decodability with a 1/8-scale JPEG decode (cheap: the DCT draft;
-a full decode for other formats) and the producer decodes again at the scale the views need. An image
-that passes the first but fails the second fails the shard with one line (it cannot be skipped any
-more: its position is taken); the in-process path decodes once and skips it.
+With processes, the reader only parses each image's header and the producer decodes it, once. An
+image that does not decode there cannot be skipped any more (its position, and with it the mix
+pairing of its block, is taken): the producer reports it (``Undecodable``), the worker lets the
+blocks in flight finish, and reads the shard again with that key skipped for the very reason the
+in-process path records (the same calls raise the same error). A shard with k such images is read
+k + 1 times at most; the records and skips equal the in-process path's.
 """
 from __future__ import annotations
 
@@ -38,7 +40,19 @@ from ..data import augment, shards as shardio, views
 from ..format import DUPLICATE_KEY_REASON, Skip
 
 FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
-CHECK_FACTOR = 8            # the draft scale of the reader's decodability check (producer processes)
+
+
+def undecodable_reason(e: BaseException) -> str:
+    """The skip reason of an image that does not decode (the reader's and the producers' alike)."""
+    return f"cannot decode image: {type(e).__name__}: {e}"
+
+
+class Undecodable(Exception):
+    """Images a producer process could not decode ({key: reason}): the shard is read again without them."""
+
+    def __init__(self, bad: dict):
+        super().__init__(f"{len(bad)} image(s) do not decode: {', '.join(bad)}")
+        self.bad = bad
 
 
 @dataclass
@@ -50,6 +64,7 @@ class Block:
     labels: list
     seeds: list
     params: list
+    keys: list = field(default_factory=list)
     data: list = field(default_factory=list)      # encoded bytes (for producer processes)
     srcs: list = field(default_factory=list)      # SourceImage, already decoded (in-process producers)
 
@@ -79,19 +94,20 @@ def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: 
     t0 = time.perf_counter()
     srcs, computed = block.srcs, None
     if not srcs:
-        srcs = []
+        srcs, bad = [], {}
         if not block.params:
             computed = block.params = [[] for _ in block.data]
-        for data, seeds, params in zip(block.data, block.seeds, block.params):
-            src = augment.SourceImage(data)
-            if computed is not None:
-                params.extend(views.params(spec, s, src) for s in seeds)
-            try:
+        for key, data, seeds, params in zip(block.keys, block.data, block.seeds, block.params):
+            try:          # the reader's in-process calls, in the same order: the same error and reason
+                src = augment.SourceImage(data)
+                if computed is not None:
+                    params.extend(views.params(spec, s, src) for s in seeds)
                 src.at(min(augment.draft_factor(p, size) for p in params))
-            except Exception as e:
-                raise RuntimeError(f"an image passed the reader's 1/{CHECK_FACTOR}-scale check but does not decode "
-                                   f"at the scale its views need: {type(e).__name__}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - recorded as the sample's skip reason
+                bad[key] = undecodable_reason(e)
             srcs.append(src)
+        if bad:
+            raise Undecodable(bad)
     decode_s = time.perf_counter() - t0
     n = len(srcs)
     for e0 in range(0, epochs, k):
@@ -151,8 +167,9 @@ class ShardReader:
     and the keys/labels/seeds of the positions (``samples``: (key, label, seeds) in position order)."""
 
     def __init__(self, path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, num_classes: int,
-                 exclude, decoded: bool, guard=None):
+                 exclude, decoded: bool, guard=None, undecodable: dict | None = None):
         self.path, self.spec, self.epochs, self.cache_seed, self.size = path, spec, epochs, cache_seed, size
+        self.undecodable = undecodable or {}    # {key: reason}: skipped as the in-process path would
         # ``guard``: entered around each image's decode (a CPU teacher's gate: decoding must not run
         # beside the teacher's forward, whose threads already hold every core)
         self.guard = guard or contextlib.nullcontext
@@ -182,19 +199,19 @@ class ShardReader:
             if reason:
                 self.skipped.append(Skip(key, reason, os.path.basename(str(self.path))))
                 continue
+            if key in self.undecodable:       # a producer process found it does not decode (earlier read)
+                self.skipped.append(Skip(key, self.undecodable[key], os.path.basename(str(self.path))))
+                continue
             try:
                 with self.guard():
                     src = augment.SourceImage(item.data)
                     seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
+                    params = None         # producer processes compute the parameters and decode
                     if self.decoded:      # the finest decode any epoch needs, kept for the views
                         params = [views.params(self.spec, s, src) for s in seeds]
                         src.at(min(augment.draft_factor(p, self.size) for p in params))
-                    else:                 # decodable? (the producer computes the parameters and decodes again)
-                        params = None
-                        src.at(CHECK_FACTOR)
-            except Exception as e:
-                self.skipped.append(Skip(key, f"cannot decode image: {type(e).__name__}: {e}",
-                                         os.path.basename(str(self.path))))
+            except Exception as e:  # noqa: BLE001 - recorded as the sample's skip reason
+                self.skipped.append(Skip(key, undecodable_reason(e), os.path.basename(str(self.path))))
                 continue
             pos = len(self.samples)
             self.samples.append((key, item.label, seeds))
@@ -203,6 +220,7 @@ class ShardReader:
             if block is None:
                 block = Block(index=pos // self.spec.policy.mix_block, start=pos, labels=[], seeds=[], params=[])
             block.labels.append(item.label)
+            block.keys.append(key)
             block.seeds.append(seeds)
             if params is not None:
                 block.params.append(params)
@@ -311,6 +329,8 @@ def _process_main(tasks, results, spec_of: dict, epochs: int, size: int, batch_s
                     p.pixels = finish_pixels(p, b, spec, epochs, *finish, torch.device("cpu"), out=x)
                     p.finished = True
                 put(("piece", p))
+        except Undecodable as e:    # the worker reads the shard again without these keys
+            put(("bad", e.bad))
         except BaseException as e:  # noqa: BLE001 - the worker fails the shard with this line
             put(("error", f"{type(e).__name__}: {e}"))
         put(("done", b.index))
@@ -347,12 +367,16 @@ class ProcessProducers:
             ready += kind == "ready"
 
     def pieces(self, blocks, spec, epochs, size, batch_size):
-        """Yield every piece of ``blocks``: a feeder thread hands blocks out, this generator collects."""
-        sent, state = [0], {"fed": False, "error": None}
+        """Yield every piece of ``blocks``: a feeder thread hands blocks out, this generator collects.
+        Images a producer could not decode stop the feeding; once the blocks in flight are done, they
+        are raised together (``Undecodable``) for the caller to read the shard again without them."""
+        sent, state, bad = [0], {"fed": False, "error": None}, {}
 
         def feed():
             try:
                 for b in blocks:
+                    if bad or state["error"]:
+                        break
                     self.tasks.put(b)
                     sent[0] += 1
             except BaseException as e:  # noqa: BLE001 - a read error of the reader: surfaced below
@@ -371,14 +395,19 @@ class ProcessProducers:
                     raise RuntimeError(f"view producer process {dead[0]} died") from None
                 continue
             if kind == "piece":
-                yield value
+                if not bad:          # after a bad image the shard is read again: its pieces are dropped
+                    yield value
             elif kind == "done":
                 done += 1
+            elif kind == "bad":
+                bad.update(value)
             else:
                 state["error"] = state["error"] or value
         feeder.join()
         if state["error"]:
             raise RuntimeError(state["error"])
+        if bad:
+            raise Undecodable(bad)
 
     def close(self) -> None:
         for _ in self.procs:

@@ -20,7 +20,8 @@ import numpy as np
 from .. import engine
 from ..data import augment, views
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
-from .producers import Block, ProcessProducers, ShardReader, ThreadProducers, finish_pixels, piece_rows
+from .producers import (Block, ProcessProducers, ShardReader, ThreadProducers, Undecodable, finish_pixels,
+                        piece_rows)
 
 
 
@@ -155,31 +156,37 @@ class CacheWorker:
     def run(self, task: dict) -> dict:
         engine.maybe_inject_fault()
         t_start = time.perf_counter()
-        path = task["path"]
+        undecodable: dict[str, str] = {}
+        while True:
+            try:
+                reader, got, timing = self._read(task["path"], undecodable)
+                break
+            except Undecodable as e:      # found by producer processes: read the shard again without them
+                undecodable.update(e.bad)
+        table, entry = self._assemble(task, reader, got)
+        return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
+                "decode_s": reader.read_s + timing.pop("render_s"), "wall_s": time.perf_counter() - t_start, **timing}
+
+    def _read(self, path: str, undecodable: dict):
+        """One pass over the shard: (reader, records, timing); ``undecodable``: keys skipped with their reason."""
         gate = CpuGate() if self.device.type == "cpu" and self.producers is None and not self.ens.off_cpu else None
         reader = ShardReader(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed, size=self.size,
                              num_classes=self.num_classes, exclude=self.exclude, decoded=self.producers is None,
-                             guard=gate.producer if gate else None)
+                             guard=gate.producer if gate else None, undecodable=undecodable)
         blocks: dict[int, Block] = {}
-
-        def kept(it):                  # the blocks' labels, seeds and params stay here for finishing
-            for b in it:
-                blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
-                yield b
-
         prod = self.producers or ThreadProducers(self.decode_threads, gate)
         try:
-            pieces = prod.pieces(kept(reader.blocks()), self.spec, self.epochs, self.size, self.batch_size)
+            pieces = prod.pieces(kept(reader.blocks(), blocks), self.spec, self.epochs, self.size, self.batch_size)
             got, timing = self._consume(pieces, blocks, gate)
+        except Undecodable:
+            raise
         except Exception as e:
             if self.producers is not None:    # producers may hold this shard's pieces: start them afresh
                 self.producers.close()
                 self.producers = ProcessProducers(self.producers.n, self.producers.spec_of, self.epochs,
                                                   self.size, self.batch_size, self.finish)
             raise RuntimeError(f"{os.path.basename(path)}: {type(e).__name__}: {e}") from e
-        table, entry = self._assemble(task, reader, got)
-        return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
-                "decode_s": reader.read_s + timing.pop("render_s"), "wall_s": time.perf_counter() - t_start, **timing}
+        return reader, got, timing
 
     def _consume(self, pieces, blocks: dict, gate: CpuGate | None) -> tuple["Records", dict]:
         """Finish every piece (normalise, erase, mix, on the teacher's device) and run the teacher on it;
@@ -189,24 +196,29 @@ class CacheWorker:
         got = Records(self.epochs, self.topk)
         teacher_s, render_s, first_at, last_at, done = 0.0, 0.0, None, None, 0
         pin = self.device.type == "cuda"
-        for p in pieces:
-            render_s += p.decode_s
-            x, labels, where = take_piece(p, blocks, self.spec, self.epochs, self.mean, self.std, self.device, pin)
-            t0 = time.perf_counter()
-            first_at = t0 if first_at is None else first_at
-            labels = torch.as_tensor(labels)
-            # a piece larger than --batch-size (a block longer than the batch) goes to the teacher in
-            # batches of at most --batch-size, cut the same way for any number of producers
-            for lo in range(0, len(x), self.batch_size):
-                hi = lo + self.batch_size
-                with gate.teacher() if gate else contextlib.nullcontext():
-                    i, v, lp = teachers.topk(self.ens(x[lo:hi]), self.topk, labels[lo:hi])
-                got.put(where[lo:hi], i.numpy(), v.numpy(), lp.numpy())
-            teacher_s += time.perf_counter() - t0
-            done += len(where)
-            last_at = time.perf_counter()
-            if self.progress is not None:
-                self.progress.add.remote(len(where))
+        try:
+            for p in pieces:
+                render_s += p.decode_s
+                x, labels, where = take_piece(p, blocks, self.spec, self.epochs, self.mean, self.std, self.device, pin)
+                t0 = time.perf_counter()
+                first_at = t0 if first_at is None else first_at
+                labels = torch.as_tensor(labels)
+                # a piece larger than --batch-size (a block longer than the batch) goes to the teacher in
+                # batches of at most --batch-size, cut the same way for any number of producers
+                for lo in range(0, len(x), self.batch_size):
+                    hi = lo + self.batch_size
+                    with gate.teacher() if gate else contextlib.nullcontext():
+                        i, v, lp = teachers.topk(self.ens(x[lo:hi]), self.topk, labels[lo:hi])
+                    got.put(where[lo:hi], i.numpy(), v.numpy(), lp.numpy())
+                teacher_s += time.perf_counter() - t0
+                done += len(where)
+                last_at = time.perf_counter()
+                if self.progress is not None:
+                    self.progress.add.remote(len(where))
+        except Undecodable:
+            if self.progress is not None and done:
+                self.progress.add.remote(-done)       # the shard is read again: its records count once
+            raise
         # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
         return got, {"teacher_s": teacher_s, "steady_records": done, "render_s": render_s,
                      "steady_s": (last_at - first_at) if first_at else 0.0}
@@ -251,23 +263,30 @@ def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, siz
                 num_classes: int, exclude=frozenset(), view_workers: int = 0) -> dict:
     """{(key, epoch): view tensor} exactly as cache-teacher's worker feeds them to the teacher (tests, notebooks)."""
     import torch
-    reader = ShardReader(path, spec=spec, epochs=epochs, cache_seed=cache_seed, size=size, num_classes=num_classes,
-                         exclude=frozenset(exclude), decoded=view_workers == 0)
-    blocks: dict = {}
-
-    def kept(it):
-        for b in it:
-            blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
-            yield b
-
     prod = (ProcessProducers(view_workers, spec.views_of(), epochs, size, batch_size, (tuple(mean), tuple(std)))
             if view_workers else ThreadProducers(1))
-    out = {}
+    undecodable: dict[str, str] = {}
     try:
-        for p in prod.pieces(kept(reader.blocks()), spec, epochs, size, batch_size):
-            x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
-            for row, (s, e) in enumerate(where):
-                out[reader.samples[s][0], int(e)] = x[row]
+        while True:
+            reader = ShardReader(path, spec=spec, epochs=epochs, cache_seed=cache_seed, size=size,
+                                 num_classes=num_classes, exclude=frozenset(exclude), decoded=view_workers == 0,
+                                 undecodable=undecodable)
+            blocks: dict = {}
+            out = {}
+            try:
+                for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch_size):
+                    x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
+                    for row, (s, e) in enumerate(where):
+                        out[reader.samples[s][0], int(e)] = x[row]
+                return out
+            except Undecodable as e:
+                undecodable.update(e.bad)
     finally:
         prod.close()
-    return out
+
+
+def kept(it, blocks: dict):
+    """Pass the reader's blocks on, keeping each one's labels, seeds and parameters in ``blocks`` for finishing."""
+    for b in it:
+        blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
+        yield b
