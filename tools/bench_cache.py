@@ -91,7 +91,7 @@ def _efficiency_of(tmp: Path, name: str, model, *, images: int, shards: int, epo
     over the bare forward's img/s, measured before and after the cache runs and averaged."""
     import copy
     from distill.models.catalog import count_gflops
-    from distill.cache.writer import keep_heap
+    from distill.memory import keep_heap
     keep_heap()      # the bare forward gets the worker's allocator settings: the ratio is the pipeline's overhead alone
     cores = os.cpu_count() or 1
     slug = "".join(c if c.isalnum() else "-" for c in name.split(" (")[0]).lower()

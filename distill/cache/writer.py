@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .. import engine
+from ..memory import keep_heap
 from ..data import augment, views
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
 from .producers import (Block, ProcessProducers, ShardReader, ThreadProducers, Undecodable, finish_pixels,
@@ -66,23 +67,6 @@ class CpuGate:
             with self._cond:
                 self._teacher = False
                 self._cond.notify_all()
-
-
-def keep_heap() -> None:
-    """glibc: serve allocations up to 32 MB (its maximum) from the heap and keep freed heap memory instead of
-    returning it to the system. A CPU teacher's forward allocates and frees the same large activations every
-    batch; with glibc's defaults they come back as fresh mappings after the worker's other allocations
-    (images, pieces) moved the dynamic threshold or trimmed the heap, and every page faults again. Measured
-    (BENCHMARKS.md section 2, bare forward, 2 threads, batch 32): ResNet-18-like 20.7 -> 28.5 img/s, ViT-S/16-like
-    10.9 -> 14.2 img/s with these settings. A no-op off glibc."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 class Records:
