@@ -161,7 +161,7 @@ class CacheWorker:
         prod = self.producers or ThreadProducers(self.decode_threads, gate)
         try:
             pieces = prod.pieces(kept(reader.blocks(), blocks), self.spec, self.epochs, self.size, self.batch_size)
-            got, timing = self._consume(pieces, blocks, gate)
+            got, timing = self._consume(pieces, blocks, gate, prod.release)
         except Undecodable:
             raise
         except Exception as e:
@@ -172,9 +172,9 @@ class CacheWorker:
             raise RuntimeError(f"{os.path.basename(path)}: {type(e).__name__}: {e}") from e
         return reader, got, timing
 
-    def _consume(self, pieces, blocks: dict, gate: CpuGate | None) -> tuple["Records", dict]:
+    def _consume(self, pieces, blocks: dict, gate: CpuGate | None, release) -> tuple["Records", dict]:
         """Finish every piece (normalise, erase, mix, on the teacher's device) and run the teacher on it;
-        results land in arrays by (sample, epoch)."""
+        results land in arrays by (sample, epoch); ``release(piece)`` once the teacher is done with it."""
         import torch
         from .. import teachers
         got = Records(self.epochs, self.topk)
@@ -194,6 +194,8 @@ class CacheWorker:
                     with gate.teacher() if gate else contextlib.nullcontext():
                         i, v, lp = teachers.topk(self.ens(x[lo:hi]), self.topk, labels[lo:hi])
                     got.put(where[lo:hi], i.numpy(), v.numpy(), lp.numpy())
+                del x
+                release(p)
                 teacher_s += time.perf_counter() - t0
                 done += len(where)
                 last_at = time.perf_counter()
@@ -261,7 +263,8 @@ def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, siz
                 for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch_size):
                     x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
                     for row, (s, e) in enumerate(where):
-                        out[reader.samples[s][0], int(e)] = x[row]
+                        out[reader.samples[s][0], int(e)] = x[row].clone()     # the piece's memory is reused
+                    prod.release(p)
                 return out
             except Undecodable as e:
                 undecodable.update(e.bad)
