@@ -40,6 +40,17 @@ def test_ensemble_averages_probabilities_and_temperature_softens():
     assert idx.shape == (4, 3) and torch.allclose(lp, pa[torch.arange(4), torch.tensor([0, 1, 2, 3])])
 
 
+def test_cpu_teachers_run_unoptimised_graphs_and_need_no_warmup():
+    """On CPU every call runs the same TorchScript graph (no profiling-then-optimising first calls whose
+    numbers could differ): the executor's optimisation is off inside the call, restored after it."""
+    ens = teachers.Ensemble([teachers.TeacherSpec("helpers.tiny_teacher:executor_probe")])
+    first, later = ens(X), ens(X)
+    assert ens.models[0].seen == [False, False] and torch._C._get_graph_executor_optimize()
+    assert not ens.warmup_needed and torch.equal(first, later)
+    scripted = teachers.Ensemble([teachers.TeacherSpec(str(DEMO_TEACHER))])
+    assert torch.equal(scripted(X), scripted(X)) and torch.equal(scripted(X), scripted(X))
+
+
 @pytest.mark.parametrize("spec, message", [("nowhere.pt", "not found"), ("no_such_module:x", "cannot import"),
                                            ("helpers.tiny_teacher:missing", "no callable"),
                                            ("helpers.tiny_teacher:not_a_module", "not a torch.nn.Module")])

@@ -128,11 +128,12 @@ class CacheWorker:
         self.finish = (self.mean, self.std) if self.device.type == "cpu" else None
         self.producers = (ProcessProducers(view_workers, views_of, epochs, input_size, batch_size, self.finish)
                           if view_workers > 0 else None)
-        # warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
+        # on a GPU, warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
         # spend their first calls optimising, which would otherwise land in the first shard
-        x = torch.zeros(batch_size, 3, input_size, input_size)
-        for _ in range(2):
-            self.ens(x)
+        if self.ens.warmup_needed:
+            x = torch.zeros(batch_size, 3, input_size, input_size)
+            for _ in range(2):
+                self.ens(x)
 
     def probe(self) -> int:
         return self.ens.output_width(self.size)

@@ -20,3 +20,20 @@ def build() -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+class ExecutorProbe(Tiny):
+    """Records whether TorchScript's graph executor optimises, as a scripted member would run, per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch._C._get_graph_executor_optimize())
+        return super().forward(x)
+
+
+def executor_probe() -> nn.Module:
+    torch.manual_seed(0)
+    return ExecutorProbe()
