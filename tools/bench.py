@@ -573,7 +573,7 @@ def _sec_cache(res, env):
           "(RandAugment + erasing). *Steady*: records/s of the shard tasks from the first teacher batch to the last "
           "(decode once; on the CPU views and the teacher take turns on the cores; top-K, Arrow encode; Ray start and "
           "model load excluded). *Command*: records ÷ the wall time of the whole `distill cache-teacher` command in a "
-          "fresh process (imports, embedded Ray, worker start, model load and warm-up, manifest). Both against the bare "
+          "fresh process (imports, embedded Ray, worker start, model load, manifest; a CPU worker needs no warm-up forwards: its TorchScript teacher runs unoptimised, at the same speed). Both against the bare "
           "teacher forward on ready tensors (same threads and batch), measured before and after.", "",
           "| teacher | GMACs/image | batch | records | cache-teacher records/s (steady) | bare teacher img/s | steady ÷ bare | "
           "command records/s | command ÷ bare | teacher share of worker time |",
@@ -790,7 +790,10 @@ def _sec_producers(res, env):
           "teacher that sleeps per batch (releasing the GIL, `distill_off_cpu`) stands in for a GPU. Steady-state records/s "
           "(first teacher batch to last: Ray, actor and producer start and the pipeline's first fill excluded). On a CPU "
           "device producer processes also finish their views (normalise, erase, mix), so the worker only runs the "
-          "teacher; embedded Ray runs its workers at normal priority (Ray's default nice 15 lost to its own daemons).", "",
+          "teacher; embedded Ray runs its workers at normal priority (Ray's default nice 15 lost to its own daemons). "
+          "Producer processes decode each image once, keep glibc's heap and reuse their shared-memory buffers. The "
+          "steady window still holds the shard's drain (a producer without a block idles while the last blocks "
+          "finish), which a real ImageNet-21K shard (~126,000 views) spreads over 30x as many views as this one.", "",
           "| producers | threads (`--view-workers 0 --decode-threads N`) | processes (`--view-workers N`) |", "|---|---:|---:|",
           f"| 1 | {c['threads_1']:,.1f} | {c['processes_1']:,.1f} |",
           f"| 2 | {c['threads_2']:,.1f} | {c['processes_2']:,.1f} |",

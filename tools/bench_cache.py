@@ -69,7 +69,7 @@ def run_cache(shards: Path, out: Path, teacher: str, policy_table: dict = POLICY
 
 def _whole_command(shards: Path, out: Path, script: Path, epochs: int, batch: int, threads: int) -> float:
     """Wall seconds of the ``distill cache-teacher`` command in a fresh process: interpreter and imports,
-    its own embedded Ray, the worker's start, model load and warm-up, every shard, the manifest."""
+    its own embedded Ray, the worker's start, model load, every shard, the manifest."""
     import subprocess
     cmd = [sys.executable, "-m", "distill.cli", "cache-teacher", "--shards", str(shards), "--teacher", str(script),
            "--out", str(out), "--epochs", str(epochs), "--topk", "10", "--batch-size", str(batch),
