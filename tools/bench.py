@@ -574,16 +574,24 @@ def _sec_cache(res, env):
           "(decode once; on the CPU views and the teacher take turns on the cores; top-K, Arrow encode; Ray start and "
           "model load excluded). *Command*: records ÷ the wall time of the whole `distill cache-teacher` command in a "
           "fresh process (imports, embedded Ray, worker start, model load, manifest; a CPU worker needs no warm-up forwards: its TorchScript teacher runs unoptimised, at the same speed). Both against the bare "
-          "teacher forward on ready tensors (same threads and batch), measured before and after.", "",
+          "teacher forward on ready tensors (same threads and batch). This machine's speed drifts by ±10% over "
+          "minutes, so runs alternate with the baseline (bare, cache, bare, ...): each run is divided by the mean of the "
+          "bare rates just before and after it; the ratio is the mean over the runs (each run's in parentheses).", "",
           "| teacher | GMACs/image | batch | records | cache-teacher records/s (steady) | bare teacher img/s | steady ÷ bare | "
           "command records/s | command ÷ bare | teacher share of worker time |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in rows:
         L.append(f"| {t['teacher']} | {t['gmacs_per_image']} | {t['batch']} | {t['records']:,} | {t['cache_records_per_s']:.1f} | "
-                 f"{t['bare_images_per_s']:.1f} | **{t['ratio']:.3f}** | {_f(t.get('command_records_per_s'), '{:.1f}')} | "
-                 f"{_f(t.get('command_ratio'), '{:.3f}')} | {t['teacher_share_of_worker_time']:.0%} |")
+                 f"{t['bare_images_per_s']:.1f} | **{t['ratio']:.3f}**{_runs(t.get('ratio_runs'))} | "
+                 f"{_f(t.get('command_records_per_s'), '{:.1f}')} | {_f(t.get('command_ratio'), '{:.3f}')}"
+                 f"{_runs(t.get('command_ratio_runs'))} | {t['teacher_share_of_worker_time']:.0%} |")
     L += ["", f"Goals: steady ÷ bare ≥ {GOALS['efficiency']}, command ÷ bare ≥ {GOALS['command']} (ViT-S/16-like, 1,200 records).", ""]
     return L
+
+
+def _runs(values) -> str:
+    """' (a, b)': each run's ratio, when there was more than one."""
+    return f" ({', '.join(f'{v:.3f}' for v in values)})" if values and len(values) > 1 else ""
 
 
 def _sec_storage(res, env):

@@ -86,9 +86,11 @@ def _whole_command(shards: Path, out: Path, script: Path, epochs: int, batch: in
 
 
 def _efficiency_of(tmp: Path, name: str, model, *, images: int, shards: int, epochs: int, batch: int, secs: float,
-                   whole: bool) -> dict:
+                   whole: bool, repeats: int) -> dict:
     """One teacher: steady-state records/s of the shard tasks (and, with ``whole``, of the whole command)
-    over the bare forward's img/s, measured before and after the cache runs and averaged."""
+    over the bare forward's img/s. This machine's speed drifts by +-10% over minutes, so the runs
+    alternate with the baseline (bare, cache, bare, cache, bare): each run is divided by the mean of the
+    bare rates measured just before and just after it, and the ratio is the mean over ``repeats`` runs."""
     import copy
     from distill.models.catalog import count_gflops
     from distill.memory import keep_heap
@@ -99,20 +101,30 @@ def _efficiency_of(tmp: Path, name: str, model, *, images: int, shards: int, epo
     torch.jit.script(model).save(str(script))
     gmacs = count_gflops(copy.deepcopy(model), 224)
     shard_dir = make_shard_dir(tmp / f"eff-{slug}", images, -(-images // shards))
-    bare_before = bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
-    res = run_cache(shard_dir, tmp / f"eff-{slug}-cache", str(script), epochs=epochs, batch_size=batch, workers=1,
-                    threads=cores, teacher_input_size=224)
-    wall = _whole_command(shard_dir, tmp / f"eff-{slug}-cmd", script, epochs, batch, cores) if whole else None
-    bare_after = bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
-    bare = (bare_before + bare_after) / 2      # the baseline measured on both sides of the cache runs
-    steady = res.steady_records_per_s
+
+    def bare() -> float:
+        return bare_forward(torch.jit.load(str(script)).eval(), batch, 224, cores, secs)
+
+    bares, runs = [bare()], []
+    for r in range(repeats):
+        res = run_cache(shard_dir, tmp / f"eff-{slug}-cache{r}", str(script), epochs=epochs, batch_size=batch,
+                        workers=1, threads=cores, teacher_input_size=224)
+        wall = (_whole_command(shard_dir, tmp / f"eff-{slug}-cmd{r}", script, epochs, batch, cores)
+                if whole else None)
+        bares.append(bare())
+        runs.append((res, wall, (bares[-2] + bares[-1]) / 2))
+    steady = [res.steady_records_per_s / b for res, _, b in runs]
     row = {"teacher": name, "gmacs_per_image": round(gmacs, 2), "threads": cores, "batch": batch, "images": images,
-           "shards": shards, "epochs": epochs, "records": res.records, "cache_records_per_s": round(steady, 2),
-           "bare_images_per_s": round(bare, 2), "ratio": round(steady / bare, 3),
-           "teacher_share_of_worker_time": round(res.teacher_share, 3)}
-    if wall:
-        row.update(command_wall_s=round(wall, 1), command_records_per_s=round(res.records / wall, 2),
-                   command_ratio=round(res.records / wall / bare, 3))
+           "shards": shards, "epochs": epochs, "records": runs[0][0].records, "repeats": repeats,
+           "cache_records_per_s": round(float(np.mean([res.steady_records_per_s for res, _, _ in runs])), 2),
+           "bare_images_per_s": round(float(np.mean(bares)), 2), "bare_runs": [round(b, 2) for b in bares],
+           "ratio": round(float(np.mean(steady)), 3), "ratio_runs": [round(x, 3) for x in steady],
+           "teacher_share_of_worker_time": round(float(np.mean([res.teacher_share for res, _, _ in runs])), 3)}
+    if whole:
+        cmd = [res.records / wall / b for res, wall, b in runs]
+        row.update(command_wall_s=round(float(np.mean([w for _, w, _ in runs])), 1),
+                   command_records_per_s=round(float(np.mean([res.records / w for res, w, _ in runs])), 2),
+                   command_ratio=round(float(np.mean(cmd)), 3), command_ratio_runs=[round(x, 3) for x in cmd])
     return row
 
 
@@ -122,11 +134,11 @@ def efficiency(tmp: Path, quick: bool) -> dict:
     secs = 5 if quick else 12
     resnet = _efficiency_of(tmp, "ResNet-18-like (TorchScript)", bench_teachers.resnet18_like(),
                             images=32 if quick else 96, shards=1, epochs=2 if quick else 8,
-                            batch=16 if quick else 32, secs=secs, whole=False)
+                            batch=16 if quick else 32, secs=secs, whole=False, repeats=1 if quick else 2)
     torch.manual_seed(0)
     vit = _efficiency_of(tmp, "ViT-S/16-like (TorchScript)", bench_teachers.ViTLike(dim=384, depth=12, heads=6).eval(),
                          images=32 if quick else 300, shards=2, epochs=1 if quick else 4, batch=16 if quick else 32,
-                         secs=secs, whole=True)
+                         secs=secs, whole=True, repeats=1 if quick else 2)
     return {**resnet, "teachers": [resnet, vit]}
 
 
