@@ -55,6 +55,17 @@ class Undecodable(Exception):
         self.bad = bad
 
 
+def until_decodable(attempt):
+    """``attempt(undecodable)`` (one read of a shard, skipping the keys of ``undecodable`` {key: reason}),
+    repeated with the images producer processes could not decode until none is left."""
+    undecodable: dict[str, str] = {}
+    while True:
+        try:
+            return attempt(undecodable)
+        except Undecodable as e:
+            undecodable.update(e.bad)
+
+
 @dataclass
 class Block:
     """One block of valid samples: their first position, labels, seeds (per epoch), view parameters
@@ -106,6 +117,7 @@ def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: 
                 src.at(min(augment.draft_factor(p, size) for p in params))
             except Exception as e:  # noqa: BLE001 - recorded as the sample's skip reason
                 bad[key] = undecodable_reason(e)
+                continue
             srcs.append(src)
         if bad:
             raise Undecodable(bad)

@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from .. import engine
-from ..memory import keep_heap
 from ..data import augment, views
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
+from ..memory import keep_heap
 from .producers import (Block, ProcessProducers, ShardReader, ThreadProducers, Undecodable, finish_pixels,
-                        piece_rows)
+                        piece_rows, until_decodable)
 
 
 
@@ -141,13 +141,8 @@ class CacheWorker:
     def run(self, task: dict) -> dict:
         engine.maybe_inject_fault()
         t_start = time.perf_counter()
-        undecodable: dict[str, str] = {}
-        while True:
-            try:
-                reader, got, timing = self._read(task["path"], undecodable)
-                break
-            except Undecodable as e:      # found by producer processes: read the shard again without them
-                undecodable.update(e.bad)
+        # images producer processes could not decode: the shard is read again without them
+        reader, got, timing = until_decodable(lambda undecodable: self._read(task["path"], undecodable))
         table, entry = self._assemble(task, reader, got)
         return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
                 "decode_s": reader.read_s + timing.pop("render_s"), "wall_s": time.perf_counter() - t_start, **timing}
@@ -252,23 +247,22 @@ def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, siz
     import torch
     prod = (ProcessProducers(view_workers, spec.views_of(), epochs, size, batch_size, (tuple(mean), tuple(std)))
             if view_workers else ThreadProducers(1))
-    undecodable: dict[str, str] = {}
+
+    def attempt(undecodable: dict) -> dict:
+        reader = ShardReader(path, spec=spec, epochs=epochs, cache_seed=cache_seed, size=size,
+                             num_classes=num_classes, exclude=frozenset(exclude), decoded=view_workers == 0,
+                             undecodable=undecodable)
+        blocks: dict = {}
+        out = {}
+        for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch_size):
+            x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
+            for row, (s, e) in enumerate(where):
+                out[reader.samples[s][0], int(e)] = x[row].clone()     # the piece's memory is reused
+            prod.release(p)
+        return out
+
     try:
-        while True:
-            reader = ShardReader(path, spec=spec, epochs=epochs, cache_seed=cache_seed, size=size,
-                                 num_classes=num_classes, exclude=frozenset(exclude), decoded=view_workers == 0,
-                                 undecodable=undecodable)
-            blocks: dict = {}
-            out = {}
-            try:
-                for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch_size):
-                    x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
-                    for row, (s, e) in enumerate(where):
-                        out[reader.samples[s][0], int(e)] = x[row].clone()     # the piece's memory is reused
-                    prod.release(p)
-                return out
-            except Undecodable as e:
-                undecodable.update(e.bad)
+        return until_decodable(attempt)
     finally:
         prod.close()
 
