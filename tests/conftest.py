@@ -5,7 +5,12 @@ Add new builders under their own heading.
 """
 from __future__ import annotations
 
+import faulthandler
 import io
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +20,68 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "shards" / "demo"
+
+
+# ---------------------------------------------------------------------------------------------
+# no test hangs the suite
+
+TEST_LIMIT_S = int(os.environ.get("DISTILL_TEST_LIMIT_S", "600"))
+
+
+class TimeLimitExceeded(Exception):
+    """A test (setup, call and teardown together) ran past TEST_LIMIT_S."""
+
+
+def _process_table() -> str:
+    """Every process but the kernel's threads (pid, parent, group, age in s, state, command)."""
+    r = subprocess.run(["ps", "-eo", "pid,ppid,pgid,etimes,stat,args", "--forest"], capture_output=True, text=True)
+    rows = [x[:220] for x in r.stdout.splitlines() if x.split()[:2][-1:] != ["2"] and x.split()[:1] != ["2"]]
+    return "\n".join(rows)[-6000:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Past TEST_LIMIT_S a test fails with every thread's stack and the process table printed, and the
+    suite goes on; should even that not interrupt it, faulthandler ends the run 120 s later. A hang
+    then costs one test, with its stacks in the log, not the whole CI budget."""
+    def expired(signum, frame):
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        print(_process_table(), file=sys.stderr)
+        raise TimeLimitExceeded(f"{item.nodeid} ran past {TEST_LIMIT_S} s (stacks and processes above)")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_LIMIT_S)
+    faulthandler.dump_traceback_later(TEST_LIMIT_S + 120, exit=True)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_group(argv: list, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True, timeout=...)``, but the command leads its own
+    process group, killed whole when it ends or times out: no grandchild (a loader worker, a rank of
+    torchrun) can outlive it holding the output pipes, which would make reading them wait forever."""
+    p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        out, err = p.communicate(timeout=30)
+        raise subprocess.TimeoutExpired(p.args, timeout, out, err) from None
+    finally:
+        kill_group(p)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL to the process group ``p`` leads (started with ``start_new_session=True``)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

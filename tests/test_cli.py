@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SMALL_TREE, write_image_tree
+from conftest import REPO, SMALL_TREE, run_group, write_image_tree
 from distill import config as C
 from distill.cli import build_parser
 from distill.format import ShardIndex
@@ -19,8 +19,8 @@ COMMANDS = ["make-shards", "adapt-teacher", "filter-labels", "cache-teacher", "t
 
 
 def distill(*argv, cwd=None):
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=cwd, timeout=300)
+    return run_group([sys.executable, "-m", "distill.cli", *argv], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                     cwd=cwd, timeout=300)
 
 
 def test_help_lists_every_subcommand():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, image_bytes
+from conftest import REPO, image_bytes, kill_group
 from distill.config import TrainConfig
 from distill.data import augment, views
 from distill.data.shards import Sample, iter_shard, write_shards
@@ -131,25 +131,33 @@ def _free_port() -> int:
 
 
 def _two_ranks(code: str, tmp_path: Path, env: dict | None = None, timeout: float = 120) -> tuple[list, float]:
-    """Run ``code`` as rank 0 and rank 1 of a 2-process gloo job; [(returncode, stdout, stderr)], seconds."""
+    """Run ``code`` as rank 0 and rank 1 of a 2-process gloo job; [(returncode, stdout, stderr)], seconds.
+    Each rank leads its own process group, killed whole at the end: a rank's loader workers cannot
+    outlive it holding the output pipes (which would make reading them wait forever)."""
     script = tmp_path / "rank.py"
     script.write_text(code)
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                 OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
+                              stderr=subprocess.PIPE, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                              start_new_session=True)
              for r in range(2)]
-    out = []
+    out, late = [], None
     try:
         for p in procs:
-            o, e = p.communicate(timeout=max(1.0, timeout - (time.time() - t0)))
+            try:
+                o, e = p.communicate(timeout=max(1.0, timeout - (time.time() - t0)))
+            except subprocess.TimeoutExpired:
+                late = f"rank {procs.index(p)} still running after {timeout:.0f} s"
+                break
             out.append((p.returncode, o, e))
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+            kill_group(p)
+        if late:
+            tails = [(p.communicate(timeout=10)[1] or "")[-2000:] for p in procs[len(out):]]
+            pytest.fail(f"{late}; stderr tails: {tails}")
     return out, time.time() - t0
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from conftest import run_group
 from distill.config import CacheConfig, TrainConfig
 from distill.format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes
 from distill.files import UserError
@@ -304,8 +305,8 @@ train_student(TrainConfig(shards={TRAIN2!r}, cache={str(cache_dir)!r}, val_shard
               model="tinyvit-tiny", image_size=32, epochs=1, batch_size=32, quiet=True, device="cpu"))
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    out = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script],
+                    cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["images"] == 720 // 64 * 64     # 2 ranks x 11 steps x 32

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, demo_subset, image_bytes, write_tar
+from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, demo_subset, image_bytes, run_group, write_tar
 from distill.cache import cache_teacher, open_cache, verify_cache
 from distill.config import FilterConfig, TrainConfig
 from distill.files import LOCK_NAME, UserError
@@ -29,8 +30,7 @@ SHARDS = ["train-000000.tar", "train-000001.tar"]
 def _cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *(env or {}).pop("PYTHONPATH", "").split(os.pathsep)]),
                **(env or {}))
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_group([sys.executable, "-m", "distill.cli", *args], env=env, timeout=timeout)
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -197,9 +197,8 @@ from distill.cli import main
 sys.exit(main({_train_args(str(shards), str(cache), str(tmp_path / 'run'), '--device', 'cpu')!r}))
 """)
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    r = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script],
+                  cwd=REPO, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
     assert r.returncode != 0 and time.time() - t0 < 120
     errors = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 2 and all("train-000001.arrow" in e and "distill verify" in e for e in errors), r.stderr[-3000:]
@@ -234,7 +233,11 @@ def test_second_concurrent_cache_teacher_exits_2_naming_the_first(tmp_path):
     while not (out / LOCK_NAME).exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     assert (out / LOCK_NAME).exists(), "the first run never took the lock"
-    second = _cli(*args, "--overwrite")
+    os.kill(first.pid, signal.SIGSTOP)          # held while the second tries: it cannot finish first
+    try:
+        second = _cli(*args, "--overwrite")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _one_line_error(second, "in use", f"pid {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert not (out / LOCK_NAME).exists()
