@@ -83,8 +83,25 @@ class RayContext:
     def __exit__(self, *exc):
         if self.started:
             import ray
+            if not (self.address or os.environ.get("RAY_ADDRESS")):
+                _stop_autoscaler_monitor()
             ray.shutdown()
         return False
+
+
+def _stop_autoscaler_monitor() -> None:
+    """Kill the embedded Ray's autoscaler monitor ahead of ``ray.shutdown``. Shutdown stops Ray's daemons
+    one at a time, giving each 1 s to exit on SIGTERM before it sends SIGKILL; the monitor never exits in
+    that second (measured: 1.02 of shutdown's 1.38 s, at the end of every command). It holds nothing of
+    ours: a single embedded node does not autoscale. Private Ray state, so any surprise leaves it to
+    shutdown as before."""
+    try:
+        from ray._private import worker
+        for info in worker._global_node.all_processes.get("monitor", []):
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception:  # noqa: BLE001 - an optimisation only; shutdown still stops it
+        pass
 
 
 def cluster_resources() -> dict:
