@@ -182,11 +182,11 @@ for batch in (6, 8):
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         out[f"{{batch}}/{{epoch}}"] = [b["key"] for b in _synced(loader(ds, 2), d)]
-print(json.dumps(out))
+print("KEYS", json.dumps(out))
 """
     res, took = _two_ranks(code, tmp_path)
     assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
-    got = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in res]
+    got = [json.loads(next(x for x in o.splitlines() if x.startswith("KEYS "))[5:]) for _, o, _ in res]
     everything = {s.key for p in sorted(shards.glob("*.tar")) for s in iter_shard(p)}
     for run in ("6/0", "6/1", "8/0", "8/1"):
         a, b = got[0][run], got[1][run]

@@ -64,7 +64,10 @@ def test_interrupt_says_the_rerun_resumes_and_names_the_command(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not list(out.glob("*.arrow")) and proc.poll() is None:
         time.sleep(0.05)
+    proc.send_signal(signal.SIGSTOP)    # held: the run cannot finish between this check and the interrupt
+    assert list(out.glob("*.arrow")) and not (out / "manifest.json").exists(), "no unfinished run to interrupt"
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     line = [x for x in err.splitlines() if x.startswith("distill: interrupted")]
