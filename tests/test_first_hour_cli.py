@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_group
+from distill.format import MANIFEST_NAME
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "shards" / "demo"
 TEACHER = DEMO / "teacher.pt"
@@ -22,8 +25,7 @@ needs_demo = pytest.mark.skipif(not TEACHER.is_file(), reason="demo shards/teach
 
 
 def distill(*argv, timeout=300, cwd=None):
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, cwd=cwd)
+    return run_group([sys.executable, "-m", "distill.cli", *argv], env=ENV, timeout=timeout, cwd=cwd)
 
 
 # ----------------------------------------------------------------------------- 1: messages
@@ -65,7 +67,7 @@ def test_interrupt_says_the_rerun_resumes_and_names_the_command(tmp_path):
     while time.time() < deadline and not list(out.glob("*.arrow")) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGSTOP)    # held: the run cannot finish between this check and the interrupt
-    assert list(out.glob("*.arrow")) and not (out / "manifest.json").exists(), "no unfinished run to interrupt"
+    assert list(out.glob("*.arrow")) and not (out / MANIFEST_NAME).exists(), "no unfinished run to interrupt"
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
