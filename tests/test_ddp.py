@@ -182,7 +182,8 @@ for batch in (6, 8):
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         out[f"{{batch}}/{{epoch}}"] = [b["key"] for b in _synced(loader(ds, 2), d)]
-print("KEYS", json.dumps(out))
+print("KEYS", json.dumps(out), flush=True)
+torch.distributed.destroy_process_group()   # else gloo's threads may abort the exit (pytorch#190489)
 """
     res, took = _two_ranks(code, tmp_path)
     assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:] + res[1][2][-3000:]
