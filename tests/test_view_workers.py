@@ -116,3 +116,53 @@ def test_bf16_teacher_through_autocast_on_cpu(shards, tmp_path):
     assert json.loads((tmp_path / "bf16" / MANIFEST_NAME).read_text())["teacher"]["precision"] == "bf16"
     assert (top_a == top_b).mean() >= 0.98
     assert not pa.Table.equals(ta, tb)          # bf16 really ran: the probabilities differ
+
+
+def _blocks(lengths):
+    from distill.cache.producers import Block
+    starts = np.cumsum([0] + list(lengths))
+    return [Block(i, int(starts[i]), [0] * n, [], []) for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("lengths,producers,epochs,batch", [
+    ([64] * 22, 15, 90, 64), ([64] * 22, 7, 90, 256), ([64] * 15 + [12], 15, 90, 64), ([16] * 5, 2, 7, 32),
+    ([64] * 3, 1, 8, 64), ([64], 4, 90, 64), ([64] * 8, 2, 8, 64), ([10] * 3, 2, 5, 40)])
+def test_producer_tasks_cover_every_view_once_on_piece_boundaries(lengths, producers, epochs, batch):
+    from distill.cache.producers import epochs_per_piece, tasks_of
+    tasks = list(tasks_of(_blocks(lengths), producers, epochs, batch))
+    seen: dict = {}
+    for b, lo, hi in tasks:
+        k = epochs_per_piece(batch, len(b.labels), epochs)
+        assert lo % k == 0 and (hi % k == 0 or hi == epochs) and lo < hi, (b.index, lo, hi)
+        assert seen.get(b.index, 0) == lo, (b.index, lo)                      # in order, no gap, no overlap
+        seen[b.index] = hi
+    assert seen == {i: epochs for i in range(len(lengths))}
+    first = [t for t in tasks[:producers]]
+    assert all((lo, hi) == (0, epochs) for _, lo, hi in first) or len(lengths) < producers
+    if producers == 1:
+        assert len(tasks) == len(lengths)                                     # nothing to share out
+
+
+def test_a_shards_last_blocks_are_shared_out_by_epochs():
+    """ImageNet-21K's shape: 22 blocks x 90 epochs on 15 producers. Whole blocks take two rounds of 90
+    epochs, the second with 7 of 15 producers busy (73%); cut, the 7 last blocks go to 14 tasks of at most
+    48 epochs (90 + 48 = 138 epochs' time against the ideal 132)."""
+    from distill.cache.producers import tasks_of
+    tasks = list(tasks_of(_blocks([64] * 22), 15, 90, 64))
+    assert [(lo, hi) for _, lo, hi in tasks[:15]] == [(0, 90)] * 15
+    rest = tasks[15:]
+    assert 7 < len(rest) <= 15 and max(hi - lo for _, lo, hi in rest) <= 48, rest
+
+
+def test_records_are_byte_identical_when_the_last_blocks_are_cut(tmp_path):
+    """5 blocks of 16 x 7 epochs on 2 producers (batch 32: pieces of 2 epochs): the last block is cut into
+    epochs [0, 4) and [4, 7); the cache equals the in-process one's, byte for byte."""
+    from distill.cache.producers import tasks_of
+    assert [(b.index, lo, hi) for b, lo, hi in tasks_of(_blocks([16] * 5), 2, 7, 32)][-2:] == [(4, 0, 4), (4, 4, 7)]
+    d = demo_head(tmp_path / "in", 80)
+    outs = []
+    for n in (0, 2):
+        res = cache_teacher(cache_config(d, tmp_path / f"n{n}", epochs=7, batch_size=32, view_workers=n), POLICY)
+        assert not res.failed, res.failed
+        outs.append(_files(tmp_path / f"n{n}"))
+    assert outs[0] == outs[1]

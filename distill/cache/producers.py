@@ -98,10 +98,57 @@ def epochs_per_piece(batch_size: int, block_len: int, epochs: int) -> int:
     return max(1, min(epochs, batch_size // max(1, block_len)))
 
 
-def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: int, guard=None, alloc=None):
-    """Yield the block's pieces (k epochs each, the last one may hold fewer). A block read without view
-    parameters (producer processes) gets them here, from its seeds and images, and the first piece
-    carries them back. ``alloc(shape, dtype)``: where the pixels go (default: a new tensor)."""
+def tasks_of(blocks, producers: int, epochs: int, batch_size: int, min_epochs: int | None = None):
+    """The producers' tasks (block, lo, hi), epochs [lo, hi) of a block, in the reader's order: whole
+    blocks while the shard has more than a round of them ahead; the last blocks cut by epoch ranges.
+
+    With whole blocks a shard ends in a drain: B blocks on P producers take ceil(B / P) rounds, and in the
+    last one only B mod P producers work (an ImageNet-21K shard, ~22 blocks of 64 x 90 epochs, on 15
+    producers: 22 / 30 = 73% of their time). So every round of ``producers`` tasks (they start a shard
+    together) is sized ceil(views left / producers) in epochs, which cuts blocks once the reader is through
+    the shard (it reads ``producers`` + 1 blocks ahead, headers only): the last round's blocks are shared out (with one round of whole blocks before: 90 + 42
+    epochs each instead of 90 + 90 for some). A cut costs its producer one more decode and parameter pass
+    of the block (~1.5 views' time per image), hence at least ``min_epochs`` (E / 8) per task. Cuts fall
+    on multiples of k (epochs per piece): the pieces, and with them the records, stay what they are."""
+    import collections
+    min_epochs = max(1, -(-epochs // 8)) if min_epochs is None else min_epochs
+    ahead: collections.deque = collections.deque()        # [block, first epoch not handed out]
+    it, done, size, sent = iter(blocks), False, epochs, 0
+    while True:
+        while not done and len(ahead) <= producers:
+            b = next(it, None)
+            if b is None:
+                done = True
+            else:
+                ahead.append([b, 0])
+        if not ahead:
+            return
+        b, lo = ahead[0]
+        n = len(b.labels)
+        k = epochs_per_piece(batch_size, n, epochs)
+        if sent % producers == 0:      # a new round (all producers start the shard together): views left,
+            # shared by every producer; while the reader is not through, more than a round of whole blocks
+            left = sum(len(x.labels) * (epochs - e) for x, e in ahead)
+            size = max(-(-left // (producers * n)), min_epochs, k)
+        sent += 1
+        hi = epochs
+        if done:
+            hi = min(epochs, lo + -(-size // k) * k)
+            if epochs - hi < max(min_epochs, k):     # no sliver left behind
+                hi = epochs
+        if hi == epochs:
+            ahead.popleft()
+        else:
+            ahead[0][1] = hi
+        yield b, lo, hi
+
+
+def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: int, guard=None, alloc=None,
+                 lo: int = 0, hi: int | None = None):
+    """Yield the block's pieces of epochs [lo, hi) (k epochs each from ``lo``, a multiple of k; the last one
+    may hold fewer). A block read without view parameters (producer processes) gets them here, all epochs'
+    (the decode scale is the finest any epoch needs, whatever the range), from its seeds and images, and
+    the first piece carries them back. ``alloc(shape, dtype)``: where the pixels go (default: a new tensor)."""
     import torch
     t0 = time.perf_counter()
     srcs, computed = block.srcs, None
@@ -123,9 +170,10 @@ def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: 
             raise Undecodable(bad)
     decode_s = time.perf_counter() - t0
     n = len(srcs)
-    for e0 in range(0, epochs, k):
+    hi = epochs if hi is None else hi
+    for e0 in range(lo, hi, k):
         t0 = time.perf_counter()
-        es = range(e0, min(epochs, e0 + k))
+        es = range(e0, min(hi, e0 + k))
         pixels = (alloc or torch.empty)((len(es) * n, size, size, 3), dtype=torch.uint8)
         out = pixels.numpy()
         for j, e in enumerate(es):
@@ -373,9 +421,11 @@ def _process_main(tasks, results, free, index: int, spec_of: dict, epochs: int, 
             continue
         if b is None:
             return
+        b, lo, hi = b
         try:
             k = epochs_per_piece(batch_size, len(b.labels), epochs)
-            for p in render_block(b, spec, epochs, size, k, alloc=slots.take if finish is None else None):
+            for p in render_block(b, spec, epochs, size, k, alloc=slots.take if finish is None else None,
+                                  lo=lo, hi=hi):
                 if finish is not None:
                     x = slots.take((p.pixels.shape[0], 3, size, size), torch.float32)
                     p.pixels = finish_pixels(p, b, spec, epochs, *finish, torch.device("cpu"), out=x)
@@ -397,7 +447,7 @@ class ProcessProducers:
         import torch.multiprocessing as mp
         ctx = mp.get_context("spawn")
         self.n, self.spec_of, self.finish = n, spec_of, finish
-        self.tasks = ctx.Queue(maxsize=2 * n)
+        self.tasks = ctx.Queue(maxsize=n)        # and n + 1 blocks read ahead by ``tasks_of``
         self.results = ctx.Queue(maxsize=4 * n)
         self.frees = [ctx.Queue() for _ in range(n)]       # buffers handed back to each producer
         self.procs = [ctx.Process(target=_process_main, args=(self.tasks, self.results, self.frees[i], i, spec_of,
@@ -429,10 +479,10 @@ class ProcessProducers:
 
         def feed():
             try:
-                for b in blocks:
+                for task in tasks_of(blocks, self.n, epochs, batch_size):
                     if bad or state["error"]:
                         break
-                    self.tasks.put(b)
+                    self.tasks.put(task)
                     sent[0] += 1
             except BaseException as e:  # noqa: BLE001 - a read error of the reader: surfaced below
                 state["error"] = f"{type(e).__name__}: {e}"

@@ -93,6 +93,9 @@ class Records:
         if len(where) and where[:, 0].max() >= len(self.idx):
             self._grow(int(where[:, 0].max()) + 1)
         s, e = where[:, 0], where[:, 1]
+        if self.seen[s, e].any():        # a producer rendered a view twice: a planning bug, never silent
+            twice = where[self.seen[s, e]][0]
+            raise RuntimeError(f"record (sample {int(twice[0])}, epoch {int(twice[1])}) got teacher output twice")
         self.idx[s, e], self.prob[s, e], self.label_prob[s, e], self.seen[s, e] = idx, prob, label_prob, True
 
     def arrays(self, n: int):
