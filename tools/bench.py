@@ -502,6 +502,9 @@ def render(res: dict, env: dict, quick: bool) -> str:
                              ("stub_efficiency_processes", "cache-teacher ÷ a stub GPU at 80% of 2 producers' capacity", "stub_efficiency")):
         v = pj.get(key)
         L.append(f"| {label} | {_f(v, '{:.3f}')} | ≥ {GOALS[goal]} | {_ok(v, GOALS[goal])} |")
+    tv = (pj.get("tail") or {}).get("cut_over_whole")
+    L.append(f"| shard tail, 3 blocks on 2 producer processes: last block shared out by epochs ÷ whole blocks (views/s) "
+             f"| {_f(tv, '{:.3f}')} | none set | {'reported' if tv is not None else 'not run'} |")
     hs = res.get("cli", {}).get("json", {}).get("help_s")
     L.append(f"| `distill --help` wall time, median (s) | {_f(hs, '{:.3f}')} | < {GOALS['help_s']} | {_ok(hs, GOALS['help_s'], False)} |")
     aj = res.get("adapt", {}).get("json", {})
@@ -816,6 +819,20 @@ def _sec_producers(res, env):
           f"With the stub at {j['stub_img_s']:,.1f} img/s (80% of 2 processes' capacity): cache-teacher reaches "
           f"**{j['stub_efficiency_processes']:.3f}** of the stub's rate with 2 processes, {j['stub_efficiency_threads']:.3f} "
           "with 2 threads.", ""]
+    t = j.get("tail")
+    if t:
+        m = t["model"]
+        L += [f"**Shard tail.** Whole blocks end every shard in a drain: B blocks on P producers take ceil(B / P) rounds, "
+              f"the last with B mod P producers busy. The producers' planner (`tasks_of`) sizes each round of P tasks "
+              f"ceil(views left / P) in epochs, so the last blocks are shared out by epoch ranges on piece boundaries "
+              f"(records unchanged; a cut costs one more decode and parameter pass of its block). Measured: 2 producer "
+              f"processes over a shard of {t['blocks']} blocks ({t['images']} images x {t['epochs']} epochs), pieces "
+              f"taken as they come: {t['cut_views_s']:,.1f} views/s with the cut, {t['whole_views_s']:,.1f} with whole "
+              f"blocks: **{t['cut_over_whole']:.3f}** ({', '.join(f'{r:.3f}' for r in t['cut_over_whole_runs'])}; "
+              f"interleaved pairs). Modelled for an ImageNet-21K shard (22 blocks of 64 x 90 epochs, equal producers, a "
+              f"cut at 1.5 views per image): producer use {m['7_producers']['whole']:.3f} -> {m['7_producers']['cut']:.3f} "
+              f"on 7 producers (a ViT-L/14 H100's), {m['15_producers']['whole']:.3f} -> {m['15_producers']['cut']:.3f} "
+              f"on 15 (a ViT-B/16 H100's).", ""]
     return L
 
 

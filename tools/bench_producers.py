@@ -17,6 +17,12 @@ pipeline's first fill excluded).
    with 4 epochs the drain weighs twice as much (measured 2 / 1 = 1.50-1.77 vs 1.89-2.04 with 8).
 2. Efficiency: the stub set to 80% of the 2-process capacity; cache-teacher's records/s / the stub's own
    rate, threads and processes. Goal: >= 0.90 with processes.
+3. Shard tail: 2 producer processes over a shard of 3 blocks (96 images x 8 epochs), the pieces taken as
+   fast as they come (the worker's GPU side at no cost): views/s when the last block is shared out by
+   epoch ranges (``tasks_of``) / whole blocks (the last block on one producer while the other idles),
+   in interleaved pairs. And the same planner's producer use at ImageNet-21K's shape (22 blocks of 64 x
+   90 epochs on 7 and 15 producers), modelled with equal producers and a cut costing 1.5 views per image
+   (a decode, 1.23 ms, and the block's view parameters, 2.7 ms, against 2.53 ms per view; BENCHMARKS.md 1).
 """
 from __future__ import annotations
 
@@ -97,6 +103,52 @@ def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, mode: str,
     return res.steady_records_per_s
 
 
+def _tail(root: Path, epochs: int, pairs: int) -> dict:
+    """Section 3 measured: views/s of 2 producer processes over a 3-block shard, cut vs whole blocks."""
+    from distill.cache.producers import ProcessProducers, ShardReader
+    from distill.data import augment, views
+    shard = sorted(_shards(root / "tail", 96, 1).glob("*.tar"))[0]
+    spec = views.ViewSpec(augment.Policy(size=224, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mix_block=32))
+    prod = ProcessProducers(2, spec.views_of(), epochs, 224, 64)
+
+    def once(cut: bool) -> float:
+        reader = ShardReader(shard, spec=spec, epochs=epochs, cache_seed=0, size=224, num_classes=2,
+                             exclude=frozenset(), decoded=False)
+        t0, n = time.perf_counter(), 0
+        for p in prod.pieces(reader.blocks(), spec, epochs, 224, 64, cut=cut):
+            n += p.pixels.shape[0]
+            prod.release(p)
+        return n / (time.perf_counter() - t0)
+
+    try:
+        once(True)                                            # warm: heaps, shared-memory buffers
+        runs = [(once(False), once(True)) for _ in range(pairs)]
+    finally:
+        prod.close()
+    ratios = [c / w for w, c in runs]
+    return {"images": 96, "blocks": 3, "epochs": epochs, "producers": 2, "pairs": pairs,
+            "whole_views_s": round(sum(w for w, _ in runs) / pairs, 1),
+            "cut_views_s": round(sum(c for _, c in runs) / pairs, 1),
+            "cut_over_whole": round(sum(ratios) / pairs, 3), "cut_over_whole_runs": [round(r, 3) for r in ratios],
+            "model": {f"{p}_producers": _modelled_use(22, 64, 90, p) for p in (7, 15)}}
+
+
+def _modelled_use(blocks: int, block_len: int, epochs: int, producers: int, cut_cost: float = 1.5) -> dict:
+    """Producer use (busy rendering views / producers x makespan) of equal producers taking ``tasks_of``'s
+    tasks in order, whole blocks vs cut; a task costs its views + ``cut_cost`` views per image."""
+    import heapq
+    from distill.cache.producers import Block, tasks_of
+    out = {}
+    for cut in (False, True):
+        bl = [Block(i, i * block_len, [0] * block_len, [], []) for i in range(blocks)]
+        free = [0.0] * producers
+        for b, lo, hi in tasks_of(bl, producers if cut else 1, epochs, 64):
+            t = heapq.heappop(free)
+            heapq.heappush(free, t + len(b.labels) * (hi - lo + cut_cost))
+        out["cut" if cut else "whole"] = round(blocks * block_len * epochs / (producers * max(free)), 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -125,7 +177,10 @@ def main() -> int:
             eff[mode] = got / stub_rate
             print(f"stub GPU at {stub_rate:.0f} img/s ({per_batch * 1e3:.1f} ms/batch), 2 {mode}: "
                   f"{got:.1f} records/s = {eff[mode]:.3f} of the stub's rate", flush=True)
-    out = {"images": images, "epochs": epochs, "batch": batch, "size": 224,
+        tail = _tail(root, 4 if a.quick else 8, 1 if a.quick else 3)
+        print(f"shard tail, 3 blocks on 2 producers: {tail['cut_views_s']:.1f} views/s cut, {tail['whole_views_s']:.1f} "
+              f"whole blocks: {tail['cut_over_whole']:.3f}; modelled ImageNet-21K shard: {tail['model']}", flush=True)
+    out = {"images": images, "epochs": epochs, "batch": batch, "size": 224, "tail": tail,
            "capacity": {f"{m}_{n}": round(v, 1) for (m, n), v in cap.items()},
            "processes_2_over_1": round(cap["processes", 2] / cap["processes", 1], 3),
            "threads_2_over_1": round(cap["threads", 2] / cap["threads", 1], 3),

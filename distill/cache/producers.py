@@ -470,8 +470,9 @@ class ProcessProducers:
                 continue
             ready += kind == "ready"
 
-    def pieces(self, blocks, spec, epochs, size, batch_size):
-        """Yield every piece of ``blocks``: a feeder thread hands blocks out, this generator collects. A
+    def pieces(self, blocks, spec, epochs, size, batch_size, cut: bool = True):
+        """Yield every piece of ``blocks``: a feeder thread hands them out (``tasks_of``; ``cut=False``: whole
+        blocks only, the benchmark's baseline), this generator collects. A
         piece's pixels stay in its producer's shared memory: hand them back with ``release`` after use.
         Images a producer could not decode stop the feeding; once the blocks in flight are done, they
         are raised together (``Undecodable``) for the caller to read the shard again without them."""
@@ -479,7 +480,7 @@ class ProcessProducers:
 
         def feed():
             try:
-                for task in tasks_of(blocks, self.n, epochs, batch_size):
+                for task in tasks_of(blocks, self.n if cut else 1, epochs, batch_size):
                     if bad or state["error"]:
                         break
                     self.tasks.put(task)
