@@ -106,10 +106,11 @@ def tasks_of(blocks, producers: int, epochs: int, batch_size: int, min_epochs: i
     last one only B mod P producers work (an ImageNet-21K shard, ~22 blocks of 64 x 90 epochs, on 15
     producers: 22 / 30 = 73% of their time). So every round of ``producers`` tasks (they start a shard
     together) is sized ceil(views left / producers) in epochs, which cuts blocks once the reader is through
-    the shard (it reads ``producers`` + 1 blocks ahead, headers only): the last round's blocks are shared out (with one round of whole blocks before: 90 + 42
-    epochs each instead of 90 + 90 for some). A cut costs its producer one more decode and parameter pass
-    of the block (~1.5 views' time per image), hence at least ``min_epochs`` (E / 8) per task. Cuts fall
-    on multiples of k (epochs per piece): the pieces, and with them the records, stay what they are."""
+    the shard (it reads ``producers`` + 1 blocks ahead, headers only): the last round's blocks are shared
+    out (after one round of whole blocks: 90 + 42 epochs each instead of 90 + 90 for some). A cut costs its
+    producer one more decode and parameter pass of the block (~1.5 views' time per image), hence at least
+    ``min_epochs`` (E / 8) per task. Cuts fall on multiples of k (epochs per piece): the pieces, and with
+    them the records, stay what they are."""
     import collections
     min_epochs = max(1, -(-epochs // 8)) if min_epochs is None else min_epochs
     ahead: collections.deque = collections.deque()        # [block, first epoch not handed out]
@@ -389,8 +390,8 @@ class Slots:
 
 def _process_main(tasks, results, free, index: int, spec_of: dict, epochs: int, size: int, batch_size: int,
                   parent: int, finish=None) -> None:
-    """A producer process: blocks from ``tasks`` -> pieces on ``results``; ``None`` ends it, and so does
-    the end of its parent (a worker killed by Ray leaves no producer behind). ``finish``: (mean, std) when
+    """A producer process: tasks (block, lo, hi) from ``tasks`` -> pieces on ``results``; ``None`` ends
+    it, and so does the end of its parent (a worker killed by Ray leaves no producer behind). ``finish``: (mean, std) when
     the teacher's device is the CPU: the views are finished here (normalised, erased, mixed: the same
     code and bits as on the worker), in parallel, instead of in the worker. The pieces' pixels live in
     ``Slots`` the worker hands back on ``free``."""
@@ -414,14 +415,14 @@ def _process_main(tasks, results, free, index: int, spec_of: dict, epochs: int, 
 
     while True:
         try:
-            b = tasks.get(timeout=1.0)
+            task = tasks.get(timeout=1.0)
         except queue.Empty:
             if os.getppid() != parent:
                 return
             continue
-        if b is None:
+        if task is None:
             return
-        b, lo, hi = b
+        b, lo, hi = task
         try:
             k = epochs_per_piece(batch_size, len(b.labels), epochs)
             for p in render_block(b, spec, epochs, size, k, alloc=slots.take if finish is None else None,
