@@ -391,10 +391,10 @@ class Slots:
 def _process_main(tasks, results, free, index: int, spec_of: dict, epochs: int, size: int, batch_size: int,
                   parent: int, finish=None) -> None:
     """A producer process: tasks (block, lo, hi) from ``tasks`` -> pieces on ``results``; ``None`` ends
-    it, and so does the end of its parent (a worker killed by Ray leaves no producer behind). ``finish``: (mean, std) when
-    the teacher's device is the CPU: the views are finished here (normalised, erased, mixed: the same
-    code and bits as on the worker), in parallel, instead of in the worker. The pieces' pixels live in
-    ``Slots`` the worker hands back on ``free``."""
+    it, and so does the end of its parent (a worker killed by Ray leaves no producer behind). ``finish``:
+    (mean, std) when the teacher's device is the CPU: the views are finished here (normalised, erased,
+    mixed: the same code and bits as on the worker), in parallel, instead of in the worker. The pieces'
+    pixels live in ``Slots`` the worker hands back on ``free``."""
     import torch
 
     from ..memory import keep_heap
