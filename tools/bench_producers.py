@@ -178,8 +178,9 @@ def main() -> int:
             print(f"stub GPU at {stub_rate:.0f} img/s ({per_batch * 1e3:.1f} ms/batch), 2 {mode}: "
                   f"{got:.1f} records/s = {eff[mode]:.3f} of the stub's rate", flush=True)
         tail = _tail(root, 4 if a.quick else 8, 1 if a.quick else 3)
-        print(f"shard tail, 3 blocks on 2 producers: {tail['cut_views_s']:.1f} views/s cut, {tail['whole_views_s']:.1f} "
-              f"whole blocks: {tail['cut_over_whole']:.3f}; modelled ImageNet-21K shard: {tail['model']}", flush=True)
+        print(f"shard tail, 3 blocks on 2 producers: {tail['cut_views_s']:.1f} views/s cut, "
+              f"{tail['whole_views_s']:.1f} whole blocks: {tail['cut_over_whole']:.3f}; "
+              f"modelled ImageNet-21K shard: {tail['model']}", flush=True)
     out = {"images": images, "epochs": epochs, "batch": batch, "size": 224, "tail": tail,
            "capacity": {f"{m}_{n}": round(v, 1) for (m, n), v in cap.items()},
            "processes_2_over_1": round(cap["processes", 2] / cap["processes", 1], 3),
