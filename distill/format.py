@@ -10,9 +10,11 @@ Three kinds of directory:
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -20,7 +22,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from .files import FormatError, UserError, atomic_write_json, read_json
+from .files import FormatError, UserError, atomic_write_json, digest, read_json
 
 SHARD_INDEX_NAME = "index.json"
 SHARD_INDEX_FORMAT = "distill-shards"
@@ -189,6 +191,9 @@ CACHE_VERSION = 2
 CONVERT_HINT = "distill convert-cache OLD NEW"   # what to run on a cache of an older version
 MANIFEST_NAME = "manifest.json"
 RUN_NAME = "run.json"            # identity of the run that writes the directory (written first)
+# per finished shard file, until the manifest is written: {file, file_bytes, file_sha256, run_id} in
+# <dir>/.distill.done/<file>.json; a resumed run reuses a file only when its bytes match
+CACHE_DONE_DIR = ".distill.done"
 CACHE_EXT = ".arrow"
 IPC_COMPRESSION = "zstd"
 IPC_LEVEL = 9
@@ -200,11 +205,85 @@ CACHE_GROUP = 0
 # Arrow schema metadata of a cache file, besides the encoding facts of ``encode_cache_shard``:
 ARROW_ENTRY_KEY = b"entry"        # JSON: the shard's manifest entry (lets a rerun reuse the file)
 ARROW_RUN_ID_KEY = b"run_id"      # the run identity digest of the run that wrote the file
+ARROW_CHECKSUMS_KEY = b"checksums"  # JSON: CRC-32 of the other metadata and schema, and of every (batch, column)
+CHECKSUM_ALGORITHM = "crc32"
+DIGEST_COLUMN = "digest"          # per sample (epoch 0's rows): CRC-32 of its image bytes then its label text
 # manifest keys beyond the run identity (FORMAT.md 2.3)
 REPLAY_ENV_KEY = "replay_env"            # versions that decide replayed pixels (Pillow, libjpeg-turbo, numpy, policy)
 AGREEMENT_KEY = "teacher_agreement"      # the teacher against the given labels: top1, mean_label_prob, records
 FINGERPRINTS_KEY = "view_fingerprints"   # per shard entry: [{key, epoch, seed, size, sha256}] of replayed views
 LOGICAL_COLUMNS = ("key", "shard", "epoch", "seed", "topk_idx", "topk_prob", "label", "label_prob")
+
+
+# manifest keys that are not the run identity (``run.json``; its digest is ``run_id``)
+MANIFEST_NOT_IDENTITY = ("run_id", "source", "shards", "totals", AGREEMENT_KEY, REPLAY_ENV_KEY)
+# what every manifest holds, and the type of each (FORMAT.md 2.3); bool is not an int here
+_INT, _NUM = "an integer", "a number"
+_MANIFEST_FIELDS = {"format": str, "version": _INT, "teacher": dict, "policy": dict, "topk": _INT,
+                    "temperature": _NUM, "prob_dtype": str, "epochs": _INT, "cache_seed": _INT,
+                    "num_classes": _INT, "classes": list, "shard_set": list, "run_id": str, "shards": list,
+                    "totals": dict}
+_ENTRY_FIELDS = {"name": str, "file": str, "bytes": _INT, "sha256": str, "samples": _INT, "records": _INT,
+                 "excluded": _INT, "skipped": list, "file_bytes": _INT, "file_sha256": str}
+_TOTALS_FIELDS = {"samples": _INT, "records": _INT, "skipped": _INT, "excluded": _INT}
+# fields of a shard's manifest entry that its file's footer (``ARROW_ENTRY_KEY``) must repeat
+ENTRY_CROSS_CHECKED = ("name", "bytes", "sha256", "samples", "records", "excluded", "skipped")
+
+
+def manifest_identity(manifest: dict) -> dict:
+    """The run identity a manifest was written from (``run.json``), whose digest is its ``run_id``."""
+    identity = {k: v for k, v in manifest.items() if k not in MANIFEST_NOT_IDENTITY}
+    if isinstance(identity.get("exclude"), dict):
+        identity["exclude"] = {k: v for k, v in identity["exclude"].items() if k != "filter_dir"}
+    return identity
+
+
+def run_id_of(identity: dict) -> str:
+    return digest(json.dumps(identity, sort_keys=True))
+
+
+def _typed(d: dict, fields: dict, where: str) -> None:
+    for k, t in fields.items():
+        if k not in d:
+            raise FormatError(f"{where}: key {k!r} is missing")
+        v = d[k]
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0 if t == _INT else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if t == _NUM else isinstance(v, t))
+        if not ok:
+            what = t if isinstance(t, str) else f"a {t.__name__}"
+            raise FormatError(f"{where}: {k!r} must be {what}{' >= 0' if t == _INT else ''}, got {v!r:.60}")
+
+
+def check_manifest(m, path) -> None:
+    """Refuse, in one line naming the file and the field, a cache manifest that is not well formed or
+    not consistent with itself: missing or ill-typed keys, counts that do not add up, a ``run_id``
+    that is not the digest of the manifest's own run identity (an edited epoch count, K, seed, class
+    list or teacher). Its files are checked against it when they are opened (``reader.file_problem``)."""
+    if not isinstance(m, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    _typed(m, _MANIFEST_FIELDS, str(path))
+    if m["prob_dtype"] not in PROB_DTYPES or len(m["classes"]) != m["num_classes"] or m["topk"] < 1:
+        raise FormatError(f"{path}: prob_dtype, classes ({len(m['classes'])}), num_classes ({m['num_classes']}) "
+                          f"or topk ({m['topk']}) out of place")
+    entries = m["shards"]
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise FormatError(f"{path}: shard entry {i} is not a JSON object")
+        _typed(e, _ENTRY_FIELDS, f"{path}: shard {i} ({e.get('name')!r})")
+        if e["records"] != e["samples"] * m["epochs"]:
+            raise FormatError(f"{path}: shard {e['name']!r} has {e['records']} records, not samples x epochs "
+                              f"({e['samples']} x {m['epochs']})")
+    if len({e["name"] for e in entries}) != len(entries) or [e["name"] for e in entries] != m["shard_set"]:
+        raise FormatError(f"{path}: its shard entries do not match its shard_set")
+    _typed(m["totals"], _TOTALS_FIELDS, f"{path}: totals")
+    sums = {"samples": sum(e["samples"] for e in entries), "records": sum(e["records"] for e in entries),
+            "skipped": sum(len(e["skipped"]) for e in entries), "excluded": sum(e["excluded"] for e in entries)}
+    wrong = [f"{k} {m['totals'][k]} (shards: {v})" for k, v in sums.items() if m["totals"][k] != v]
+    if wrong:
+        raise FormatError(f"{path}: totals do not add up: {', '.join(wrong)}")
+    if run_id_of(manifest_identity(m)) != m["run_id"]:
+        raise FormatError(f"{path}: its run_id is not the digest of its settings (epochs, topk, classes, "
+                          f"cache_seed, teacher, policy ...): the manifest was edited")
 
 
 def index_dtype(num_classes: int) -> str:
@@ -309,8 +388,9 @@ def _dictionary(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids[first], first.sum(1), local
 
 
-def _schema(k: int, idt: np.dtype, ldt: type, prob_dtype: str) -> pa.Schema:
-    fields = [("key", pa.string()), ("label", pa.int32()), ("seed", pa.uint32()),
+def _schema(k: int, idt: np.dtype, ldt: type, prob_dtype: str, digests: bool) -> pa.Schema:
+    fields = [("key", pa.string()), ("label", pa.int32())] + ([(DIGEST_COLUMN, pa.uint32())] if digests else [])
+    fields += [("seed", pa.uint32()),
               ("classes", pa.list_(pa.from_numpy_dtype(idt))), ("local", pa.list_(pa.from_numpy_dtype(ldt), k))]
     fields += [(c, pa.list_(pa.uint8(), k)) for c in _plane_names("prob", prob_dtype)]
     fields += [(c, pa.uint8()) for c in _plane_names("label_prob", prob_dtype)]
@@ -319,11 +399,12 @@ def _schema(k: int, idt: np.dtype, ldt: type, prob_dtype: str) -> pa.Schema:
 
 def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, num_classes: int,
                        prob_dtype: str = "float16", shard: str = "", group: int = CACHE_GROUP,
-                       chunk: int = CACHE_CHUNK) -> pa.Table:
+                       chunk: int = CACHE_CHUNK, digests=None) -> pa.Table:
     """Physical table of one input shard (FORMAT.md 2.2): E*N rows, epoch-major, in record batches of
     at most ``chunk`` samples of one epoch, so that a reader of epoch e reads only e's batches.
 
-    seeds (N, E) uint32; topk_idx (N, E, K) ints; topk_prob (N, E, K); label_prob (N, E)."""
+    seeds (N, E) uint32; topk_idx (N, E, K) ints; topk_prob (N, E, K); label_prob (N, E); digests (N,)
+    uint32 (``sample_digest`` of each sample's image and label; None: the file has no digest column)."""
     if prob_dtype not in PROB_DTYPES:
         raise UserError(f"prob dtype must be one of {PROB_DTYPES}, got {prob_dtype!r}")
     seeds = np.asarray(seeds, dtype=np.uint32)
@@ -343,7 +424,8 @@ def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, 
         np.cumsum(counts, out=offsets[1:])
         dicts.append((offsets, flat.astype(idt), local.reshape(n, g, k), int(counts.max(initial=0))))
     ldt = _local_dtype(max((d[3] for d in dicts), default=0))
-    schema = _schema(k, idt, ldt, prob_dtype)
+    schema = _schema(k, idt, ldt, prob_dtype, digests is not None)
+    digests = None if digests is None else np.asarray(digests, dtype=np.uint32).reshape(n)
     meta = {"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "epochs": str(e_), "topk": str(k),
             "samples": str(n), "chunk": str(chunk), "group": str(group), "prob_dtype": prob_dtype,
             "index_dtype": idt.name, "num_classes": str(num_classes), "shard": shard}
@@ -357,6 +439,8 @@ def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, 
             offs = offsets[a:b + 1] - offsets[a] if lead else np.zeros(b - a + 1, np.int32)
             cols = {"key": pa.array(keys[a:b] if e == 0 else [""] * (b - a), type=pa.string()),
                     "label": pa.array(labels[a:b] if e == 0 else np.zeros(b - a, np.int32)),
+                    DIGEST_COLUMN: pa.array(digests[a:b] if e == 0 else np.zeros(b - a, np.uint32))
+                    if digests is not None else None,
                     "seed": pa.array(seeds[a:b, e]),
                     "classes": pa.ListArray.from_arrays(pa.array(offs),
                                                         pa.array(flat[offsets[a]:offsets[b]] if lead else flat[:0])),
@@ -383,7 +467,7 @@ def cache_meta(table_or_schema) -> dict:
     md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     if md.get("format") != CACHE_FORMAT:
         raise FormatError(f"not a distill cache file (format={md.get('format')!r})")
-    if int(md.get("version", -1)) != CACHE_VERSION:
+    if md.get("version") != str(CACHE_VERSION):
         raise FormatError(f"cache file version {md.get('version')} is not supported (expected {CACHE_VERSION}); "
                           f"convert the cache with {CONVERT_HINT}")
     return md
@@ -401,7 +485,7 @@ def _physical(md: dict, columns) -> tuple[list, list, bool]:
     return base, per, "topk_idx" in columns or lp
 
 
-_ORDER = ("key", "label", "seed", "classes", "local") + tuple(f"{p}_b{i}" for p in ("prob", "label_prob") for i in range(4))
+_ORDER = ("key", "label", DIGEST_COLUMN, "seed", "classes", "local") + tuple(f"{p}_b{i}" for p in ("prob", "label_prob") for i in range(4))
 
 
 def _check_request(md: dict, epochs, columns) -> tuple[list[str], np.ndarray]:
@@ -508,6 +592,11 @@ class CacheFile:
     """One shard file of a cache, opened for reading: its metadata comes from the IPC footer, and only
     the record batches (epochs, sample ranges) and columns asked for are read and decompressed.
 
+    Every record batch read is checked against the CRC-32 the footer holds for it (column by column, on
+    the buffers as read, before any value is interpreted), and the footer's metadata against its own
+    CRC-32: a file damaged after the cache was checked stops the read with one line (``FormatError``).
+    A file written before checksums existed (``checksummed`` False) is read unchecked.
+
     ``source``: an open pyarrow file to read from instead of memory-mapping ``path`` (e.g. one that
     counts the bytes read). ``batches_read`` counts the record batches read so far."""
 
@@ -517,14 +606,47 @@ class CacheFile:
             self._src = source if source is not None else pa.memory_map(self.path)
             self._readers: dict = {}
             self.schema = self._reader(()).schema
+            self.num_batches = self._reader(()).num_record_batches
         except FileNotFoundError:
             raise FormatError(f"cache file missing: {path}") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
         self.meta = cache_meta(self.schema)
-        self.samples, self.epochs = int(self.meta["samples"]), int(self.meta["epochs"])
-        self.chunk = int(self.meta["chunk"])
+        self._crcs = self._checksums()
+        try:
+            self.samples, self.epochs = int(self.meta["samples"]), int(self.meta["epochs"])
+            self.chunk, self.topk = int(self.meta["chunk"]), int(self.meta["topk"])
+        except (KeyError, ValueError) as e:
+            raise self._damaged(f"metadata field {e} missing or not an integer") from None
+        self.per_epoch = -(-self.samples // self.chunk) if self.chunk > 0 else -1
+        if self.per_epoch < 0 or self.samples < 0 or self.epochs < 0 or self.num_batches != self.epochs * self.per_epoch:
+            raise self._damaged(f"{self.num_batches} record batches, its metadata says {self.samples} samples x "
+                                f"{self.epochs} epochs in chunks of {self.chunk}")
         self.batches_read = 0
+
+    @property
+    def checksummed(self) -> bool:
+        return self._crcs is not None
+
+    def _damaged(self, what: str) -> FormatError:
+        return FormatError(f"cache file {self.path} is damaged ({what}); run distill verify")
+
+    def _checksums(self) -> np.ndarray | None:
+        """The footer's (batch, column) CRC-32 table, after checking the metadata against its own CRC."""
+        raw = (self.schema.metadata or {}).get(ARROW_CHECKSUMS_KEY)
+        if raw is None:
+            return None
+        try:
+            sums = json.loads(raw)
+            crcs = np.frombuffer(base64.b64decode(sums["batches"], validate=True), dtype="<u4")
+            meta_ok = sums["algorithm"] == CHECKSUM_ALGORITHM and int(sums["meta"]) == _meta_crc(self.schema)
+        except (ValueError, KeyError, TypeError) as e:
+            raise self._damaged(f"unreadable checksums: {type(e).__name__}") from None
+        if not meta_ok:
+            raise self._damaged("its metadata fails its checksum")
+        if crcs.size != self.num_batches * len(self.schema):
+            raise self._damaged(f"{crcs.size} checksums for {self.num_batches} batches of {len(self.schema)} columns")
+        return crcs.reshape(self.num_batches, len(self.schema))
 
     def _reader(self, fields: tuple):
         if fields not in self._readers:
@@ -532,19 +654,32 @@ class CacheFile:
             self._readers[fields] = pa.ipc.open_file(self._src, options=opts)
         return self._readers[fields]
 
+    def _batch(self, fields: tuple, i: int) -> pa.RecordBatch:
+        """Record batch ``i`` of the file, only ``fields`` (sorted field indices), checked: its row count
+        and, in a checksummed file, each column's CRC-32."""
+        try:
+            batch = self._reader(fields).get_batch(i)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise self._damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        c = i % self.per_epoch
+        rows = min(self.chunk, self.samples - c * self.chunk)
+        if batch.num_rows != rows or batch.num_columns != len(fields):
+            raise self._damaged(f"record batch {i} holds {batch.num_rows} rows, expected {rows}")
+        if self._crcs is not None:
+            for f, col in zip(fields, batch.columns):
+                if _array_crc(col) != self._crcs[i, f]:
+                    raise self._damaged(f"record batch {i} (epoch {i // self.per_epoch}) column "
+                                        f"{self.schema.field(f).name!r} fails its checksum")
+        self.batches_read += 1
+        return batch
+
     def fetch(self, epoch: int, columns: list[str], start: int, stop: int) -> pa.Table:
         """Rows [start, stop) of epoch ``epoch``'s batches, only ``columns``."""
         fields = tuple(sorted(self.schema.get_field_index(c) for c in columns))
         if -1 in fields:
             raise FormatError(f"cache file {self.path} has no column {columns}")
-        reader = self._reader(fields)
-        per_epoch = -(-self.samples // self.chunk)
         first, last = start // self.chunk, max(start, stop - 1) // self.chunk
-        try:
-            parts = [reader.get_batch(epoch * per_epoch + c) for c in range(first, min(last, per_epoch - 1) + 1)]
-        except (pa.ArrowInvalid, OSError) as e:
-            raise FormatError(f"cache file unreadable: {self.path} ({str(e).splitlines()[0]}); run distill verify") from None
-        self.batches_read += len(parts)
+        parts = [self._batch(fields, epoch * self.per_epoch + c) for c in range(first, min(last, self.per_epoch - 1) + 1)]
         if not parts:
             return pa.table({c: pa.array([], self.schema.field(c).type) for c in columns})
         t = pa.Table.from_batches(parts).select(columns)
@@ -558,12 +693,18 @@ class CacheFile:
 
     def num_rows(self) -> int:
         """Rows stored in the file (should be samples x epochs), reading only the label buffers."""
-        reader = self._reader((self.schema.get_field_index("label"),))
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        fields = (self.schema.get_field_index("label"),)
+        return sum(self._batch(fields, i).num_rows for i in range(self.num_batches))
 
     def keys(self) -> pa.Array:
         """The sample keys in row order (a string array; read from epoch 0's batches only)."""
         return self.fetch(0, ["key"], 0, self.samples).column("key").combine_chunks()
+
+    def digests(self) -> np.ndarray | None:
+        """Each sample's ``sample_digest`` in row order (uint32), or None when the file records none."""
+        if self.schema.get_field_index(DIGEST_COLUMN) < 0:
+            return None
+        return self.fetch(0, [DIGEST_COLUMN], 0, self.samples).column(DIGEST_COLUMN).to_numpy()
 
     def close(self) -> None:
         self._readers.clear()
@@ -577,21 +718,64 @@ class CacheFile:
         return False
 
 
+def sample_digest(data: bytes, label: int) -> int:
+    """What a cache records of one input sample (its ``digest`` column): CRC-32 of the image member's
+    bytes, continued over the label as decimal ASCII. Training checks it as it reads each sample."""
+    return zlib.crc32(encode_label(label), zlib.crc32(data))
+
+
+def _array_crc(array) -> int:
+    """CRC-32 of an array's buffers as read from an IPC file (children included), interpreting nothing:
+    a damaged buffer is found before any offset or value in it is used."""
+    crc = 0
+    for buf in array.buffers():
+        if buf is not None:
+            crc = zlib.crc32(buf, crc)
+    return crc
+
+
+def batch_crcs(batch: pa.RecordBatch) -> list[int]:
+    """The CRC-32 of each column of a record batch, as a reader of the written file will compute it (the
+    batch round-trips through IPC first, so slices and offsets are laid out as the file holds them)."""
+    batch = pa.ipc.read_record_batch(batch.serialize(), batch.schema)
+    return [_array_crc(c) for c in batch.columns]
+
+
+def _meta_crc(schema: pa.Schema) -> int:
+    """CRC-32 of a cache file's schema (names, types) and metadata, less the checksums themselves."""
+    md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k != ARROW_CHECKSUMS_KEY}
+    text = json.dumps({"fields": [[f.name, str(f.type)] for f in schema], "metadata": md}, sort_keys=True)
+    return zlib.crc32(text.encode())
+
+
+def _with_checksums(schema: pa.Schema, batches: list) -> pa.Schema:
+    crcs = np.array([batch_crcs(b) for b in batches], dtype="<u4").reshape(len(batches), len(schema))
+    md = dict(schema.metadata or {})
+    md.pop(ARROW_CHECKSUMS_KEY, None)
+    schema = schema.with_metadata(md)
+    sums = {"algorithm": CHECKSUM_ALGORITHM, "meta": _meta_crc(schema),
+            "batches": base64.b64encode(crcs.tobytes()).decode()}
+    return schema.with_metadata({**md, ARROW_CHECKSUMS_KEY: json.dumps(sums).encode()})
+
+
 def ipc_bytes(table: pa.Table) -> bytes:
     """Serialise a table as a compressed Arrow IPC file (the caller writes the bytes atomically). A
-    cache shard table is written one (epoch, sample chunk) per record batch (FORMAT.md 2.2)."""
+    cache shard table is written one (epoch, sample chunk) per record batch (FORMAT.md 2.2), with the
+    CRC-32 of its metadata and of every (batch, column) in the footer (``ARROW_CHECKSUMS_KEY``)."""
     sink = pa.BufferOutputStream()
     opts = pa.ipc.IpcWriteOptions(compression=pa.Codec(IPC_COMPRESSION, compression_level=IPC_LEVEL))
     md = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    with pa.ipc.new_file(sink, table.schema, options=opts) as w:
-        if md.get("format") == CACHE_FORMAT:
-            n, chunk = int(md["samples"]), int(md["chunk"])
-            for e in range(int(md["epochs"])):
-                for a in range(0, n, chunk):
-                    for b in table.slice(e * n + a, min(chunk, n - a)).combine_chunks().to_batches():
-                        w.write_batch(b)
-        else:
+    if md.get("format") != CACHE_FORMAT:
+        with pa.ipc.new_file(sink, table.schema, options=opts) as w:
             w.write_table(table, max_chunksize=4096)
+        return sink.getvalue().to_pybytes()
+    n, chunk = int(md["samples"]), int(md["chunk"])
+    batches = [b for e in range(int(md["epochs"])) for a in range(0, n, chunk)
+               for b in table.slice(e * n + a, min(chunk, n - a)).combine_chunks().to_batches()]
+    schema = _with_checksums(table.schema, batches)
+    with pa.ipc.new_file(sink, schema, options=opts) as w:
+        for b in batches:
+            w.write_batch(b.replace_schema_metadata(schema.metadata))
     return sink.getvalue().to_pybytes()
 
 

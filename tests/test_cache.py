@@ -1,6 +1,7 @@
 """cache-teacher end to end on the real demo shards and teacher, on a real (embedded) Ray."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,8 +18,8 @@ from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, d
 from distill.data import augment
 from distill.cache import cache_teacher, verify_cache
 from distill.engine import FAULT_ENV
-from distill.format import MANIFEST_NAME, ShardIndex
-from distill.files import UserError
+from distill.format import ARROW_ENTRY_KEY, MANIFEST_NAME, CacheFile, ShardIndex
+from distill.files import FormatError, UserError
 from distill.cache.reader import dense_target, open_cache
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -174,13 +175,18 @@ def _bad_shards(tmp: Path) -> Path:
 def test_bad_samples_are_skipped_and_recorded(tmp_path):
     d = _bad_shards(tmp_path)
     res = cache_teacher(cache_config(d, tmp_path / "c", epochs=1), DEMO_POLICY)
-    m = open_cache(tmp_path / "c").manifest
-    skipped = {s["key"]: s["reason"] for e in m["shards"] for s in e["skipped"]}
+    assert res.failed and "truncated" in res.failed[0]          # the damaged tar is an error for the run
+    # a shard whose read hit an error makes the directory no cache: no manifest, every reader refuses it
+    assert not (tmp_path / "c" / MANIFEST_NAME).exists()
+    with pytest.raises(FormatError, match=r"not a complete cache .*hit read errors \(s-000001.tar\).*rerun"):
+        open_cache(tmp_path / "c")
+    with CacheFile(tmp_path / "c" / "s-000000.arrow") as f:     # the good shard's file records its skips
+        entry = json.loads(f.schema.metadata[ARROW_ENTRY_KEY])
+        keys = set(f.keys().to_pylist())
+    skipped = {s["key"]: s["reason"] for s in entry["skipped"]}
     assert set(skipped) == {"corrupt", "nolabel", "outofrange"}
     assert "decode" in skipped["corrupt"] and "range" in skipped["outofrange"]
-    keys = set(open_cache(tmp_path / "c").to_table(columns=["key"]).column("key").to_pylist())
-    assert {"ok0", "ok1", "ok2"} <= keys and "corrupt" not in keys
-    assert res.failed and "truncated" in res.failed[0]          # the damaged tar is an error for the run
+    assert {"ok0", "ok1"} == keys
     # a shard whose read hit an error is never kept: the rerun redoes it (and says so again), keeps the other
     again = cache_teacher(cache_config(d, tmp_path / "c", epochs=1), DEMO_POLICY)
     assert again.reused_shards == 1 and again.failed and "truncated" in again.failed[0]

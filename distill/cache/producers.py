@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..data import augment, shards as shardio, views
-from ..format import DUPLICATE_KEY_REASON, Skip
+from ..format import DUPLICATE_KEY_REASON, Skip, sample_digest
 
 FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
 
@@ -224,7 +224,8 @@ def piece_rows(p: Piece, b: Block, epochs: int):
 
 class ShardReader:
     """Reads one shard in order into blocks of valid samples; records skips, duplicates, exclusions
-    and the keys/labels/seeds of the positions (``samples``: (key, label, seeds) in position order)."""
+    and the keys/labels/seeds of the positions (``samples``: (key, label, seeds, ``sample_digest``) in
+    position order)."""
 
     def __init__(self, path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, num_classes: int,
                  exclude, decoded: bool, guard=None, undecodable: dict | None = None):
@@ -274,7 +275,7 @@ class ShardReader:
                 self.skipped.append(Skip(key, undecodable_reason(e), os.path.basename(str(self.path))))
                 continue
             pos = len(self.samples)
-            self.samples.append((key, item.label, seeds))
+            self.samples.append((key, item.label, seeds, sample_digest(item.data, item.label)))
             if pos < FINGERPRINT_SAMPLES:
                 self.first_srcs.append(src)
             if block is None:
@@ -297,7 +298,7 @@ class ShardReader:
     def fingerprints(self) -> list[dict]:
         """The manifest's ``view_fingerprints`` of this shard: its first samples' first and last epoch views."""
         out = []
-        for (key, _, seeds), src in zip(self.samples, self.first_srcs):
+        for (key, _, seeds, _), src in zip(self.samples, self.first_srcs):
             for e in sorted({0, self.epochs - 1}):
                 out.append({"key": key, "epoch": e, "seed": int(seeds[e]), "size": self.size,
                             "sha256": views.fingerprint(self.spec, seeds[e], src, self.size)})

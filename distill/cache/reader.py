@@ -4,6 +4,7 @@ to replay views, matplotlib (``distill[viz]``) only to draw them, pandas only fo
 """
 from __future__ import annotations
 
+import json
 import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..format import CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, CacheFile, decode_cache_shard, read_ipc
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, ENTRY_CROSS_CHECKED,
+                      LOGICAL_COLUMNS, MANIFEST_NAME, RUN_NAME, CacheFile, cache_file_name, check_manifest,
+                      decode_cache_shard, read_ipc, sample_digest, DIGEST_COLUMN)
 from ..files import FormatError, UserError, read_json
 
 _READ_THREADS = min(4, os.cpu_count() or 1)
@@ -24,14 +27,11 @@ class Cache:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"cache directory not found: {self.path}")
-        m = read_json(self.path / MANIFEST_NAME, "cache manifest (is the cache complete?)")
-        if m.get("format") != CACHE_FORMAT:
-            raise FormatError(f"{self.path} is not a distill cache (format={m.get('format')!r})")
-        if m.get("version") != CACHE_VERSION:
-            raise FormatError(old_version(self.path, m.get("version")))
+        m = _read_manifest(self.path)
         self.manifest = m
         self._checked: set[str] = set()      # shard files already checked against the manifest
-        self._shards_dir = Path(shards_dir) if shards_dir else Path(m.get("source", {}).get("dir", "."))
+        source = m.get("source") if isinstance(m.get("source"), dict) else {}
+        self._shards_dir = Path(shards_dir) if shards_dir else Path(str(source.get("dir", ".")))
 
     # ------------------------------------------------------------------ facts
     classes = property(lambda self: self.manifest["classes"])
@@ -75,12 +75,13 @@ class Cache:
             raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)") from None
 
     def file(self, shard: str) -> Path:
-        """The shard's cache file, checked against the manifest the first time it is used: its size,
-        then its sha256 (a damaged file is named, with the way to find all of them: distill verify)."""
+        """The shard's cache file, checked against the manifest the first time it is used: its size, its
+        sha256, then its footer's facts (a damaged or foreign file is named, with the way to find all of
+        them: distill verify)."""
         entry = self._entry(shard)
         f = self.path / entry["file"]
         if shard not in self._checked:
-            problem = file_mismatch(f, entry)
+            problem = file_problem(self.path, entry, self.manifest)
             if problem:
                 raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
             self._checked.add(shard)
@@ -180,6 +181,25 @@ class Cache:
         with self.open_file(shard) as f:
             return f.keys()
 
+    def digests(self, shard: str) -> np.ndarray | None:
+        """Each sample's ``format.sample_digest`` (its image bytes and label when the cache was made) in
+        row order, or None for a cache made before they were recorded."""
+        with self.open_file(shard) as f:
+            return f.digests()
+
+    def has_digests(self, shard: str) -> bool:
+        """Whether the shard's file records per-sample digests (footer only, no data read)."""
+        with CacheFile(self.path / self._entry(shard)["file"]) as f:     # checked in full before use
+            return f.schema.get_field_index(DIGEST_COLUMN) >= 0
+
+    def check_sample(self, shard: str, row: int, key: str, data: bytes, label, digests: np.ndarray | None) -> None:
+        """Stop (one line) when the sample read from the shard now is not the one the cache's row was
+        made from: its image bytes or label changed since cache-teacher ran."""
+        if digests is not None and (label is None or sample_digest(data, label) != int(digests[row])):
+            raise FormatError(f"shard {shard}: sample {key!r} changed since the cache {self.path} was made (its image "
+                              f"bytes or label differ from the digest cache-teacher recorded); rebuild the cache "
+                              f"for this shard (rerun cache-teacher) or restore the shard")
+
     # ------------------------------------------------------------------ single records
     @cached_property
     def _key_index(self) -> tuple[pa.ChunkedArray, np.ndarray]:
@@ -230,8 +250,13 @@ class Cache:
         return shard, keys, row - start
 
     def _sources(self, shard: str, keys: list[str]) -> dict:
+        """The source images of ``keys`` from their shard, each checked against the cache's digest."""
         from ..data import augment, shards as shardio
-        return {k: augment.SourceImage(s.data) for k, s in shardio.read_samples(self.shard_path(shard), keys).items()}
+        got = shardio.read_samples(self.shard_path(shard), keys)
+        digests = self.digests(shard)
+        for k, s in got.items():
+            self.check_sample(shard, self.locate(k)[1], k, s.data, s.label, digests)
+        return {k: augment.SourceImage(s.data) for k, s in got.items()}
 
     def augmentation(self, key: str, epoch: int) -> dict:
         """The decoded augmentation parameters of (key, epoch), with the mix partner and lambda when mixed."""
@@ -376,9 +401,56 @@ def _empty_physical() -> pa.Table:
                               np.zeros((0, 1, 1)), np.zeros((0, 1)), num_classes=1)
 
 
-def file_mismatch(f: Path, entry: dict) -> str | None:
-    """How a cache file differs from its manifest entry (missing, size, sha256), or None."""
+def _read_manifest(path: Path) -> dict:
+    """The manifest of a finished cache, checked (``format.check_manifest``); a directory without one
+    (a cache-teacher run that did not finish) or with an incomplete shard is refused in one line that
+    names the shards left to do and how to finish them."""
+    if not (path / MANIFEST_NAME).exists() and (path / RUN_NAME).exists():
+        raise FormatError(unfinished(path))
+    m = read_json(path / MANIFEST_NAME, "cache manifest (is the cache complete?)")
+    if isinstance(m, dict) and m.get("format") == CACHE_FORMAT and m.get("version") not in (None, CACHE_VERSION):
+        raise FormatError(old_version(path, m.get("version")))
+    if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
+        raise FormatError(f"{path} is not a distill cache (format={m.get('format') if isinstance(m, dict) else None!r})")
+    check_manifest(m, path / MANIFEST_NAME)
+    bad = [e["name"] for e in m["shards"] if e.get("complete") is False]
+    if bad:
+        raise FormatError(f"{path} is not a complete cache: shard(s) {', '.join(bad[:3])}"
+                          f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hit read errors ({FINISH_HINT})")
+    return m
+
+
+FINISH_HINT = ("rerun the cache-teacher command that made it, same flags and --out: it redoes only what is not "
+               "done; a shard that fails again is damaged: rewrite it, or leave it out of --shards")
+
+
+def unfinished(path: Path) -> str:
+    """The line for a cache directory whose run did not finish: which shards have no finished file, and
+    which finished with read errors (from the files' own footers)."""
+    try:
+        names = list(read_json(path / RUN_NAME, "cache run file").get("shard_set", []))
+    except (FormatError, AttributeError):
+        names = []
+    missing, failed = [], []
+    for n in names:
+        try:
+            with CacheFile(path / cache_file_name(n)) as f:
+                entry = json.loads(f.schema.metadata.get(ARROW_ENTRY_KEY, b"{}"))
+            if entry.get("errors"):
+                failed.append(n)
+        except (FormatError, ValueError, TypeError):
+            missing.append(n)
+    parts = [f"{len(missing)} of its {len(names)} shard(s) not done ({', '.join(missing[:3])}"
+             f"{', ...' if len(missing) > 3 else ''})"] if missing else []
+    parts += [f"{len(failed)} hit read errors ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})"] if failed else []
+    return f"{path} is not a complete cache (no {MANIFEST_NAME}): {'; '.join(parts) or 'its run did not finish'}; {FINISH_HINT}"
+
+
+def file_problem(directory: Path, entry: dict, manifest: dict) -> str | None:
+    """How a shard's cache file differs from its manifest entry, or None: missing, size, sha256, then
+    its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields)."""
     from ..files import sha256_file
+    f = directory / entry["file"]
     if not f.exists():
         return f"{f}: missing"
     size = f.stat().st_size
@@ -386,6 +458,21 @@ def file_mismatch(f: Path, entry: dict) -> str | None:
         return f"{f}: size {size} != manifest {entry['file_bytes']}"
     if sha256_file(f) != entry["file_sha256"]:
         return f"{f}: checksum differs from the manifest"
+    try:
+        with CacheFile(f) as cf:
+            md = cf.meta
+            footer = json.loads(md.get(ARROW_ENTRY_KEY.decode(), "{}"))
+    except (FormatError, ValueError) as e:
+        return f"{f}: {e}"
+    want = {"shard": entry["name"], "samples": str(entry["samples"]), "epochs": str(manifest["epochs"]),
+            "topk": str(manifest["topk"]), "num_classes": str(manifest["num_classes"]),
+            "prob_dtype": manifest["prob_dtype"], ARROW_RUN_ID_KEY.decode(): manifest["run_id"]}
+    want.update({f"entry {k}": entry[k] for k in ENTRY_CROSS_CHECKED if k in footer})
+    got = dict(md, **{f"entry {k}": footer[k] for k in ENTRY_CROSS_CHECKED if k in footer})
+    differ = [k for k, v in want.items() if got.get(k) != v]
+    if differ:
+        k = differ[0]
+        return f"{f}: its {k} is {str(got.get(k))[:40]!r}, the manifest says {str(want[k])[:40]!r}"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
                      sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
-                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, read_excluded_keys, skip_lines)
+                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, CACHE_DONE_DIR, check_manifest, read_excluded_keys,
+                      skip_lines)
 from ..progress import bar, note
 from .verify import replay_env
 from .writer import CacheWorker
@@ -48,6 +50,7 @@ class CacheResult:
     mean_label_prob: float | None = None   # the teacher's mean probability of the given label
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)      # settings taken from the teacher (timm's default config)
+    redone: list[str] = field(default_factory=list)     # shards whose earlier file was not proven: "name (why)"
     skips: list[dict] = field(default_factory=list)   # every skipped sample: {"shard", "key", "reason"}
 
     def _speed(self) -> str:
@@ -71,6 +74,9 @@ class CacheResult:
             lines.append(f"  teacher vs given labels: top-1 agrees on {self.top1_agreement:.1%} of records, "
                          f"mean label probability {self.mean_label_prob:.3f}")
         lines += [f"  note: {n}" for n in self.notes]
+        if self.redone:
+            lines.append(f"  redone {len(self.redone)} shard(s) whose earlier file was not proven: "
+                         + "; ".join(self.redone[:3]) + (f" and {len(self.redone) - 3} more" if len(self.redone) > 3 else ""))
         lines += skip_lines(self.skips, self.skips_where())
         lines += [f"  WARNING: {w}" for w in self.warnings]
         if self.failed:
@@ -249,19 +255,45 @@ def _placement(cfg: CacheConfig, res: dict) -> Placement:
                      max(0, cfg.view_workers))
 
 
-def _tasks(out: Path, plan: Plan) -> tuple[dict, list]:
-    """Finished shards to keep ({name: entry}) and the tasks of the rest."""
-    entries, tasks = {}, []
+def _tasks(out: Path, plan: Plan) -> tuple[dict, list, list[str]]:
+    """Finished shards to keep ({name: entry}), the tasks of the rest, and why files found were redone."""
+    entries, tasks, redone = {}, [], []
+    proofs = _proofs(out, plan.run_id)
     for p, name in zip(plan.paths, plan.names):
-        entry = _reuse(out, p, name, plan.run_id)
+        entry, why = _reuse(out, p, name, plan.run_id, proofs.get(cache_file_name(name)))
         if entry is not None:
             entries[name] = entry
             continue
+        if why:
+            redone.append(f"{name} ({why})")
         st = p.stat()
         e = {"name": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _input_sha256(plan, p),
              "file": cache_file_name(name)}
         tasks.append({"path": str(p), "name": name, "entry": e, "run_id": plan.run_id})
-    return entries, tasks
+    return entries, tasks, redone
+
+
+def _proofs(out: Path, run_id: str) -> dict[str, dict]:
+    """{file name: {file_bytes, file_sha256}} of the files this run (same identity) finished before: from
+    the manifest of an earlier complete run, then the completion records (``CACHE_DONE_DIR``) written as each
+    file was finished. A file is reused only when its bytes match these; nothing is hashed and trusted."""
+    proofs: dict[str, dict] = {}
+    try:
+        m = read_json(out / MANIFEST_NAME, "cache manifest")
+        check_manifest(m, out / MANIFEST_NAME)
+        if m["run_id"] == run_id:
+            proofs.update((e["file"], e) for e in m["shards"] if e.get("complete", True))
+    except UserError:
+        pass                              # none, or not one to trust: its files are redone
+    done = out / CACHE_DONE_DIR
+    for f in sorted(done.glob("*.json")) if done.is_dir() else ():
+        try:
+            d = read_json(f, "completion record")
+            if d["run_id"] == run_id and f.name == d["file"] + ".json":
+                proofs[d["file"]] = d
+        except (UserError, KeyError, TypeError):
+            continue
+    return proofs
 
 
 def _input_sha256(plan: Plan, path: Path) -> str:
@@ -297,9 +329,13 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
             return
         r = o.result
         atomic_write_bytes(out / r["entry"]["file"], r["data"])
-        # the file's size and checksum from the bytes in hand: the driver never reads the file back
-        entries[r["name"]] = dict(r["entry"], file_bytes=len(r["data"]),
-                                  file_sha256=hashlib.sha256(r["data"]).hexdigest())
+        # the file's size and checksum from the bytes in hand: the driver never reads the file back; the
+        # completion record lets a resumed run prove the file before it reuses it
+        proof = {"file": r["entry"]["file"], "file_bytes": len(r["data"]),
+                 "file_sha256": hashlib.sha256(r["data"]).hexdigest(), "run_id": plan.run_id}
+        (out / CACHE_DONE_DIR).mkdir(exist_ok=True)
+        atomic_write_json(out / CACHE_DONE_DIR / f"{proof['file']}.json", proof)
+        entries[r["name"]] = dict(r["entry"], file_bytes=proof["file_bytes"], file_sha256=proof["file_sha256"])
         timing["new_records"] += r["entry"]["records"]
         if pbar and pbar.total and hints.get(r["name"]):   # skipped / excluded samples leave the total
             pbar.total = max(pbar.n, pbar.total - max(0, hints[r["name"]] - r["entry"]["records"]))
@@ -346,10 +382,13 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
         plan.identity["teacher"].update(device_type=place.device, precision=_precision(cfg, place.device))
         with lock_dir(out, "cache-teacher"):
             _prepare_out(out, plan.identity, cfg.overwrite)
-            entries, tasks = _tasks(out, plan)
+            entries, tasks, redone = _tasks(out, plan)
+            for r in redone:
+                note(f"redoing shard {r}", cfg.quiet)
             failed, timing = _run_tasks(cfg, plan, place, tasks, entries, out,
                                         "filter-labels: scoring" if center_crop is not None else "cache-teacher")
             res = _finish(cfg, plan, out, entries, failed)
+    res.redone = redone
     res.reused_shards = len(plan.names) - len(tasks)
     res.wall_s = time.perf_counter() - t_wall
     res.records_per_s = timing["new_records"] / res.wall_s if timing["new_records"] else 0.0
@@ -373,11 +412,9 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
     if dups:
         failed.append("duplicate keys: " + ", ".join(f"{k} ({', '.join(v)})" for k, v in dups[:10])
                       + (f" and {len(dups) - 10} more" if len(dups) > 10 else ""))
-    shard_entries = [e if "file_sha256" in e else      # a reused shard: hashed here, once
-                     dict(e, file_bytes=(out / e["file"]).stat().st_size, file_sha256=sha256_file(out / e["file"]))
-                     for e in have]
-    # a shard whose read hit an error holds the samples before it: marked incomplete, redone on rerun
-    shard_entries = [dict(e, complete=not e.get("errors")) for e in shard_entries]
+    # a shard whose read hit an error holds the samples before it: incomplete, redone on rerun, and the
+    # cache gets no manifest until every shard is complete
+    shard_entries = [dict(e, complete=not e.get("errors")) for e in have]
     records = sum(e["records"] for e in shard_entries)
     agreement = _agreement(shard_entries)
     warnings = _agreement_warning(agreement, plan.identity["num_classes"], plan.identity["teacher"]["input_size"])
@@ -387,12 +424,13 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
               "skipped": sum(len(e["skipped"]) for e in shard_entries),
               "excluded": sum(e["excluded"] for e in shard_entries),
               "incomplete_shards": sum(not e["complete"] for e in shard_entries)}
-    if len(have) == len(names) and not dups:
+    if len(have) == len(names) and not dups and not totals["incomplete_shards"]:
         manifest = dict(plan.identity, run_id=plan.run_id, exclude=dict(plan.identity["exclude"], filter_dir=cfg.exclude),
                         source={"shards": str(cfg.shards), "dir": str(plan.paths[0].parent.resolve())},
                         shards=shard_entries, totals=totals,
                         **{AGREEMENT_KEY: agreement, REPLAY_ENV_KEY: replay_env()})
         atomic_write_json(out / MANIFEST_NAME, manifest)
+        shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)     # the manifest proves the files from now on
     nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and not f.name.startswith("."))
     return CacheResult(out=out, samples=totals["samples"], epochs=cfg.epochs, records=records,
                        skipped=totals["skipped"], excluded=totals["excluded"], bytes=nbytes,
@@ -453,33 +491,37 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
             for f in out.iterdir():
                 if f.is_file() and (f.suffix == ".arrow" or f.name in (MANIFEST_NAME, RUN_NAME) or f.name.endswith(".tmp")):
                     f.unlink()
+            shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     # a resume keeps the old manifest until the new one replaces it (atomically, at the end)
     atomic_write_json(run_file, identity)
 
 
-def _reuse(out: Path, path: Path, name: str, run_id: str) -> dict | None:
-    """The shard entry of an existing output file made by this same run from this same input, else None."""
+def _reuse(out: Path, path: Path, name: str, run_id: str, proof: dict | None) -> tuple[dict | None, str | None]:
+    """(the shard entry of an existing output file made by this same run from this same input, None),
+    or (None, why it is redone) — why is None when there is no file."""
     f = out / cache_file_name(name)
     if not f.exists():
-        return None
+        return None, None
+    if proof is None:
+        return None, "no checksum was recorded for its file"
+    if f.stat().st_size != proof["file_bytes"] or sha256_file(f) != proof["file_sha256"]:
+        return None, "its file's bytes differ from the checksum recorded when it was written"
     try:
-        import pyarrow as pa
-        with pa.memory_map(str(f)) as src:
-            md = pa.ipc.open_file(src).schema.metadata or {}
+        with CacheFile(f) as cf:
+            md = cf.schema.metadata or {}
         entry = json.loads(md[ARROW_ENTRY_KEY])
-        if entry.get("errors"):
-            return None   # its read hit an error (maybe transient): redo it, never keep it
         if md.get(ARROW_RUN_ID_KEY, b"").decode() != run_id:
-            return None
-    except Exception:
-        return None   # unreadable or foreign: redo
+            return None, "its file was written by another run"
+    except Exception:  # noqa: BLE001 - any unreadable file is redone
+        return None, "its file is unreadable"
+    if entry.get("errors"):
+        return None, "its read hit an error"       # maybe transient: redo it, never keep it
     st = path.stat()
-    if entry.get("bytes") != st.st_size:
-        return None
-    if entry.get("mtime_ns") != st.st_mtime_ns and entry.get("sha256") != sha256_file(path):
-        return None
-    return entry
+    if entry.get("bytes") != st.st_size or (entry.get("mtime_ns") != st.st_mtime_ns
+                                            and entry.get("sha256") != sha256_file(path)):
+        return None, "its input shard changed"
+    return dict(entry, file_bytes=proof["file_bytes"], file_sha256=proof["file_sha256"]), None
 
 
 def _duplicate_keys(out: Path, entries: list[dict]) -> list[tuple[str, list[str]]]:

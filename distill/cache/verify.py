@@ -19,7 +19,7 @@ import numpy as np
 
 from ..files import FormatError, UserError
 from ..format import FINGERPRINTS_KEY, REPLAY_ENV_KEY, CacheFile, Skip
-from .reader import Cache, file_mismatch, open_cache
+from .reader import Cache, file_problem, open_cache
 
 _THREADS = min(8, os.cpu_count() or 1)
 
@@ -28,7 +28,7 @@ _THREADS = min(8, os.cpu_count() or 1)
 
 def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
     f = cache.path / e["file"]
-    problem = file_mismatch(f, e)
+    problem = file_problem(cache.path, e, cache.manifest)
     if problem:
         return problem
     if rows:

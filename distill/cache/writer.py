@@ -221,7 +221,8 @@ class CacheWorker:
         table = encode_cache_shard([s[0] for s in samples], labels,
                                    np.array([s[2] for s in samples], dtype=np.uint32).reshape(n, E),
                                    topk_idx, topk_prob, label_prob, num_classes=self.num_classes,
-                                   prob_dtype=self.prob_dtype, shard=task["name"])
+                                   prob_dtype=self.prob_dtype, shard=task["name"],
+                                   digests=np.array([s[3] for s in samples], dtype=np.uint32))
         entry = dict(task["entry"], samples=n, records=n * E, excluded=prod.excluded,
                      skipped=[{"key": s.key, "reason": s.reason} for s in prod.skipped if s.key != SHARD_SKIP_KEY],
                      errors=[s.reason for s in prod.skipped if s.key == SHARD_SKIP_KEY],

@@ -351,6 +351,7 @@ class TrainStream(IterableDataset):
         ids = _fixed(t, "topk_idx").astype(np.int64)
         probs = _fixed(t, "topk_prob").astype(np.float32)
         cache_seed = cache.manifest["cache_seed"]
+        digests = cache.digests(ref.name)
         expect, keys, labels, srcs = 0, [], [], []
         for item in shardio.iter_shard(ref.path):
             if isinstance(item, Skip):
@@ -365,6 +366,7 @@ class TrainStream(IterableDataset):
             expect += 1
             if expect <= lo:
                 continue
+            cache.check_sample(ref.name, expect - 1, item.key, item.data, item.label, digests)
             keys.append(item.key)
             labels.append(int(item.label))
             srcs.append(augment.SourceImage(item.data))
