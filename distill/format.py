@@ -242,6 +242,25 @@ def run_id_of(identity: dict) -> str:
     return digest(json.dumps(identity, sort_keys=True))
 
 
+# what a synthetic cache (tests, benchmarks) may leave out of its identity and entries
+_IDENTITY_DEFAULTS = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher": {}, "policy": {},
+                      "temperature": 1.0, "prob_dtype": "float16", "cache_seed": 0}
+_ENTRY_DEFAULTS = {"bytes": 0, "sha256": "", "excluded": 0, "skipped": []}
+
+
+def cache_manifest(identity: dict, entries: list[dict], **extra) -> dict:
+    """A cache manifest (FORMAT.md 2.3): the run identity (``shard_set`` and ``classes`` filled in when
+    absent), its ``run_id``, the shard entries and their ``totals``; ``extra``: the other keys."""
+    entries = [{**e, **{k: v for k, v in _ENTRY_DEFAULTS.items() if k not in e}} for e in entries]
+    identity = {**_IDENTITY_DEFAULTS, "shard_set": [e["name"] for e in entries], **identity}
+    identity.setdefault("classes", [str(i) for i in range(identity["num_classes"])])
+    totals = {"samples": sum(e["samples"] for e in entries), "records": sum(e["records"] for e in entries),
+              "skipped": sum(len(e["skipped"]) for e in entries), "excluded": sum(e["excluded"] for e in entries),
+              "incomplete_shards": sum(e.get("complete") is False for e in entries)}
+    m = dict(identity, **extra)
+    return dict(m, run_id=run_id_of(manifest_identity(m)), shards=entries, totals=totals)
+
+
 def _typed(d: dict, fields: dict, where: str) -> None:
     for k, t in fields.items():
         if k not in d:
@@ -464,7 +483,10 @@ def replace_keys(table: pa.Table, keys) -> pa.Table:
 
 def cache_meta(table_or_schema) -> dict:
     schema = getattr(table_or_schema, "schema", table_or_schema)
-    md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    try:
+        md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise FormatError("not a distill cache file (its metadata is not text): damaged?") from None
     if md.get("format") != CACHE_FORMAT:
         raise FormatError(f"not a distill cache file (format={md.get('format')!r})")
     if md.get("version") != str(CACHE_VERSION):
@@ -611,7 +633,10 @@ class CacheFile:
             raise FormatError(f"cache file missing: {path}") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
-        self.meta = cache_meta(self.schema)
+        try:
+            self.meta = cache_meta(self.schema)
+        except FormatError as e:
+            raise FormatError(f"cache file {path}: {e}") from None
         self._crcs = self._checksums()
         try:
             self.samples, self.epochs = int(self.meta["samples"]), int(self.meta["epochs"])
@@ -657,19 +682,19 @@ class CacheFile:
     def _batch(self, fields: tuple, i: int) -> pa.RecordBatch:
         """Record batch ``i`` of the file, only ``fields`` (sorted field indices), checked: its row count
         and, in a checksummed file, each column's CRC-32."""
+        where = f"record batch {i} (epoch {i // self.per_epoch})"
         try:
             batch = self._reader(fields).get_batch(i)
         except (pa.ArrowInvalid, OSError) as e:
-            raise self._damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise self._damaged(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         c = i % self.per_epoch
         rows = min(self.chunk, self.samples - c * self.chunk)
         if batch.num_rows != rows or batch.num_columns != len(fields):
-            raise self._damaged(f"record batch {i} holds {batch.num_rows} rows, expected {rows}")
+            raise self._damaged(f"{where} holds {batch.num_rows} rows, expected {rows}")
         if self._crcs is not None:
             for f, col in zip(fields, batch.columns):
                 if _array_crc(col) != self._crcs[i, f]:
-                    raise self._damaged(f"record batch {i} (epoch {i // self.per_epoch}) column "
-                                        f"{self.schema.field(f).name!r} fails its checksum")
+                    raise self._damaged(f"{where} column {self.schema.field(f).name!r} fails its checksum")
         self.batches_read += 1
         return batch
 

@@ -54,7 +54,8 @@ def describe(path: str, n: int = 3) -> str:
     if p.is_dir() and (p / MANIFEST_NAME).exists():
         return _describe_cache(p, n)
     if p.is_dir() and (p / RUN_NAME).exists():
-        return f"incomplete cache: {p} (no manifest.json; rerun the same cache-teacher command to resume)"
+        from .cache.reader import unfinished
+        return f"incomplete cache: {unfinished(p)}"
     if p.is_dir() and _is_filter(p):
         return _describe_filter(p, n)
     if p.is_dir() and (p / RUN_METRICS_NAME).exists():

@@ -19,7 +19,7 @@ from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_subset
 import distill
 import distill.cache.reader
 from distill.data import augment
-from distill.format import encode_cache_shard, ipc_bytes, read_ipc, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME
+from distill.format import encode_cache_shard, cache_manifest, ipc_bytes, read_ipc, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME
 from distill.files import FormatError, UserError, atomic_write_json
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -146,10 +146,7 @@ def test_to_table_over_many_shards_matches_per_shard_decoding(tmp_path):
                         "file_bytes": len(data), "file_sha256": hashlib.sha256(data).hexdigest()})
     local = [read_ipc(tmp_path / e["file"]).schema.field("local").type.value_type for e in entries]
     assert local == [pa.uint8(), pa.uint8(), pa.uint8(), pa.uint16(), pa.uint8()]
-    atomic_write_json(tmp_path / MANIFEST_NAME, {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "epochs": E, "topk": K, "num_classes": C,
-        "classes": [str(i) for i in range(C)], "shards": entries,
-        "totals": {"samples": 28, "records": 28 * E}, "teacher": {}, "policy": {}})
+    atomic_write_json(tmp_path / MANIFEST_NAME, cache_manifest({"epochs": E, "topk": K, "num_classes": C}, entries))
     c = distill.open_cache(tmp_path)
     for epochs in (None, [2], [0, 29]):
         for cols in (None, ["shard"], ["key", "shard", "topk_idx"], ["epoch", "topk_prob", "label_prob"]):

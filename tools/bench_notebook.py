@@ -54,7 +54,7 @@ def _write(args) -> dict:
     entry = {"name": name, "bytes": 0, "mtime_ns": 0, "sha256": "0" * 64, "file": F.cache_file_name(name),
              "samples": n, "records": n * e, "excluded": 0, "skipped": [], "errors": []}
     md = dict(t.schema.metadata)
-    md.update({b"shard": name.encode(), b"run_id": b"bench", b"entry": json.dumps(entry).encode()})
+    md.update({b"shard": name.encode(), b"entry": json.dumps(entry).encode()})
     data = F.ipc_bytes(t.replace_schema_metadata(md))
     atomic_write_bytes(Path(out) / entry["file"], data)
     return dict(entry, file_bytes=len(data), file_sha256=hashlib.sha256(data).hexdigest())
@@ -72,16 +72,13 @@ def build(out: Path, shards: int, n: int, e: int, k: int, c: int) -> None:
         entries = list(pool.map(_write, [(str(out), i, bases[i % len(bases)], n, e) for i in range(shards)],
                                 chunksize=16))
     classes = [f"n{i:08d}" for i in range(c)]
-    manifest = {"format": F.CACHE_FORMAT, "version": F.CACHE_VERSION,
-                "teacher": {"members": [{"spec": "synthetic", "kind": "none", "sha256": ""}], "input_size": 224,
+    identity = {"teacher": {"members": [{"spec": "synthetic", "kind": "none", "sha256": ""}], "input_size": 224,
                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "temperature": 1.0},
                 "policy": {"canonical": {}, "id": "synthetic", "version": 1},
-                "topk": k, "temperature": 1.0, "prob_dtype": "float16", "epochs": e, "cache_seed": 0,
-                "num_classes": c, "classes": classes, "shard_set": [x["name"] for x in entries],
-                "exclude": {"count": 0, "keys_sha256": "", "filter_dir": None},
-                "source": {"shards": "synthetic", "dir": str(out)}, "run_id": "bench", "shards": entries,
-                "totals": {"samples": n * shards, "records": n * e * shards, "skipped": 0, "excluded": 0},
-                "bench": {"shards": shards, "samples": n, "epochs": e, "topk": k, "classes": c}}
+                "topk": k, "epochs": e, "num_classes": c, "classes": classes,
+                "exclude": {"count": 0, "keys_sha256": ""}}
+    manifest = F.cache_manifest(identity, entries, source={"shards": "synthetic", "dir": str(out)},
+                                bench={"shards": shards, "samples": n, "epochs": e, "topk": k, "classes": c})
     atomic_write_json(out / F.MANIFEST_NAME, manifest)
     size = sum(x["file_bytes"] for x in entries)
     print(f"built {shards} shards x {n} samples x {e} epochs (K={k}, {c} classes) in {time.perf_counter() - t0:.1f}s: "

@@ -177,9 +177,7 @@ def storage_and_reads(tmp: Path, quick: bool) -> dict:
         res[f"k{k}"] = {"bytes_per_record": round(nbytes / (n * 90 * shards), 2), "samples": n * shards}
         if k != 10:
             continue
-        atomic_write_json(d / "manifest.json", {"format": F.CACHE_FORMAT, "version": F.CACHE_VERSION, "epochs": 90,
-                                                "topk": k, "num_classes": 21841, "classes": [], "shards": entries,
-                                                "totals": {"samples": n * shards, "records": n * shards * 90}})
+        atomic_write_json(d / "manifest.json", F.cache_manifest({"epochs": 90, "topk": k, "num_classes": 21841}, entries))
         cache = open_cache(d)
         dec, disk = [0], [0]
         real_fetch = F.CacheFile.fetch

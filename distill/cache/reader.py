@@ -466,7 +466,9 @@ def file_problem(directory: Path, entry: dict, manifest: dict) -> str | None:
         return f"{f}: {e}"
     want = {"shard": entry["name"], "samples": str(entry["samples"]), "epochs": str(manifest["epochs"]),
             "topk": str(manifest["topk"]), "num_classes": str(manifest["num_classes"]),
-            "prob_dtype": manifest["prob_dtype"], ARROW_RUN_ID_KEY.decode(): manifest["run_id"]}
+            "prob_dtype": manifest["prob_dtype"]}
+    if ARROW_RUN_ID_KEY.decode() in md:          # cache-teacher's files name their run (synthetic ones may not)
+        want[ARROW_RUN_ID_KEY.decode()] = manifest["run_id"]
     want.update({f"entry {k}": entry[k] for k in ENTRY_CROSS_CHECKED if k in footer})
     got = dict(md, **{f"entry {k}": footer[k] for k in ENTRY_CROSS_CHECKED if k in footer})
     differ = [k for k, v in want.items() if got.get(k) != v]

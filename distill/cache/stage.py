@@ -20,7 +20,7 @@ from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
                      sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
-                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, CACHE_DONE_DIR, check_manifest, read_excluded_keys,
+                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, CACHE_DONE_DIR, cache_manifest, check_manifest, read_excluded_keys,
                       skip_lines)
 from ..progress import bar, note
 from .verify import replay_env
@@ -420,15 +420,12 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
     warnings = _agreement_warning(agreement, plan.identity["num_classes"], plan.identity["teacher"]["input_size"])
     for w in warnings:
         note(f"warning: {w}", cfg.quiet)
-    totals = {"samples": sum(e["samples"] for e in shard_entries), "records": records,
-              "skipped": sum(len(e["skipped"]) for e in shard_entries),
-              "excluded": sum(e["excluded"] for e in shard_entries),
-              "incomplete_shards": sum(not e["complete"] for e in shard_entries)}
+    manifest = cache_manifest(plan.identity, shard_entries,
+                              exclude=dict(plan.identity["exclude"], filter_dir=cfg.exclude),
+                              source={"shards": str(cfg.shards), "dir": str(plan.paths[0].parent.resolve())},
+                              **{AGREEMENT_KEY: agreement, REPLAY_ENV_KEY: replay_env()})
+    totals = manifest["totals"]
     if len(have) == len(names) and not dups and not totals["incomplete_shards"]:
-        manifest = dict(plan.identity, run_id=plan.run_id, exclude=dict(plan.identity["exclude"], filter_dir=cfg.exclude),
-                        source={"shards": str(cfg.shards), "dir": str(plan.paths[0].parent.resolve())},
-                        shards=shard_entries, totals=totals,
-                        **{AGREEMENT_KEY: agreement, REPLAY_ENV_KEY: replay_env()})
         atomic_write_json(out / MANIFEST_NAME, manifest)
         shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)     # the manifest proves the files from now on
     nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and not f.name.startswith("."))
