@@ -631,7 +631,7 @@ class CacheFile:
             self.num_batches = self._reader(()).num_record_batches
         except FileNotFoundError:
             raise FormatError(f"cache file missing: {path}") from None
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
         try:
             self.meta = cache_meta(self.schema)
@@ -685,7 +685,7 @@ class CacheFile:
         where = f"record batch {i} (epoch {i // self.per_epoch})"
         try:
             batch = self._reader(fields).get_batch(i)
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise self._damaged(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         c = i % self.per_epoch
         rows = min(self.chunk, self.samples - c * self.chunk)
@@ -749,10 +749,19 @@ def sample_digest(data: bytes, label: int) -> int:
     return zlib.crc32(encode_label(label), zlib.crc32(data))
 
 
+def _shape_crc(array, crc: int) -> int:
+    """CRC-32 continued over the length and null count of an array and of its list children (the IPC
+    field nodes: a changed null count would turn values into nulls without touching a buffer)."""
+    crc = zlib.crc32(f"{len(array)},{array.null_count},{array.offset};".encode(), crc)
+    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        crc = _shape_crc(array.values, crc)         # the child as stored, its offsets not applied
+    return crc
+
+
 def _array_crc(array) -> int:
-    """CRC-32 of an array's buffers as read from an IPC file (children included), interpreting nothing:
-    a damaged buffer is found before any offset or value in it is used."""
-    crc = 0
+    """CRC-32 of an array's shape and buffers as read from an IPC file (children included), interpreting
+    nothing: a damaged buffer is found before any offset or value in it is used."""
+    crc = _shape_crc(array, 0)
     for buf in array.buffers():
         if buf is not None:
             crc = zlib.crc32(buf, crc)
@@ -811,7 +820,7 @@ def read_ipc(path: str | os.PathLike, columns=None) -> pa.Table:
             table = reader.read_all()
     except FileNotFoundError:
         raise FormatError(f"cache file missing: {path}") from None
-    except (pa.ArrowInvalid, OSError) as e:      # a damaged file: bad footer, or zstd refuses a block
+    except (pa.ArrowException, OSError) as e:      # a damaged file: bad footer, or zstd refuses a block
         raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
     return table.select(columns) if columns else table
 

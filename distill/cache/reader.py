@@ -493,7 +493,7 @@ def _read_columns(path: str | os.PathLike, columns=None, threads: bool = True) -
             table = pa.ipc.open_file(src, options=opts).read_all()
     except FileNotFoundError:
         raise FormatError(f"cache file missing: {path}") from None
-    except (pa.ArrowInvalid, OSError) as e:      # a damaged file: bad footer, or zstd refuses a block
+    except (pa.ArrowException, OSError) as e:      # a damaged file: bad footer, or zstd refuses a block
         raise FormatError(f"cache file unreadable: {path} ({str(e).splitlines()[0]}); run distill verify") from None
     return table.select(columns)
 
