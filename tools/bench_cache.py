@@ -167,7 +167,9 @@ def storage(tmp: Path, quick: bool) -> dict:
         labels, ids, probs, lp = bench_teachers.synthetic_records(n, epochs, seed=s)
         keys = [f"n{s:02d}_{i:06d}" for i in range(n)]
         seeds = np.array([[derive_seed(0, e, k) for e in range(epochs)] for k in keys], np.uint32)
-        table = encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=21841, shard=f"train-{s:06d}.tar")
+        digests = np.random.default_rng(s).integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+        table = encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=21841, shard=f"train-{s:06d}.tar",
+                                   digests=digests)
         atomic_write_bytes(d / f"train-{s:06d}.arrow", ipc_bytes(table))
         entries.append({"name": f"train-{s:06d}.tar", "bytes": 10 ** 9, "sha256": "0" * 64, "file": f"train-{s:06d}.arrow",
                         "samples": n, "records": n * epochs, "excluded": 0, "skipped": [], "errors": [],

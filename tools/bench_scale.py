@@ -6,7 +6,7 @@ Prints ONE JSON line (and, with --write, the section for BENCHMARKS.md on stderr
   ``bench_teachers.synthetic_records`` (views overlap like a real teacher's) in shards of 1,420
   samples (14.2M over 10,000 shards), written with the cache's own encoder;
 * ``epoch_read_amplification``: bytes decompressed to read one cached epoch the way train-student
-  does (``train.data.TRAIN_READ_COLUMNS``) / bytes of that epoch's logical records (key, seed,
+  does (``train.data.TRAIN_READ_COLUMNS``, plus the per-sample digests it checks each image against) / bytes of that epoch's logical records (key, seed,
   topk_idx, topk_prob, label, label_prob as ``Cache.to_table`` returns them); also the bytes read from
   disk (counted through the file) / the file's bytes per epoch;
 * ``driver_rss_mb_per_1m_samples``: growth of the driver's peak RSS per 1M samples (slope between two
@@ -167,7 +167,8 @@ def storage_and_reads(tmp: Path, quick: bool) -> dict:
             labels, ids, probs, lp = bench_teachers.synthetic_records(n, 90, k=k, candidates=cands, seed=s)
             keys = [f"n{s:02d}_{i:06d}" for i in range(n)]
             seeds = np.array([[derive_seed(0, e, key) for e in range(90)] for key in keys], np.uint32)
-            data = F.ipc_bytes(F.encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=21841,
+            digests = np.random.default_rng(s).integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+            data = F.ipc_bytes(F.encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=21841, digests=digests,
                                                     shard=f"train-{s:06d}.tar"))
             (d / f"train-{s:06d}.arrow").write_bytes(data)
             nbytes += len(data)
@@ -191,6 +192,7 @@ def storage_and_reads(tmp: Path, quick: bool) -> dict:
             raw = CountingFile(d / e_["file"])
             with F.CacheFile(d / e_["file"], source=pa.PythonFile(raw, mode="r")) as cf:
                 cf.read(epochs=[37], columns=TRAIN_READ_COLUMNS)
+                cf.digests()          # each sample's digest, checked as its image is read
             disk[0] += raw.bytes
         F.CacheFile.fetch = real_fetch
         logical = cache.to_table(epochs=[37], columns=["key", "seed", "topk_idx", "topk_prob", "label", "label_prob"])
