@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..format import CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, CacheFile, decode_cache_shard, read_ipc
-from ..files import FormatError, UserError, read_json
+from ..format import (CACHE_FORMAT, CACHE_VERSION, LOGICAL_COLUMNS, MANIFEST_NAME, SHARD_DIR, CacheFile, cache_file_path,
+                      check_cache_names, decode_cache_shard, read_ipc)
+from ..files import FormatError, UserError, inside, read_json
 
 _READ_THREADS = min(4, os.cpu_count() or 1)
 
@@ -29,6 +30,7 @@ class Cache:
             raise FormatError(f"{self.path} is not a distill cache (format={m.get('format')!r})")
         if m.get("version") != CACHE_VERSION:
             raise FormatError(old_version(self.path, m.get("version")))
+        check_cache_names(m, self.path / MANIFEST_NAME)      # every name stays inside its directory
         self.manifest = m
         self._checked: set[str] = set()      # shard files already checked against the manifest
         self._shards_dir = Path(shards_dir) if shards_dir else Path(m.get("source", {}).get("dir", "."))
@@ -74,11 +76,16 @@ class Cache:
         except KeyError:
             raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)") from None
 
+    def file_path(self, shard: str) -> Path:
+        """Where the shard's cache file is: the manifest's ``file`` in the cache directory, refused when
+        it is a symbolic link that leads outside (not checked against the manifest: see ``file``)."""
+        return cache_file_path(self.path, self._entry(shard), self.path / MANIFEST_NAME)
+
     def file(self, shard: str) -> Path:
         """The shard's cache file, checked against the manifest the first time it is used: its size,
         then its sha256 (a damaged file is named, with the way to find all of them: distill verify)."""
         entry = self._entry(shard)
-        f = self.path / entry["file"]
+        f = self.file_path(shard)
         if shard not in self._checked:
             problem = file_mismatch(f, entry)
             if problem:
@@ -216,7 +223,9 @@ class Cache:
 
     # ------------------------------------------------------------------ replay
     def shard_path(self, shard: str) -> Path:
-        p = self._shards_dir / shard
+        """The source shard (a plain file name, e.g. from the manifest or a filter's scores) in the
+        shard directory."""
+        p = inside(self._shards_dir, shard, "cannot read shard", SHARD_DIR)
         if not p.exists():
             raise UserError(f"source shard {p} not found; pass shards_dir= to open_cache")
         return p

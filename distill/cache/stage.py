@@ -470,6 +470,8 @@ def _reuse(out: Path, path: Path, name: str, run_id: str) -> dict | None:
         entry = json.loads(md[ARROW_ENTRY_KEY])
         if entry.get("errors"):
             return None   # its read hit an error (maybe transient): redo it, never keep it
+        if entry.get("name") != name or entry.get("file") != f.name:
+            return None   # the entry names another shard or file: its names are never used as paths
         if md.get(ARROW_RUN_ID_KEY, b"").decode() != run_id:
             return None
     except Exception:

@@ -27,7 +27,10 @@ _THREADS = min(8, os.cpu_count() or 1)
 # ----------------------------------------------------------------------------- files
 
 def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
-    f = cache.path / e["file"]
+    try:
+        f = cache.file_path(e["name"])
+    except FormatError as err:       # a link leading outside: a problem of this part, like a damaged file
+        return str(err)
     problem = file_mismatch(f, e)
     if problem:
         return problem

@@ -70,7 +70,7 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], ShardIndex | No
     if path.is_dir():
         if (path / SHARD_INDEX_NAME).is_file():
             index = ShardIndex.read(path)
-            paths = [path / entry.name for entry in index.shards]
+            paths = index.paths(path)
             missing = [p for p in paths if not p.is_file()]
             if missing:
                 raise FormatError(f"{path / SHARD_INDEX_NAME} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
