@@ -25,6 +25,26 @@ class FormatError(UserError):
     """A file does not follow the format (missing, wrong version, inconsistent)."""
 
 
+def plain_name(name: Any, what: str, where: str) -> str:
+    """``name`` when it is a plain file name: a non-empty str without '/', '\\' or NUL, not '.' or '..'
+    (so never absolute). Else one FormatError: ``{what} {name!r}, which is not a plain file name inside
+    {where}``, e.g. what = "manifest.json: shard 'x' names file", where = "the cache directory"."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") \
+            or os.path.isabs(name):
+        raise FormatError(f"{what} {name!r}, which is not a plain file name inside {where}")
+    return name
+
+
+def inside(directory: str | os.PathLike, name: Any, what: str, where: str) -> Path:
+    """``directory / name`` for a name a manifest, index or other file gives (``plain_name``), refused
+    when that path is a symbolic link that leads outside ``directory``. The message names the entry
+    only: nothing about the file outside (size, existence, content)."""
+    path = Path(directory) / plain_name(name, what, where)
+    if path.is_symlink() and not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise FormatError(f"{what} {name!r}, which is a symbolic link that leads outside {where}")
+    return path
+
+
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

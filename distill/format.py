@@ -22,9 +22,11 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from .files import FormatError, UserError, atomic_write_json, digest, read_json
+from .files import FormatError, UserError, atomic_write_json, digest, inside, plain_name, read_json
 
 SHARD_INDEX_NAME = "index.json"
+# Where a name from a manifest or index must stay (``files.plain_name``), as refusals say it.
+SHARD_DIR, CACHE_DIR = "the shard directory", "the cache directory"
 SHARD_INDEX_FORMAT = "distill-shards"
 SHARD_INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -93,11 +95,15 @@ class ShardIndex:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardIndex":
+    def from_dict(cls, d: dict, source: str | os.PathLike = SHARD_INDEX_NAME) -> "ShardIndex":
+        """The index a dict of ``index.json`` describes (``source``: where it was read, for messages).
+        Every shard name must be a plain file name (FORMAT.md 1)."""
         if d.get("format") != SHARD_INDEX_FORMAT:
             raise FormatError(f"not a distill shard index (format={d.get('format')!r})")
         if d.get("version") != SHARD_INDEX_VERSION:
             raise FormatError(f"shard index version {d.get('version')} is not supported (expected {SHARD_INDEX_VERSION})")
+        for s in d["shards"]:
+            plain_name(s.get("name"), f"{source} names shard", SHARD_DIR)
         return cls(classes=list(d["classes"]),
                    shards=[ShardEntry(**s) for s in d["shards"]],
                    skipped=[Skip(**s) for s in d.get("skipped", [])], order=d.get("order"))
@@ -109,7 +115,13 @@ class ShardIndex:
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "ShardIndex":
-        return cls.from_dict(read_json(Path(directory) / SHARD_INDEX_NAME, "shard index"))
+        path = Path(directory) / SHARD_INDEX_NAME
+        return cls.from_dict(read_json(path, "shard index"), path)
+
+    def paths(self, directory: str | os.PathLike) -> list[Path]:
+        """The shards' paths in ``directory`` (the index's own), each inside it (``files.inside``)."""
+        return [inside(directory, s.name, f"{Path(directory) / SHARD_INDEX_NAME} names shard", SHARD_DIR)
+                for s in self.shards]
 
 
 def skips_to_dicts(skips: Iterable[Skip]) -> list[dict]:
@@ -292,6 +304,7 @@ def check_manifest(m, path) -> None:
         if e["records"] != e["samples"] * m["epochs"]:
             raise FormatError(f"{path}: shard {e['name']!r} has {e['records']} records, not samples x epochs "
                               f"({e['samples']} x {m['epochs']})")
+    check_cache_names(m, path)                      # every name stays inside its directory
     if len({e["name"] for e in entries}) != len(entries) or [e["name"] for e in entries] != m["shard_set"]:
         raise FormatError(f"{path}: its shard entries do not match its shard_set")
     _typed(m["totals"], _TOTALS_FIELDS, f"{path}: totals")
@@ -307,6 +320,19 @@ def check_manifest(m, path) -> None:
 
 def index_dtype(num_classes: int) -> str:
     return "uint16" if num_classes <= 65536 else "int32"
+
+
+def check_cache_names(manifest: dict, source: str | os.PathLike) -> None:
+    """Every shard entry of a cache manifest (read from ``source``) names its input shard and its cache
+    file with plain file names (FORMAT.md 2.3); FormatError, one line naming the entry, if not."""
+    for e in manifest.get("shards") or ():
+        plain_name(e.get("name"), f"{source} names shard", SHARD_DIR)
+        plain_name(e.get("file"), f"{source}: shard {e['name']!r} names file", CACHE_DIR)
+
+
+def cache_file_path(directory: str | os.PathLike, entry: dict, source: str | os.PathLike) -> Path:
+    """The cache file of a manifest ``entry``: its ``file`` inside ``directory`` (``files.inside``)."""
+    return inside(directory, entry.get("file"), f"{source}: shard {entry.get('name')!r} names file", CACHE_DIR)
 
 
 def cache_file_name(shard_name: str) -> str:

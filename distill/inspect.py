@@ -50,7 +50,7 @@ def describe(path: str, n: int = 3) -> str:
         return _describe_tar(p, n)
     if p.is_dir() and (p / SHARD_INDEX_NAME).exists():
         idx = ShardIndex.read(p)
-        return _describe_index(text, p, [p / e.name for e in idx.shards], idx, n)
+        return _describe_index(text, p, idx.paths(p), idx, n)
     if p.is_dir() and (p / MANIFEST_NAME).exists():
         return _describe_cache(p, n)
     if p.is_dir() and (p / RUN_NAME).exists():

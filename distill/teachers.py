@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .files import UserError, sha256_file
-from .format import read_teacher_json
+from .files import UserError, inside, sha256_file
+from .format import ADAPT_TEACHER_JSON, read_teacher_json
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FILE_KINDS = ("torchscript", "export", "directory")     # identified by a file's sha256, not a loaded state dict
@@ -99,9 +99,11 @@ def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
 
 
 def dir_file_spec(spec: TeacherSpec) -> TeacherSpec:
-    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``)."""
+    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``, a plain file
+    name inside the directory)."""
     doc = read_teacher_json(spec.spec)
-    return TeacherSpec(os.path.join(spec.spec, doc["file"]))
+    what = f"{os.path.join(spec.spec, ADAPT_TEACHER_JSON)} names file"
+    return TeacherSpec(str(inside(spec.spec, doc.get("file"), what, "the adapted-teacher directory")))
 
 
 def _dir_identity(spec: TeacherSpec) -> dict:

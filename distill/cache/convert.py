@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..files import UserError, atomic_write_bytes, atomic_write_json, digest, lock_dir, read_json
-from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME,
-                      encode_cache_shard, ipc_bytes, read_ipc)
+from ..files import UserError, atomic_write_bytes, atomic_write_json, digest, inside, lock_dir, read_json
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_DIR, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME,
+                      cache_file_name, cache_file_path, check_cache_names, encode_cache_shard, ipc_bytes, read_ipc)
 from ..progress import bar
 
 # manifest keys that are not part of the run identity (run.json)
@@ -58,8 +58,29 @@ def _identity(old: Path, manifest: dict) -> dict:
     return identity
 
 
+def _files(old: Path, new: Path, manifest: dict) -> list[tuple[dict, Path, Path]]:
+    """(entry, its file in OLD, its file in NEW) per shard, every name checked before anything is
+    written: OLD's names are plain file names inside OLD (FormatError otherwise), NEW's are made from
+    the shard names (``<stem>.arrow``) and distinct, and NEW is neither OLD nor inside it."""
+    source = old / MANIFEST_NAME
+    check_cache_names(manifest, source)
+    if not manifest.get("shards"):
+        raise UserError(f"{source} lists no shards: nothing to convert")
+    if new.resolve().is_relative_to(old.resolve()):
+        raise UserError(f"{new} is inside {old}: convert-cache never writes under OLD; give a NEW outside it")
+    files = []
+    for e in manifest["shards"]:
+        dst = inside(new, cache_file_name(e["name"]), f"{new}: the converted file of shard {e['name']!r} is", CACHE_DIR)
+        files.append((e, cache_file_path(old, e, source), dst))
+    names = [dst.name for _, _, dst in files]
+    if len(set(names)) != len(names):
+        raise UserError(f"{source} lists shards whose converted files would share a name: not converted")
+    return files
+
+
 def convert_cache(old: str | Path, new: str | Path, quiet: bool = False) -> Path:
-    """Write NEW, a copy of the cache OLD in the current format; OLD is not changed."""
+    """Write NEW, a copy of the cache OLD in the current format; OLD is not changed. Every file is
+    written inside NEW, under a name checked before the first write (``_files``)."""
     old, new = Path(old), Path(new)
     manifest = read_json(old / MANIFEST_NAME, "cache manifest (is OLD a complete cache?)")
     if manifest.get("format") != CACHE_FORMAT:
@@ -70,14 +91,15 @@ def convert_cache(old: str | Path, new: str | Path, quiet: bool = False) -> Path
         raise UserError(f"{old} has cache format version {manifest.get('version')}; this distill converts version 1")
     if new.exists() and any(not f.name.startswith(".distill.") for f in new.iterdir()):
         raise UserError(f"{new} exists and is not empty; give a new directory for the converted cache")
+    files = _files(old, new, manifest)
     identity = _identity(old, manifest)
     run_id = digest(json.dumps(identity, sort_keys=True))
     with lock_dir(new, "convert-cache"):
         atomic_write_json(new / RUN_NAME, identity)
         entries = []
-        pbar = bar(len(manifest["shards"]), "convert-cache", "shard", quiet)
-        for e in manifest["shards"]:
-            entries.append(_convert_file(old / e["file"], new / e["file"], e, run_id))
+        pbar = bar(len(files), "convert-cache", "shard", quiet)
+        for e, src, dst in files:
+            entries.append(_convert_file(src, dst, dict(e, file=dst.name), run_id))
             if pbar:
                 pbar.update(1)
         if pbar:

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, ENTRY_CROSS_CHECKED,
-                      LOGICAL_COLUMNS, MANIFEST_NAME, RUN_NAME, CacheFile, cache_file_name, check_manifest,
-                      decode_cache_shard, read_ipc, sample_digest, DIGEST_COLUMN)
-from ..files import FormatError, UserError, read_json
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, DIGEST_COLUMN,
+                      ENTRY_CROSS_CHECKED, LOGICAL_COLUMNS, MANIFEST_NAME, RUN_NAME, SHARD_DIR, CacheFile,
+                      cache_file_name, cache_file_path, check_manifest, decode_cache_shard,
+                      read_ipc, sample_digest)
+from ..files import FormatError, UserError, inside, read_json
 
 _READ_THREADS = min(4, os.cpu_count() or 1)
 
@@ -74,14 +75,19 @@ class Cache:
         except KeyError:
             raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)") from None
 
+    def file_path(self, shard: str) -> Path:
+        """Where the shard's cache file is: the manifest's ``file`` in the cache directory, refused when
+        it is a symbolic link that leads outside (not checked against the manifest: see ``file``)."""
+        return cache_file_path(self.path, self._entry(shard), self.path / MANIFEST_NAME)
+
     def file(self, shard: str) -> Path:
         """The shard's cache file, checked against the manifest the first time it is used: its size, its
         sha256, then its footer's facts (a damaged or foreign file is named, with the way to find all of
         them: distill verify)."""
         entry = self._entry(shard)
-        f = self.path / entry["file"]
+        f = self.file_path(shard)
         if shard not in self._checked:
-            problem = file_problem(self.path, entry, self.manifest)
+            problem = file_problem(f, entry, self.manifest)
             if problem:
                 raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
             self._checked.add(shard)
@@ -189,7 +195,7 @@ class Cache:
 
     def has_digests(self, shard: str) -> bool:
         """Whether the shard's file records per-sample digests (footer only, no data read)."""
-        with CacheFile(self.path / self._entry(shard)["file"]) as f:     # checked in full before use
+        with CacheFile(self.file_path(shard)) as f:     # checked in full before use
             return f.schema.get_field_index(DIGEST_COLUMN) >= 0
 
     def check_sample(self, shard: str, row: int, key: str, data: bytes, label, digests: np.ndarray | None) -> None:
@@ -236,7 +242,9 @@ class Cache:
 
     # ------------------------------------------------------------------ replay
     def shard_path(self, shard: str) -> Path:
-        p = self._shards_dir / shard
+        """The source shard (a plain file name, e.g. from the manifest or a filter's scores) in the
+        shard directory."""
+        p = inside(self._shards_dir, shard, "cannot read shard", SHARD_DIR)
         if not p.exists():
             raise UserError(f"source shard {p} not found; pass shards_dir= to open_cache")
         return p
@@ -412,7 +420,7 @@ def _read_manifest(path: Path) -> dict:
         raise FormatError(old_version(path, m.get("version")))
     if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
         raise FormatError(f"{path} is not a distill cache (format={m.get('format') if isinstance(m, dict) else None!r})")
-    check_manifest(m, path / MANIFEST_NAME)
+    check_manifest(m, path / MANIFEST_NAME)         # its shape, sums, run_id and names
     bad = [e["name"] for e in m["shards"] if e.get("complete") is False]
     if bad:
         raise FormatError(f"{path} is not a complete cache: shard(s) {', '.join(bad[:3])}"
@@ -446,11 +454,10 @@ def unfinished(path: Path) -> str:
     return f"{path} is not a complete cache (no {MANIFEST_NAME}): {'; '.join(parts) or 'its run did not finish'}; {FINISH_HINT}"
 
 
-def file_problem(directory: Path, entry: dict, manifest: dict) -> str | None:
-    """How a shard's cache file differs from its manifest entry, or None: missing, size, sha256, then
-    its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields)."""
+def file_problem(f: Path, entry: dict, manifest: dict) -> str | None:
+    """How a shard's cache file ``f`` differs from its manifest entry, or None: missing, size, sha256,
+    then its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields)."""
     from ..files import sha256_file
-    f = directory / entry["file"]
     if not f.exists():
         return f"{f}: missing"
     size = f.stat().st_size

@@ -508,6 +508,8 @@ def _reuse(out: Path, path: Path, name: str, run_id: str, proof: dict | None) ->
         with CacheFile(f) as cf:
             md = cf.schema.metadata or {}
         entry = json.loads(md[ARROW_ENTRY_KEY])
+        if entry.get("name") != name or entry.get("file") != f.name:
+            return None, "its file names another shard"   # its names are never used as paths
         if md.get(ARROW_RUN_ID_KEY, b"").decode() != run_id:
             return None, "its file was written by another run"
     except Exception:  # noqa: BLE001 - any unreadable file is redone

@@ -27,8 +27,11 @@ _THREADS = min(8, os.cpu_count() or 1)
 # ----------------------------------------------------------------------------- files
 
 def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
-    f = cache.path / e["file"]
-    problem = file_problem(cache.path, e, cache.manifest)
+    try:
+        f = cache.file_path(e["name"])
+    except FormatError as err:       # a link leading outside: a problem of this part, like a damaged file
+        return str(err)
+    problem = file_problem(f, e, cache.manifest)
     if problem:
         return problem
     if rows:

@@ -70,7 +70,7 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], ShardIndex | No
     if path.is_dir():
         if (path / SHARD_INDEX_NAME).is_file():
             index = ShardIndex.read(path)
-            paths = [path / entry.name for entry in index.shards]
+            paths = index.paths(path)
             missing = [p for p in paths if not p.is_file()]
             if missing:
                 raise FormatError(f"{path / SHARD_INDEX_NAME} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
@@ -118,6 +118,9 @@ def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterat
     other members are ignored. Skipped samples: no image, no label, a non-integer label, a key that is
     invalid or contains dots (``a.b.jpg``, reported as key ``a.b``), a key seen twice, a repeated member.
     Label range is not checked (see ``check_label``); images are not opened (see ``probe_image``).
+    A member that is a link (symbolic or hard), a device or a FIFO, or whose name is absolute or holds a
+    '..' component or a backslash, is never read or followed: it is a ``Skip(member name, reason)``;
+    directory members are ignored (as webdataset does).
 
     Damaged tar: the samples read before the damage are yielded, then exactly one
     ``Skip(key=format.SHARD_SKIP_KEY ("*"), reason, shard)`` and nothing else. ``reason`` starts with
@@ -170,11 +173,12 @@ def read_samples(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Samp
     def members():
         left = set(want)
         try:
-            for info in tar:
-                tar.members = []
+            for info in _tar_members(tar):
+                if isinstance(info, Skip):             # never read: left out like any key not asked for
+                    continue
                 folder, _, base = info.name.rpartition("/")
                 k = f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
-                if not info.isreg() or k not in want:
+                if k not in want:
                     if not left:
                         return
                     continue
@@ -205,9 +209,9 @@ def scan_shard(path: str | os.PathLike) -> Iterator[Sample | Skip]:
             return
         read = 0
         try:
-            for info in tar:
-                tar.members = []
-                if not info.isreg():
+            for info in _tar_members(tar):
+                if isinstance(info, Skip):
+                    yield info
                     continue
                 read += 1
                 label = info.name.rpartition("/")[2].split(".", 1)[-1].lower() == LABEL_EXT
@@ -234,8 +238,49 @@ class _Damage(str):
     """Reason text for the end of a damaged tar (see iter_shard)."""
 
 
-def _members(f) -> Iterator[tuple[str, bytes] | _Damage]:
-    """(member name, bytes) of the regular files in a tar; a ``_Damage`` last if the tar is damaged."""
+# Skip.reason of a tar member that is never read (its key is the member's name)
+SYMLINK_MEMBER = "tar member is a symbolic link: not read"
+HARDLINK_MEMBER = "tar member is a hard link: not read"
+DEVICE_MEMBER = "tar member is a device or FIFO: not read"
+OTHER_MEMBER = "tar member is not a regular file: not read"
+UNSAFE_MEMBER = "unsafe tar member name (absolute, a '..' component or a backslash): not read"
+
+
+def unsafe_member_name(name: str) -> bool:
+    """A member name no shard may hold: absolute, with a '..' component, a backslash or NUL. Relative
+    names with '/' are fine (keys may hold '/': FORMAT.md 1)."""
+    return name.startswith("/") or any(c in name for c in "\\\0") or ".." in name.split("/")
+
+
+def _member_refusal(info: tarfile.TarInfo) -> str | None:
+    """Why a (non-directory) tar member is not read, or None for a regular file with a safe name."""
+    if info.issym():
+        return SYMLINK_MEMBER
+    if info.islnk():
+        return HARDLINK_MEMBER
+    if info.isdev():
+        return DEVICE_MEMBER
+    if not info.isreg():
+        return OTHER_MEMBER
+    return UNSAFE_MEMBER if unsafe_member_name(info.name) else None
+
+
+def _tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo | Skip]:
+    """The members every shard reader may read, in tar order: regular files with safe names. Every other
+    member is a ``Skip(name, reason)`` (links are never followed, nothing outside the tar is named),
+    except directories, left out silently as webdataset does. Each header is dropped once yielded (a
+    TarFile keeps them all otherwise)."""
+    for info in tar:
+        tar.members = []
+        if info.isdir():
+            continue
+        why = _member_refusal(info)
+        yield Skip(info.name, why) if why else info
+
+
+def _members(f) -> Iterator[tuple[str, bytes] | Skip | _Damage]:
+    """(member name, bytes) of the regular files in a tar, a ``Skip`` for a member not read
+    (``_tar_members``); a ``_Damage`` last if the tar is damaged."""
     head = f.read(6)
     f.seek(0)
     plain = not (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00")
@@ -246,9 +291,9 @@ def _members(f) -> Iterator[tuple[str, bytes] | _Damage]:
         return
     read = 0
     try:
-        for info in tar:
-            tar.members = []  # stream mode keeps every header otherwise
-            if not info.isreg():
+        for info in _tar_members(tar):
+            if isinstance(info, Skip):
+                yield info
                 continue
             data = tar.extractfile(info).read()
             read += 1
@@ -269,7 +314,8 @@ def _members(f) -> Iterator[tuple[str, bytes] | _Damage]:
             yield _Damage(f"corrupt tar: invalid header at byte {tar.offset} (after {read} members)")
 
 
-def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require_label: bool) -> Iterator[Sample | Skip]:
+def _samples(members: Iterable[tuple[str, bytes] | Skip | _Damage], shard: str,
+             require_label: bool) -> Iterator[Sample | Skip]:
     seen: set[str] = set()
     key, group, problem = None, {}, None   # the sample being gathered, its members, why it is bad
     for item in members:
@@ -280,6 +326,9 @@ def _samples(members: Iterable[tuple[str, bytes] | _Damage], shard: str, require
             note = f"; sample {key!r} incomplete" if key is not None else ""
             yield Skip(SHARD_SKIP_KEY, f"{item}{note}", shard)
             return
+        if isinstance(item, Skip):
+            yield Skip(item.key, item.reason, shard)
+            continue
         name, data = item
         if _META_RE.match(name):
             continue
@@ -447,6 +496,8 @@ class _TarWriter:
         return self.members // 2
 
     def add(self, name: str, data: bytes) -> None:
+        if unsafe_member_name(name):            # write_shards checks keys first: never reached
+            raise UserError(f"refusing to write the unsafe tar member name {name!r}")
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = 0
