@@ -230,9 +230,10 @@ def worst(verdicts: list[Verdict]) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-def cache_diff(out: Path, ref: Path) -> str | None:
+def cache_diff(out: Path, ref: Path, ignore=("source",)) -> str | None:
     """None when ``out`` holds the reference cache: the same .arrow files byte for byte and the same
-    manifest shard entries and totals; else what differs."""
+    manifest (its shard entries, totals and every other key but ``ignore``: ``source`` names the
+    shards' folder); else what differs."""
     if not (out / "manifest.json").is_file():
         return "no manifest.json"
     try:
@@ -245,10 +246,17 @@ def cache_diff(out: Path, ref: Path) -> str | None:
     for name in want:
         if (out / name).read_bytes() != (ref / name).read_bytes():
             return f"{name} differs from the reference's"
-    for key in ("shards", "totals"):
-        if m.get(key) != r.get(key):
-            return f"manifest {key!r} differs from the reference's"
+    keys = sorted(k for k in set(m) | set(r) if k not in ignore and m.get(k) != r.get(k))
+    if keys:
+        return f"manifest {', '.join(keys)} differ(s) from the reference's"
     return None
+
+
+def records_diff(out: Path, ref: Path) -> str | None:
+    """None when two caches hold the same logical records (distill's reader), else what differs."""
+    from distill.cache import open_cache
+    a, b = open_cache(out).to_table(), open_cache(ref).to_table()
+    return None if a.equals(b) else f"records differ ({a.num_rows} vs {b.num_rows} rows)"
 
 
 def copy_cache(ctx: Ctx, dst: Path) -> Path:
@@ -336,14 +344,20 @@ def entropy_byte(data: bytes) -> int:
     raise AssertionError("no byte to flip")
 
 
-def decodes(data: bytes) -> bool:
+def pixels_changed(a: bytes, b: bytes) -> int | None:
+    """How many pixels differ between two encodings of an image; None when ``b`` does not decode."""
+    import numpy as np
     from PIL import Image
-    try:
+
+    def px(data):
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
+            return np.asarray(im.convert("RGB"))
+    try:
+        pb = px(b)
     except Exception:
-        return False
+        return None
+    pa = px(a)
+    return int((pa != pb).any(-1).sum()) if pa.shape == pb.shape else int(pa.shape[0] * pa.shape[1])
 
 
 def export_tiny_teacher(path: Path) -> Path:
@@ -463,8 +477,10 @@ def kill_first_arrow(ctx, d):
 @case("kill-tmp", "SIGKILL cache-teacher while a .arrow .tmp file exists (mid-write), rerun", "identical")
 def kill_tmp(ctx, d):
     # the window is the write and fsync of one file (milliseconds): up to 3 tries for a kill inside it
-    return _kill_and_rerun(ctx, d, lambda out, t: _arrow_tmp(out), "while a .arrow.*.tmp existed", tries=3,
-                           wanted=_arrow_tmp)
+    v = _kill_and_rerun(ctx, d, lambda out, t: _arrow_tmp(out), "while a .arrow.*.tmp existed", tries=3,
+                        wanted=_arrow_tmp)
+    left = [n for out in d.iterdir() for n in _files(out) if n.endswith(".tmp")]
+    return [(v[0][0], v[0][1] + (f" (the rerun left {', '.join(left)} in place)" if left else ""))]
 
 
 @case("kill-manifest", "SIGKILL cache-teacher just after manifest.json appears, rerun", "identical")
@@ -474,14 +490,14 @@ def kill_manifest(ctx, d):
 
 # -- 1b. a train-student kill, then --resume
 
-@case("kill-train-resume", "SIGKILL train-student (3 epochs) when epoch 1 is in metrics.jsonl, rerun with --resume",
-      "identical weights and metrics")
+@case("kill-train-resume", f"SIGKILL train-student ({EPOCHS} epochs) when epoch 1 is in metrics.jsonl, rerun "
+      "with --resume; an undisturbed run alongside", "identical weights and metrics")
 def kill_train_resume(ctx, d):
     import torch
 
     def args(out):
         a = ctx.train_args(ctx.cache, out)
-        a[a.index("--epochs") + 1] = "3"
+        a[a.index("--epochs") + 1] = str(EPOCHS)
         return a
     ref = ctx.cli(*args(d / "ref"))
     if ref.rc != 0:
@@ -495,7 +511,9 @@ def kill_train_resume(ctx, d):
             return False
     killed, at = ctx.cli_killed(args(run), one_epoch)
     done = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
-    note = f"killed at {at:.1f}s after {done} epoch(s)" if killed else "NOT killed: the run ended first"
+    ckpt = json.loads((run / "last.json").read_text())["epoch"] if (run / "last.json").exists() else None
+    note = (f"killed at {at:.1f}s with {done} epoch(s) in metrics.jsonl, last.json at epoch {ckpt}" if killed
+            else "NOT killed: the run ended first")
     r = ctx.cli(*args(run), "--resume")
     c = crash(r)
     if c:
@@ -620,8 +638,9 @@ def _shard_edit(ctx: Ctx, d: Path, keep_mtime: bool) -> list[Verdict]:
         os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
     with open(tar, "rb") as f:
         f.seek(m.offset_data)
-        still = decodes(f.read(m.size))
-    note = f"flipped a bit of {m.name} (byte {at} of {m.size}; {'still decodes' if still else 'no longer decodes'})"
+        changed = pixels_changed(img, f.read(m.size))
+    note = f"flipped a bit of {m.name} (byte {at} of {m.size}; " + (
+        "no longer decodes)" if changed is None else f"still decodes, {changed} pixels changed)")
     v = must_refuse(ctx.cli(*ctx.train_args(ctx.cache, d / "run", shards)))
     return [(v[0], f"{note}; {v[1]}")]
 
@@ -760,7 +779,9 @@ def crafted_pt2(ctx, d):
         ref = ctx.cli(*args)
         if ref.rc != 0:
             return [(CRASHED, f"clean .pt2 teacher failed: {_message(ref)}")]
-        return [must_match(r, d / "cache", d / "clean-cache")]
+        diff = records_diff(d / "cache", d / "clean-cache")   # (the teacher's identity differs: so do the bytes)
+        return [(IDENT, "marker absent; cache-teacher exit 0, the clean teacher's records") if diff is None else
+                (WRONG, f"marker absent; cache-teacher exit 0 but {diff} from the clean teacher's")]
     v = must_refuse(r, (2,))
     return [(v[0], "marker absent; " + v[1])]
 
