@@ -844,6 +844,7 @@ def main(argv=None) -> int:
         cases = [c for c in CASES if c.name in names]
 
     t_all = time.perf_counter()
+    sys.dont_write_bytecode = True                      # no __pycache__ written into the checkout either
     pythonpath = os.environ.get("PYTHONPATH") or str(REPO)
     pythonpath = os.pathsep.join(str(Path(p).resolve()) for p in pythonpath.split(os.pathsep) if p)
     for p in reversed(pythonpath.split(os.pathsep)):    # this process builds data with the same distill
