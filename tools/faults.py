@@ -1,7 +1,7 @@
 """Fault cases: kill, corrupt and edit runs of the real CLI and see what distill makes of them.
 
-    python tools/faults.py                     # every case (~6 min on 2 cores); a table, then one JSON line
-    python tools/faults.py --quick             # a subset (~1.5 min)
+    python tools/faults.py                     # 28 cases (6-8 min on 2 busy cores); a table, then one JSON line
+    python tools/faults.py --quick             # 7 of them (~2 min)
     python tools/faults.py --only kill-tmp,crafted-pt2 --keep     # some cases; keep the temp dir
     PYTHONPATH=/path/to/checkout python tools/faults.py            # test that checkout's distill
 
@@ -825,7 +825,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a subset of the cases (~1.5 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the cases marked quick (~2 min on 2 cores)")
     ap.add_argument("--only", help="comma-separated case names (see --list)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (printed) with every case's files and a log")
