@@ -490,6 +490,8 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
                     f.unlink()
             shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob(".*.tmp"):         # a write a killed run left half done (we hold the lock: nobody writes)
+        f.unlink(missing_ok=True)
     # a resume keeps the old manifest until the new one replaces it (atomically, at the end)
     atomic_write_json(run_file, identity)
 
