@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from .files import FormatError, UserError, atomic_write_json, digest, inside, plain_name, read_json
+from .files import FormatError, UserError, atomic_write_json, digest, inside, plain_name, read_json, sha256_file
 
 SHARD_INDEX_NAME = "index.json"
 # Where a name from a manifest or index must stay (``files.plain_name``), as refusals say it.
@@ -876,11 +876,20 @@ def read_filter_summary(directory: str | os.PathLike) -> dict:
 
 
 def read_excluded_keys(directory: str | os.PathLike) -> set[str]:
-    """Keys that filter-labels dropped (keep == false)."""
-    read_filter_summary(directory)
-    t = read_ipc(Path(directory) / FILTER_SCORES_NAME, columns=["key", "keep"])
+    """Keys that filter-labels dropped (keep == false), from a ``scores.arrow`` whose bytes and counts
+    match its ``summary.json`` (``scores_sha256``, ``samples``, ``dropped``)."""
+    summary = read_filter_summary(directory)
+    path = Path(directory) / FILTER_SCORES_NAME
+    if "scores_sha256" in summary and (not path.is_file() or sha256_file(path) != summary["scores_sha256"]):
+        raise FormatError(f"{path} is not the file its {FILTER_SUMMARY_NAME} describes (missing, or its checksum "
+                          f"differs): damaged or edited; rerun filter-labels")
+    t = read_ipc(path, columns=["key", "keep"])
     keys = t.column("key").to_numpy(zero_copy_only=False)
-    keep = t.column("keep").to_numpy(zero_copy_only=False)
+    keep = t.column("keep").to_numpy(zero_copy_only=False).astype(bool)
+    if (len(keep), int((~keep).sum())) != (summary.get("samples"), summary.get("dropped")):
+        raise FormatError(f"{path}: {len(keep)} scored samples, {int((~keep).sum())} dropped; its "
+                          f"{FILTER_SUMMARY_NAME} says {summary.get('samples')} and {summary.get('dropped')}: "
+                          f"rerun filter-labels")
     return set(keys[~keep].tolist())
 
 

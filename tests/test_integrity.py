@@ -311,3 +311,28 @@ def test_random_bit_flips_are_refused_or_harmless(built, tmp_path):
 @pytest.mark.slow
 def test_random_bit_flips_are_refused_or_harmless_many(built, tmp_path):
     _fuzz(built, tmp_path, 400, seed=1)
+
+
+# ----------------------------------------------------------------------------- the filter's output
+
+def test_an_edited_filter_output_is_refused(built, tmp_path):
+    """--exclude reads a filter's scores only when their bytes and counts match its summary.json."""
+    from conftest import DEMO_TEACHER
+    from distill.config import FilterConfig
+    from distill.filter import filter_labels
+    from distill.format import FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, read_excluded_keys
+    _, shards = built
+    out = tmp_path / "filter"
+    filter_labels(FilterConfig(shards=str(shards), scorer=(str(DEMO_TEACHER),), out=str(out), scorer_input_size=32,
+                               topk=5, quiet=True, workers=1, threads=1))
+    summary = json.loads((out / FILTER_SUMMARY_NAME).read_text())
+    assert len(read_excluded_keys(out)) == summary["dropped"]
+    scores = out / FILTER_SCORES_NAME
+    good = scores.read_bytes()
+    _flip(scores, len(good) // 2)
+    with pytest.raises(FormatError, match="scores.arrow is not the file its summary.json describes"):
+        read_excluded_keys(out)
+    scores.write_bytes(good)
+    (out / FILTER_SUMMARY_NAME).write_text(json.dumps(dict(summary, dropped=summary["dropped"] + 1)))
+    with pytest.raises(FormatError, match=r"scored samples, \d+ dropped; its summary.json says"):
+        read_excluded_keys(out)

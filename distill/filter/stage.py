@@ -20,7 +20,7 @@ from ..cache.stage import cache_teacher
 from ..config import CacheConfig, FilterConfig
 from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION,
                       MANIFEST_NAME, read_ipc, skip_lines)
-from ..files import UserError, atomic_write_json, lock_dir
+from ..files import UserError, atomic_write_json, lock_dir, sha256_file
 from ..cache.reader import open_cache
 
 SCORING_DIR = FILTER_SCORING_DIR
@@ -105,7 +105,7 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
         if (out / FILTER_SUMMARY_NAME).exists():
             (out / FILTER_SUMMARY_NAME).unlink()   # the old summary no longer describes the scores: rewritten last
         _write_scores(out, chunks, dec, rule)
-        summary = _summary(cfg, cache, dec)
+        summary = dict(_summary(cfg, cache, dec), scores_sha256=sha256_file(out / FILTER_SCORES_NAME))
         written = _write_clean_shards(cfg, cache, set(_dropped_keys(out))) if cfg.write_shards else 0
         from .report import write_filter_report
         write_filter_report(out, summary, cache)
