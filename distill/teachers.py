@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pt2
 from .files import UserError, sha256_file
 from .format import read_teacher_json
 
@@ -99,9 +100,13 @@ def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
 
 
 def dir_file_spec(spec: TeacherSpec) -> TeacherSpec:
-    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``)."""
-    doc = read_teacher_json(spec.spec)
-    return TeacherSpec(os.path.join(spec.spec, doc["file"]))
+    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``): a ``.pt2`` file in
+    it, never another kind of teacher (a TorchScript file, a callable) that loading would run."""
+    name = str(read_teacher_json(spec.spec).get("file", ""))
+    if not name.endswith(".pt2") or os.path.basename(name) != name:
+        raise UserError(f"{spec.spec}: teacher.json names {name!r}; an adapted-teacher directory holds a .pt2 "
+                        "program (rerun adapt-teacher)")
+    return TeacherSpec(os.path.join(spec.spec, name))
 
 
 def _dir_identity(spec: TeacherSpec) -> dict:
@@ -278,9 +283,12 @@ def _exported_path(spec: TeacherSpec) -> str:
 
 
 def _load_export(spec: TeacherSpec):
+    """The program, loaded without running code from the file (``pt2.load``: a part that would is refused)."""
     path = _exported_path(spec)
     try:
-        return torch.export.load(path)
+        return pt2.load(path)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot load .pt2 teacher {path}: {_first_line(e)}") from None
 
