@@ -43,8 +43,8 @@ _GUARDS = "L math max min abs float int round inf cast_symbool_to_symint_guardle
 _NAMES = frozenset(f"{_SYMPY} {_GUARDS}".split())
 _ATTRS = frozenset("size stride storage_offset dim numel floor ceil trunc sqrt isnan isinf inf pi".split())
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")               # s0, u3, s77: a size variable
-_TEXT = re.compile(r"[\w .,()\[\]'+\-*/%<>=!&|~^]*")   # no quotes other than ', no #, \, ;, :, newline
-_STRING = re.compile(r"[\w.+-]*")
+_TEXT = re.compile(r"[\w .,()\[\]'+\-*/%<>=!&|~^]*", re.ASCII)   # no double quote, #, backslash, ;, :, braces, newline
+_STRING = re.compile(r"[\w.+-]*", re.ASCII)
 _NODES = (ast.Expression, ast.Call, ast.keyword, ast.Name, ast.Load, ast.Constant, ast.Attribute, ast.Subscript,
           ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.operator, ast.unaryop,
           ast.boolop, ast.cmpop)
@@ -88,7 +88,8 @@ def _old_layout(f) -> bool:
     """torch.export.load reads an archive it cannot load as a pt2 archive as the old layout (zipfile)."""
     f.seek(0)
     try:
-        return "version" in zipfile.ZipFile(f).namelist()
+        with zipfile.ZipFile(f) as z:
+            return "version" in z.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return False
 
@@ -112,7 +113,7 @@ def _entries(config: bytes) -> list[dict]:
     """The entries of a payload config (``{"config": {name: {"path_name", "use_pickle", ...}}}``); none
     when it is not one (torch cannot read it either)."""
     try:
-        entries = json.loads(config)["config"].values()
+        entries = json.loads(config.decode())["config"].values()      # as torch reads it
     except (ValueError, KeyError, TypeError, AttributeError):
         return []
     return [e for e in entries if isinstance(e, dict)]
@@ -137,7 +138,7 @@ def _pickles_problem(reader, names, model: str) -> str | None:
 def _program_problem(program: bytes) -> str | None:
     """A shape expression or guard of the program's JSON that is not plain arithmetic."""
     try:
-        doc = json.loads(program)
+        doc = json.loads(program.decode())                          # as torch reads it
     except ValueError:
         return None                                         # torch cannot read it either
     for key, text in _texts(doc):
@@ -153,7 +154,7 @@ def _texts(doc):
         for key, value in doc.items():
             if key == "expr_str":
                 yield key, value
-            elif key == "guards_code":
+            elif key == "guards_code" and value is not None:
                 yield from ((key, g) for g in (value if isinstance(value, list) else [value]))
             else:
                 yield from _texts(value)
