@@ -3,7 +3,7 @@
 Spec forms (the same for ``--teacher`` and ``--scorer``):
 
 * ``path/model.pt`` (or any file torch.jit.load opens): a TorchScript module;
-* ``path/model.pt2``: a ``torch.export`` program;
+* ``path/model.pt2``: a ``torch.export`` program (loaded without running code from the file: ``pt2``);
 * ``package.module:callable``: a callable returning an ``nn.Module`` (weights its own business,
   or a checkpoint given separately);
 * ``OUT/``: the directory ``distill adapt-teacher`` writes (``teacher.json`` names its ``teacher.pt2``
