@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check files, checksums and counts; with --recompute N, recompute N random records.")
     s.add_argument("cache_dir", metavar="CACHE_DIR")
     s.add_argument("--recompute", type=int, default=0, metavar="N", help="records to recompute with the teacher")
-    s.add_argument("--teacher", action="append", metavar="SPEC", help="teacher to use (default: the manifest's)")
+    s.add_argument("--teacher", action="append", metavar="SPEC",
+                   help="teacher to use (default: the manifest's, when a .pt2 file, adapted-teacher directory or "
+                        "timm: name; a TorchScript or module:callable teacher runs code, so it must be given here)")
     s.add_argument("--teacher-checkpoint", action="append", metavar="PATH")
     s.add_argument("--seed", type=int, default=0, help="which random records")
     s.add_argument("--device", default="cpu")

@@ -9,6 +9,7 @@ import json
 import contextlib
 import io
 import os
+import re
 import secrets
 import socket
 import sys
@@ -43,6 +44,16 @@ def inside(directory: str | os.PathLike, name: Any, what: str, where: str) -> Pa
     if path.is_symlink() and not path.resolve().is_relative_to(Path(directory).resolve()):
         raise FormatError(f"{what} {name!r}, which is a symbolic link that leads outside {where}")
     return path
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def error_text(e: BaseException) -> str:
+    """``Type: message`` of an exception as recorded in outputs (skip reasons): without the parts that
+    differ between identical runs, the addresses of object reprs (Pillow's ``cannot identify image file
+    <_io.BytesIO object at 0x7f...>`` reads ``<_io.BytesIO object>``), so the same input writes the same bytes."""
+    return f"{type(e).__name__}: {_ADDRESS.sub('', str(e))}"
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:

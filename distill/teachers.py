@@ -3,7 +3,7 @@
 Spec forms (the same for ``--teacher`` and ``--scorer``):
 
 * ``path/model.pt`` (or any file torch.jit.load opens): a TorchScript module;
-* ``path/model.pt2``: a ``torch.export`` program;
+* ``path/model.pt2``: a ``torch.export`` program (loaded without running code from the file: ``pt2``);
 * ``package.module:callable``: a callable returning an ``nn.Module`` (weights its own business,
   or a checkpoint given separately);
 * ``OUT/``: the directory ``distill adapt-teacher`` writes (``teacher.json`` names its ``teacher.pt2``
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pt2
 from .files import UserError, inside, sha256_file
 from .format import ADAPT_TEACHER_JSON, read_teacher_json
 
@@ -99,11 +100,16 @@ def _identity(spec: TeacherSpec, model: torch.nn.Module | None) -> dict:
 
 
 def dir_file_spec(spec: TeacherSpec) -> TeacherSpec:
-    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``, a plain file
-    name inside the directory)."""
+    """The program file an adapted-teacher directory names (``teacher.json``'s ``file``): a plain ``.pt2``
+    file name inside the directory, never another kind of teacher (a TorchScript file, a callable) that
+    loading would run."""
     doc = read_teacher_json(spec.spec)
     what = f"{os.path.join(spec.spec, ADAPT_TEACHER_JSON)} names file"
-    return TeacherSpec(str(inside(spec.spec, doc.get("file"), what, "the adapted-teacher directory")))
+    path = inside(spec.spec, doc.get("file"), what, "the adapted-teacher directory")
+    if not path.name.endswith(".pt2"):
+        raise UserError(f"{spec.spec}: teacher.json names {path.name!r}; an adapted-teacher directory holds a .pt2 "
+                        "program (rerun adapt-teacher)")
+    return TeacherSpec(str(path))
 
 
 def _dir_identity(spec: TeacherSpec) -> dict:
@@ -280,9 +286,12 @@ def _exported_path(spec: TeacherSpec) -> str:
 
 
 def _load_export(spec: TeacherSpec):
+    """The program, loaded without running code from the file (``pt2.load``: a part that would is refused)."""
     path = _exported_path(spec)
     try:
-        return torch.export.load(path)
+        return pt2.load(path)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot load .pt2 teacher {path}: {_first_line(e)}") from None
 

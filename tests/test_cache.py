@@ -84,7 +84,7 @@ def test_record_soft_target_and_replay_match_the_teacher(demo_cache):
 
 def test_verify_passes_then_fails_on_a_tampered_file(demo_cache, tmp_path):
     _, out, _ = demo_cache
-    ok = verify_cache(out, recompute=6)
+    ok = verify_cache(out, recompute=6, teacher=(str(DEMO_TEACHER),))
     assert ok.ok and ok.recomputed == 6 and ok.top1_agreement == 1.0 and ok.max_abs_diff < 2e-3
     bad = tmp_path / "tampered"
     shutil.copytree(out, bad)

@@ -145,7 +145,7 @@ def test_precision_and_device_are_recorded_and_verified(tmp_path):
     cache_teacher(cache_config(shards, tmp_path / "c", epochs=1, teacher_precision="bf16"), DEMO_POLICY)
     m = open_cache(tmp_path / "c").manifest
     assert m["teacher"]["precision"] == "bf16" and m["teacher"]["device_type"] == "cpu"
-    res = verify_cache(tmp_path / "c", recompute=8)
+    res = verify_cache(tmp_path / "c", recompute=8, teacher=(str(DEMO_TEACHER),))
     assert res.precision == "bf16" and res.recomputed == 8 and res.ok, res.summary()
     assert "at bf16" in res.summary()
     # the same command at another precision is another cache: refused, not mixed
@@ -241,7 +241,7 @@ def test_second_concurrent_cache_teacher_exits_2_naming_the_first(tmp_path):
     _one_line_error(second, "in use", f"pid {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert not (out / LOCK_NAME).exists()
-    res = verify_cache(out, recompute=4)
+    res = verify_cache(out, recompute=4, teacher=(str(DEMO_TEACHER),))
     assert res.ok, res.summary()
     assert open_cache(out).num_records == 6 * open_cache(out).num_samples
 

@@ -166,3 +166,24 @@ def test_records_are_byte_identical_when_the_last_blocks_are_cut(tmp_path):
         assert not res.failed, res.failed
         outs.append(_files(tmp_path / f"n{n}"))
     assert outs[0] == outs[1]
+
+
+def test_undecodable_images_give_the_same_bytes_embedded_and_with_view_workers(tmp_path):
+    """An image Pillow cannot identify (the reader's header probe fails: its error names a BytesIO's address)
+    and one whose header parses but whose decode fails (in a producer process with view workers): the skip
+    reasons, hence the Arrow files and the manifests' shard entries, are the same bytes in both runs."""
+    d = tmp_path / "bad"
+    cut = image_bytes("JPEG", (64, 48), seed=5)
+    members = [item for i in range(24) for item in ((f"m{i:02d}.jpg", image_bytes("JPEG", (48, 36), seed=10 + i)),
+                                                    (f"m{i:02d}.cls", str(i % 10).encode()))]
+    write_tar(d / "s-000000.tar", members[:10] + [("garbage.jpg", b"not an image at all"), ("garbage.cls", b"1"),
+                                                  ("cut.jpg", cut[:len(cut) * 4 // 5]), ("cut.cls", b"2")] + members[10:])
+    for n in (0, 2):
+        res = cache_teacher(cache_config(d, tmp_path / f"n{n}", epochs=2, view_workers=n), POLICY)
+        assert not res.failed, res.failed
+    ma, mb = (json.loads((tmp_path / f"n{n}" / MANIFEST_NAME).read_text()) for n in (0, 2))
+    reasons = {s["key"]: s["reason"] for s in ma["shards"][0]["skipped"]}
+    assert set(reasons) == {"garbage", "cut"} and not any("0x" in r for r in reasons.values()), reasons
+    assert reasons["garbage"].startswith("cannot decode image: UnidentifiedImageError: cannot identify image file")
+    assert json.dumps(ma["shards"]) == json.dumps(mb["shards"])
+    assert _files(tmp_path / "n0") == _files(tmp_path / "n2")

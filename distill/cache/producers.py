@@ -37,14 +37,16 @@ import time
 from dataclasses import dataclass, field
 
 from ..data import augment, shards as shardio, views
+from ..files import error_text
 from ..format import DUPLICATE_KEY_REASON, Skip, sample_digest
 
 FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are fingerprinted
 
 
 def undecodable_reason(e: BaseException) -> str:
-    """The skip reason of an image that does not decode (the reader's and the producers' alike)."""
-    return f"cannot decode image: {type(e).__name__}: {e}"
+    """The skip reason of an image that does not decode (the reader's and the producers' alike; no address,
+    so the same shard gives the same bytes in every run, embedded or on a cluster, with any --view-workers)."""
+    return f"cannot decode image: {error_text(e)}"
 
 
 class Undecodable(Exception):

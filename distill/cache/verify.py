@@ -183,6 +183,24 @@ def verify_cache(path, recompute: int = 0, teacher=(), teacher_checkpoint=(), se
     return _recompute(cache, res, recompute, teacher, teacher_checkpoint, seed, device)
 
 
+_FROM_MANIFEST = ("export", "directory", "timm")
+
+
+def _manifest_spec(teachers, member: dict):
+    """The spec of a teacher the manifest names, refused unless loading it runs no code the manifest chose
+    (a downloaded cache): ``.pt2`` programs (loaded without running code), adapted-teacher directories (their
+    .pt2) and timm names (an installed library's models, weights loaded weights-only) are taken from it, a
+    TorchScript file or a module:callable is not."""
+    spec = teachers.TeacherSpec(member["spec"], member.get("checkpoint"), bool(member.get("random_weights")),
+                                int(member.get("num_classes", 0)))
+    if spec.kind not in _FROM_MANIFEST:
+        what = "TorchScript file" if spec.kind == "torchscript" else "module:callable"
+        raise UserError(f"verify --recompute does not load the teacher the cache's manifest names, {what} "
+                        f"{spec.spec!r} (that would run code the manifest chose); pass --teacher SPEC (a trusted "
+                        "copy of the teacher) to recompute")
+    return spec
+
+
 def _recompute(cache: Cache, res: VerifyResult, n: int, teacher, teacher_checkpoint, seed: int, device: str):
     import torch
 
@@ -193,9 +211,7 @@ def _recompute(cache: Cache, res: VerifyResult, n: int, teacher, teacher_checkpo
         specs = teachers.make_specs(teacher, teacher_checkpoint, random_weights=False, num_classes=cache.num_classes)
         expect = None
     else:
-        specs = [teachers.TeacherSpec(m["spec"], m.get("checkpoint"), bool(m.get("random_weights")),
-                                      int(m.get("num_classes", 0)))
-                 for m in members]
+        specs = [_manifest_spec(teachers, m) for m in members]
         expect = members
     precision = t.get("precision", "fp32")
     ens = teachers.Ensemble(specs, teachers.resolve_device(device), t["temperature"], precision=precision,

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
                       SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
                       encode_label, sanitize_key, shard_name)
-from ..files import FormatError, UserError, sha256_file
+from ..files import FormatError, UserError, error_text, sha256_file
 
 Progress = Callable[[int], None]
 
@@ -408,8 +408,7 @@ def _image_ext(data: bytes, *, decode: bool = False) -> tuple[str | None, str | 
     except UnidentifiedImageError:
         return None, "not an image Pillow can identify"
     except Exception as e:  # Pillow raises many kinds (SyntaxError, OSError, ValueError, ...)
-        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))  # keep reasons reproducible
-        return None, f"unreadable image: {type(e).__name__}: {text}"
+        return None, f"unreadable image: {error_text(e)}"      # no address: reasons reproducible
     ext = _PIL_EXT.get(fmt)
     if ext is None:
         return None, f"unsupported image format {fmt} (use JPEG, PNG or WebP)"

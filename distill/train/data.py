@@ -54,7 +54,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..data import augment, shards as shardio, views
 from ..format import Skip
-from ..files import UserError
+from ..files import UserError, error_text
 
 # What a cache run reads of each shard's cached epoch: keys and labels come from the tar, whose samples
 # are matched to the cache's rows by seed (derive_seed of the tar's key = the row's seed); keys are read
@@ -468,7 +468,7 @@ class ValStream(IterableDataset):
                         images.append(augment.view(src, augment.decode_center(src.width, src.height), self.size,
                                                    self.mean, self.std))
                     except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and reported
-                        why = f"cannot decode: {type(e).__name__}: {e}".splitlines()[0][:200]
+                        why = f"cannot decode: {error_text(e)}".splitlines()[0][:200]
                 if why is not None:
                     skipped.append((f"{ref.name}/{item.key}", why))
                     continue
