@@ -207,10 +207,20 @@ def small_cache(tmp_path_factory, ray_local):
 
 
 def _copy_with_member(cache: Path, dst: Path, **member) -> Path:
+    """A copy of the cache whose manifest names another teacher member, made consistent as a hostile
+    cache would be (run_id, the files' footers and checksums): every check but the teacher's passes."""
+    import hashlib
     import shutil
+    from distill import format as F
     shutil.copytree(cache, dst)
     m = json.loads((dst / MANIFEST_NAME).read_text())
     m["teacher"]["members"][0].update(member)
+    m["run_id"] = F.run_id_of(F.manifest_identity(m))
+    for e in m["shards"]:
+        t = F.read_ipc(dst / e["file"])
+        data = F.ipc_bytes(t.replace_schema_metadata({**t.schema.metadata, F.ARROW_RUN_ID_KEY: m["run_id"].encode()}))
+        (dst / e["file"]).write_bytes(data)
+        e.update(file_bytes=len(data), file_sha256=hashlib.sha256(data).hexdigest())
     (dst / MANIFEST_NAME).write_text(json.dumps(m))
     return dst
 
