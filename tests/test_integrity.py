@@ -336,3 +336,23 @@ def test_an_edited_filter_output_is_refused(built, tmp_path):
     (out / FILTER_SUMMARY_NAME).write_text(json.dumps(dict(summary, dropped=summary["dropped"] + 1)))
     with pytest.raises(FormatError, match=r"scored samples, \d+ dropped; its summary.json says"):
         read_excluded_keys(out)
+
+
+# ----------------------------------------------------------------------------- convert-cache
+
+def test_convert_cache_converts_only_a_proven_old_cache(tmp_path):
+    """OLD's files must match its manifest (sha256, then samples, epochs, K) before they are rewritten."""
+    from distill.cache.convert import convert_cache
+    old = _copy(REPO / "tests" / "data" / "v1-cache", tmp_path / "old")
+    f = next(old.glob("*.arrow"))
+    good = f.read_bytes()
+    _flip(f, len(good) // 2)
+    with pytest.raises(FormatError, match="checksum differs .*nothing converted"):
+        convert_cache(old, tmp_path / "new1", quiet=True)
+    assert not (tmp_path / "new1").exists()
+    f.write_bytes(good)
+    m = json.loads((old / MANIFEST_NAME).read_text())
+    (old / MANIFEST_NAME).write_text(json.dumps(dict(m, epochs=m["epochs"] - 1)))
+    with pytest.raises(FormatError, match=r"holds \(samples, epochs, topk\) = .*not converted"):
+        convert_cache(old, tmp_path / "new2", quiet=True)
+    assert not (tmp_path / "new2" / MANIFEST_NAME).exists()

@@ -23,6 +23,8 @@ Parts (``--only`` takes a comma-separated subset):
   gpu         tools/bench_gpu.py        the teacher pass and student steps on CUDA (--cpu-smoke without one)
   students    tools/bench_students.py   train-step img/s of each student family, as ratios to tinyvit-5m
   adapt       tools/bench_adapt.py      merged RepAdapter teacher: forward time ÷ the base's, max |Δ logit| vs unmerged
+  integrity   tools/bench_integrity.py  what the integrity checks cost: bytes/record and loader img/s, checks on ÷ off
+  faults      tools/faults.py           kill / corrupt / edit cases on the demo: survived, refused, silently wrong
   projection  here                      ImageNet-21K at 90 epochs, K=10 and K=100, from anchors + measurements
 
 Stage scripts run as subprocesses; their JSON (``--json``) is used where they offer it, else their
@@ -49,7 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "producers", "gpu",
-         "students", "adapt", "projection")
+         "students", "adapt", "integrity", "faults", "projection")
 
 # Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
 ANCHORS = {
@@ -66,7 +68,7 @@ ANCHORS = {
 GOALS = {"efficiency": 0.90, "command": 0.85, "scaling": 1.7, "filter_mb": 2048, "loader": 0.95, "step": 0.97,
          "open_s": 1.0, "table_s": 2.0, "driver_mb_per_1m": 200, "read_amp": 1.5, "bytes_per_record": 27,
          "classes_per_batch": 0.9, "same_class_pairs": 2.0, "help_s": 0.5,
-         "producers_2_over_1": 1.8, "stub_efficiency": 0.90}
+         "producers_2_over_1": 1.8, "stub_efficiency": 0.90, "integrity_loader": 0.98}
 
 
 # ----------------------------------------------------------------------------- environment
@@ -196,6 +198,15 @@ def part_students(quick: bool, tmp: Path) -> dict:
 
 def part_adapt(quick: bool, tmp: Path) -> dict:
     return _json_part("bench_adapt.py", ["--quick"] if quick else [], 600 if quick else 1800)
+
+
+def part_integrity(quick: bool, tmp: Path) -> dict:
+    return _json_part("bench_integrity.py", ["--quick"] if quick else [], 900 if quick else 2400)
+
+
+def part_faults(quick: bool, tmp: Path) -> dict:
+    # exit 1 means a case came out silently wrong or crashed: the JSON line is the result either way
+    return _json_part("faults.py", ["--quick"] if quick else [], 900 if quick else 2400, status_from_json=True)
 
 
 def part_gpu(quick: bool, tmp: Path) -> dict:
@@ -510,11 +521,22 @@ def render(res: dict, env: dict, quick: bool) -> str:
     aj = res.get("adapt", {}).get("json", {})
     ar = aj.get("ratio_merged_over_base")
     L.append(f"| merged RepAdapter teacher forward ÷ base forward | {_f(ar, '{:.3f}')} | ≤ 1.02 | {_ok(ar, 1.02, False)} |")
+    ij = res.get("integrity", {}).get("json", {})
+    v = (ij.get("loader") or {}).get("ratio")
+    L.append(f"| train loader at 224 px, integrity checks on ÷ off | {_f(v, '{:.3f}')} | ≥ {GOALS['integrity_loader']} | "
+             f"{_ok(v, GOALS['integrity_loader'])} |")
+    v = (ij.get("bytes") or {}).get("checked_bytes_per_record")
+    L.append(f"| bytes/record with digests + checksums (1,420 samples x 90 epochs, K=10, 21k classes) | {_f(v, '{:.2f}')} | "
+             f"≤ {GOALS['bytes_per_record']} | {_ok(v, GOALS['bytes_per_record'], False)} |")
+    fj = res.get("faults", {}).get("json", {})
+    v = None if not fj else fj.get("silently_wrong", 0) + fj.get("crashed", 0)
+    L.append(f"| fault cases silently wrong or crashed (of {fj.get('cases', '?')}) | {_f(v, '{:d}')} | 0 | {_ok(v, 0, False)} |")
     L.append("")
 
     L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
     L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
     L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env) + _sec_students(res, env) + _sec_adapt(res, env)
+    L += _sec_integrity(res, env) + _sec_faults(res, env)
     L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
           "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(L)
@@ -793,6 +815,49 @@ def _sec_cli(res, env):
           f"| `distill --help` | {j['help_s']:.3f} s | **{j['help_over_python']:.1f}** |",
           f"| `distill train-student --help` | {j['train_student_help_s']:.3f} s | {j['train_student_help_s'] / j['python_s']:.1f} |",
           f"| `python -c 'import torch'` (what `--help` no longer pays) | {j['import_torch_s']:.3f} s | {j['import_torch_s'] / j['python_s']:.1f} |", ""]
+    return L
+
+
+def _sec_integrity(res, env):
+    r = res.get("integrity")
+    L = ["## 15. What the integrity checks cost", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    b, lo = r["json"]["bytes"], r["json"]["loader"]
+    return L + [
+        "`tools/bench_integrity.py`. (a) A cache file at ImageNet-21K's shape (21,841 classes, K=10, "
+        f"{b['epochs']} epochs, {b['samples']:,} samples, synthetic teacher records) written by the cache's own "
+        "encoder and writer with the per-sample digest column and the footer's CRC-32 of every (batch, column), "
+        "against the same records without either. (b) The real `TrainStream` replaying a real cache (demo teacher; "
+        f"{lo['images']} JPEGs of ~{lo['image_kb']} KB, views at {lo['view_px']} px, RandAugment, erasing, "
+        "mixup/cutmix) with every check on (each record batch's CRC-32, each image's digest of its bytes and "
+        "label) against the same stream with both off; whole passes alternate, medians compared.", "",
+        "| | checks on | checks off | ratio |", "|---|---:|---:|---:|",
+        f"| bytes/record | {b['checked_bytes_per_record']:.3f} | {b['bare_bytes_per_record']:.3f} | {b['ratio']:.4f} "
+        f"(+{b['extra_bytes_per_record']:.3f} B) |",
+        f"| loader img/s | {lo['checked_img_s']:,.1f} | {lo['unchecked_img_s']:,.1f} | **{lo['ratio']:.3f}** |", "",
+        f"Passes (img/s), on: {lo['passes_checked']}; off: {lo['passes_unchecked']}.", ""]
+
+
+def _sec_faults(res, env):
+    r = res.get("faults")
+    L = ["## 16. Reliability: kill, corrupt and edit cases", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    j = r["json"]
+    L += ["`tools/faults.py`: the real CLI on a copy of the demo data (3 shards x 48 samples, demo teacher, 2 "
+          "epochs): kills at each point of cache-teacher and train-student, bit flips in cache files, edited "
+          "manifests, a shard changed in place, an incomplete shard, hostile file names, a crafted `.pt2` teacher, "
+          "undecodable images with and without view producer processes. Outcomes: survived identical (the rerun "
+          "or resume gives the undisturbed result byte for byte), refused cleanly (one short line, exit 2, or 1 "
+          "where the command reports failed shards or problems, and nothing downstream accepted the data), "
+          "silently wrong, crashed.", "",
+          f"**{j['cases']} cases: {j['survived_identical']} survived identical, {j['refused_cleanly']} refused cleanly, "
+          f"{j['silently_wrong']} silently wrong, {j['crashed']} crashed** ({j['wall_s']:.0f} s).", ""]
+    if j.get("rows"):
+        L += ["| case | what was done | outcome |", "|---|---|---|"]
+        L += [f"| {x['name']} | {x['what']} | {x['outcome']} |" for x in j["rows"]]
+        L.append("")
     return L
 
 
@@ -1077,6 +1142,10 @@ def main(argv=None) -> int:
             go("students", lambda: part_students(a.quick, tmp))
         if "adapt" in parts:
             go("adapt", lambda: part_adapt(a.quick, tmp))
+        if "integrity" in parts:
+            go("integrity", lambda: part_integrity(a.quick, tmp))
+        if "faults" in parts:
+            go("faults", lambda: part_faults(a.quick, tmp))
         if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:

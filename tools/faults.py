@@ -892,7 +892,8 @@ def main(argv=None) -> int:
     print()
     res = {"cases": len(rows), "survived_identical": count[IDENT], "refused_cleanly": count[REFUSED],
            "silently_wrong": count[WRONG], "crashed": count[CRASHED], "wall_s": round(time.perf_counter() - t_all, 1),
-           "failures": [r["name"] for r in rows if r["outcome"] in (WRONG, CRASHED)]}
+           "failures": [r["name"] for r in rows if r["outcome"] in (WRONG, CRASHED)],
+           "rows": rows}
     print(json.dumps(res), flush=True)
     return 1 if count[WRONG] + count[CRASHED] else 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..files import UserError, atomic_write_bytes, atomic_write_json, digest, inside, lock_dir, read_json
+from ..files import FormatError, UserError, atomic_write_bytes, atomic_write_json, digest, inside, lock_dir, read_json, sha256_file
 from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_DIR, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME,
                       cache_file_name, cache_file_path, check_cache_names, encode_cache_shard, ipc_bytes, read_ipc)
 from ..progress import bar
@@ -92,6 +92,10 @@ def convert_cache(old: str | Path, new: str | Path, quiet: bool = False) -> Path
     if new.exists() and any(not f.name.startswith(".distill.") for f in new.iterdir()):
         raise UserError(f"{new} exists and is not empty; give a new directory for the converted cache")
     files = _files(old, new, manifest)
+    for e, src, _ in files:              # every old file proven before anything is written
+        if not src.is_file() or "file_sha256" in e and sha256_file(src) != e["file_sha256"]:
+            raise FormatError(f"{src} is missing or its checksum differs from {old / MANIFEST_NAME}: OLD is "
+                              f"damaged; nothing converted")
     identity = _identity(old, manifest)
     run_id = digest(json.dumps(identity, sort_keys=True))
     with lock_dir(new, "convert-cache"):
@@ -99,7 +103,7 @@ def convert_cache(old: str | Path, new: str | Path, quiet: bool = False) -> Path
         entries = []
         pbar = bar(len(files), "convert-cache", "shard", quiet)
         for e, src, dst in files:
-            entries.append(_convert_file(src, dst, dict(e, file=dst.name), run_id))
+            entries.append(_convert_file(src, dst, dict(e, file=dst.name), run_id, manifest))
             if pbar:
                 pbar.update(1)
         if pbar:
@@ -108,11 +112,15 @@ def convert_cache(old: str | Path, new: str | Path, quiet: bool = False) -> Path
     return new
 
 
-def _convert_file(src: Path, dst: Path, entry: dict, run_id: str) -> dict:
+def _convert_file(src: Path, dst: Path, entry: dict, run_id: str, manifest: dict) -> dict:
     table = read_ipc(src)
     md, a = _v1_arrays(table)
     if md.get("version") != "1":
         raise UserError(f"{src} is not a version-1 cache file (version {md.get('version')})")
+    have = (len(a["keys"]), int(md["epochs"]), int(md["topk"]))
+    want = (entry.get("samples"), manifest.get("epochs"), manifest.get("topk"))
+    if have != want:
+        raise FormatError(f"{src} holds (samples, epochs, topk) = {have}, OLD's manifest says {want}: not converted")
     t = encode_cache_shard(a["keys"], a["labels"], a["seeds"], a["ids"], a["prob"], a["label_prob"],
                            num_classes=int(md["num_classes"]), prob_dtype=md["prob_dtype"], shard=md.get("shard", ""))
     meta = dict(t.schema.metadata)
