@@ -98,15 +98,21 @@ class ShardIndex:
     def from_dict(cls, d: dict, source: str | os.PathLike = SHARD_INDEX_NAME) -> "ShardIndex":
         """The index a dict of ``index.json`` describes (``source``: where it was read, for messages).
         Every shard name must be a plain file name (FORMAT.md 1)."""
-        if d.get("format") != SHARD_INDEX_FORMAT:
-            raise FormatError(f"not a distill shard index (format={d.get('format')!r})")
+        if not isinstance(d, dict) or d.get("format") != SHARD_INDEX_FORMAT:
+            raise FormatError(f"{source}: not a distill shard index (format={d.get('format') if isinstance(d, dict) else None!r})")
         if d.get("version") != SHARD_INDEX_VERSION:
             raise FormatError(f"shard index version {d.get('version')} is not supported (expected {SHARD_INDEX_VERSION})")
-        for s in d["shards"]:
-            plain_name(s.get("name"), f"{source} names shard", SHARD_DIR)
-        return cls(classes=list(d["classes"]),
-                   shards=[ShardEntry(**s) for s in d["shards"]],
-                   skipped=[Skip(**s) for s in d.get("skipped", [])], order=d.get("order"))
+        try:
+            for s in d["shards"]:
+                plain_name(s.get("name"), f"{source} names shard", SHARD_DIR)
+            _typed({"classes": d["classes"]}, {"classes": list}, str(source))
+            shards = [ShardEntry(**s) for s in d["shards"]]
+            for i, e in enumerate(shards):
+                _typed(asdict(e), {"samples": _INT, "bytes": _INT, "sha256": str}, f"{source}: shard {i} ({e.name!r})")
+            return cls(classes=[str(c) for c in d["classes"]], shards=shards,
+                       skipped=[Skip(**s) for s in d.get("skipped", [])], order=d.get("order"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{source}: not a well-formed shard index ({type(e).__name__}: {e})") from None
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / SHARD_INDEX_NAME
