@@ -218,7 +218,8 @@ def test_exclude_drops_keys_and_keeps_views(cache_dir, tmp_path):
     fdir = tmp_path / "filter"
     fdir.mkdir()
     (fdir / FILTER_SCORES_NAME).write_bytes(ipc_bytes(pa.table({"key": keys, "keep": [k not in drop for k in keys]})))
-    (fdir / FILTER_SUMMARY_NAME).write_text(json.dumps({"format": FILTER_FORMAT, "version": FILTER_VERSION}))
+    (fdir / FILTER_SUMMARY_NAME).write_text(json.dumps({"format": FILTER_FORMAT, "version": FILTER_VERSION,
+                                                         "samples": len(keys), "dropped": len(drop)}))
     plain = prepare_data(_cfg(cache_dir, tmp_path / "a"), None)
     excl = prepare_data(_cfg(cache_dir, tmp_path / "b", exclude=str(fdir)), None)
     assert excl.samples == plain.samples - 20

@@ -373,6 +373,11 @@ def _flag_some(src: Path, dst: Path, n: int) -> Path:
     keep[:n] = False
     t = t.set_column(t.schema.get_field_index("keep"), "keep", pa.array(keep))
     atomic_write_bytes(dst / FILTER_SCORES_NAME, ipc_bytes(t))
+    from distill.files import sha256_file
+    from distill.format import FILTER_SUMMARY_NAME          # the summary describes the new scores
+    summary = json.loads((dst / FILTER_SUMMARY_NAME).read_text())
+    summary.update(dropped=int((~keep).sum()), scores_sha256=sha256_file(dst / FILTER_SCORES_NAME))
+    (dst / FILTER_SUMMARY_NAME).write_text(json.dumps(summary))
     return dst
 
 

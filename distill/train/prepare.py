@@ -74,11 +74,14 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
 
 
-def _check_shard_set(cache: Cache, paths: list[Path]) -> None:
-    """Refuse a cache built over other shards (names or sizes differ), saying what differs and whether
-    any shard matches (a wrong --shards or --cache, or shards changed since). Each sample's bytes are
-    checked against the cache's digest as training reads it (``Cache.check_sample``); a cache made
-    before digests were recorded has each shard's whole file hashed here instead."""
+def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
+    """Refuse a cache built over other shards (names, sizes or checksums differ), saying what differs
+    and whether any shard matches (a wrong --shards or --cache, or shards changed since).
+
+    Each sample's bytes are then checked against the cache's digest as training reads it
+    (``Cache.check_sample``): that is the proof, and this is the early check of a wrong --shards, which
+    takes the shard index's sha256 or an unchanged mtime as they are. A cache made before digests were
+    recorded has no other proof: each shard's whole file is hashed here."""
     names = [p.name for p in paths]
     have = cache.shard_names
     only_cache, only_train = sorted(set(have) - set(names)), sorted(set(names) - set(have))
@@ -93,14 +96,24 @@ def _check_shard_set(cache: Cache, paths: list[Path]) -> None:
         hint = ("no shard name matches: wrong --shards or --cache?" if not common
                 else f"{common} shard name(s) match")
         raise UserError(f"the cache {cache.path} was built over a different shard set: {'; '.join(parts)}; {hint}")
+    idx = {e.name: e for e in index.shards} if index is not None else {}
     differ: list[str] = []
     for p in paths:
         entry = cache._entry(p.name)
         size = p.stat().st_size
         if size != entry["bytes"]:
             differ.append(f"{p.name} has {size:,} bytes, the cache's {entry['bytes']:,}")
-        elif not cache.has_digests(p.name) and sha256_file(p) != entry["sha256"]:
-            # a cache without per-sample digests (older distill): only the whole file's hash proves its bytes
+            continue
+        ie = idx.get(p.name)
+        if not cache.has_digests(p.name):
+            digest = sha256_file(p)
+        elif ie is not None and ie.sha256:
+            digest = ie.sha256
+        elif p.stat().st_mtime_ns == entry.get("mtime_ns"):
+            continue
+        else:
+            digest = sha256_file(p)
+        if digest != entry["sha256"]:
             differ.append(f"{p.name} has the same size but another checksum")
     if differ:
         where = paths[0].parent
@@ -140,7 +153,7 @@ def _open_cache(cfg: TrainConfig, paths: list[Path], index, part=(0, 1), gather=
     if cache.is_scoring:
         raise UserError(f"{cache.path} is a filter-labels scoring cache (one centre view per sample), not a "
                         f"cache-teacher cache of augmented views; train from a cache made by distill cache-teacher")
-    _check_shard_set(cache, paths)
+    _check_shard_set(cache, paths, index)
     if index is not None and index.num_classes != cache.num_classes:
         raise UserError(f"the cache has {cache.num_classes} classes but the shards' index lists {index.num_classes}")
     if index is not None and list(index.classes) != list(cache.classes):
