@@ -359,7 +359,9 @@ def part_storage_k(quick: bool, tmp: Path) -> dict:
         labels, ids, probs, lp = bench_teachers.synthetic_records(n, E, k=k, candidates=pool, seed=k + pool)
         keys = [f"n{i:08d}" for i in range(n)]
         seeds = np.array([[derive_seed(0, e, key) for e in range(E)] for key in keys], np.uint32)
-        table = encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=C, shard="train-000000.tar")
+        digests = np.random.default_rng(pool).integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+        table = encode_cache_shard(keys, labels, seeds, ids, probs, lp, num_classes=C, shard="train-000000.tar",
+                                   digests=digests)
         return {"pool": pool, "bytes_per_record": round(len(ipc_bytes(table)) / (n * E), 2),
                 "distinct_classes_per_image": round(float(np.mean([len(np.unique(ids[i])) for i in range(n)])), 1),
                 "tinyvit_bytes_per_record": 4 * k + 4}
