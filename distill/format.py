@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import re
+import struct
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -784,10 +785,13 @@ def sample_digest(data: bytes, label: int) -> int:
 def _shape_crc(array, crc: int) -> int:
     """CRC-32 continued over the length and null count of an array and of its list children (the IPC
     field nodes: a changed null count would turn values into nulls without touching a buffer)."""
-    crc = zlib.crc32(f"{len(array)},{array.null_count},{array.offset};".encode(), crc)
-    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+    crc = zlib.crc32(_SHAPE.pack(len(array), array.null_count, array.offset), crc)
+    if isinstance(array, (pa.ListArray, pa.FixedSizeListArray)):
         crc = _shape_crc(array.values, crc)         # the child as stored, its offsets not applied
     return crc
+
+
+_SHAPE = struct.Struct("<qqq")
 
 
 def _array_crc(array) -> int:

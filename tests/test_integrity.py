@@ -356,3 +356,16 @@ def test_convert_cache_converts_only_a_proven_old_cache(tmp_path):
     with pytest.raises(FormatError, match=r"holds \(samples, epochs, topk\) = .*not converted"):
         convert_cache(old, tmp_path / "new2", quiet=True)
     assert not (tmp_path / "new2" / MANIFEST_NAME).exists()
+
+
+def test_verify_recompute_refuses_a_teacher_with_other_weights(built, tmp_path):
+    """--teacher names a trusted copy of the cache's teacher: one with other weights is refused."""
+    import torch
+    from distill.files import UserError
+    tmp, _ = built
+    other = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                                 torch.nn.Linear(3, 10)).eval())
+    path = tmp_path / "other.pt"
+    other.save(str(path))
+    with pytest.raises(UserError, match="other weights than the run expects"):
+        verify_cache(tmp / "cache", recompute=2, teacher=(str(path),))

@@ -84,14 +84,9 @@ class Cache:
         """The shard's cache file, checked against the manifest the first time it is used: its size, its
         sha256, then its footer's facts (a damaged or foreign file is named, with the way to find all of
         them: distill verify)."""
-        entry = self._entry(shard)
-        f = self.file_path(shard)
         if shard not in self._checked:
-            problem = file_problem(f, entry, self.manifest)
-            if problem:
-                raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
-            self._checked.add(shard)
-        return f
+            self.open_file(shard).close()
+        return self.file_path(shard)
 
     def mark_checked(self, shards) -> None:
         """Files already checked against the manifest (e.g. by train-student before its first step), so
@@ -103,8 +98,16 @@ class Cache:
         return _read_columns(self.file(shard), columns)
 
     def open_file(self, shard: str) -> CacheFile:
-        """The shard's file opened for reading only the epochs, samples and columns asked for."""
-        return CacheFile(self.file(shard))
+        """The shard's file opened for reading only the epochs, samples and columns asked for; the first
+        time, checked against the manifest (``file_problem``) on the same open file."""
+        entry, f = self._entry(shard), self.file_path(shard)
+        if shard in self._checked:
+            return CacheFile(f)
+        problem, cf = file_problem(f, entry, self.manifest, keep=True)
+        if problem:
+            raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
+        self._checked.add(shard)
+        return cf
 
     def shard_table(self, shard: str, epochs=None, columns=None, rows: tuple[int, int] | None = None) -> pa.Table:
         """The logical records of one shard; only the record batches of ``epochs`` (and of the samples in
@@ -454,23 +457,33 @@ def unfinished(path: Path) -> str:
     return f"{path} is not a complete cache (no {MANIFEST_NAME}): {'; '.join(parts) or 'its run did not finish'}; {FINISH_HINT}"
 
 
-def file_problem(f: Path, entry: dict, manifest: dict) -> str | None:
+def file_problem(f: Path, entry: dict, manifest: dict, keep: bool = False):
     """How a shard's cache file ``f`` differs from its manifest entry, or None: missing, size, sha256,
-    then its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields)."""
+    then its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields).
+    ``keep``: return (problem, the file opened for reading when there is none) instead."""
     from ..files import sha256_file
+    cf, problem = None, None
     if not f.exists():
-        return f"{f}: missing"
-    size = f.stat().st_size
-    if size != entry["file_bytes"]:
-        return f"{f}: size {size} != manifest {entry['file_bytes']}"
-    if sha256_file(f) != entry["file_sha256"]:
-        return f"{f}: checksum differs from the manifest"
-    try:
-        with CacheFile(f) as cf:
-            md = cf.meta
-            footer = json.loads(md.get(ARROW_ENTRY_KEY.decode(), "{}"))
-    except (FormatError, ValueError) as e:
-        return f"{f}: {e}"
+        problem = f"{f}: missing"
+    elif f.stat().st_size != entry["file_bytes"]:
+        problem = f"{f}: size {f.stat().st_size} != manifest {entry['file_bytes']}"
+    elif sha256_file(f) != entry["file_sha256"]:
+        problem = f"{f}: checksum differs from the manifest"
+    else:
+        try:
+            cf = CacheFile(f)
+            problem = _footer_problem(cf, entry, manifest)
+        except (FormatError, ValueError) as e:
+            problem = f"{f}: {e}"
+    if cf is not None and (problem or not keep):
+        cf.close()
+        cf = None
+    return (problem, cf) if keep else problem
+
+
+def _footer_problem(cf: CacheFile, entry: dict, manifest: dict) -> str | None:
+    md = cf.meta
+    footer = json.loads(md.get(ARROW_ENTRY_KEY.decode(), "{}"))
     want = {"shard": entry["name"], "samples": str(entry["samples"]), "epochs": str(manifest["epochs"]),
             "topk": str(manifest["topk"]), "num_classes": str(manifest["num_classes"]),
             "prob_dtype": manifest["prob_dtype"]}
@@ -481,7 +494,7 @@ def file_problem(f: Path, entry: dict, manifest: dict) -> str | None:
     differ = [k for k, v in want.items() if got.get(k) != v]
     if differ:
         k = differ[0]
-        return f"{f}: its {k} is {str(got.get(k))[:40]!r}, the manifest says {str(want[k])[:40]!r}"
+        return f"{cf.path}: its {k} is {str(got.get(k))[:40]!r}, the manifest says {str(want[k])[:40]!r}"
     return None
 
 
