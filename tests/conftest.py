@@ -76,6 +76,17 @@ def run_group(argv: list, timeout: float = 300, **kw) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """A CLI run refused with exit 2 and exactly one ``distill: error:`` line (no traceback) holding each
+    of ``needles``; returns that line."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    err = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
 def kill_group(p: subprocess.Popen) -> None:
     """SIGKILL to the process group ``p`` leads (started with ``start_new_session=True``)."""
     try:

@@ -14,10 +14,9 @@ import tarfile
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import DEMO_POLICY, REPO, cache_config, demo_head, run_group
+from conftest import DEMO_POLICY, REPO, cache_config, demo_head, run_group, one_line_error
 from distill.cache import cache_teacher, open_cache, verify_cache
 from distill.files import FormatError
 from distill.format import CACHE_DONE_DIR, MANIFEST_NAME, CacheFile
@@ -49,15 +48,6 @@ def _flip(path: Path, at: int, bit: int = 0) -> None:
 def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return run_group([sys.executable, "-m", "distill.cli", *map(str, args)],
                      env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=timeout)
-
-
-def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    err = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
-    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
 
 
 def _train(shards, cache, out, *extra) -> subprocess.CompletedProcess:
@@ -163,9 +153,9 @@ def test_edited_counts_and_epochs_stop_train_student_and_verify_with_exit_2(buil
         m = json.loads((cache / MANIFEST_NAME).read_text())
         _edit(m, what)
         (cache / MANIFEST_NAME).write_text(json.dumps(m))
-        _one_line_error(_train(shards, cache, tmp_path / f"run-{what}"), str(cache))
+        one_line_error(_train(shards, cache, tmp_path / f"run-{what}"), str(cache))
         assert _no_epoch(tmp_path / f"run-{what}")
-        _one_line_error(_cli("verify", cache))
+        one_line_error(_cli("verify", cache))
 
 
 # ----------------------------------------------------------------------------- 3. and 4. shard bytes proven
@@ -187,7 +177,7 @@ def test_a_shard_changed_in_place_stops_train_student(built, tmp_path):
     _flip(local / "train-000001.tar", at + size // 2, 3)
     assert (local / "index.json").exists()
     run = tmp_path / "run"
-    _one_line_error(_train(local, tmp / "cache", run), f"sample {name.split('.')[0]!r} changed since the cache")
+    one_line_error(_train(local, tmp / "cache", run), f"sample {name.split('.')[0]!r} changed since the cache")
     assert _no_epoch(run)
 
 
@@ -204,7 +194,7 @@ def test_an_incomplete_cache_is_no_cache_for_any_reader(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert not (cache / MANIFEST_NAME).exists()
     for r in (_train(shards, cache, tmp_path / "run"), _cli("verify", cache)):
-        _one_line_error(r, "not a complete cache", "train-000001.tar", "rerun the cache-teacher command")
+        one_line_error(r, "not a complete cache", "train-000001.tar", "rerun the cache-teacher command")
     r = _cli("inspect", cache)                               # inspect describes it, naming the same
     assert r.returncode == 0 and "incomplete cache" in r.stdout and "1 hit read errors (train-000001.tar)" in r.stdout
     assert _no_epoch(tmp_path / "run")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, run_group
+from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, run_group, one_line_error
 from distill import teachers
 from distill.cache import cache_teacher
 from distill.files import UserError
@@ -42,15 +42,6 @@ def _cli(*args, env=None, timeout=300):
     env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return run_group([sys.executable, "-m", "distill.cli", *map(str, args)], env=env, timeout=timeout)
-
-
-def _one_line_error(r, *needles: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    err = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
-    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
 
 
 def _export(path: Path) -> Path:
@@ -161,7 +152,7 @@ def test_cache_teacher_given_a_crafted_pt2_exits_2_and_runs_nothing(tmp_path):
     shards = demo_head(tmp_path, 16)
     r = _cli("cache-teacher", "--shards", shards, "--teacher", path, "--teacher-input-size", "32",
              "--out", tmp_path / "c", "--epochs", "1", "--workers", "1", "--threads", "1", "--quiet")
-    _one_line_error(r, "refusing .pt2 teacher", str(path), "data/sample_inputs/model.pt")
+    one_line_error(r, "refusing .pt2 teacher", str(path), "data/sample_inputs/model.pt")
     assert not marker.exists()
     assert not (tmp_path / "c" / MANIFEST_NAME).exists()
 
@@ -240,7 +231,7 @@ def test_verify_imports_no_callable_a_manifest_names(small_cache, tmp_path):
     bad = _copy_with_member(cache, tmp_path / "cache", spec="manifest_teacher:build", kind="callable")
     env = {"PYTHONPATH": os.pathsep.join([str(mod), str(REPO / "tests")])}
     r = _cli("verify", bad, "--recompute", "4", env=env)
-    _one_line_error(r, "manifest_teacher:build", "--teacher SPEC")
+    one_line_error(r, "manifest_teacher:build", "--teacher SPEC")
     assert not (mod / "imported").exists()
     ok = _cli("verify", bad, "--recompute", "4", "--teacher", DEMO_TEACHER, env=env)
     assert ok.returncode == 0 and "recomputed 4 records" in ok.stdout, ok.stderr[-2000:]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, demo_subset, image_bytes, run_group, write_tar
+from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, demo_subset, image_bytes, run_group, write_tar, one_line_error
 from distill.cache import cache_teacher, open_cache, verify_cache
 from distill.config import FilterConfig, TrainConfig
 from distill.files import LOCK_NAME, UserError
@@ -31,14 +31,6 @@ def _cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *(env or {}).pop("PYTHONPATH", "").split(os.pathsep)]),
                **(env or {}))
     return run_group([sys.executable, "-m", "distill.cli", *args], env=env, timeout=timeout)
-
-
-def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    err = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
-    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in err[0], err[0]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def _copy_cache(src: Path, dst: Path) -> Path:
 def test_train_student_refuses_a_scoring_cache(built, tmp_path):
     tmp, shards = built
     r = _cli(*_train_args(shards, tmp / "filter" / "scoring", tmp_path / "run"))
-    _one_line_error(r, "scoring cache")
+    one_line_error(r, "scoring cache")
     assert not (tmp_path / "run").exists()
 
 
@@ -96,9 +88,9 @@ def test_timm_teacher_without_checkpoint_exits_2(tmp_path):
     r = _cli("cache-teacher", "--shards", REPO / "shards/demo/train", "--teacher", "timm:test_vit",
              "--out", tmp_path / "c", "--quiet")
     if "timm teachers need the timm extra" in r.stderr:
-        _one_line_error(r, "timm")
+        one_line_error(r, "timm")
         pytest.skip("timm not installed: the refusal of a checkpoint-less timm teacher is tested in test_teachers.py")
-    _one_line_error(r, "random", "--teacher-checkpoint")
+    one_line_error(r, "random", "--teacher-checkpoint")
     assert not (tmp_path / "c").exists()
 
 
@@ -135,7 +127,7 @@ def test_resume_with_other_weights_is_refused(tmp_path):
         net[-1].bias[0] += 1e-3                     # one weight changes; the module's source does not
     torch.save(net.state_dict(), mod / "w.pt")
     again = _cli(*args, env=dict(env))
-    _one_line_error(again, "different teacher")
+    one_line_error(again, "different teacher")
 
 
 # ----------------------------------------------------------------------------- 3. teacher precision
@@ -177,7 +169,7 @@ def test_a_flipped_byte_stops_train_student_before_any_step(built, tmp_path):
     data[len(data) // 2] ^= 0x01                        # same size, one bit
     f.write_bytes(bytes(data))
     r = _cli(*_train_args(shards, cache, tmp_path / "run"))
-    _one_line_error(r, "train-000001.arrow", "distill verify")
+    one_line_error(r, "train-000001.arrow", "distill verify")
     assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -238,7 +230,7 @@ def test_second_concurrent_cache_teacher_exits_2_naming_the_first(tmp_path):
         second = _cli(*args, "--overwrite")
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    _one_line_error(second, "in use", f"pid {first.pid}")
+    one_line_error(second, "in use", f"pid {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert not (out / LOCK_NAME).exists()
     res = verify_cache(out, recompute=4, teacher=(str(DEMO_TEACHER),))
@@ -287,7 +279,7 @@ def test_train_student_locks_its_run_directory(built, tmp_path):
     tmp, shards = built
     with lock_dir(tmp_path / "run", "train-student"):
         r = _cli(*_train_args(shards, tmp / "cache", tmp_path / "run"))
-    _one_line_error(r, "in use", f"pid {os.getpid()}")
+    one_line_error(r, "in use", f"pid {os.getpid()}")
 
 
 def test_filter_labels_locks_its_directory(tmp_path):
@@ -296,7 +288,7 @@ def test_filter_labels_locks_its_directory(tmp_path):
             "--scorer-input-size", "32", "--out", tmp_path / "f", "--quiet"]
     with lock_dir(tmp_path / "f", "filter-labels"):
         r = _cli(*args)
-    _one_line_error(r, "in use", "filter-labels", f"pid {os.getpid()}")
+    one_line_error(r, "in use", "filter-labels", f"pid {os.getpid()}")
     assert not (tmp_path / "f" / "scoring").exists()
 
 
@@ -349,7 +341,7 @@ def test_a_drifted_view_stops_train_student_and_verify(built, tmp_path):
     tmp, shards = built
     cache = _tamper_fingerprint(tmp / "cache", tmp_path / "cache")
     r = _cli(*_train_args(shards, cache, tmp_path / "run"))
-    _one_line_error(r, "replay drift", "train-000001.tar", "--allow-replay-drift")
+    one_line_error(r, "replay drift", "train-000001.tar", "--allow-replay-drift")
     assert not (tmp_path / "run" / "config.json").exists()
     res = verify_cache(cache)
     assert not res.ok and any("train-000001.tar" in p for p in res.problems)
@@ -434,7 +426,7 @@ def test_missing_input_size_is_taken_from_a_pt2_teacher_or_warned(tmp_path):
 def test_validation_runs_before_anything_is_written(tmp_path):
     args = ["cache-teacher", "--shards", REPO / "shards/demo/train", "--teacher", DEMO_TEACHER,
             "--teacher-input-size", "32", "--out", tmp_path / "c", "--epochs", "1", "--quiet"]
-    _one_line_error(_cli(*args, "--topk", "11"), "--topk 11 exceeds the teacher's 10 classes")
+    one_line_error(_cli(*args, "--topk", "11"), "--topk 11 exceeds the teacher's 10 classes")
     assert not (tmp_path / "c").exists()
 
 
