@@ -1,4 +1,4 @@
-"""How mixed are training batches (DESIGN.md 5): classes per batch ÷ a perfectly shuffled batch >= 0.9
+"""How mixed are training batches (the ImageNet-21K goals, BENCHMARKS.md section 9): classes per batch ÷ a perfectly shuffled batch >= 0.9
 and same-class Mixup/CutMix pairs ÷ chance <= 2, measured on the real ``TrainStream``.
 
 One synthetic dataset: 200 classes x 8 tiny JPEGs (16 x 16) in a class-ordered folder tree, written

@@ -53,7 +53,8 @@ REPO = HERE.parent
 PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "producers", "gpu",
          "students", "adapt", "integrity", "faults", "projection")
 
-# Reference numbers (../shared/DESIGN.md section 3): measured on one H100 or published by TinyViT.
+# Reference numbers: measured by this project on one H100 (PyTorch 2.11, bf16 autocast, batch 256, random
+# weights, speed only) or published by TinyViT (paper and reference implementation).
 ANCHORS = {
     "teacher_img_s": 2260,            # CLIP ViT-L/14 forward, bf16, batch 256, 21,841 classes, one H100
     "student_img_s": 2653,            # TinyViT-21M train step (fwd+bwd+AdamW), one H100
@@ -643,7 +644,7 @@ def _sec_storage(res, env):
               f"| synthetic 21,841 classes, {y['epochs']} epochs, K=10 (shard files) | {y['records']:,} | {y['bytes_per_record_shard_files']:.1f} | {y['bytes_per_record_shard_files'] / 44:.2f} |",
               f"| the same with its manifest (21,841 class names once per cache) | | {y['bytes_per_record_with_manifest']:.1f} | |",
               "", f"Synthetic views overlap like a real teacher's: {y['distinct_top10_classes_per_image']} distinct top-10 classes "
-              "per image over 90 views (DESIGN.md: about 28).", ""]
+              "per image over 90 views (measured on a real teacher: about 28).", ""]
     k = res.get("storage_k")
     if k and k.get("status") == "ok":
         k10, k100 = k["K=10"], k["K=100"]
@@ -1017,7 +1018,7 @@ def _sec_projection(res, env):
     if not p:
         return L + ["not run in this invocation", ""]
     A = ANCHORS
-    L += [f"Inputs — anchors (DESIGN.md §3, one H100): ViT-L/14 bf16 forward {A['teacher_img_s']:,} img/s; TinyViT-21M train "
+    L += [f"Inputs — anchors (reference figures measured on one H100 or published by TinyViT; listed in `tools/bench.py` `ANCHORS`): ViT-L/14 bf16 forward {A['teacher_img_s']:,} img/s; TinyViT-21M train "
           f"step {A['student_img_s']:,} img/s, {A['student_online_img_s']:,} img/s with the online teacher (5M: "
           f"{A['student5m_img_s']:,} / {A['student5m_online_img_s']:,}); Pillow decode + crop + flip {A['pillow_per_core_img_s']} img/s per core. "
           f"Data: {A['imagenet21k_images'] / 1e6:.1f}M images × {A['epochs']} epochs = {p['records'] / 1e9:.3f}G records. "

@@ -79,7 +79,7 @@ def synthetic_records(n: int, epochs: int, k: int = 10, num_classes: int = 21841
     Each image has a fixed set of ``candidates`` plausible classes with Dirichlet(alpha) base
     probabilities; each view perturbs the log-probabilities with N(0, noise) and leaves 1-30% of the
     mass outside the set. With the defaults, 90 views of an image use about 28 distinct top-10
-    classes, the overlap measured on a real teacher (../shared/DESIGN.md). A pixel-driven random
+    classes, the overlap measured on a real teacher. A pixel-driven random
     network cannot stand in here: its top classes follow colour statistics that RandAugment
     scrambles, so its views overlap far less than a trained teacher's (measured: ~130-330 distinct
     classes over 90 views)."""

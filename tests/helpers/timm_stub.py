@@ -1,4 +1,4 @@
-"""timm for tests on CPU-only machines (DESIGN.md §6): ``import_timm()`` returns timm or skips.
+"""timm for tests on CPU-only machines (README, Development: timm in the tests): ``import_timm()`` returns timm or skips.
 
 PyPI's torchvision wheels are CUDA builds that do not load with the CPU torch, and timm imports a
 few torchvision names at module level. When the real torchvision is missing or broken, the stub
