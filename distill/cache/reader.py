@@ -103,7 +103,7 @@ class Cache:
         entry, f = self._entry(shard), self.file_path(shard)
         if shard in self._checked:
             return CacheFile(f)
-        problem, cf = file_problem(f, entry, self.manifest, keep=True)
+        problem, cf = _checked_open(f, entry, self.manifest)
         if problem:
             raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
         self._checked.add(shard)
@@ -457,28 +457,37 @@ def unfinished(path: Path) -> str:
     return f"{path} is not a complete cache (no {MANIFEST_NAME}): {'; '.join(parts) or 'its run did not finish'}; {FINISH_HINT}"
 
 
-def file_problem(f: Path, entry: dict, manifest: dict, keep: bool = False):
+def file_problem(f: Path, entry: dict, manifest: dict) -> str | None:
     """How a shard's cache file ``f`` differs from its manifest entry, or None: missing, size, sha256,
-    then its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields).
-    ``keep``: return (problem, the file opened for reading when there is none) instead."""
-    from ..files import sha256_file
-    cf, problem = None, None
-    if not f.exists():
-        problem = f"{f}: missing"
-    elif f.stat().st_size != entry["file_bytes"]:
-        problem = f"{f}: size {f.stat().st_size} != manifest {entry['file_bytes']}"
-    elif sha256_file(f) != entry["file_sha256"]:
-        problem = f"{f}: checksum differs from the manifest"
-    else:
-        try:
-            cf = CacheFile(f)
-            problem = _footer_problem(cf, entry, manifest)
-        except (FormatError, ValueError) as e:
-            problem = f"{f}: {e}"
-    if cf is not None and (problem or not keep):
+    then its footer against the manifest (shard, samples, epochs, K, classes, run and entry fields)."""
+    problem, cf = _checked_open(f, entry, manifest)
+    if cf is not None:
         cf.close()
-        cf = None
-    return (problem, cf) if keep else problem
+    return problem
+
+
+def _checked_open(f: Path, entry: dict, manifest: dict) -> tuple[str | None, CacheFile | None]:
+    """(None, the file opened for reading) when it matches its manifest entry (``file_problem``), else
+    (the problem, None)."""
+    from ..files import sha256_file
+    if not f.exists():
+        return f"{f}: missing", None
+    if f.stat().st_size != entry["file_bytes"]:
+        return f"{f}: size {f.stat().st_size} != manifest {entry['file_bytes']}", None
+    if sha256_file(f) != entry["file_sha256"]:
+        return f"{f}: checksum differs from the manifest", None
+    try:
+        cf = CacheFile(f)
+    except FormatError as e:
+        return f"{f}: {e}", None
+    try:
+        problem = _footer_problem(cf, entry, manifest)
+    except ValueError as e:
+        problem = f"{f}: {e}"
+    if problem:
+        cf.close()
+        return problem, None
+    return None, cf
 
 
 def _footer_problem(cf: CacheFile, entry: dict, manifest: dict) -> str | None:
