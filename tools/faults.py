@@ -1,7 +1,7 @@
 """Fault cases: kill, corrupt and edit runs of the real CLI and see what distill makes of them.
 
-    python tools/faults.py                     # 28 cases (6-8 min on 2 busy cores); a table, then one JSON line
-    python tools/faults.py --quick             # 7 of them (~2 min)
+    python tools/faults.py                     # 44 cases (11-14 min on 2 busy cores); a table, then one JSON line
+    python tools/faults.py --quick             # 9 of them (~3 min)
     python tools/faults.py --only kill-tmp,crafted-pt2 --keep     # some cases; keep the temp dir
     PYTHONPATH=/path/to/checkout python tools/faults.py            # test that checkout's distill
 
@@ -27,6 +27,9 @@ Outcome of a case (the worst of its steps, in this order of badness):
 * silently wrong -- exit 0 with a result that differs from the reference, or a consumer
   (``verify``, ``train-student --epochs 1``, ``inspect``) exits 0 on damaged data, or a file outside
   the command's output was written (hostile names), or a crafted teacher archive ran its pickle.
+
+* not run -- the case could not set its fault up here (no tmpfs mount without root, the run ended
+  before the kill point): it says nothing either way and is counted apart.
 
 Silently wrong is the worst: it is the outcome a user cannot see. ``failures`` in the JSON line names
 the silently-wrong and crashed cases; the exit status is 1 when there is any. A fault of this script
@@ -66,7 +69,8 @@ EPOCHS, TOPK = 2, 5
 MAX_STDERR_LINES = 5        # a refusal says what is wrong in a few lines
 
 IDENT, REFUSED, CRASHED, WRONG = "survived identical", "refused cleanly", "crashed", "silently wrong"
-BADNESS = {IDENT: 0, REFUSED: 1, CRASHED: 2, WRONG: 3}
+NOTRUN = "not run"            # the case could not set up its fault here (e.g. no tmpfs, the run ended first)
+BADNESS = {NOTRUN: -1, IDENT: 0, REFUSED: 1, CRASHED: 2, WRONG: 3}
 Verdict = tuple[str, str]   # (outcome, note)
 
 
@@ -804,6 +808,378 @@ def view_workers(ctx, d):
     return [(v[0], f"{note}; --view-workers 2: {v[1]}")]
 
 
+# -- 9. runs that end right: kills at each checkpoint write, SIGTERM, bad numbers, bad teachers,
+#       other people's files, a full disk, a held lock
+
+def _train_args(ctx: Ctx, out: Path, *extra) -> list:
+    """train-student for EPOCHS epochs with drop path on (the model draws random numbers every step)."""
+    a = ctx.train_args(ctx.cache, out, None, "--drop-path", "0.1", *extra)
+    a[a.index("--epochs") + 1] = str(EPOCHS)
+    return a
+
+
+def _run_files(p: Path) -> dict:
+    """What a finished student run holds: last.pt weights, metrics rows (timings left out), the summary's
+    final/best, best.pt's epoch, whether class_stats.npz exists."""
+    import torch
+    drop = ("img_s", "time_s")
+    out = {"weights": torch.load(p / "last.pt", map_location="cpu", weights_only=True)["model"],
+           "metrics": [{k: v for k, v in json.loads(x).items() if k not in drop}
+                       for x in (p / "metrics.jsonl").read_text().splitlines() if x.strip()],
+           "class_stats": (p / "class_stats.npz").is_file()}
+    s = json.loads((p / "summary.json").read_text())
+    out["summary"] = {k: s.get(k) for k in ("final_top1", "final_top5", "best_top1", "best_epoch", "epochs", "images_seen")}
+    out["best_pt_epoch"] = torch.load(p / "best.pt", map_location="cpu", weights_only=True).get("epoch") \
+        if (p / "best.pt").is_file() else None
+    return out
+
+
+def _run_diff(a: dict, b: dict) -> str | None:
+    import torch
+    wa, wb = a["weights"], b["weights"]
+    if wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k]) for k in wa):
+        return "weights differ"
+    for k in ("metrics", "summary", "best_pt_epoch", "class_stats"):
+        if a[k] != b[k]:
+            return f"{k} differ(s): {_short(str(b[k]), 100)} vs the undisturbed {_short(str(a[k]), 100)}"
+    return None
+
+
+def _train_reference(ctx: Ctx) -> tuple[Path | None, Verdict | None]:
+    ref = ctx.tmp / "ref-train"
+    if (ref / "summary.json").is_file():
+        return ref, None
+    r = ctx.cli(*_train_args(ctx, ref))
+    if r.rc != 0:
+        return None, (CRASHED, f"FAULT SCRIPT ERROR: the undisturbed student run failed (exit {r.rc}): {_message(r)}")
+    return ref, None
+
+
+def _kill_train(ctx: Ctx, d: Path, when: Callable[[Path], bool], point: str, tries: int = 3) -> list[Verdict]:
+    """SIGKILL train-student at ``when(run_dir)`` (up to ``tries`` runs until one is killed there), then
+    ``--resume`` until it completes: the result must equal the undisturbed run's."""
+    ref, err = _train_reference(ctx)
+    if err:
+        return [err]
+    for i in range(tries):
+        run = d / f"run{i}"
+        killed, at = ctx.cli_killed(_train_args(ctx, run), lambda t: when(run))
+        if killed:
+            break
+    if not killed:
+        return [(NOTRUN, f"NOT killed {point}: the run ended first ({tries} tries)")]
+    note = f"killed {point} at {at:.1f}s (left: {listing(run)})"
+    r = ctx.cli(*_train_args(ctx, run), "--resume")
+    c = crash(r)
+    if c:
+        return [(CRASHED, f"{note}; {c}")]
+    if r.rc != 0:
+        v = _refusal(r, (2,))
+        return [(v[0], f"{note}; resume: {v[1]}")]
+    try:
+        diff = _run_diff(_run_files(ref), _run_files(run))
+    except (OSError, ValueError, KeyError) as e:
+        diff = f"the resumed run's files are incomplete ({type(e).__name__}: {e})"
+    return [(IDENT, f"{note}; --resume exit 0, same weights, metrics, summary, best.pt") if diff is None
+            else (WRONG, f"{note}; --resume exit 0 but {diff}")]
+
+
+def _tmp_of(run: Path, name: str) -> bool:
+    return any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in _files(run))
+
+
+def _last_epoch(run: Path) -> int:
+    try:
+        return int(json.loads((run / "last.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+@case("kill-train-last-json", "train-student --drop-path 0.1: SIGKILL right after epoch 1's last.json, --resume",
+      "identical to the undisturbed run (weights, metrics rows, summary, best.pt)")
+def kill_train_last_json(ctx, d):
+    return _kill_train(ctx, d, lambda run: _last_epoch(run) >= 1, "when last.json said epoch 1")
+
+
+@case("kill-train-best", f"train-student --drop-path 0.1: SIGKILL while epoch {EPOCHS}'s best.pt is being written, --resume",
+      "identical to the undisturbed run")
+def kill_train_best(ctx, d):
+    return _kill_train(ctx, d, lambda run: _tmp_of(run, "best.pt") and _last_epoch(run) >= EPOCHS,
+                       f"while epoch {EPOCHS}'s best.pt was written")
+
+
+@case("kill-train-summary", "train-student --drop-path 0.1: SIGKILL while summary.json is being written, --resume",
+      "identical to the undisturbed run")
+def kill_train_summary(ctx, d):
+    return _kill_train(ctx, d, lambda run: _tmp_of(run, "summary.json"), "while summary.json was written")
+
+
+def _term(ctx: Ctx, args: list, when: Callable[[], bool], limit: float = 120) -> tuple[Run, bool]:
+    """Start the command; once ``when()`` send SIGTERM to its main process only (as a scheduler stops a
+    job), then wait for it to exit."""
+    argv = [sys.executable, "-m", "distill.cli", *map(str, args)]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ctx.env,
+                         cwd=ctx.tmp, start_new_session=True)
+    sent = False
+    try:
+        while p.poll() is None and time.perf_counter() - t0 < limit:
+            if when():
+                p.send_signal(signal.SIGTERM)
+                sent = True
+                break
+            time.sleep(0.005)
+        try:
+            out, err = p.communicate(timeout=60)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_group(p)
+            out, err = p.communicate(timeout=60)
+            timed_out = True
+    finally:
+        _kill_group(p)
+    run = Run(str(args[0]), p.returncode, out, err, time.perf_counter() - t0, timed_out)
+    ctx.log.append(f"$ distill {' '.join(map(str, args))}  (SIGTERM {'sent' if sent else 'not sent'})\n"
+                   f"-> exit {run.rc}\n--- stderr\n{err[-3000:]}")
+    return run, sent
+
+
+def _terminated(run: Run, sent: bool, out: Path) -> Verdict:
+    """A SIGTERM'd command: a clean exit (130 or 143) with the resume command, no lock left."""
+    if not sent:
+        return NOTRUN, "NOT terminated: the run ended first"
+    c = crash(run)
+    if c:
+        return CRASHED, f"SIGTERM: {c}"
+    lines = [x for x in run.err.splitlines() if x.strip()]
+    left = [n for n in _files(out) if n.startswith(".distill.lock")]
+    if run.rc not in (130, 143) or "rerun" not in run.err or len(lines) > MAX_STDERR_LINES or left:
+        return CRASHED, (f"SIGTERM: exit {run.rc}, {len(lines)} stderr line(s), "
+                         f"{'lock left, ' if left else ''}last: {_short(lines[-1] if lines else '(none)')}")
+    return IDENT, f"SIGTERM: exit {run.rc}: {_message(run)}"
+
+
+@case("sigterm-cache", "SIGTERM cache-teacher's main process when its first .arrow appears, rerun the same command",
+      "clean exit with the resume command; rerun identical")
+def sigterm_cache(ctx, d):
+    out = d / "cache"
+    args = ctx.cache_args(out)
+    run, sent = _term(ctx, args, lambda: any(n.endswith(".arrow") for n in _files(out)))
+    return [_terminated(run, sent, out), must_match(ctx.cli(*args), out, ctx.cache)]
+
+
+@case("sigterm-train", "SIGTERM train-student (--drop-path 0.1) once last.json says epoch 1, then --resume",
+      "clean exit with the resume command; resume identical")
+def sigterm_train(ctx, d):
+    ref, err = _train_reference(ctx)
+    if err:
+        return [err]
+    run = d / "run"
+    r, sent = _term(ctx, _train_args(ctx, run), lambda: _last_epoch(run) >= 1)
+    first = _terminated(r, sent, run)
+    marks = [n for n in _files(ctx.cache) if n.startswith(".distill.reader")]
+    if marks:
+        first = (CRASHED, f"{first[1]}; reader mark(s) left in the cache: {', '.join(marks)}")
+    res = ctx.cli(*_train_args(ctx, run), "--resume")
+    c = crash(res)
+    if c or res.rc != 0:
+        return [first, (CRASHED, c) if c else _refusal(res, (2,))]
+    diff = _run_diff(_run_files(ref), _run_files(run))
+    return [first, (IDENT, "--resume exit 0, identical") if diff is None else (WRONG, f"--resume exit 0 but {diff}")]
+
+
+def _before_start(ctx: Ctx, d: Path, args: list, out: Path) -> list[Verdict]:
+    """A bad value: refused (exit 2) before anything is written (``out`` not created)."""
+    v = must_refuse(ctx.cli(*args), (2,))
+    if out.exists():
+        return [(WRONG if v[0] == IDENT else v[0], f"{v[1]}; and {out.name}/ was created ({listing(out)})")]
+    return [v]
+
+
+@case("nan-temperature", "cache-teacher --temperature nan", "refusal (exit 2) before anything is written", quick=True)
+def nan_temperature(ctx, d):
+    out = d / "cache"
+    return _before_start(ctx, d, ctx.cache_args(out, None, "--temperature", "nan"), out)
+
+
+@case("inf-lr", "train-student --lr inf", "refusal (exit 2) before anything is written")
+def inf_lr(ctx, d):
+    out = d / "run"
+    return _before_start(ctx, d, ctx.train_args(ctx.cache, out, None, "--lr", "inf"), out)
+
+
+@case("toml-nan-weight-decay", "distill run PIPELINE.toml with [train-student] weight-decay = nan",
+      "refusal (exit 2) before anything is written")
+def toml_nan_weight_decay(ctx, d):
+    out = d / "run"
+    toml = d / "pipeline.toml"
+    toml.write_text(f'[data]\ntrain = "{ctx.shards}"\n\n[train-student]\ncache = "{ctx.cache}"\nout = "{out}"\n'
+                    f'model = "tinyvit-tiny"\nimage-size = 32\nepochs = 1\nthreads = 1\nweight-decay = nan\n')
+    return _before_start(ctx, d, ["run", toml, "--quiet"], out)
+
+
+def _script_teacher(path: Path, tail: str) -> Path:
+    """The demo teacher with ``tail`` applied to its logits (softmax, nan-some), saved as TorchScript."""
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner, tail: str):
+            super().__init__()
+            self.inner, self.tail = inner, tail
+
+        def forward(self, x):
+            y = self.inner(x)
+            if self.tail == "softmax":
+                return y.softmax(-1)
+            bad = x.mean(dim=(1, 2, 3)) > 0.0               # about half the views: NaN logits
+            return torch.where(bad[:, None], torch.full_like(y, float("nan")), y)
+    torch.jit.script(Wrapped(torch.jit.load(str(TEACHER)), tail)).save(str(path))
+    return path
+
+
+def _no_nan_records(out: Path) -> str | None:
+    import numpy as np
+    import pyarrow as pa
+    for f in sorted(out.glob("*.arrow")):
+        with pa.memory_map(str(f)) as src:
+            t = pa.ipc.open_file(src).read_all()
+        for name in t.column_names:
+            col = t.column(name).combine_chunks()
+            if pa.types.is_list(col.type) and pa.types.is_floating(col.type.value_type):
+                if not np.isfinite(col.flatten().to_numpy(zero_copy_only=False).astype("float64")).all():
+                    return f"{f.name} holds non-finite {name}"
+    return None
+
+
+@case("softmax-teacher", "a TorchScript teacher ending in softmax: cache-teacher", "refusal naming the outputs")
+def softmax_teacher(ctx, d):
+    args = ctx.cache_args(d / "cache")
+    args[args.index("--teacher") + 1] = _script_teacher(d / "softmax.pt", "softmax")
+    return [must_refuse(ctx.cli(*args))]
+
+
+@case("nan-teacher", "a TorchScript teacher giving NaN logits for about half its inputs: cache-teacher, then verify",
+      "refusal; no record with a non-finite value")
+def nan_teacher(ctx, d):
+    out = d / "cache"
+    args = ctx.cache_args(out)
+    args[args.index("--teacher") + 1] = _script_teacher(d / "nan.pt", "nan")
+    v = must_refuse(ctx.cli(*args))
+    bad = _no_nan_records(out) if out.is_dir() else None
+    return [(WRONG, f"{v[1]}; {bad}") if bad else v]
+
+
+@case("overwrite-foreign", "cache-teacher --overwrite into a folder holding a user's mydata.arrow and notes.txt",
+      "refusal, or a cache beside them; the user's files untouched")
+def overwrite_foreign(ctx, d):
+    out = d / "mine"
+    out.mkdir()
+    (out / "mydata.arrow").write_bytes(b"the user's own arrow file")
+    (out / "notes.txt").write_text("keep me\n")
+    before = snapshot(out)
+    r = ctx.cli(*ctx.cache_args(out, None, "--overwrite"))
+    after = {k: v for k, v in snapshot(out).items() if k in before}
+    if after != before:
+        return [(WRONG, f"cache-teacher exit {r.rc}: the user's files changed or were deleted ({listing(out)})")]
+    c = crash(r)
+    return [(CRASHED, c) if c else (REFUSED, f"cache-teacher exit {r.rc}: {_message(r)}; user's files intact")
+            if r.rc else (IDENT, "cache-teacher exit 0 beside the user's files, which are intact")]
+
+
+def _untouched(ctx: Ctx, args: list, root: Path, what: str) -> list[Verdict]:
+    before = snapshot(root)
+    v = must_refuse(ctx.cli(*args), (2,))
+    changed = snapshot_diff(before, snapshot(root))
+    return [(WRONG, f"{v[1]}; {what} changed: {changed}")] if changed else [v]
+
+
+@case("train-out-filter-dir", "train-student --out a filter-labels output directory", "refusal; the directory unchanged")
+def train_out_filter_dir(ctx, d):
+    fdir = d / "filter"
+    r = ctx.cli("filter-labels", "--shards", ctx.shards, "--scorer", TEACHER, "--scorer-input-size", "32",
+                "--out", fdir, "--workers", "1", "--threads", "1", "--quiet")
+    if r.rc != 0:
+        return [(CRASHED, f"FAULT SCRIPT ERROR: filter-labels failed (exit {r.rc}): {_message(r)}")]
+    return _untouched(ctx, ctx.train_args(ctx.cache, fdir), fdir, "the filter directory")
+
+
+@case("write-shards-input", "filter-labels --write-shards into its own --shards folder",
+      "refusal; every input byte and mtime unchanged", quick=True)
+def write_shards_input(ctx, d):
+    shards = d / "train"
+    shutil.copytree(ctx.shards, shards)
+    return _untouched(ctx, ["filter-labels", "--shards", shards, "--scorer", TEACHER, "--scorer-input-size", "32",
+                            "--out", d / "filter", "--write-shards", shards, "--workers", "1", "--threads", "1",
+                            "--quiet"], shards, "the input shards")
+
+
+@case("train-out-file", "train-student --out an existing file", "refusal (exit 2) in one line")
+def train_out_file(ctx, d):
+    f = d / "afile"
+    f.write_text("x\n")
+    return _untouched(ctx, ctx.train_args(ctx.cache, f), d, "the folder")
+
+
+def _tmpfs(path: Path, size: str) -> str | None:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip() or f"mount exit {r.returncode}")
+
+
+@case("disk-full", "cache-teacher --out a 40 KB tmpfs, then the same command with room",
+      "one line (no traceback, nothing left under a final name); the rerun identical")
+def disk_full(ctx, d):
+    small = d / "small"
+    why = _tmpfs(small, "40k")
+    if why:
+        return [(NOTRUN, f"cannot mount a tmpfs here ({_short(why, 80)})")]
+    try:
+        out = small / "cache"
+        r = ctx.cli(*ctx.cache_args(out))
+        left = [n for n in _files(out) if n.endswith(".tmp")]
+        c = crash(r)
+        if c:
+            first = (CRASHED, f"full disk: {c}")
+        elif r.rc == 0:
+            first = (WRONG, "full disk: exit 0")
+        else:
+            lines = [x for x in r.err.splitlines() if x.strip()]
+            first = ((CRASHED, f"full disk: {len(lines)} lines on stderr: {_message(r)}") if len(lines) > MAX_STDERR_LINES
+                     else (REFUSED, f"full disk: exit {r.rc}: {_message(r)}"))
+        if left:
+            first = (CRASHED, f"{first[1]}; temp files left: {', '.join(left)}")
+        big = d / "big"
+        shutil.copytree(out, big / "cache", symlinks=True) if out.is_dir() else big.mkdir()
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    out = big / "cache"
+    return [first, must_match(ctx.cli(*ctx.cache_args(out)), out, ctx.cache)]
+
+
+@case("lock-held", "a second cache-teacher on the --out of one still running", "refusal (exit 2) naming the holder, within 10 s")
+def lock_held(ctx, d):
+    out = d / "cache"
+    args = ctx.cache_args(out)
+    argv = [sys.executable, "-m", "distill.cli", *map(str, args)]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ctx.env, cwd=ctx.tmp,
+                             start_new_session=True)
+    try:
+        t0 = time.perf_counter()
+        while not (out / ".distill.lock").exists() and first.poll() is None and time.perf_counter() - t0 < 60:
+            time.sleep(0.01)
+        if first.poll() is not None:
+            return [(NOTRUN, "the first command ended before its lock was seen")]
+        r = ctx.cli(*args)
+    finally:
+        _kill_group(first)
+        first.wait()
+    v = must_refuse(r, (2,))
+    if v[0] == REFUSED and (r.wall > 10 or str(first.pid) not in r.err):
+        return [(CRASHED, f"{v[1]} (after {r.wall:.1f}s; holder pid {first.pid} "
+                          f"{'named' if str(first.pid) in r.err else 'not named'})")]
+    return [v]
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_reference(ctx: Ctx) -> None:
@@ -891,7 +1267,7 @@ def main(argv=None) -> int:
     print(table(rows))
     print()
     res = {"cases": len(rows), "survived_identical": count[IDENT], "refused_cleanly": count[REFUSED],
-           "silently_wrong": count[WRONG], "crashed": count[CRASHED], "wall_s": round(time.perf_counter() - t_all, 1),
+           "silently_wrong": count[WRONG], "crashed": count[CRASHED], "not_run": count[NOTRUN], "wall_s": round(time.perf_counter() - t_all, 1),
            "failures": [r["name"] for r in rows if r["outcome"] in (WRONG, CRASHED)],
            "rows": rows}
     print(json.dumps(res), flush=True)
