@@ -812,8 +812,9 @@ def view_workers(ctx, d):
 #       other people's files, a full disk, a held lock
 
 def _train_args(ctx: Ctx, out: Path, *extra) -> list:
-    """train-student for EPOCHS epochs with drop path on (the model draws random numbers every step)."""
-    a = ctx.train_args(ctx.cache, out, None, "--drop-path", "0.1", *extra)
+    """train-student for EPOCHS epochs with drop path on (the model draws random numbers every step)
+    and the demo's val shards (so best.pt, best.json and class_stats.npz are written)."""
+    a = ctx.train_args(ctx.cache, out, None, "--drop-path", "0.1", "--val-shards", DEMO / "val", *extra)
     a[a.index("--epochs") + 1] = str(EPOCHS)
     return a
 
