@@ -30,8 +30,8 @@ import torch
 
 from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, lock_dir
-from ..format import RUN_CLASS_STATS_NAME
+from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, claim_dir
+from ..format import RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
@@ -245,6 +245,10 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, warmup_l
 
 # ----------------------------------------------------------------------------- the API
 
+# a run directory: the resolved config a train-student run writes first (adapt-teacher's lacks these keys)
+TRAIN_MARKS = ((RUN_CONFIG_NAME, {"model": None, "cache": None}),)
+
+
 def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_after: int | None = None) -> TrainResult:
     """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
     (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
@@ -270,7 +274,8 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
             err = None
             if d.main:
                 try:
-                    held.enter_context(lock_dir(cfg.out, "train-student"))
+                    held.enter_context(claim_dir(cfg.out, "train-student", TRAIN_MARKS, inputs=(
+                        cfg.shards, cfg.cache, cfg.val_shards, cfg.exclude, cfg.init, cfg.policy)))
                 except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
                     err = e
             _sync(d, err)
