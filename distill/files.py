@@ -115,17 +115,30 @@ def atomic_writer(path: str | os.PathLike):
     error removed. Created with mode 0666 so the process umask applies, as for ``open(path, "wb")``."""
     path = Path(path)
     tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with writing(path):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """An OSError without a path (a write that found the disk full) raised inside names ``path``,
+    the file being written, so that its one line (``os_fault``) says where."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

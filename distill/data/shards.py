@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
                       SHARD_INDEX_FORMAT,                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
                       encode_label, sanitize_key, shard_name)
-from ..files import FormatError, UserError, check_out, claim_dir, error_text, sha256_file, temp_path
+from ..files import FormatError, UserError, check_out, claim_dir, error_text, sha256_file, temp_path, writing
 
 Progress = Callable[[int], None]
 
@@ -503,21 +503,27 @@ class _TarWriter:
         info.mode = _TAR_MODE
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        with writing(self.path):
+            self.tar.addfile(info, io.BytesIO(data))
         self.members += 1
 
     def close(self) -> ShardEntry:
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        with writing(self.path):
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
         return ShardEntry(name=self.path.name, samples=self.samples, bytes=self.path.stat().st_size,
                           sha256=sha256_file(self.path))
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()                   # may flush into a full disk: the temp goes all the same
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

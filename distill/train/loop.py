@@ -30,7 +30,7 @@ import torch
 
 from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, claim_dir
+from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, check_out, claim_dir
 from ..format import RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
@@ -249,6 +249,11 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, warmup_l
 TRAIN_MARKS = ((RUN_CONFIG_NAME, {"model": None, "cache": None}),)
 
 
+def _inputs(cfg: TrainConfig) -> tuple:
+    """What the run reads: --out may hold, contain or be inside none of these."""
+    return cfg.shards, cfg.cache, cfg.val_shards, cfg.exclude, cfg.init, cfg.policy
+
+
 def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_after: int | None = None) -> TrainResult:
     """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
     (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
@@ -257,6 +262,7 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     take the values of its recipe (``distill.recipes``)."""
     cfg, overridden = recipes.resolve_train(cfg)
     validate(cfg)
+    check_out(cfg.out, "train-student", TRAIN_MARKS, inputs=_inputs(cfg))     # before anything slow
     if cfg.loader_workers < 0:           # resolved here, so config.json (and --resume's check) hold the number
         cfg = dataclasses.replace(cfg, loader_workers=auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if cfg.threads > 0:
@@ -274,8 +280,7 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
             err = None
             if d.main:
                 try:
-                    held.enter_context(claim_dir(cfg.out, "train-student", TRAIN_MARKS, inputs=(
-                        cfg.shards, cfg.cache, cfg.val_shards, cfg.exclude, cfg.init, cfg.policy)))
+                    held.enter_context(claim_dir(cfg.out, "train-student", TRAIN_MARKS, inputs=_inputs(cfg)))
                 except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
                     err = e
             _sync(d, err)
