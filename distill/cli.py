@@ -65,12 +65,14 @@ def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     from .progress import bar
     pbar = bar(None, "make-shards", "img", args.quiet)
-    index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,
-                               shuffle=not args.no_shuffle, seed=args.seed,
-                               classes_file=args.classes, overwrite=args.overwrite,
-                               progress=pbar.update if pbar else None)
-    if pbar:
-        pbar.close()
+    try:
+        index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,
+                                   shuffle=not args.no_shuffle, seed=args.seed,
+                                   classes_file=args.classes, overwrite=args.overwrite,
+                                   progress=pbar.update if pbar else None)
+    finally:
+        if pbar:
+            pbar.close()                 # its line ends before any error's line
     reasons: dict[str, int] = {}
     for sk in skips:
         reasons[sk.reason.split(":")[0]] = reasons.get(sk.reason.split(":")[0], 0) + 1
