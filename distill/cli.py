@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         line = os_fault(e)
         if line is None:
             raise
-        sys.stderr.write(f"distill: error: {line}\n")
+        sys.stderr.write(f"distill: error: {line}; then {_resume_hint(args, argv)}\n")
         return 1
 
 

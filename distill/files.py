@@ -33,9 +33,9 @@ class Terminated(KeyboardInterrupt):
 
 # what to do about an OSError the machine gives on a path (disk full, read-only, no permission, ...)
 _OS_FAULTS = {
-    errno.ENOSPC: "the disk is full: free space (or choose another directory) and rerun the same command",
-    errno.EDQUOT: "the disk quota is used up: free space (or choose another directory) and rerun the same command",
-    errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit and rerun the same command",
+    errno.ENOSPC: "the disk is full: free space or choose another directory",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another directory",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit",
     errno.EROFS: "it is on a read-only file system: choose a writable directory",
     errno.EACCES: "permission denied: fix its permissions or choose another directory",
     errno.EPERM: "operation not permitted: fix its permissions or choose another directory",
@@ -45,8 +45,8 @@ _OS_FAULTS = {
 
 
 def os_fault(e: OSError) -> str | None:
-    """One line for an OSError the machine gave on a path (``_OS_FAULTS``): the path and what to
-    do; None for any other error (a bug: its traceback is wanted)."""
+    """``PATH: what happened; what to do`` for an OSError the machine gave on a path (``_OS_FAULTS``);
+    None for any other error (a bug: its traceback is wanted)."""
     advice = _OS_FAULTS.get(e.errno)
     if advice is None:
         return None
