@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_DIR, DEMO_TEACHER, REPO, demo_head, kill_group, one_line_error, run_group, write_image_tree
+from conftest import DEMO_TEACHER, REPO, demo_head, image_bytes, kill_group, one_line_error, run_group
 from distill.files import LOCK_NAME, READER_PREFIX, live_readers, lock_dir
 
 V1 = REPO / "tests" / "data" / "v1-cache"
@@ -63,7 +64,6 @@ def tiny(tmp_path_factory) -> dict:
 
 def _images(root: Path, n: int = 40) -> Path:
     """A 2-class tree of n real 64x64 PNGs (about 10 KB each: shards larger than 40 KB)."""
-    from conftest import image_bytes
     for i in range(n):
         p = root / ("a" if i % 2 else "b") / f"x{i:03d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -307,14 +307,13 @@ def test_stale_distill_temps_are_swept_and_a_users_are_left(tmp_path):
 
 
 def test_reader_marks_of_ended_or_reused_pids_are_swept(tmp_path):
+    """A mark records host, pid and the process's start time: the mark of an ended process, or of a
+    pid now used by another process (the start time differs), is swept; a live reader's stays."""
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from distill.files import _pid_start
-        host = os.uname().nodename
-        import socket
-        host = socket.gethostname()
-        live = {"host": host, "pid": p.pid, "pid_start": _pid_start(p.pid), "what": "train-student"}
-        reused = dict(live, pid_start=str(int(live["pid_start"] or 0) + 1))   # same pid, another process
+        start = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]   # field 22
+        live = {"host": socket.gethostname(), "pid": p.pid, "pid_start": start, "what": "train-student"}
+        reused = dict(live, pid_start=str(int(start) + 1))                  # same pid, another process
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         gone = dict(live, pid=int(dead.stdout))
         for name, info in (("live", live), ("reused", reused), ("gone", gone)):
