@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
 from . import config as C
-from .files import UserError
+from .files import Terminated, UserError, os_fault
 
 DEMO_PIPELINE = "pipelines/demo.toml"
 
@@ -63,12 +65,14 @@ def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     from .progress import bar
     pbar = bar(None, "make-shards", "img", args.quiet)
-    index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,
-                               shuffle=not args.no_shuffle, seed=args.seed,
-                               classes_file=args.classes, overwrite=args.overwrite,
-                               progress=pbar.update if pbar else None)
-    if pbar:
-        pbar.close()
+    try:
+        index, skips = make_shards(args.src, args.out, prefix=args.prefix, shard_size=args.shard_size, keys=args.keys,
+                                   shuffle=not args.no_shuffle, seed=args.seed,
+                                   classes_file=args.classes, overwrite=args.overwrite,
+                                   progress=pbar.update if pbar else None)
+    finally:
+        if pbar:
+            pbar.close()                 # its line ends before any error's line
     reasons: dict[str, int] = {}
     for sk in skips:
         reasons[sk.reason.split(":")[0]] = reasons.get(sk.reason.split(":")[0], 0) + 1
@@ -318,21 +322,37 @@ def _resume_hint(args, argv: list[str]) -> str:
     if command == "make-shards":
         return f"the shards are incomplete; rerun with --overwrite to write them again: {cmd} --overwrite"
     if command == "convert-cache":
-        return f"nothing was written under the new name; rerun: {cmd}"
+        return f"NEW holds a partial conversion; rerun the same command to redo it: {cmd}"
     return f"rerun: {cmd}"
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 1 failed (a stage's failures, or a fault of the machine: disk full, read-only,
+    no permission: one line naming the path), 2 refused (user error), 130 Ctrl-C, 143 SIGTERM
+    (both: one line with the command that resumes; locks and reader marks released)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)          # a scheduler's stop: like Ctrl-C
     try:
         return int(args.func(args) or 0)
     except UserError as e:
         sys.stderr.write(f"distill: error: {e}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"distill: interrupted; {_resume_hint(args, argv)}\n")
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        sys.stderr.write(f"distill: {how}; {_resume_hint(args, argv)}\n")
+        return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:
+        line = os_fault(e)
+        if line is None:
+            raise
+        sys.stderr.write(f"distill: error: {line}; then {_resume_hint(args, argv)}\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,9 @@ import datetime
 import itertools
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -67,6 +69,9 @@ class RayContext:
             return self
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=True,
                                   logging_level="ERROR")
+        # ray.init replaces the SIGTERM handler (its core worker prints a C++ dump and exits 1): the
+        # caller's (the CLI's: SIGTERM is handled as Ctrl-C) is put back once Ray runs
+        on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
             if address:
                 ray.init(address=address, **kw)
@@ -77,6 +82,8 @@ class RayContext:
                          _system_config=EMBEDDED_RAY_CONFIG, **kw)
         except ConnectionError as e:
             raise UserError(f"cannot connect to Ray at {address}: {e}") from None
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         self.started = True
         return self
 

@@ -4,6 +4,7 @@ reading and the output-directory lock. No torch, no Ray, no import-time side eff
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import contextlib
@@ -24,6 +25,33 @@ class UserError(Exception):
 
 class FormatError(UserError):
     """A file does not follow the format (missing, wrong version, inconsistent)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job): handled as Ctrl-C is, with its own exit status."""
+
+
+# what to do about an OSError the machine gives on a path (disk full, read-only, no permission, ...)
+_OS_FAULTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another directory",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another directory",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit",
+    errno.EROFS: "it is on a read-only file system: choose a writable directory",
+    errno.EACCES: "permission denied: fix its permissions or choose another directory",
+    errno.EPERM: "operation not permitted: fix its permissions or choose another directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EISDIR: "it is a directory where a file was expected: choose another path",
+}
+
+
+def os_fault(e: OSError) -> str | None:
+    """``PATH: what happened; what to do`` for an OSError the machine gave on a path (``_OS_FAULTS``);
+    None for any other error (a bug: its traceback is wanted)."""
+    advice = _OS_FAULTS.get(e.errno)
+    if advice is None:
+        return None
+    path = f"{e.filename}: " if e.filename else ""
+    return f"{path}{e.strerror or os.strerror(e.errno)}; {advice}"
 
 
 def plain_name(name: Any, what: str, where: str) -> str:
@@ -69,24 +97,48 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# the name of every file distill writes before renaming it into place: ``.<final name>.<12 hex>.tmp``;
+# a killed run leaves such files behind, swept (by this pattern only) when a run next claims the directory
+TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary name for ``path`` in the same directory (``TEMP_RE``)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike):
     """An open binary file under a temporary name in the same directory; on a clean exit it is fsynced
     and renamed onto ``path`` (readers see the old file or the whole new one, never a part), on an
     error removed. Created with mode 0666 so the process umask applies, as for ``open(path, "wb")``."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = temp_path(path)
+    with writing(path):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """An OSError without a path (a write that found the disk full) raised inside names ``path``,
+    the file being written, so that its one line (``os_fault``) says where."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -165,15 +217,41 @@ def _read_lock_settled(path: Path) -> tuple[bool, dict | None, float]:
         time.sleep(0.02)
 
 
+def _pid_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), as text; None
+    where unknown (no /proc, gone). With the pid it names one process: a pid reused later differs here."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()      # after "pid (comm) ": field 3 onwards
+    return fields[19] if len(fields) > 19 else None
+
+
+def _process_record() -> dict:
+    """Who this process is, as locks and reader marks record it: host, pid, pid_start, started."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
 def _is_mine(info: dict) -> bool:
     return info.get("host") == socket.gethostname() and info.get("pid") == os.getpid()
 
 
+def _process_gone(info: dict) -> bool:
+    """The process a lock or mark of THIS host names has ended: its pid is gone, or is now another
+    process's (its start time differs from the one recorded)."""
+    if not _pid_alive(info["pid"]):
+        return True
+    recorded = info.get("pid_start")
+    return recorded is not None and _pid_start(info["pid"]) not in (None, recorded)
+
+
 def _is_stale(info: dict | None, mtime: float) -> bool:
-    """A lock nobody holds any more: its pid on this host is gone, or it is unreadable and old."""
+    """A lock nobody holds any more: its process on this host is gone, or it is unreadable and old."""
     if info is None:
         return time.time() - mtime > LOCK_STALE_UNREADABLE_S
-    return info["host"] == socket.gethostname() and info["pid"] != os.getpid() and not _pid_alive(info["pid"])
+    return info["host"] == socket.gethostname() and info["pid"] != os.getpid() and _process_gone(info)
 
 
 def lock_holder(directory: str | os.PathLike) -> dict | None:
@@ -229,6 +307,7 @@ class DirLock:
         self.what = what
         self.path = self.directory / LOCK_NAME
         self.info: dict | None = None
+        self.created = False              # the directory did not exist: removed again on release when empty
 
     @property
     def held(self) -> bool:
@@ -237,9 +316,9 @@ class DirLock:
     def acquire(self) -> "DirLock":
         if self.held:
             return self
+        self.created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "what": self.what}
+        info = dict(_process_record(), what=self.what)
         payload = (json.dumps(info) + "\n").encode()
         for _ in range(50):                                  # bounded: each turn sees a lock vanish or change
             if _create_exclusive(self.path, payload):
@@ -249,10 +328,12 @@ class DirLock:
             if not exists:
                 continue                                     # released meanwhile: try again
             if not _is_stale(other, mtime):
+                self._remove_if_created()
                 raise self._in_use(other)
             if self._take_over(other, mtime, payload):
                 self.info = info
                 return self
+        self._remove_if_created()
         raise UserError(f"could not lock {self.directory}: its lock file {self.path} keeps changing; "
                         "is another distill run starting there?")
 
@@ -286,12 +367,19 @@ class DirLock:
         return True
 
     def _in_use(self, other: dict | None) -> UserError:
-        if other is None:
-            pid = host = started = "?"
-        else:
-            pid, host, started = other.get("pid", "?"), other.get("host", "?"), other.get("started", "?")
-        return UserError(f"{self.directory} is in use by another distill {self.what} run "
-                         f"(pid {pid} on {host}, since {started}); wait for it to finish or use another --out")
+        """The refusal, naming the HOLDER: its stage, pid, host and start time."""
+        other = other or {}
+        what, pid, host, started = (other.get(k, "?") for k in ("what", "pid", "host", "started"))
+        return UserError(f"{self.directory} is in use by distill {what} (pid {pid} on {host}, since {started}); "
+                         f"wait for it to finish or use another --out")
+
+    def _remove_if_created(self) -> None:
+        """Leave no trace of a run that created the directory and wrote nothing into it."""
+        if self.created:
+            try:
+                self.directory.rmdir()
+            except OSError:
+                pass
 
     def release(self) -> None:
         if not self.held:
@@ -300,6 +388,7 @@ class DirLock:
         exists, now, _ = _read_lock(self.path)
         if exists and now is not None and _is_mine(now):
             _unlink_quiet(self.path)
+        self._remove_if_created()
 
     def __enter__(self) -> "DirLock":
         return self.acquire()
@@ -335,8 +424,8 @@ class ReaderMark:
         self.marked = False
 
     def __enter__(self) -> "ReaderMark":
-        payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
-                              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+        live_readers(self.path.parent)           # sweeps the marks of readers that have ended
+        payload = json.dumps(dict(_process_record(), what=self.what))
         try:
             self.path.write_text(payload)
             self.marked = True
@@ -351,8 +440,8 @@ class ReaderMark:
 
 
 def live_readers(directory: str | os.PathLike) -> list[dict]:
-    """The reader marks of OTHER live processes in ``directory`` (marks of dead pids on this host are
-    removed; marks from other hosts count as live)."""
+    """The reader marks of OTHER live processes in ``directory`` (marks of processes of this host that
+    have ended, ``_process_gone``, are removed; marks from other hosts count as live)."""
     found = []
     for p in sorted(Path(directory).glob(READER_PREFIX + "*")):
         try:
@@ -363,11 +452,107 @@ def live_readers(directory: str | os.PathLike) -> list[dict]:
             continue
         if _is_mine(info):
             continue
-        if info.get("host") == socket.gethostname() and not _pid_alive(info["pid"]):
+        if info.get("host") == socket.gethostname() and _process_gone(info):
             _unlink_quiet(p)
             continue
         found.append(info)
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# output directories: a stage writes only into an empty directory or one holding its own earlier
+# output, never where its inputs are; ``claim_dir`` checks that, locks, and sweeps distill's temps
+
+
+def distill_entry(name: str) -> bool:
+    """A name distill keeps beside any output: its lock, reader marks, completion records, temps."""
+    return name.startswith(".distill.") or bool(TEMP_RE.match(name))
+
+
+def user_entries(directory: str | os.PathLike) -> list[Path]:
+    """The entries of ``directory`` other than ``distill_entry`` ones (none when it does not exist)."""
+    d = Path(directory)
+    return sorted(p for p in d.iterdir() if not distill_entry(p.name)) if d.is_dir() else []
+
+
+def holds_output(directory: str | os.PathLike, marks: tuple, names: re.Pattern | None = None) -> bool:
+    """Whether ``directory`` holds a stage's own earlier output: one of ``marks``, (file name,
+    {JSON key: value, or None for any value}), is a JSON object with those keys; or, with ``names``,
+    every entry but distill's is a file whose name the stage writes (a run killed before its first
+    record). The one answer to "is this directory mine" for every stage."""
+    d = Path(directory)
+    for name, fields in marks:
+        try:
+            doc = json.loads((d / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and all(k in doc and (v is None or doc[k] == v) for k, v in fields.items()):
+            return True
+    found = user_entries(d)
+    return names is not None and bool(found) and all(p.is_file() and names.match(p.name) for p in found)
+
+
+def _overlap(out: Path, path: Path) -> bool:
+    """``out`` holds or contains the input ``path``, or (an input directory) is inside it."""
+    out, path = out.resolve(), path.resolve()
+    return path.is_relative_to(out) or (path.is_dir() and out.is_relative_to(path))
+
+
+def input_path(spec: Any) -> Path | None:
+    """The file or directory an input option names (a shard pattern: its folder); None for a spec
+    that names no local path (``timm:...``, ``module:callable``)."""
+    if not spec or not isinstance(spec, (str, os.PathLike)):
+        return None
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    return p.parent if any(c in str(p.name) for c in "{*?[") and p.parent.is_dir() else None
+
+
+def check_out(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=(), flag: str = "--out",
+              names: re.Pattern | None = None) -> Path:
+    """Refuse (UserError, one line) an output ``directory`` that is a file, holds, contains or is
+    inside one of ``inputs`` (paths or specs, ``input_path``), or is neither empty nor ``stage``'s own
+    output (``holds_output``). Reads only."""
+    d = Path(directory).expanduser()
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{flag} {d} is a file, not a directory: give a new or empty directory")
+    for spec in inputs:
+        p = input_path(spec)
+        if p is not None and _overlap(d, p):
+            raise UserError(f"{flag} {d} holds, contains or is inside the input {p}: distill never writes "
+                            f"where its inputs are; choose another {flag}")
+    found = user_entries(d)
+    if found and not holds_output(d, marks, names):
+        raise UserError(f"{flag} {d} is not empty ({found[0].name}) and holds no earlier {stage} output: "
+                        f"distill writes only into an empty directory or its own; choose another {flag}")
+    return d
+
+
+def sweep_temps(directory: str | os.PathLike) -> int:
+    """Remove the temporary files (``TEMP_RE``) a killed run left in ``directory`` and its
+    ``.distill.*`` folders; call only while holding its lock. Returns how many."""
+    d = Path(directory)
+    n = 0
+    for folder in [d, *(p for p in d.glob(".distill.*") if p.is_dir())]:
+        for p in folder.iterdir():
+            if TEMP_RE.match(p.name) and p.is_file():
+                _unlink_quiet(p)
+                n += 1
+    return n
+
+
+@contextlib.contextmanager
+def claim_dir(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=(), flag: str = "--out",
+              names: re.Pattern | None = None):
+    """``with claim_dir(out, "cache-teacher", marks, inputs=...):`` the output directory checked
+    (``check_out``), locked for this run (created if missing, removed again if the run leaves it
+    empty), its stale temps swept; checked again under the lock. Take it before anything slow."""
+    d = check_out(directory, stage, marks, inputs=inputs, flag=flag, names=names)
+    with DirLock(d, stage):
+        check_out(d, stage, marks, inputs=inputs, flag=flag, names=names)
+        sweep_temps(d)
+        yield d
 
 
 class CountingFile(io.RawIOBase):

@@ -235,6 +235,13 @@ LOGICAL_COLUMNS = ("key", "shard", "epoch", "seed", "topk_idx", "topk_prob", "la
 
 
 # manifest keys that are not the run identity (``run.json``; its digest is ``run_id``)
+def cache_bytes(directory: str | os.PathLike, files: Iterable[str]) -> int:
+    """A cache's size as B/record counts it: its shard ``files`` (the manifest's), manifest and run
+    file; never another file that shares the directory (shards, checkpoints, a user's)."""
+    d = Path(directory)
+    return sum((d / n).stat().st_size for n in (*files, MANIFEST_NAME, RUN_NAME) if (d / n).is_file())
+
+
 MANIFEST_NOT_IDENTITY = ("run_id", "source", "shards", "totals", AGREEMENT_KEY, REPLAY_ENV_KEY)
 # what every manifest holds, and the type of each (FORMAT.md 2.3); bool is not an int here
 _INT, _NUM = "an integer", "a number"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .format import (FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_METRICS_NAME, RUN_NAME, RUN_SUMMARY_NAME, SHARD_INDEX_NAME,
+from .format import (cache_bytes, FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_METRICS_NAME, RUN_NAME, RUN_SUMMARY_NAME, SHARD_INDEX_NAME,
                      ShardIndex, Skip, read_filter_summary, skip_lines, skips_tsv)
 from .files import UserError, read_json
 
@@ -104,7 +104,7 @@ def _describe_cache(p: Path, n: int) -> str:
     from .cache.reader import open_cache
     c = open_cache(p)
     m = c.manifest
-    size = _size(p)
+    size = cache_bytes(p, [e["file"] for e in m["shards"]])
     t = c.to_table(epochs=[0], shards=c.shard_names[:1]).slice(0, n)
     teacher, agree = m["teacher"], m.get("teacher_agreement") or {}
     lines = [repr(c), f"  teacher: {', '.join(x['spec'] for x in teacher['members'])} (input {teacher['input_size']}, "

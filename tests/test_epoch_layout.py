@@ -143,11 +143,13 @@ def test_convert_cache_keeps_every_record_and_the_result_trains(tmp_path):
     # the converted files carry the new run id, so a cache-teacher resume with the same settings reuses them
     with pa.memory_map(str(out / old["shards"][0]["file"])) as src:
         assert pa.ipc.open_file(src).schema.metadata[F.ARROW_RUN_ID_KEY].decode() == c.manifest["run_id"]
-    # refused: converting again, or into a non-empty directory
+    # refused: converting again, or into a non-empty directory that holds no conversion of OLD
     with pytest.raises(UserError, match="already"):
         convert_cache(out, tmp_path / "again")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):
-        convert_cache(V1, out)
+        convert_cache(V1, tmp_path / "other")
     # it trains (one step): every check of train-student (files, fingerprints, shard set) passes
     shards = tmp_path / "train"
     shards.mkdir()

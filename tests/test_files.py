@@ -58,7 +58,7 @@ def test_acquire_release_creates_parents(tmp_path):
     with lock_dir(out, "cache") as lock:
         assert isinstance(lock, DirLock) and lock.held
         info = json.loads((out / LOCK_NAME).read_text())
-        assert set(info) == {"host", "pid", "started", "what"}
+        assert set(info) == {"host", "pid", "pid_start", "started", "what"}
         assert (info["host"], info["pid"], info["what"]) == (socket.gethostname(), os.getpid(), "cache")
         assert lock_holder(out) is None and DirLock.held_by_other(out) is None      # our own lock
         with pytest.raises(UserError, match="in use"):                               # not re-entrant
@@ -84,7 +84,7 @@ def test_another_live_process_holds_the_lock(tmp_path):
             lock_dir(tmp_path, "filter")
         msg = str(e.value)
         assert "\n" not in msg and f"pid {p.pid} on {socket.gethostname()}" in msg
-        assert msg.startswith(f"{tmp_path} is in use by another distill filter run (")
+        assert msg.startswith(f"{tmp_path} is in use by distill cache (")      # the holder's stage, not ours
         assert msg.endswith("; wait for it to finish or use another --out")
         holder = lock_holder(tmp_path)
         assert holder is not None and holder["pid"] == p.pid and holder["what"] == "cache"

@@ -179,9 +179,9 @@ def test_user_errors(image_tree, tmp_path):
         make_shards(bad, tmp_path / "o3", shuffle=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "other.txt").write_text("x")
-    with pytest.raises(UserError, match="output folder .*full is not empty"):
+    with pytest.raises(UserError, match="OUT .*full is not empty .*holds no earlier make-shards output"):
         make_shards(src, tmp_path / "full", shuffle=False)
-    with pytest.raises(UserError, match="must not be inside the source folder"):
+    with pytest.raises(UserError, match="holds, contains or is inside the input"):
         make_shards(src, src / "out", shuffle=False)
     with pytest.raises(UserError, match="keys must be 'stem' or 'path'"):
         make_shards(src, tmp_path / "o4", keys="name", shuffle=False)

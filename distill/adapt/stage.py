@@ -22,8 +22,8 @@ import torch
 from ..config import AdaptConfig, IMAGENET_MEAN, IMAGENET_STD, write_resolved
 from ..data import augment, views
 from ..data.shards import resolve_shards
-from ..files import UserError, lock_dir
-from ..format import read_excluded_keys
+from ..files import UserError, claim_dir
+from ..format import RUN_CONFIG_NAME, read_excluded_keys
 from ..progress import note
 from ..train.data import auto_workers, shard_refs
 from .base import PRESETS, build_base
@@ -125,6 +125,16 @@ def adapt_teacher(cfg: AdaptConfig, policy_table: dict | None = None, *, stop_af
     resumable with ``--resume``; the result's ``complete`` is False)."""
     t0 = time.perf_counter()
     cfg = resolve(cfg)
+    with claim_dir(cfg.out, "adapt-teacher", ADAPT_MARKS, inputs=(cfg.base, cfg.base_checkpoint, cfg.shards,
+                                                                  cfg.val_shards, cfg.exclude, cfg.policy)):
+        return _adapt(cfg, policy_table, stop_after, t0)
+
+
+# a teacher directory: the resolved config an adapt-teacher run writes first (train-student's lacks these keys)
+ADAPT_MARKS = ((RUN_CONFIG_NAME, {"method": None, "base": None}),)
+
+
+def _adapt(cfg: AdaptConfig, policy_table: dict | None, stop_after: int | None, t0: float) -> AdaptResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
@@ -140,13 +150,11 @@ def adapt_teacher(cfg: AdaptConfig, policy_table: dict | None = None, *, stop_af
     for n in notes:
         note(n, cfg.quiet)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with lock_dir(out, "adapt-teacher"):
-        write_resolved(cfg, out, extra={"trained-params": trained})
-        val = ValViews(data.val_refs, cfg.image_size, max(cfg.batch_size, 64), data.num_classes)
-        res = fit(cfg, model, masks, data, device, val, stop_after)
-        complete = res.state["epoch"] >= cfg.epochs
-        teacher = _finish(cfg, model, data, base_id, val, res, trained, total, t0) if complete else {}
+    write_resolved(cfg, out, extra={"trained-params": trained})
+    val = ValViews(data.val_refs, cfg.image_size, max(cfg.batch_size, 64), data.num_classes)
+    res = fit(cfg, model, masks, data, device, val, stop_after)
+    complete = res.state["epoch"] >= cfg.epochs
+    teacher = _finish(cfg, model, data, base_id, val, res, trained, total, t0) if complete else {}
     top1 = teacher["metrics"]["val_top1"] if complete else (res.rows[-1]["val_top1"] if res.rows else None)
     return AdaptResult(out, cfg.method, res.state["epoch"], top1, trained, total, time.perf_counter() - t0,
                        res.memory, teacher, [n for n in notes if "random weights" in n], complete)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..files import FormatError, UserError, atomic_write_bytes, atomic_write_json, digest, inside, lock_dir, read_json, sha256_file
+from ..files import FormatError, UserError, atomic_write_bytes, atomic_write_json, check_out, claim_dir, digest, inside, read_json, sha256_file
 from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_DIR, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, RUN_NAME,
                       cache_file_name, cache_file_path, check_cache_names, encode_cache_shard, ipc_bytes, read_ipc)
 from ..progress import bar
@@ -61,13 +61,11 @@ def _identity(old: Path, manifest: dict) -> dict:
 def _files(old: Path, new: Path, manifest: dict) -> list[tuple[dict, Path, Path]]:
     """(entry, its file in OLD, its file in NEW) per shard, every name checked before anything is
     written: OLD's names are plain file names inside OLD (FormatError otherwise), NEW's are made from
-    the shard names (``<stem>.arrow``) and distinct, and NEW is neither OLD nor inside it."""
+    the shard names (``<stem>.arrow``) and distinct."""
     source = old / MANIFEST_NAME
     check_cache_names(manifest, source)
     if not manifest.get("shards"):
         raise UserError(f"{source} lists no shards: nothing to convert")
-    if new.resolve().is_relative_to(old.resolve()):
-        raise UserError(f"{new} is inside {old}: convert-cache never writes under OLD; give a NEW outside it")
     files = []
     for e in manifest["shards"]:
         dst = inside(new, cache_file_name(e["name"]), f"{new}: the converted file of shard {e['name']!r} is", CACHE_DIR)
@@ -89,16 +87,17 @@ def convert_cache(old: str | Path, new: str | Path, quiet: bool = False) -> Path
         raise UserError(f"{old} is already a cache of format version {CACHE_VERSION}: nothing to convert")
     if manifest.get("version") != 1:
         raise UserError(f"{old} has cache format version {manifest.get('version')}; this distill converts version 1")
-    if new.exists() and any(not f.name.startswith(".distill.") for f in new.iterdir()):
-        raise UserError(f"{new} exists and is not empty; give a new directory for the converted cache")
+    identity = _identity(old, manifest)
+    # NEW: new, empty, or this same conversion's earlier (maybe interrupted) output, which is redone
+    mine = ((RUN_NAME, identity),)
+    check_out(new, "convert-cache", mine, inputs=(old,), flag="NEW")
     files = _files(old, new, manifest)
     for e, src, _ in files:              # every old file proven before anything is written
         if not src.is_file() or "file_sha256" in e and sha256_file(src) != e["file_sha256"]:
             raise FormatError(f"{src} is missing or its checksum differs from {old / MANIFEST_NAME}: OLD is "
                               f"damaged; nothing converted")
-    identity = _identity(old, manifest)
     run_id = digest(json.dumps(identity, sort_keys=True))
-    with lock_dir(new, "convert-cache"):
+    with claim_dir(new, "convert-cache", mine, inputs=(old,), flag="NEW"):
         atomic_write_json(new / RUN_NAME, identity)
         entries = []
         pbar = bar(len(files), "convert-cache", "shard", quiet)

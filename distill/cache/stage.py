@@ -17,10 +17,10 @@ from pathlib import Path
 from .. import engine, recipes
 from ..config import CacheConfig
 from ..data import augment, shards as shardio, views
-from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
+from ..files import (UserError, atomic_write_bytes, atomic_write_json, claim_dir, digest, live_readers, read_json,
                      sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
-                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_file_name, CACHE_DONE_DIR, cache_manifest, check_manifest, read_excluded_keys,
+                      REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_bytes, cache_file_name, CACHE_DONE_DIR, cache_manifest, check_manifest, read_excluded_keys,
                       skip_lines)
 from ..progress import bar, note
 from .verify import replay_env
@@ -369,18 +369,18 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     for this run; finished shards of an earlier run with the same identity are kept."""
     t_wall = time.perf_counter()
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    plan = _plan(cfg, policy_table, center_crop)
-    for n in plan.notes:
-        note(f"note: {n}", cfg.quiet)
-    for w in plan.warnings:
-        note(f"warning: {w}", cfg.quiet)
-    with engine.RayContext(cfg.ray_address):
-        place = _placement(cfg, engine.cluster_resources())
-        # device type and precision are part of what a cache is: a resume may not mix them
-        plan.identity["teacher"].update(device_type=place.device, precision=_precision(cfg, place.device))
-        with lock_dir(out, "cache-teacher"):
+    # the directory first: checked and locked before anything slow (a second run is refused at once)
+    with claim_dir(out, "cache-teacher", CACHE_MARKS, inputs=(cfg.shards, cfg.exclude, *cfg.teacher,
+                                                               *cfg.teacher_checkpoint)):
+        plan = _plan(cfg, policy_table, center_crop)
+        for n in plan.notes:
+            note(f"note: {n}", cfg.quiet)
+        for w in plan.warnings:
+            note(f"warning: {w}", cfg.quiet)
+        with engine.RayContext(cfg.ray_address):
+            place = _placement(cfg, engine.cluster_resources())
+            # device type and precision are part of what a cache is: a resume may not mix them
+            plan.identity["teacher"].update(device_type=place.device, precision=_precision(cfg, place.device))
             _prepare_out(out, plan.identity, cfg.overwrite)
             entries, tasks, redone = _tasks(out, plan)
             for r in redone:
@@ -428,7 +428,7 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
     if len(have) == len(names) and not dups and not totals["incomplete_shards"]:
         atomic_write_json(out / MANIFEST_NAME, manifest)
         shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)     # the manifest proves the files from now on
-    nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and not f.name.startswith("."))
+    nbytes = cache_bytes(out, [e["file"] for e in have])
     return CacheResult(out=out, samples=totals["samples"], epochs=cfg.epochs, records=records,
                        skipped=totals["skipped"], excluded=totals["excluded"], bytes=nbytes,
                        bytes_per_record=nbytes / records if records else float("nan"), records_per_s=0.0,
@@ -464,36 +464,47 @@ def _count_hint(index, name: str) -> int:
     return 0
 
 
+# a directory is a cache (this stage's own output, or convert-cache's) when it holds a cache's run file
+CACHE_MARKS = ((RUN_NAME, {"format": CACHE_FORMAT}), (MANIFEST_NAME, {"format": CACHE_FORMAT}))
+
+
 def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
-    """Create the cache dir; refuse to mix runs with different settings unless overwrite."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    """Write the run file; a cache of other settings is refused, or with ``overwrite`` its own files
+    deleted (``_own_files``: never another file). ``out`` is claimed (``claim_dir``): empty or a cache."""
     run_file = out / RUN_NAME
-    diff: list[str] = []
-    if out.exists() and any(not f.name.startswith(".distill.") for f in out.iterdir()):   # lock and reader marks
-        if run_file.exists():
-            old = read_json(run_file, "cache run file")
-            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            if diff and not overwrite:
-                raise UserError(f"{out} holds a cache built with different {', '.join(diff)}; "
-                                f"use --overwrite to replace it or choose another --out")
-        elif not overwrite:
-            raise UserError(f"{out} is not empty and is not a distill cache; use --overwrite or another --out")
-        if overwrite and (not run_file.exists() or diff):
+    if run_file.exists():
+        old = read_json(run_file, "cache run file")
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff and not overwrite:
+            raise UserError(f"{out} holds a cache built with different {', '.join(diff)}; "
+                            f"use --overwrite to replace it or choose another --out")
+        if diff:
             readers = live_readers(out)
             if readers:
                 r = readers[0]
                 raise UserError(f"{out} is being read by distill {r.get('what')} (pid {r['pid']} on {r.get('host')}): "
                                 f"--overwrite would delete files under it; wait for it to finish or use another --out")
-            for f in out.iterdir():
-                if f.is_file() and (f.suffix == ".arrow" or f.name in (MANIFEST_NAME, RUN_NAME) or f.name.endswith(".tmp")):
-                    f.unlink()
+            for f in _own_files(out):
+                f.unlink(missing_ok=True)
             shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.glob(".*.tmp"):         # a write a killed run left half done (we hold the lock: nobody writes)
-        f.unlink(missing_ok=True)
     # a resume keeps the old manifest until the new one replaces it (atomically, at the end)
     atomic_write_json(run_file, identity)
+
+
+def _own_files(out: Path) -> list[Path]:
+    """The files an earlier cache-teacher run wrote in ``out``: run file, manifest, errors log, and the
+    shard files its manifest or completion records name (plain names inside ``out``)."""
+    names = {RUN_NAME, MANIFEST_NAME, engine.ERRORS_LOG}
+    try:
+        names |= {e["file"] for e in json.loads((out / MANIFEST_NAME).read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for proof in (out / CACHE_DONE_DIR).glob("*.json"):
+        try:
+            names.add(json.loads(proof.read_text())["file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return [out / n for n in sorted(names) if isinstance(n, str) and "/" not in n and (out / n).is_file()]
 
 
 def _reuse(out: Path, path: Path, name: str, run_id: str, proof: dict | None) -> tuple[dict | None, str | None]:

@@ -28,9 +28,9 @@ from typing import Callable, Iterable, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
-                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
+                      SHARD_INDEX_FORMAT,                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
                       encode_label, sanitize_key, shard_name)
-from ..files import FormatError, UserError, error_text, sha256_file
+from ..files import FormatError, UserError, check_out, claim_dir, error_text, sha256_file, temp_path, writing
 
 Progress = Callable[[int], None]
 
@@ -485,7 +485,7 @@ class _TarWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = temp_path(path)
         self.file = open(self.tmp, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=_TAR_FORMAT, encoding="utf-8")
         self.members = 0
@@ -503,21 +503,27 @@ class _TarWriter:
         info.mode = _TAR_MODE
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        with writing(self.path):
+            self.tar.addfile(info, io.BytesIO(data))
         self.members += 1
 
     def close(self) -> ShardEntry:
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        with writing(self.path):
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
         return ShardEntry(name=self.path.name, samples=self.samples, bytes=self.path.stat().st_size,
                           sha256=sha256_file(self.path))
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()                   # may flush into a full disk: the temp goes all the same
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,9 +575,9 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     if not src.exists():
         raise UserError(f"source not found: {src}")
     names = _read_classes(Path(classes_file).expanduser()) if classes_file is not None else None
+    marks, names_re = shard_dir_marks(prefix)
+    check_out(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT", names=names_re)
     if src.is_dir():
-        if out.resolve().is_relative_to(src.resolve()):
-            raise UserError(f"output folder {out} must not be inside the source folder {src}")
         classes, sources, skips = _list_folder(src, keys, names)
     else:
         classes, sources, skips = _list_csv(src, keys, names, classes_file)
@@ -584,15 +590,16 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
             hint = "rename one of them" if keys == "path" else "use --keys path or rename one of them"
             raise UserError(f"duplicate key {s.key!r} from {by_key[s.key]} and {s.name}: {hint}")
         by_key[s.key] = s.name
-    _prepare_out(out, prefix, overwrite)
-    if shuffle:
-        random.Random(f"distill-make-shards:{int(seed)}").shuffle(sources)
-    index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips,
-                         order={"shuffled": bool(shuffle), "seed": int(seed)})
-    if index.num_samples == 0:
-        (out / SHARD_INDEX_NAME).unlink()
-        first = skips[0]
-        raise UserError(f"no readable images in {src}: all {len(skips)} skipped, e.g. {first.shard}: {first.reason}")
+    with claim_dir(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT", names=names_re):
+        _prepare_out(out, prefix, overwrite)
+        if shuffle:
+            random.Random(f"distill-make-shards:{int(seed)}").shuffle(sources)
+        index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips,
+                             order={"shuffled": bool(shuffle), "seed": int(seed)})
+        if index.num_samples == 0:
+            (out / SHARD_INDEX_NAME).unlink()
+            first = skips[0]
+            raise UserError(f"no readable images in {src}: all {len(skips)} skipped, e.g. {first.shard}: {first.reason}")
     return index, skips
 
 
@@ -755,15 +762,30 @@ def _read_classes(path: Path) -> list[str]:
     return names
 
 
+def shard_dir_marks(prefix: str) -> tuple[tuple, re.Pattern]:
+    """How a shard writer knows its own folder (``files.holds_output``): a shard index, or nothing
+    but ``<prefix>-NNNNNN.tar`` files (a run killed before its index)."""
+    return ((SHARD_INDEX_NAME, {"format": SHARD_INDEX_FORMAT}),), re.compile(rf"^{re.escape(prefix)}-[0-9]{{6}}\.tar$")
+
+
+def own_shard_files(out: Path, prefix: str) -> list[Path]:
+    """The files an earlier shard writer left in ``out`` (claimed as its own): the index and the
+    shards it lists; without an index, the ``<prefix>-NNNNNN.tar`` files (nothing else is there)."""
+    index = out / SHARD_INDEX_NAME
+    if index.is_file():
+        try:
+            names = [e.name for e in ShardIndex.read(out).shards]
+        except FormatError:
+            names = []
+        return [index, *(out / n for n in names if (out / n).is_file())]
+    ours = shard_dir_marks(prefix)[1]
+    return [p for p in out.iterdir() if p.is_file() and ours.match(p.name)] if out.is_dir() else []
+
+
 def _prepare_out(out: Path, prefix: str, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"output folder {out} is not empty (use --overwrite to replace its shards)")
-        ours = re.compile(rf"^\.?{re.escape(prefix)}-[0-9]{{6}}\.tar(\.tmp)?$")
-        (out / SHARD_INDEX_NAME).unlink(missing_ok=True)
-        for p in out.iterdir():
-            if ours.match(p.name) and p.is_file():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    """OUT is claimed (empty, or shards written before); those are deleted only with ``overwrite``."""
+    found = own_shard_files(out, prefix)
+    if found and not overwrite:
+        raise UserError(f"output folder {out} is not empty (use --overwrite to replace its shards)")
+    for p in found:
+        p.unlink()

@@ -18,9 +18,9 @@ import pyarrow as pa
 from . import rules
 from ..cache.stage import cache_teacher
 from ..config import CacheConfig, FilterConfig
-from ..format import (FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION,
+from ..format import (CACHE_FORMAT, RUN_NAME, FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SCORING_DIR, FILTER_SUMMARY_NAME, FILTER_VERSION,
                       MANIFEST_NAME, read_ipc, skip_lines)
-from ..files import UserError, atomic_write_json, lock_dir, sha256_file
+from ..files import UserError, atomic_write_json, check_out, claim_dir, sha256_file
 from ..cache.reader import open_cache
 
 SCORING_DIR = FILTER_SCORING_DIR
@@ -82,8 +82,10 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
     if not 0 <= cfg.max_drop_frac <= 1 or cfg.min_per_class < 0:
         raise UserError("--max-drop-frac must be in [0, 1] and --min-per-class >= 0")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    inputs = (cfg.shards, *cfg.scorer, *cfg.scorer_checkpoint)
+    check_out(out, "filter-labels", FILTER_MARKS, inputs=inputs)
+    if cfg.write_shards:
+        check_out(cfg.write_shards, "filter-labels", _clean_marks(out), inputs=(*inputs, out), flag="--write-shards")
     cc = CacheConfig(shards=cfg.shards, teacher=cfg.scorer, out=str(out / SCORING_DIR), epochs=1, topk=cfg.topk,
                      batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers, threads=cfg.threads,
                      ray_address=cfg.ray_address, overwrite=cfg.overwrite, teacher_checkpoint=cfg.scorer_checkpoint,
@@ -91,7 +93,7 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
                      teacher_input_size=cfg.scorer_input_size, teacher_mean=cfg.scorer_mean,
                      teacher_std=cfg.scorer_std, temperature=cfg.temperature, prob_dtype="float32",
                      retries=cfg.retries, quiet=cfg.quiet)
-    with lock_dir(out, "filter-labels"):
+    with claim_dir(out, "filter-labels", FILTER_MARKS, inputs=inputs):
         try:
             scored = cache_teacher(cc, center_crop=cfg.crop_pct)
         except UserError as e:       # the scoring pass speaks of the teacher: name the scorer's flags
@@ -106,7 +108,7 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
             (out / FILTER_SUMMARY_NAME).unlink()   # the old summary no longer describes the scores: rewritten last
         _write_scores(out, chunks, dec, rule)
         summary = dict(_summary(cfg, cache, dec), scores_sha256=sha256_file(out / FILTER_SCORES_NAME))
-        written = _write_clean_shards(cfg, cache, set(_dropped_keys(out))) if cfg.write_shards else 0
+        written = _write_clean_shards(cfg, out, inputs, cache, set(_dropped_keys(out))) if cfg.write_shards else 0
         from .report import write_filter_report
         write_filter_report(out, summary, cache)
         atomic_write_json(out / FILTER_SUMMARY_NAME, summary)
@@ -178,12 +180,35 @@ def _per_class(dec: rules.Decision, classes: list[str]) -> list[dict]:
              "dropped_frac": float(d[i] / n[i]) if n[i] else 0.0} for i in range(len(classes))]
 
 
-def _write_clean_shards(cfg: FilterConfig, cache, drop: set[str]) -> int:
+# a filter directory: its summary, or the scoring pass's cache of an interrupted run
+FILTER_MARKS = ((FILTER_SUMMARY_NAME, {"format": FILTER_FORMAT}),
+                (f"{FILTER_SCORING_DIR}/{RUN_NAME}", {"format": CACHE_FORMAT}))
+CLEAN_MARK = ".distill.filter.json"      # in --write-shards: which filter directory wrote these shards
+
+
+def _clean_marks(out: Path) -> tuple:
+    """--write-shards is this filter's own when it holds the cleaned shards this filter directory wrote."""
+    return ((CLEAN_MARK, {"filter": str(out.resolve())}),)
+
+
+def _write_clean_shards(cfg: FilterConfig, out: Path, inputs: tuple, cache, drop: set[str]) -> int:
+    """The input shards without the flagged samples, in --write-shards (claimed: empty or this
+    filter's earlier cleaned shards, which are replaced)."""
     from ..data import shards as shardio
-    from ..format import Skip
     paths, index = shardio.resolve_shards(cfg.shards)
     classes = index.classes if index else cache.classes
-    dest = Path(cfg.write_shards)
+    prefix = paths[0].name.rsplit("-", 1)[0] if "-" in paths[0].name else "clean"
+    size = max(s.samples for s in index.shards) if index and index.shards else 1000
+    with claim_dir(cfg.write_shards, "filter-labels", _clean_marks(out), inputs=(*inputs, out), flag="--write-shards") as dest:
+        atomic_write_json(dest / CLEAN_MARK, {"filter": str(out.resolve())})
+        for p in shardio.own_shard_files(dest, prefix):
+            p.unlink()
+        return _write_clean(paths, drop, dest, prefix, size, classes)
+
+
+def _write_clean(paths, drop: set[str], dest: Path, prefix: str, size: int, classes: list[str]) -> int:
+    from ..data import shards as shardio
+    from ..format import Skip
 
     def samples():
         for p in paths:
@@ -191,7 +216,5 @@ def _write_clean_shards(cfg: FilterConfig, cache, drop: set[str]) -> int:
                 if not isinstance(item, Skip) and item.key not in drop:
                     yield item
 
-    prefix = paths[0].name.rsplit("-", 1)[0] if "-" in paths[0].name else "clean"
-    size = max(s.samples for s in index.shards) if index and index.shards else 1000
     idx = shardio.write_shards(samples(), dest, prefix, size, classes)
     return len(idx.shards)

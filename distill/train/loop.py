@@ -30,8 +30,8 @@ import torch
 
 from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, lock_dir
-from ..format import RUN_CLASS_STATS_NAME
+from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, check_out, claim_dir
+from ..format import RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
@@ -245,6 +245,15 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, warmup_l
 
 # ----------------------------------------------------------------------------- the API
 
+# a run directory: the resolved config a train-student run writes first (adapt-teacher's lacks these keys)
+TRAIN_MARKS = ((RUN_CONFIG_NAME, {"model": None, "cache": None}),)
+
+
+def _inputs(cfg: TrainConfig) -> tuple:
+    """What the run reads: --out may hold, contain or be inside none of these."""
+    return cfg.shards, cfg.cache, cfg.val_shards, cfg.exclude, cfg.init, cfg.policy
+
+
 def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_after: int | None = None) -> TrainResult:
     """Train ``cfg.model`` into ``cfg.out``. ``stop_after``: end this call after that many epochs
     (the run stays resumable with ``--resume``). With ``cfg.compare_hard_labels``, also train the
@@ -253,6 +262,7 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
     take the values of its recipe (``distill.recipes``)."""
     cfg, overridden = recipes.resolve_train(cfg)
     validate(cfg)
+    check_out(cfg.out, "train-student", TRAIN_MARKS, inputs=_inputs(cfg))     # before anything slow
     if cfg.loader_workers < 0:           # resolved here, so config.json (and --resume's check) hold the number
         cfg = dataclasses.replace(cfg, loader_workers=auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if cfg.threads > 0:
@@ -270,7 +280,7 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
             err = None
             if d.main:
                 try:
-                    held.enter_context(lock_dir(cfg.out, "train-student"))
+                    held.enter_context(claim_dir(cfg.out, "train-student", TRAIN_MARKS, inputs=_inputs(cfg)))
                 except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
                     err = e
             _sync(d, err)
