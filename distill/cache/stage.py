@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import engine, recipes
-from ..config import CacheConfig
+from ..config import CacheConfig, check_batch_memory, check_run_size
 from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, digest, live_readers, lock_dir, read_json,
                      sha256_file)
@@ -85,18 +85,11 @@ class CacheResult:
 
 
 def _validate(cfg: CacheConfig) -> None:
-    for name, low in (("epochs", 1), ("topk", 1), ("batch_size", 1), ("teacher_input_size", 0)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if cfg.workers < 0 or cfg.threads < 0 or cfg.retries < 0:
-        raise UserError("--workers, --threads and --retries must be >= 0")
+    """What the config's declared ranges (``config.check``) cannot say alone."""
     if cfg.recipe:
         recipes.get(cfg.recipe)                        # an unknown name is refused here
-    if (len(cfg.teacher_mean) not in (0, 3) or len(cfg.teacher_std) not in (0, 3)
-            or min(cfg.teacher_std, default=1) <= 0):
-        raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers (std > 0)")
-    if cfg.teacher_num_classes < 0:
-        raise UserError(f"--teacher-num-classes must be >= 0, got {cfg.teacher_num_classes}")
+    if len(cfg.teacher_mean) not in (0, 3) or len(cfg.teacher_std) not in (0, 3):
+        raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers")
 
 
 @dataclass
@@ -174,6 +167,7 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     from .. import teachers
     _validate(cfg)
     paths, index = shardio.resolve_shards(cfg.shards)
+    check_run_size(cfg.epochs, index.num_samples if index else None, cfg.allow_long_run)
     # a timm teacher is created with --teacher-num-classes, else the shards' classes (else timm's default)
     num_classes = cfg.teacher_num_classes or (len(index.classes) if index else 0)
     specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint, random_weights=cfg.teacher_random_weights,
@@ -183,6 +177,7 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     warnings: list[str] = []
     notes: list[str] = []
     size = _input_size(cfg, specs, warnings)
+    check_batch_memory(cfg.batch_size, size, "--teacher-input-size")
     mean, std = _normalisation(cfg, specs, size, warnings, notes)
     spec = (views.ViewSpec.scoring(size, center_crop) if center_crop is not None
             else views.ViewSpec(augment.load_policy(cfg.policy, policy_table,
