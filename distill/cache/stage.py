@@ -183,7 +183,7 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
             else views.ViewSpec(augment.load_policy(cfg.policy, policy_table,
                                                     base=recipes.get(cfg.recipe).policy if cfg.recipe else None)))
     teachers.resolve_precision(cfg.teacher_precision, "cpu")          # a bad value is refused here
-    ens = teachers.Ensemble(specs, "cpu", cfg.temperature)
+    ens = teachers.Ensemble(specs, "cpu", cfg.temperature, outputs=cfg.teacher_outputs)   # refuses bad outputs
     width, members = ens.output_width(size), ens.identity()
     del ens
     classes = list(index.classes) if index else [str(i) for i in range(width)]
@@ -200,7 +200,9 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     identity = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
         "teacher": {"members": members, "input_size": size, "mean": list(mean),
-                    "std": list(std), "temperature": cfg.temperature},
+                    "std": list(std), "temperature": cfg.temperature,
+                    # only when not logits: a cache of a logits teacher keeps its run_id
+                    **({"outputs": cfg.teacher_outputs} if cfg.teacher_outputs != "logits" else {})},
         **spec.views_of(),
         "topk": cfg.topk, "temperature": cfg.temperature, "prob_dtype": cfg.prob_dtype,
         "epochs": cfg.epochs, "cache_seed": cfg.seed, "shard_set": [p.name for p in paths],
@@ -306,7 +308,7 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
     leave the total, so a run that completes ends at 100%."""
     t = plan.identity["teacher"]
     init = dict(specs=plan.specs, expect=t["members"], device=place.device, precision=t["precision"],
-                threads=place.threads, temperature=cfg.temperature,
+                threads=place.threads, temperature=cfg.temperature, outputs=cfg.teacher_outputs,
                 views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
                 cache_seed=cfg.seed, input_size=t["input_size"], mean=tuple(t["mean"]), std=tuple(t["std"]),
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
