@@ -31,6 +31,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         helptext = f.metadata.get("help", "")
+        if f.metadata.get("range"):
+            helptext += f" (in {f.metadata['range'][0]})"
         if f.default is not dataclasses.MISSING and f.default not in (None, False, ()):
             helptext += f" (default: {','.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         kw = dict(dest=f.name, default=None, help=helptext)
