@@ -13,7 +13,7 @@ import torch
 
 from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, one_line_error
 from distill import cli, teachers
-from distill.cache import cache_teacher
+from distill.cache import cache_teacher, verify_cache
 from distill.data.shards import Sample, iter_shard
 from distill.files import atomic_write_json
 from distill.format import MANIFEST_NAME, CacheFile, cache_manifest, encode_cache_shard, ipc_bytes
@@ -227,6 +227,7 @@ def test_probs_teacher_is_cached_with_its_logits_twins_top_k(scripted, tmp_path)
     assert p_l[:, 0].mean() > 0.11                                   # not a softmax over probabilities (~uniform)
     run = (tmp_path / "probs" / "run.json").read_text()
     assert '"outputs": "probs"' in run and '"outputs"' not in (tmp_path / "logits" / "run.json").read_text()
+    assert verify_cache(tmp_path / "probs", recompute=4, teacher=[str(scripted["probs"])]).ok
 
 
 @pytest.mark.usefixtures("ray_local")
