@@ -33,6 +33,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         helptext = f.metadata.get("help", "")
+        if f.metadata.get("range"):
+            helptext += f" (in {f.metadata['range'][0]})"
         if f.default is not dataclasses.MISSING and f.default not in (None, False, ()):
             helptext += f" (default: {','.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         kw = dict(dest=f.name, default=None, help=helptext)
@@ -172,12 +174,14 @@ def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) 
     """Run the stages of a pipeline file in order; returns {stage: result}."""
     pipe = C.load_pipeline(path)
     results = {}
-    for stage in C.STAGE_ORDER:
-        if stage not in pipe.stages or (only and stage not in only):
-            continue
-        cls = STAGES[stage][0]
-        extra = {"quiet": True} if quiet else {}
-        cfg = C.build(cls, pipe.stage_layer(stage), extra, where=f"[{stage}] of {path}")
+    extra = {"quiet": True} if quiet else {}
+    # every stage's options (and the policy) checked before the first stage starts
+    cfgs = {stage: C.build(STAGES[stage][0], pipe.stage_layer(stage), extra, where=f"[{stage}] of {path}")
+            for stage in C.STAGE_ORDER if stage in pipe.stages and not (only and stage not in only)}
+    if pipe.policy is not None:
+        from .data.augment import load_policy
+        load_policy(table=pipe.policy)
+    for stage, cfg in cfgs.items():
         main = os.environ.get("RANK", "0") == "0"          # under torchrun only rank 0 speaks
         if main:
             print(f"== {stage}", flush=True)

@@ -18,8 +18,10 @@ for callables and timm models. An ``Ensemble`` given the driver's identities che
 the same weights.
 
 Input: images already at the model's input size, scaled to [0, 1] and normalised. Output: logits
-over classes. An ensemble averages the members' probabilities, computed in float32 whatever the
-forward precision (fp32, or bf16/fp16 under autocast). No file paths of data here.
+over classes (or, declared by ``outputs``, probabilities or log-probabilities), as a tensor, a dict's
+``logits`` or a tuple's first element; NaN or infinity is refused naming the batch rows. An ensemble
+averages the members' probabilities, computed in float32 whatever the forward precision (fp32, or
+bf16/fp16 under autocast). No file paths of data here.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import math
 import os
 import re
 import warnings
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from . import pt2
+from .config import TEACHER_OUTPUTS
 from .files import UserError, inside, sha256_file
 from .format import ADAPT_TEACHER_JSON, read_teacher_json
 
@@ -358,9 +362,12 @@ class Ensemble:
     members must have, so that a worker proves it runs the weights the driver identified."""
 
     def __init__(self, specs: list[TeacherSpec], device: str | torch.device = "cpu", temperature: float = 1.0,
-                 precision: str | None = "fp32", expect: list[dict] | None = None):
-        if temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {temperature}")
+                 precision: str | None = "fp32", expect: list[dict] | None = None, outputs: str = "logits"):
+        if not 0 < temperature < math.inf:
+            raise UserError(f"temperature must be a finite number > 0, got {temperature}")
+        if outputs not in TEACHER_OUTPUTS:
+            raise UserError(f"--teacher-outputs must be one of {', '.join(TEACHER_OUTPUTS)}, got {outputs!r}")
+        self.outputs = outputs
         if expect is not None and len(expect) != len(specs):
             raise UserError(f"{len(expect)} expected teacher identities for {len(specs)} teachers")
         self.specs = specs
@@ -392,12 +399,11 @@ class Ensemble:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         total = None
-        for model in self.models:
+        for spec, model in zip(self.specs, self.models):
             with self._autocast(), torch.jit.optimized_execution(self._optimize):
-                logits = model(x)
-            if isinstance(logits, (tuple, list)):
-                logits = logits[0]
-            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+                out = model(x)
+            logits = log_scores(output_tensor(out, spec), self.outputs, spec)
+            probs = torch.softmax(logits / self.temperature, dim=-1)
             total = probs if total is None else total + probs
         return total / len(self.models)
 
@@ -408,6 +414,57 @@ class Ensemble:
 
     def output_width(self, input_size: int) -> int:
         return int(self(torch.zeros(1, 3, input_size, input_size)).shape[-1])
+
+
+class NonFiniteOutput(UserError):
+    """A teacher's output holds NaN or infinity in some rows (``rows``: their indices in the batch)."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
+
+
+def output_tensor(out, spec: TeacherSpec) -> torch.Tensor:
+    """The (batch, classes) tensor a teacher's forward returned: the tensor itself, a dict's (or a
+    ``ModelOutput``'s) ``logits``, or a tuple's or list's first element; anything else is refused."""
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        what = type(out).__name__ + (f" with keys {sorted(map(str, out))[:5]}" if isinstance(out, dict) else "")
+        raise UserError(f"teacher {spec.spec} returned a {what}: expected its logits, as a tensor, a dict with a "
+                        "'logits' tensor, or a tuple whose first element is the logits")
+    if out.ndim != 2:
+        raise UserError(f"teacher {spec.spec} returned a tensor of shape {tuple(out.shape)}: expected (batch, classes)")
+    return out
+
+
+def _are_probabilities(p: torch.Tensor) -> bool:
+    """Every row non-negative and summing to 1 within 1e-3: a softmax's output."""
+    return bool((p >= 0).all() and ((p.sum(dim=-1) - 1).abs() <= 1e-3).all())
+
+
+def log_scores(out: torch.Tensor, outputs: str, spec: TeacherSpec) -> torch.Tensor:
+    """float32 scores whose softmax (over T) is the teacher's distribution: logits as they are, log-probs
+    as they are, probabilities as their logarithm (softmax(log p / T); no second softmax). Refuses NaN and
+    infinity (``NonFiniteOutput``, naming the batch rows; -inf is log 0 from a log-probs teacher), a logits
+    teacher whose rows are probabilities, and a probs or log-probs teacher whose rows are not."""
+    x = out.float()
+    bad = x.isnan() | (x == math.inf) | ((x == -math.inf) if outputs != "log-probs" else False)
+    rows = bad.any(dim=-1).nonzero().flatten().tolist()
+    if rows:
+        raise NonFiniteOutput(f"teacher {spec.spec} output NaN or infinity for {len(rows)} of {len(x)} images", rows)
+    if outputs == "logits":
+        if _are_probabilities(x):
+            raise UserError(f"teacher {spec.spec} returns probabilities (every row non-negative, summing to 1): a "
+                            "softmax over them would flatten its targets; pass --teacher-outputs probs")
+        return x
+    if not _are_probabilities(x if outputs == "probs" else x.exp()):
+        what = "probabilities (non-negative" if outputs == "probs" else "log-probabilities (their exp non-negative"
+        raise UserError(f"--teacher-outputs {outputs}: the rows teacher {spec.spec} returns are not {what}, "
+                        "summing to 1); --teacher-outputs logits takes any scores")
+    return x.log() if outputs == "probs" else x
 
 
 def _check_weights(spec: TeacherSpec, model: torch.nn.Module, expected: dict) -> None:

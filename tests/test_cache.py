@@ -212,7 +212,7 @@ def test_teacher_width_mismatch_is_refused_before_work(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "0"], "--epochs must be in [1, 1000000], got 0"),
     (["--teacher", "nowhere.pt"], "teacher spec not found"),
     (["--shards", "no/such/dir"], "shards not found"),
     (["--topk", "ten"], "bad value for topk"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AdaptConfig, IMAGENET_MEAN, IMAGENET_STD, write_resolved
+from ..config import AdaptConfig, IMAGENET_MEAN, IMAGENET_STD, check_batch_memory, check_run_size, write_resolved
 from ..data import augment, views
 from ..data.shards import resolve_shards
 from ..files import UserError, claim_dir
@@ -77,13 +77,7 @@ def resolve(cfg: AdaptConfig) -> AdaptConfig:
     cfg = dataclasses.replace(cfg, lr=DEFAULT_LR[cfg.method] if cfg.lr is None else cfg.lr,
                               weight_decay=DEFAULT_WD[cfg.method] if cfg.weight_decay is None else cfg.weight_decay,
                               loader_workers=auto_workers() if cfg.loader_workers < 0 else cfg.loader_workers)
-    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 8), ("adapter_dim", 1), ("adapter_groups", 1)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or not 0 <= cfg.label_smoothing < 1:
-        raise UserError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0, --label-smoothing in [0, 1)")
-    if not 0 <= cfg.adapter_dropout < 1:
-        raise UserError(f"--adapter-dropout must be in [0, 1), got {cfg.adapter_dropout}")
+    check_batch_memory(cfg.batch_size, cfg.image_size, "--image-size")
     return cfg
 
 
@@ -101,6 +95,7 @@ def prepare_data(cfg: AdaptConfig, policy_table: dict | None) -> AdaptData:
                         f"{len(vclasses)} classes; first difference at label {diff}: "
                         f"{classes[diff] if diff < len(classes) else '-'} vs {vclasses[diff] if diff < len(vclasses) else '-'})")
     exclude = frozenset(read_excluded_keys(cfg.exclude)) if cfg.exclude else frozenset()
+    check_run_size(cfg.epochs, max(0, index.num_samples - len(exclude)), cfg.allow_long_run)
     counts = None if exclude else [{e.name: e.samples for e in index.shards}[p.name] for p in paths]
     policy = augment.load_policy(cfg.policy, policy_table, {"size": cfg.image_size})
     spec = views.ViewSpec(policy)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import engine, recipes
-from ..config import CacheConfig
+from ..config import CacheConfig, check_batch_memory, check_run_size
 from ..data import augment, shards as shardio, views
 from ..files import (UserError, atomic_write_bytes, atomic_write_json, claim_dir, digest, live_readers, read_json,
                      sha256_file)
@@ -85,18 +85,11 @@ class CacheResult:
 
 
 def _validate(cfg: CacheConfig) -> None:
-    for name, low in (("epochs", 1), ("topk", 1), ("batch_size", 1), ("teacher_input_size", 0)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if cfg.workers < 0 or cfg.threads < 0 or cfg.retries < 0:
-        raise UserError("--workers, --threads and --retries must be >= 0")
+    """What the config's declared ranges (``config.check``) cannot say alone."""
     if cfg.recipe:
         recipes.get(cfg.recipe)                        # an unknown name is refused here
-    if (len(cfg.teacher_mean) not in (0, 3) or len(cfg.teacher_std) not in (0, 3)
-            or min(cfg.teacher_std, default=1) <= 0):
-        raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers (std > 0)")
-    if cfg.teacher_num_classes < 0:
-        raise UserError(f"--teacher-num-classes must be >= 0, got {cfg.teacher_num_classes}")
+    if len(cfg.teacher_mean) not in (0, 3) or len(cfg.teacher_std) not in (0, 3):
+        raise UserError("--teacher-mean and --teacher-std take 3 comma-separated numbers")
 
 
 @dataclass
@@ -174,6 +167,7 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     from .. import teachers
     _validate(cfg)
     paths, index = shardio.resolve_shards(cfg.shards)
+    check_run_size(cfg.epochs, index.num_samples if index else None, cfg.allow_long_run)
     # a timm teacher is created with --teacher-num-classes, else the shards' classes (else timm's default)
     num_classes = cfg.teacher_num_classes or (len(index.classes) if index else 0)
     specs = teachers.make_specs(cfg.teacher, cfg.teacher_checkpoint, random_weights=cfg.teacher_random_weights,
@@ -183,12 +177,13 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     warnings: list[str] = []
     notes: list[str] = []
     size = _input_size(cfg, specs, warnings)
+    check_batch_memory(cfg.batch_size, size, "--teacher-input-size")
     mean, std = _normalisation(cfg, specs, size, warnings, notes)
     spec = (views.ViewSpec.scoring(size, center_crop) if center_crop is not None
             else views.ViewSpec(augment.load_policy(cfg.policy, policy_table,
                                                     base=recipes.get(cfg.recipe).policy if cfg.recipe else None)))
     teachers.resolve_precision(cfg.teacher_precision, "cpu")          # a bad value is refused here
-    ens = teachers.Ensemble(specs, "cpu", cfg.temperature)
+    ens = teachers.Ensemble(specs, "cpu", cfg.temperature, outputs=cfg.teacher_outputs)   # refuses bad outputs
     width, members = ens.output_width(size), ens.identity()
     del ens
     classes = list(index.classes) if index else [str(i) for i in range(width)]
@@ -205,7 +200,9 @@ def _plan(cfg: CacheConfig, policy_table: dict | None, center_crop: float | None
     identity = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
         "teacher": {"members": members, "input_size": size, "mean": list(mean),
-                    "std": list(std), "temperature": cfg.temperature},
+                    "std": list(std), "temperature": cfg.temperature,
+                    # only when not logits: a cache of a logits teacher keeps its run_id
+                    **({"outputs": cfg.teacher_outputs} if cfg.teacher_outputs != "logits" else {})},
         **spec.views_of(),
         "topk": cfg.topk, "temperature": cfg.temperature, "prob_dtype": cfg.prob_dtype,
         "epochs": cfg.epochs, "cache_seed": cfg.seed, "shard_set": [p.name for p in paths],
@@ -311,7 +308,7 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
     leave the total, so a run that completes ends at 100%."""
     t = plan.identity["teacher"]
     init = dict(specs=plan.specs, expect=t["members"], device=place.device, precision=t["precision"],
-                threads=place.threads, temperature=cfg.temperature,
+                threads=place.threads, temperature=cfg.temperature, outputs=cfg.teacher_outputs,
                 views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
                 cache_seed=cfg.seed, input_size=t["input_size"], mean=tuple(t["mean"]), std=tuple(t["std"]),
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],

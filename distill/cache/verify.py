@@ -1,7 +1,7 @@
 """Checks of a finished cache, used by ``distill verify`` and by train-student before its first step:
 
 * ``file_problems`` / ``check_files``: every shard file against the manifest (presence, size,
-  sha256, row count);
+  sha256, row count; ``file_problems`` also finite probabilities);
 * ``check_view_fingerprints``: a few recorded views per shard (manifest ``view_fingerprints``) are
   replayed here and must give the same uint8 pixels the teacher saw (same Pillow, libjpeg-turbo,
   augmentation code);
@@ -45,7 +45,29 @@ def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
             return str(err)
         if n != e["samples"]:
             return f"{f}: {n} samples, manifest says {e['samples']}"
+        try:
+            return _nonfinite_problem(f)
+        except FormatError as err:
+            return str(err)
     return None
+
+
+def _nonfinite_problem(f: Path) -> str | None:
+    """A file whose stored probabilities hold NaN or infinity (a teacher's non-finite output, cached by an
+    older distill), naming the first samples; read one epoch at a time."""
+    bad, keys = 0, []
+    with CacheFile(f) as cf:
+        for epoch in range(cf.epochs):
+            t = cf.read(epochs=[epoch], columns=["key", "topk_prob", "label_prob"])
+            probs = t.column("topk_prob").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            rows = ~np.isfinite(probs.reshape(t.num_rows, -1)).all(axis=1)
+            rows |= ~np.isfinite(t.column("label_prob").to_numpy(zero_copy_only=False))
+            bad += int(rows.sum())
+            keys += [k for k in np.asarray(t.column("key").to_pylist(), dtype=object)[rows][:3] if k not in keys]
+    if not bad:
+        return None
+    return (f"{f}: {bad} record(s) hold NaN or infinite probabilities (samples {', '.join(keys[:3])}"
+            f"{', ...' if bad > 3 else ''}): the teacher's outputs were not finite; rebuild the cache")
 
 
 Part = tuple[int, int]                 # (rank, world): this process checks shards rank, rank + world, ...
@@ -215,7 +237,7 @@ def _recompute(cache: Cache, res: VerifyResult, n: int, teacher, teacher_checkpo
         expect = members
     precision = t.get("precision", "fp32")
     ens = teachers.Ensemble(specs, teachers.resolve_device(device), t["temperature"], precision=precision,
-                            expect=expect)
+                            expect=expect, outputs=t.get("outputs", "logits"))
     rng = np.random.default_rng(seed)
     shards = cache.manifest["shards"]
     agree, worst = 0, 0.0

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import engine
 from ..data import augment, views
+from ..files import UserError
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
 from ..memory import keep_heap
 from .producers import (Block, ProcessProducers, ShardReader, ThreadProducers, Undecodable, finish_pixels,
@@ -112,7 +113,7 @@ class CacheWorker:
 
     def __init__(self, *, specs, device, threads, temperature, views_of: dict, epochs, cache_seed, input_size, mean,
                  std, batch_size, topk, num_classes, prob_dtype, precision="fp32", expect=None, exclude=(),
-                 decode_threads=1, view_workers=0, progress=None):
+                 decode_threads=1, view_workers=0, progress=None, outputs="logits"):
         import torch
         from .. import teachers
         if threads:
@@ -120,7 +121,8 @@ class CacheWorker:
         keep_heap()
         self.device = teachers.resolve_device(device)
         # ``expect``: the driver's identity of each member; a worker that loads other weights is refused
-        self.ens = teachers.Ensemble(specs, self.device, temperature, precision=precision, expect=expect)
+        self.ens = teachers.Ensemble(specs, self.device, temperature, precision=precision, expect=expect,
+                                     outputs=outputs)
         self.spec = views.ViewSpec.from_manifest(views_of)     # {'policy': ..., 'view': ...} of the run identity
         self.epochs, self.cache_seed, self.size = epochs, cache_seed, input_size
         self.mean, self.std, self.batch_size, self.topk = tuple(mean), tuple(std), batch_size, topk
@@ -160,7 +162,7 @@ class CacheWorker:
         prod = self.producers or ThreadProducers(self.decode_threads, gate)
         try:
             pieces = prod.pieces(kept(reader.blocks(), blocks), self.spec, self.epochs, self.size, self.batch_size)
-            got, timing = self._consume(pieces, blocks, gate, prod.release)
+            got, timing = self._consume(pieces, blocks, gate, prod.release, reader.samples)
         except Undecodable:
             raise
         except Exception as e:
@@ -168,12 +170,15 @@ class CacheWorker:
                 self.producers.close()
                 self.producers = ProcessProducers(self.producers.n, self.producers.spec_of, self.epochs,
                                                   self.size, self.batch_size, self.finish)
+            if isinstance(e, UserError):      # not retried: the teacher's outputs are refused (engine)
+                raise UserError(f"{os.path.basename(path)}: {e}") from e
             raise RuntimeError(f"{os.path.basename(path)}: {type(e).__name__}: {e}") from e
         return reader, got, timing
 
-    def _consume(self, pieces, blocks: dict, gate: CpuGate | None, release) -> tuple["Records", dict]:
+    def _consume(self, pieces, blocks: dict, gate: CpuGate | None, release, samples) -> tuple["Records", dict]:
         """Finish every piece (normalise, erase, mix, on the teacher's device) and run the teacher on it;
-        results land in arrays by (sample, epoch); ``release(piece)`` once the teacher is done with it."""
+        results land in arrays by (sample, epoch); ``release(piece)`` once the teacher is done with it.
+        ``samples``: the reader's (key, ...) per position, to name the samples a teacher output NaN for."""
         import torch
         from .. import teachers
         got = Records(self.epochs, self.topk)
@@ -191,7 +196,8 @@ class CacheWorker:
                 for lo in range(0, len(x), self.batch_size):
                     hi = lo + self.batch_size
                     with gate.teacher() if gate else contextlib.nullcontext():
-                        i, v, lp = teachers.topk(self.ens(x[lo:hi]), self.topk, labels[lo:hi])
+                        i, v, lp = teachers.topk(self._teacher(x[lo:hi], where[lo:hi], samples), self.topk,
+                                                 labels[lo:hi])
                     got.put(where[lo:hi], i.numpy(), v.numpy(), lp.numpy())
                 del x
                 release(p)
@@ -207,6 +213,17 @@ class CacheWorker:
         # steady state: all records over the time from the first batch reaching the teacher to the last leaving it
         return got, {"teacher_s": teacher_s, "steady_records": done, "render_s": render_s,
                      "steady_s": (last_at - first_at) if first_at else 0.0}
+
+    def _teacher(self, x, where, samples):
+        """The teacher's probabilities of a batch; NaN or infinity fails the shard naming the samples."""
+        from .. import teachers
+        try:
+            return self.ens(x)
+        except teachers.NonFiniteOutput as e:
+            keys = sorted({samples[int(s)][0] for s in where[e.rows, 0]})
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            raise UserError(f"{e} (sample(s) {', '.join(keys[:5])}{more}); no record of this shard is "
+                            "written") from None
 
     def close(self) -> None:
         if self.producers is not None:

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from ..config import MAX_IMAGE_SIZE
 from ..files import UserError
 
 POLICY_VERSION = 1
@@ -161,6 +162,9 @@ _RAND_INC_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncre
                  "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
                  "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
                  "TranslateYRel")
+# timm's scale: magnitudes m and mmax 0..10, n of the 15 ops per image; mstd >= 0 (> 100: uniform in [0, m])
+_RAND_MAX = {"n": len(_RAND_OPS), "m": 10.0, "mmax": 10.0, "inc": 1}
+_RAND_RANGES = "n 0-15, m 0-10, mmax 0-10, mstd >= 0, inc 0 or 1"
 _RAND_TOKEN = re.compile(r"^(mstd|mmax|inc|m|n|w)(.*)$")
 
 
@@ -195,8 +199,8 @@ def _parse_rand(spec: str) -> _RandSpec:
             raise PolicyError(f"policy: auto_augment {spec!r}: weighted op choice ('w') is not supported.")
         if key == "mstd" and num > 100:
             num = math.inf  # timm: mstd > 100 means uniform magnitude in [0, m]
-        elif not (0 <= num < math.inf) or (key in ("n", "inc") and num != int(num)) or (key == "inc" and num > 1):
-            raise PolicyError(f"policy: auto_augment {spec!r}: token {tok!r} is out of range.")
+        elif not (0 <= num <= _RAND_MAX.get(key, math.inf) and num < math.inf) or (key in ("n", "inc") and num != int(num)):
+            raise PolicyError(f"policy: auto_augment {spec!r}: token {tok!r} is out of range ({_RAND_RANGES}).")
         if key in kw:
             raise PolicyError(f"policy: auto_augment {spec!r} sets {key!r} twice.")
         kw[key] = int(num) if key == "n" else bool(num) if key == "inc" else num
@@ -275,9 +279,10 @@ class Policy:
         def isnum(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        for name, lo in (("size", 1), ("re_count", 1), ("mix_block", 2)):
+        for name, lo, hi in (("size", 1, MAX_IMAGE_SIZE), ("re_count", 1, 100), ("mix_block", 2, MAX_IMAGE_SIZE)):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}.")
+            check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+                  f"{name} must be an integer in [{lo}, {hi}], got {v!r}.")
         for name in ("scale", "ratio"):
             v = getattr(self, name)
             check(isinstance(v, (list, tuple)) and len(v) == 2 and all(map(isnum, v)),
@@ -299,8 +304,8 @@ class Policy:
         object.__setattr__(self, "auto_augment", aa)
         cj = tuple(self.color_jitter) if isinstance(self.color_jitter, (list, tuple)) else self.color_jitter
         check((isnum(cj) or (isinstance(cj, tuple) and len(cj) in (3, 4) and all(map(isnum, cj))))
-              and min(_jitter4(cj)) >= 0 and _jitter4(cj)[3] <= 0.5,
-              f"color_jitter must be a number >= 0 or 3-4 of them (brightness, contrast, saturation[, hue <= 0.5]), got {cj!r}.")
+              and 0 <= min(_jitter4(cj)) and max(_jitter4(cj)) <= 10 and _jitter4(cj)[3] <= 0.5,
+              f"color_jitter must be a number in [0, 10] or 3-4 of them (brightness, contrast, saturation[, hue <= 0.5]), got {cj!r}.")
         object.__setattr__(self, "color_jitter", tuple(map(float, cj)) if isinstance(cj, tuple) else float(cj))
 
     @property

@@ -433,8 +433,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: 
     """
     if not isinstance(prefix, str) or not SHARD_PREFIX_RE.match(prefix):
         raise UserError(f"invalid shard prefix {prefix!r}: use letters, digits, '_' or '-'")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise UserError(f"shard size must be a positive integer, not {shard_size!r}")
+    _check_shard_size(shard_size)
     classes = [str(c) for c in classes]
     if not classes:
         raise UserError("at least one class name is needed")
@@ -537,6 +536,14 @@ class _Source:
     label: int
 
 
+MAX_SHARD_SIZE = 10_000_000
+
+
+def _check_shard_size(shard_size) -> None:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise UserError(f"--shard-size must be an integer in [1, {MAX_SHARD_SIZE}], got {shard_size!r}")
+
+
 def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str = "train", shard_size: int = 1000,
                 keys: str = "stem", classes_file: str | os.PathLike | None = None, overwrite: bool = False,
                 progress: Progress | None = None, shuffle: bool = True, seed: int = 0) -> tuple[ShardIndex, list[Skip]]:
@@ -568,6 +575,7 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     classes). ``shuffle=False`` keeps the listing order. index.json records ``order``.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
+    _check_shard_size(shard_size)
     if keys not in ("stem", "path"):
         raise UserError(f"keys must be 'stem' or 'path', not {keys!r}")
     if not SHARD_PREFIX_RE.match(prefix):

@@ -79,8 +79,6 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
         rule = rules.Rule.parse(cfg.rule, cfg.topk)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if not 0 <= cfg.max_drop_frac <= 1 or cfg.min_per_class < 0:
-        raise UserError("--max-drop-frac must be in [0, 1] and --min-per-class >= 0")
     out = Path(cfg.out)
     inputs = (cfg.shards, *cfg.scorer, *cfg.scorer_checkpoint)
     check_out(out, "filter-labels", FILTER_MARKS, inputs=inputs)
@@ -91,7 +89,8 @@ def filter_labels(cfg: FilterConfig) -> FilterResult:
                      ray_address=cfg.ray_address, overwrite=cfg.overwrite, teacher_checkpoint=cfg.scorer_checkpoint,
                      teacher_random_weights=cfg.scorer_random_weights, teacher_num_classes=cfg.scorer_num_classes, teacher_precision=cfg.scorer_precision,
                      teacher_input_size=cfg.scorer_input_size, teacher_mean=cfg.scorer_mean,
-                     teacher_std=cfg.scorer_std, temperature=cfg.temperature, prob_dtype="float32",
+                     teacher_std=cfg.scorer_std, temperature=cfg.temperature, teacher_outputs=cfg.scorer_outputs,
+                     prob_dtype="float32",
                      retries=cfg.retries, quiet=cfg.quiet)
     with claim_dir(out, "filter-labels", FILTER_MARKS, inputs=inputs):
         try:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from .. import recipes
 from ..cache.reader import Cache, open_cache
 from ..cache.verify import check_files, check_view_fingerprints
-from ..config import TrainConfig
+from ..config import TrainConfig, check_batch_memory, check_run_size
 from ..data import augment, views
 from ..data.shards import iter_shard, resolve_shards
 from ..files import UserError, sha256_file
@@ -23,7 +23,6 @@ from ..format import FILTER_SCORES_NAME, FINGERPRINTS_KEY, read_excluded_keys, r
 from ..models import MODELS
 from ..progress import note
 from .data import ShardRef, shard_refs
-from .losses import FILLS
 
 
 @dataclass
@@ -47,29 +46,13 @@ class Data:
 
 
 def validate(cfg: TrainConfig) -> None:
+    """What the config's declared ranges (``config.check``) cannot say alone; the run's size against the
+    data is checked in ``prepare_data``."""
     if cfg.model not in MODELS:
         raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(sorted(MODELS))}")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 32)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.image_size % 32:
         raise UserError(f"--image-size must be a multiple of 32 (TinyViT), got {cfg.image_size}")
-    if not cfg.lr > 0 or min(cfg.min_lr, cfg.warmup_lr, cfg.weight_decay, cfg.warmup_epochs, cfg.clip_grad) < 0:
-        raise UserError("--lr must be > 0; --min-lr, --warmup-lr, --weight-decay, --warmup-epochs and --clip-grad "
-                        "must be >= 0")
-    if cfg.accumulation_steps < 1 or cfg.lr_base_batch < 0:
-        raise UserError(f"--accumulation-steps must be >= 1 and --lr-base-batch >= 0, got "
-                        f"{cfg.accumulation_steps} and {cfg.lr_base_batch}")
-    if not 0.0 < cfg.layer_lr_decay <= 1.0:
-        raise UserError(f"--layer-lr-decay must be in (0, 1], got {cfg.layer_lr_decay}")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1], got {cfg.alpha}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.target_fill not in FILLS:
-        raise UserError(f"--target-fill must be one of {', '.join(FILLS)}, got {cfg.target_fill!r}")
-    if cfg.loader_workers < -1 or cfg.threads < 0 or cfg.shuffle_buffer < 0:
-        raise UserError("--loader-workers must be >= -1 (-1: automatic), --threads and --shuffle-buffer >= 0")
+    check_batch_memory(cfg.batch_size, cfg.image_size, "--image-size")
     if not cfg.hard_labels and not cfg.cache:
         raise UserError("train-student needs --cache CACHE_DIR (or --hard-labels to train from the shards' labels)")
 
@@ -229,6 +212,7 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
         identity = {"source": source, "shards": [p.name for p in paths], "policy_id": spec.policy.id,
                     "num_classes": num_classes, "world": world}
     samples = sum(counts)
+    check_run_size(cfg.epochs, samples, cfg.allow_long_run)
     val_refs: list[ShardRef] = []
     if cfg.val_shards:
         vpaths, vindex = resolve_shards(cfg.val_shards)

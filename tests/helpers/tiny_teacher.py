@@ -37,3 +37,52 @@ class ExecutorProbe(Tiny):
 def executor_probe() -> nn.Module:
     torch.manual_seed(0)
     return ExecutorProbe()
+
+
+# ----------------------------------------------------------------------------- teachers with other outputs
+# (scripted to TorchScript files by tests/test_numbers.py; each holds a ``Tiny`` built by ``build``)
+
+class Softmaxed(nn.Module):
+    """Ends in a softmax: returns probabilities."""
+
+    def __init__(self, tiny: Tiny):
+        super().__init__()
+        self.tiny = tiny
+
+    def forward(self, x):
+        return torch.softmax(self.tiny(x), dim=-1)
+
+
+class NanOnImages(nn.Module):
+    """NaN logits for every image that is not blank (a blank one, the driver's probe, gets its logits)."""
+
+    def __init__(self, tiny: Tiny):
+        super().__init__()
+        self.tiny = tiny
+
+    def forward(self, x):
+        z = self.tiny(x)
+        blank = x.flatten(1).std(dim=1, keepdim=True) == 0
+        return torch.where(blank, z, torch.full_like(z, float("nan")))
+
+
+class DictOut(nn.Module):
+    """Returns {"logits": ..., "features": ...}, as Hugging Face models do."""
+
+    def __init__(self, tiny: Tiny):
+        super().__init__()
+        self.tiny = tiny
+
+    def forward(self, x) -> dict[str, torch.Tensor]:
+        return {"features": x.mean((2, 3)), "logits": self.tiny(x)}
+
+
+class StrOut(nn.Module):
+    """Returns a string: no logits at all."""
+
+    def __init__(self, tiny: Tiny):
+        super().__init__()
+        self.tiny = tiny
+
+    def forward(self, x) -> str:
+        return "not logits"
