@@ -111,6 +111,17 @@ def atomic_writer(path: str | os.PathLike):
         raise
 
 
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")      # atomic_writer's temporary files
+
+
+def remove_temp_files(directory: str | os.PathLike) -> None:
+    """Remove the temporary files ``atomic_writer`` left in ``directory`` when its process died before
+    their rename. Only for a directory whose lock (``lock_dir``) the caller holds: no writer is at work."""
+    for p in Path(directory).iterdir():
+        if _TEMP_NAME.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (``atomic_writer``)."""
     with atomic_writer(path) as f:

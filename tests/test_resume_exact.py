@@ -62,6 +62,26 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+# ----------------------------------------------------------------------------- the kill hook
+
+WRITE3 = "from distill.files import atomic_write_bytes as w; [w({d!r} + '/f.bin', bytes([i])) for i in (1, 2, 3)]"
+
+
+@pytest.mark.parametrize("spec, left", [("f.bin:2", b"\x02"), ("f.bin:2:before", b"\x01")])
+def test_kill_hook_dies_at_the_nth_write_and_temp_files_are_removed(tmp_path, spec, left):
+    """The hook kills at the 2nd write of f.bin, after its rename or before it (its temporary file left,
+    then removed by ``remove_temp_files``, which keeps every other file)."""
+    from distill.files import remove_temp_files
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{KILL_AT_ENV: spec})
+    r = run_group([sys.executable, "-c", WRITE3.format(d=str(tmp_path))], env=env, timeout=60)
+    assert killed(r) and (tmp_path / "f.bin").read_bytes() == left, (r.returncode, r.stderr)
+    temps = list(tmp_path.glob(".f.bin.*.tmp"))
+    assert len(temps) == (spec.endswith("before")) and (not temps or temps[0].read_bytes() == b"\x02")
+    (tmp_path / ".keep.tmp").write_bytes(b"")
+    remove_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.tmp", "f.bin"]
+
+
 # ----------------------------------------------------------------------------- train-student
 
 def _train(data: Path, out: Path, *extra) -> list:
@@ -99,6 +119,7 @@ def _assert_same_student(ref: Path, run: Path) -> None:
     assert _json(run / "best.json") == _json(ref / "best.json") and _json(run / "last.json") == _json(ref / "last.json")
     with np.load(ref / "class_stats.npz") as a, np.load(run / "class_stats.npz") as b:
         assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert not list(run.glob(".*.tmp"))         # no temporary file of an interrupted write is left
 
 
 def test_train_student_killed_twice_resumes_exactly(data, student, tmp_path):
@@ -180,6 +201,7 @@ def _assert_same_teacher(ref: Path, run: Path) -> None:
     for k in ("val_top1", "val_top1_merged", "best_val_top1", "epochs"):
         assert got["metrics"][k] == want["metrics"][k], k
     assert _json(run / "last.json") == _json(ref / "last.json")
+    assert not list(run.glob(".*.tmp"))
 
 
 def test_adapt_teacher_killed_after_a_checkpoint_resumes_exactly(data, teacher, tmp_path):

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..config import AdaptConfig, to_dict
 from ..data import views
-from ..files import UserError, atomic_write_json
+from ..files import UserError, atomic_write_json, remove_temp_files
 from ..progress import bar, note
 from ..train import checkpoint as ck
 from ..train.data import ShardRef, TrainStream, ValStream, batches_per_epoch, loader
@@ -222,6 +222,7 @@ def _resume(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptDat
     if last.exists() and not cfg.resume:
         raise UserError(f"{out} already holds an adapt-teacher run ({ck.LAST}); pass --resume to continue it or "
                         "choose another --out")
+    remove_temp_files(out)                       # of a write a kill interrupted (the caller holds OUT's lock)
     if cfg.resume and last.exists():
         ckpt = ck.load(last)
         ck.check_resume(ckpt, to_dict(cfg), data.identity, last)

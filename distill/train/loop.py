@@ -2,14 +2,15 @@
 
 AdamW (no weight decay on norms, biases, attention-bias tables), linear warmup then cosine decay per
 step, gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``, a checkpoint every epoch
-(``--resume`` continues from it exactly), centre-view validation every epoch. Under ``torchrun``
+(``--resume`` continues from it exactly, wherever a kill interrupted the run: ``checkpoint``), centre-view
+validation every epoch; the first non-finite training loss stops the run (``diverged``). Under ``torchrun``
 (WORLD_SIZE > 1) it runs DDP (nccl on CUDA, gloo on CPU); rank 0 writes the files.
 
 Under DDP the ranks agree at fixed points (``_sync``: one all-reduce of two ints on a gloo group):
-before every step (a rank whose batch could not be made, in its stream or a loader worker, ends every
-rank at once: it raises its error, the others ``rank R failed: ...``; a rank out of data ends the
-epoch on every rank at that step), after rank 0 takes the run directory's lock and writes its first
-files, around validation and after each checkpoint. An error inside a step itself (forward, backward)
+before every step (a rank whose batch could not be made, in its stream or a loader worker, or whose
+previous step's loss was not finite, ends every rank at once: it raises its error, the others ``rank R
+failed: ...``; a rank out of data ends the epoch on every rank at that step), after rank 0 takes the
+run directory's lock and writes its first files, around validation and after each checkpoint. An error inside a step itself (forward, backward)
 ends its rank only; torchrun then stops the others (on gloo their next collective fails at once).
 
 The teacher is never loaded: soft targets come from the cache, views are replayed from its seeds.
@@ -30,7 +31,7 @@ import torch
 
 from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, lock_dir
+from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, lock_dir, remove_temp_files
 from ..format import RUN_CLASS_STATS_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
@@ -421,6 +422,7 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
             write_resolved(cfg, out, extra={"schedule": dict(plan.to_dict(), **{
                 "steps-per-epoch": steps, "batches-per-epoch": batches, "warmup-steps": warmup,
                 "steps": steps * cfg.epochs, "processes": d.world})})
+            remove_temp_files(out)              # of a write a kill interrupted
             _publish(cfg, data, model, state)    # a resumed run: what its last checkpoint had left to write
     except Exception as e:  # noqa: BLE001 - every rank stops (_sync)
         err = e
