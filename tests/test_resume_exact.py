@@ -235,8 +235,8 @@ def test_adapt_teacher_killed_at_every_write_resumes_exactly(data, teacher, tmp_
 def test_adapt_teacher_stops_at_the_first_non_finite_loss(data, tmp_path):
     from distill.adapt import adapt_teacher
     from distill.config import AdaptConfig
-    cfg = AdaptConfig(base="vit-mini", shards=str(data / "train"), val_shards=str(data / "val"), out=str(tmp_path / "run"),
-                      epochs=1, batch_size=32, image_size=32, lr=1e30, warmup_epochs=0, loader_workers=0, threads=1,
+    cfg = AdaptConfig(base="vit-mini", shards=str(data / "train"), val_shards=str(data / "val"),
+                      out=str(tmp_path / "run"), epochs=1, batch_size=32, image_size=32, lr=1e30, warmup_epochs=0, loader_workers=0, threads=1,
                       quiet=True)
     with pytest.raises(UserError, match=r"not finite\) at epoch 1, step \d+ of 3: .*--lr.*--weight-decay"):
         adapt_teacher(cfg, {"size": 32})

@@ -10,8 +10,9 @@ Under DDP the ranks agree at fixed points (``_sync``: one all-reduce of two ints
 before every step (a rank whose batch could not be made, in its stream or a loader worker, or whose
 previous step's loss was not finite, ends every rank at once: it raises its error, the others ``rank R
 failed: ...``; a rank out of data ends the epoch on every rank at that step), after rank 0 takes the
-run directory's lock and writes its first files, around validation and after each checkpoint. An error inside a step itself (forward, backward)
-ends its rank only; torchrun then stops the others (on gloo their next collective fails at once).
+run directory's lock and writes its first files, around validation and after each checkpoint. An error
+inside a step itself (forward, backward) ends its rank only; torchrun then stops the others (on gloo
+their next collective fails at once).
 
 The teacher is never loaded: soft targets come from the cache, views are replayed from its seeds.
 """
@@ -508,8 +509,10 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
     seen: dict = {}                # the latest batch's loss and step, checked as the next batch arrives
 
     def check() -> UserError | None:
+        if not seen:
+            return None
         return diverged(float(seen.pop("loss")), epoch + 1, seen.pop("step"), s.steps_per_epoch,
-                        "the labels" if cfg.hard_labels else "the teacher targets (--cache)") if seen else None
+                        "the labels" if cfg.hard_labels else "the teacher targets (--cache)")
 
     for b in batches(epoch, check):
         b.pop("stats")
