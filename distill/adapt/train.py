@@ -3,7 +3,10 @@
 Views come from ``train.data.TrainStream`` in its hard-label mode (distill's augmentation policy,
 seeds derived from (seed, epoch, key), mixing as the policy says), validation from ``ValStream``'s
 centre views; checkpoints (``last.pt`` + sidecar), ``metrics.jsonl`` and resume checks are
-``train.checkpoint``'s; the lr schedule is ``train.loop.lr_at`` (linear warmup, cosine to zero).
+``train.checkpoint``'s (``last.pt`` is an epoch's commit point: it holds every metrics row, and
+``--resume`` remakes metrics.jsonl and last.json from it; ``seed_epoch`` seeds dropout's numbers);
+the lr schedule is ``train.loop.lr_at`` (linear warmup, cosine to zero); the first non-finite loss
+stops the run (``train.loop.diverged``).
 """
 from __future__ import annotations
 

@@ -218,8 +218,9 @@ def _sync(d: Dist, err: BaseException | None = None, dry: bool = False) -> bool:
 def _synced(batches, d: Dist, check=lambda: None):
     """This rank's batches, in step with the other ranks: before each step all agree (``_sync``)
     whether a rank could not make its batch or ``check()`` returns an error (then all stop) or ran
-    out (then the epoch ends on all). ``check`` runs once the next batch is made (or the data ran out),
-    on the step before it: a check of the previous step's loss costs no wait and no collective."""
+    out (then the epoch ends on all). ``check`` runs once the next batch is made (or the data ran out):
+    a check of the previous step's loss rides on this collective and waits at most for that step's
+    forward pass (its backward and optimiser step stay queued on the device)."""
     it = iter(batches)
     while True:
         b, err = None, None
