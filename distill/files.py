@@ -12,6 +12,7 @@ import io
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -108,6 +109,25 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
 
 
+# Test hook: "NAME:N" SIGKILLs this process right after its Nth atomic write of a file named NAME has
+# been renamed into place; "NAME:N:before" right before that rename (the complete temporary file is left).
+KILL_AT_ENV = "DISTILL_FAULT_KILL_AT"
+_atomic_writes: dict[str, int] = {}
+
+
+def _maybe_kill(name: str, before: bool) -> None:
+    """The ``KILL_AT_ENV`` test hook: a real, unannounced death of this process (SIGKILL to itself)."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    want, n, *when = spec.split(":")
+    if want != name or before != (when == ["before"]):
+        return
+    _atomic_writes[name] = _atomic_writes.get(name, 0) + 1
+    if _atomic_writes[name] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike):
     """An open binary file under a temporary name in the same directory; on a clean exit it is fsynced
@@ -122,7 +142,9 @@ def atomic_writer(path: str | os.PathLike):
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
+            _maybe_kill(path.name, before=True)
             os.replace(tmp, path)
+            _maybe_kill(path.name, before=False)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

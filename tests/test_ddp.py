@@ -235,6 +235,19 @@ def test_rank0_lock_failure_ends_every_rank(shards, tmp_path):
     assert "in use" in err0 and "rank 0 failed" in err1 and "in use" in err1, (err0[-2000:], err1[-2000:])
 
 
+def test_a_non_finite_loss_ends_every_rank(shards, tmp_path):
+    """At lr 1e30 the loss of the second step is not finite: both ranks stop there, each with one line
+    naming the epoch and step (its own, or 'rank R failed: ...'), and no checkpoint is written."""
+    code = TRAIN.format(shards=str(shards), out=str(tmp_path / "run")).replace(
+        '"--quiet"]', '"--quiet", "--recipe", "none", "--lr", "1e30", "--warmup-epochs", "0"]')
+    res, took = _two_ranks(code, tmp_path, timeout=90)
+    for rc, _, err in res:
+        lines = [x for x in err.splitlines() if x.startswith("distill: error:")]
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err[-2000:])
+        assert "not finite) at epoch 1, step " in lines[0] and "--lr" in lines[0], lines[0]
+    assert took < 60 and not (tmp_path / "run" / "last.pt").exists()
+
+
 # ----------------------------------------------------------------------------- the schedule ends where it says
 
 SCHEDULE = dict(hard_labels=True, model="tinyvit-tiny", image_size=32, epochs=2, lr=1e-3, min_lr=1e-5,

@@ -3,7 +3,10 @@
 Views come from ``train.data.TrainStream`` in its hard-label mode (distill's augmentation policy,
 seeds derived from (seed, epoch, key), mixing as the policy says), validation from ``ValStream``'s
 centre views; checkpoints (``last.pt`` + sidecar), ``metrics.jsonl`` and resume checks are
-``train.checkpoint``'s; the lr schedule is ``train.loop.lr_at`` (linear warmup, cosine to zero).
+``train.checkpoint``'s (``last.pt`` is an epoch's commit point: it holds every metrics row, and
+``--resume`` remakes metrics.jsonl and last.json from it; ``seed_epoch`` seeds dropout's numbers);
+the lr schedule is ``train.loop.lr_at`` (linear warmup, cosine to zero); the first non-finite loss
+stops the run (``train.loop.diverged``).
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import torch.nn as nn
 
 from ..config import AdaptConfig, to_dict
 from ..data import views
-from ..files import UserError
+from ..files import UserError, atomic_write_json
 from ..progress import bar, note
 from ..train import checkpoint as ck
 from ..train.data import ShardRef, TrainStream, ValStream, batches_per_epoch, loader
-from ..train.loop import lr_at
+from ..train.loop import diverged, lr_at
 from ..train.losses import DistillLoss, topk_correct
 
 VAL_KEEP_BYTES = 512 << 20      # validation views kept in memory between epochs below this size
@@ -102,8 +105,9 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
     out = Path(cfg.out)
     model.to(device)
     opt = optimizer(model, masks, cfg.lr, cfg.weight_decay)
-    state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "best_top1": None, "memory": {}}
-    rows = _resume(cfg, model, opt, state, data, out)
+    state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "best_top1": None, "memory": {},
+             "rows": []}                      # every metrics row so far (last.pt holds them: _save)
+    _resume(cfg, model, opt, state, data, out)
     ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
                      shuffle_buffer=1000, cache=None, num_classes=data.num_classes, exclude=data.exclude)
     samples = sum(ds.counts)
@@ -111,21 +115,25 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
         raise UserError(f"no training samples in {cfg.shards}" + (" after --exclude" if data.exclude else ""))
     ds.drop_last = samples >= cfg.batch_size
     steps = max(1, batches_per_epoch(samples, 1, cfg.batch_size, cfg.loader_workers))
-    batches = loader(ds, cfg.loader_workers, pin_memory=device.type == "cuda", persistent=cfg.loader_workers > 0)
+    batches = loader(ds, cfg.loader_workers, pin_memory=device.type == "cuda", persistent=cfg.loader_workers > 0,
+                     seed=cfg.seed)
     crit = DistillLoss(data.num_classes, smoothing=cfg.label_smoothing, hard_only=True)
     total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
     for epoch in range(state["epoch"], cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)):
         t0 = time.perf_counter()
         ds.set_epoch(epoch)
-        torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
+        ck.seed_epoch(cfg.seed, epoch)
         model.train()
         loss_sum, n = 0.0, 0
         pbar = bar(steps * cfg.batch_size, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet)
-        for b in batches:
+        for i, b in enumerate(batches):
             lr = lr_at(state["step"], total, warmup, cfg.lr, 0.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = _step(model, opt, crit, b, device, state)
+            err = diverged(loss, epoch + 1, i + 1, steps, "the labels of --shards")
+            if err is not None:
+                raise err
             bs = b["label"].shape[0]
             loss_sum, n = loss_sum + loss * bs, n + bs
             if pbar:
@@ -137,11 +145,11 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
         state.update(epoch=epoch + 1, images_seen=state["images_seen"] + n, train_s=state["train_s"] + train_s)
         if top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"]):
             state["best_top1"] = top1
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "lr": lr, "val_top1": top1,
-               "img_s": n / max(train_s, 1e-9), "images": n, "time_s": round(time.perf_counter() - t0, 3)}
-        _save(cfg, model, opt, state, data, row, out)
-        rows.append(row)
-    return FitResult(state, rows, dict(state.get("memory", {})))
+        state["rows"] = state["rows"] + [{"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "lr": lr,
+                                          "val_top1": top1, "img_s": n / max(train_s, 1e-9), "images": n,
+                                          "time_s": round(time.perf_counter() - t0, 3)}]
+        _save(cfg, model, opt, state, data, out)
+    return FitResult(state, list(state["rows"]), dict(state.get("memory", {})))
 
 
 def _step(model: nn.Module, opt, crit, b: dict, device: torch.device, state: dict) -> float:
@@ -210,35 +218,46 @@ def _memory(model: nn.Module, opt, saved: "_SavedBytes", device: torch.device, b
     return mem
 
 
-def _resume(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptData, out: Path) -> list[dict]:
+def _resume(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptData, out: Path) -> None:
+    """Load ``OUT/last.pt`` into the model, optimiser and state with --resume, and remake the files made
+    from it (``_publish``); a new run starts with an empty metrics.jsonl."""
     last = out / ck.LAST
     if last.exists() and not cfg.resume:
         raise UserError(f"{out} already holds an adapt-teacher run ({ck.LAST}); pass --resume to continue it or "
                         "choose another --out")
-    if not (cfg.resume and last.exists()):
-        ck.write_metrics(out, [])
-        return []
-    ckpt = ck.load(last)
-    ck.check_resume(ckpt, to_dict(cfg), data.identity, last)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    state.update(ckpt["state"])
-    ck.set_rng_state(ckpt["rng"])
-    rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
-    ck.write_metrics(out, rows)
-    note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", cfg.quiet)
-    return rows
+    if cfg.resume and last.exists():
+        ckpt = ck.load(last)
+        ck.check_resume(ckpt, to_dict(cfg), data.identity, last)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["state"])
+        if "rows" not in ckpt["state"]:           # a checkpoint of an older distill: the rows were in the file
+            state["rows"] = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
+        note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", cfg.quiet)
+    _publish(cfg, state, data, out)
 
 
-def _save(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptData, row: dict, out: Path) -> None:
-    side = {"epoch": state["epoch"], "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
-            "val_top1": row["val_top1"], "method": cfg.method, "base": cfg.base, "num_classes": data.num_classes,
-            "image_size": cfg.image_size}
+def _save(cfg: AdaptConfig, model: nn.Module, opt, state: dict, data: AdaptData, out: Path) -> None:
+    """After an epoch: last.pt, the epoch's commit point (its state holds every metrics row), then the
+    files made from it (``_publish``), then the epoch's line."""
     ck.save(out / ck.LAST, {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
-                            "rng": ck.rng_state(), "config": to_dict(cfg), "data": data.identity,
-                            "epoch": state["epoch"], "step": state["step"]}, side)
-    ck.append_metrics(out, row)
+                            "config": to_dict(cfg), "data": data.identity, "epoch": state["epoch"],
+                            "step": state["step"]})
+    _publish(cfg, state, data, out)
+    row = state["rows"][-1]
     if not cfg.quiet:
         acc = f", val top-1 {row['val_top1']:.2f}%" if row["val_top1"] is not None else ""
         note(f"epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.2e}{acc}, "
              f"{row['img_s']:,.0f} img/s")
+
+
+def _publish(cfg: AdaptConfig, state: dict, data: AdaptData, out: Path) -> None:
+    """The files made from last.pt's state: metrics.jsonl (every row) and last.json. After each checkpoint,
+    and on --resume before training on, so a run killed after last.pt was written ends as if it had not been."""
+    rows = state["rows"]
+    ck.write_metrics(out, rows)
+    if rows:
+        atomic_write_json((out / ck.LAST).with_suffix(".json"), {
+            "epoch": state["epoch"], "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
+            "val_top1": rows[-1]["val_top1"], "method": cfg.method, "base": cfg.base, "num_classes": data.num_classes,
+            "image_size": cfg.image_size})

@@ -1,17 +1,23 @@
 """The run directory: checkpoints (atomic, with a JSON sidecar), metrics.jsonl, summary.json.
 
     RUN_DIR/config.json      resolved TrainConfig
-    RUN_DIR/last.pt          model, optimizer, step, epoch, RNG states, config, data identity (every epoch)
+    RUN_DIR/last.pt          model, optimizer, state (step, epoch, best epoch, every metrics row so far,
+                             the last epoch's class statistics), config, data identity (every epoch)
     RUN_DIR/last.json        sidecar: epoch, step, images seen, accuracies (readable without torch)
     RUN_DIR/best.pt          model weights of the best val top-1 epoch (+ best.json)
     RUN_DIR/metrics.jsonl    one JSON line per epoch
     RUN_DIR/summary.json     final and best accuracies, epochs, images seen, wall time (written last)
+
+``last.pt`` is an epoch's one commit point: it is written first (atomically) and holds everything the
+other files are made from, and ``--resume`` remakes them from it before training on. A run killed at
+any point therefore resumes to the uninterrupted run's files: killed before last.pt's rename, it redoes
+the epoch (every random stream is seeded from (seed, epoch, rank) when the epoch starts,
+``seed_epoch``); killed after, it rewrites what the epoch had left to write.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -30,31 +36,24 @@ RESUME_FREE = {"out", "resume", "device", "compile", "threads", "quiet", "val_sh
 SPLIT_KEYS = {"loader_workers"}
 
 
-def rng_state() -> dict:
-    """RNG states as tensors and plain lists (so checkpoints load with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-          "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+def seed_epoch(*key: int) -> None:
+    """Seed torch (CPU and CUDA), Python's and numpy's global RNGs from ``key`` (seed, epoch[, rank]):
+    called as an epoch starts, so dropout and drop path draw the same numbers whichever process runs
+    the epoch (a resumed one included) and nothing needs saving."""
+    s = hash(tuple(key)) & 0x7FFFFFFF          # a tuple of ints hashes the same in every process
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
 
 
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate((3, tuple(st["python"]), None))
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save(path: Path, state: dict, sidecar: dict) -> None:
-    """torch.save to memory, then temp file + rename (a crash never leaves a half-written checkpoint)."""
+def save(path: Path, state: dict, sidecar: dict | None = None) -> None:
+    """torch.save to memory, then temp file + rename (a crash never leaves a half-written checkpoint);
+    then the sidecar ``path.json``, when given."""
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
-    atomic_write_json(path.with_suffix(".json"), sidecar)
+    if sidecar is not None:
+        atomic_write_json(path.with_suffix(".json"), sidecar)
 
 
 def load(path: Path) -> dict:
@@ -116,10 +115,3 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_bytes(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
-def append_metrics(run_dir: Path, row: dict) -> None:
-    with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())

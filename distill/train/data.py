@@ -494,14 +494,18 @@ def _init_worker(_):
     torch.set_num_threads(1)
 
 
-def loader(ds: IterableDataset, workers: int, pin_memory: bool = False, persistent: bool = False):
+def loader(ds: IterableDataset, workers: int, pin_memory: bool = False, persistent: bool = False, seed: int = 0):
     """A DataLoader over a dataset that yields whole batches (no re-batching, no per-sample pickling).
     ``persistent``: the workers live across epochs (``TrainStream.set_epoch`` reaches them through
-    shared memory), so an epoch does not start by forking and warming up new ones."""
+    shared memory), so an epoch does not start by forking and warming up new ones. The workers' base
+    seed comes from a generator seeded with ``seed``, not from the global torch RNG: starting an
+    iteration draws nothing from it, so a resumed process trains on the same random numbers as an
+    uninterrupted one (the views themselves are seeded by (seed, epoch, key))."""
     if workers <= 0:
         return ds
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       worker_init_fn=_init_worker, prefetch_factor=4, persistent_workers=persistent)
+                                       worker_init_fn=_init_worker, prefetch_factor=4, persistent_workers=persistent,
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def auto_workers(local_processes: int = 1) -> int:

@@ -2,15 +2,17 @@
 
 AdamW (no weight decay on norms, biases, attention-bias tables), linear warmup then cosine decay per
 step, gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``, a checkpoint every epoch
-(``--resume`` continues from it exactly), centre-view validation every epoch. Under ``torchrun``
+(``--resume`` continues from it exactly, wherever a kill interrupted the run: ``checkpoint``), centre-view
+validation every epoch; the first non-finite training loss stops the run (``diverged``). Under ``torchrun``
 (WORLD_SIZE > 1) it runs DDP (nccl on CUDA, gloo on CPU); rank 0 writes the files.
 
 Under DDP the ranks agree at fixed points (``_sync``: one all-reduce of two ints on a gloo group):
-before every step (a rank whose batch could not be made, in its stream or a loader worker, ends every
-rank at once: it raises its error, the others ``rank R failed: ...``; a rank out of data ends the
-epoch on every rank at that step), after rank 0 takes the run directory's lock and writes its first
-files, around validation and after each checkpoint. An error inside a step itself (forward, backward)
-ends its rank only; torchrun then stops the others (on gloo their next collective fails at once).
+before every step (a rank whose batch could not be made, in its stream or a loader worker, or whose
+previous step's loss was not finite, ends every rank at once: it raises its error, the others ``rank R
+failed: ...``; a rank out of data ends the epoch on every rank at that step), after rank 0 takes the
+run directory's lock and writes its first files, around validation and after each checkpoint. An error
+inside a step itself (forward, backward) ends its rank only; torchrun then stops the others (on gloo
+their next collective fails at once).
 
 The teacher is never loaded: soft targets come from the cache, views are replayed from its seeds.
 """
@@ -30,7 +32,7 @@ import torch
 
 from .. import recipes
 from ..config import TrainConfig, to_dict, write_resolved
-from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, check_out, claim_dir
+from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, check_out, claim_dir, sweep_temps
 from ..format import RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
@@ -213,9 +215,12 @@ def _sync(d: Dist, err: BaseException | None = None, dry: bool = False) -> bool:
     return bool(dry_any)
 
 
-def _synced(batches, d: Dist):
+def _synced(batches, d: Dist, check=lambda: None):
     """This rank's batches, in step with the other ranks: before each step all agree (``_sync``)
-    whether a rank could not make its batch (then all stop) or ran out (then the epoch ends on all)."""
+    whether a rank could not make its batch or ``check()`` returns an error (then all stop) or ran
+    out (then the epoch ends on all). ``check`` runs once the next batch is made (or the data ran out):
+    a check of the previous step's loss rides on this collective and waits at most for that step's
+    forward pass (its backward and optimiser step stay queued on the device)."""
     it = iter(batches)
     while True:
         b, err = None, None
@@ -225,9 +230,19 @@ def _synced(batches, d: Dist):
             pass
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
             err = e
+        err = err or check()
         if _sync(d, err, dry=b is None and err is None):
             return
         yield b
+
+
+def diverged(loss: float, epoch: int, step: int, steps: int, targets: str) -> UserError | None:
+    """None for a finite training loss; else the error that ends the run: the loss of ``step`` (of
+    ``steps``) of ``epoch`` (1-based) is NaN or infinite, with what to check (``targets``: the data)."""
+    if math.isfinite(loss):
+        return None
+    return UserError(f"the training loss is {loss} (not finite) at epoch {epoch}, step {step} of {steps}: training "
+                     f"diverged; check the learning rate (--lr), the weight decay (--weight-decay) and {targets}")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -357,8 +372,8 @@ class _Session:
                      p.peak, p.min_lr, p.warmup_lr)
 
 
-def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict, list]:
-    """A new model (or --init), or the checkpoint of a --resume; returns (model, optimiser, state, metric rows)."""
+def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    """A new model (or --init), or the checkpoint of a --resume; returns (model, optimiser, state)."""
     out, quiet = Path(cfg.out), cfg.quiet or not d.main
     last = out / ck.LAST
     if out.exists() and not out.is_dir():
@@ -392,18 +407,18 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
         raise UserError(f"--layer-lr-decay: {e}") from None
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     state = {"epoch": 0, "step": 0, "planned": 0, "images_seen": 0, "train_s": 0.0, "wall_s": 0.0,
-             "best_top1": None, "best_top5": None, "best_epoch": None, "notes": []}
-    rows: list[dict] = []
+             "best_top1": None, "best_top5": None, "best_epoch": None, "notes": [],
+             "rows": [], "class_stats": None}     # every metrics row so far; the last epoch's class_stats.npz
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"])
-        ck.set_rng_state(ckpt["rng"])
-        rows = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
+        if "rows" not in ckpt["state"]:           # a checkpoint of an older distill: the rows were in the file
+            state["rows"] = [r for r in ck.read_metrics(out) if r["epoch"] <= state["epoch"]]
         if split_note:
             state["notes"] = list(state.get("notes", [])) + [split_note]
             note(split_note, quiet)
         note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
-    return model, opt, state, rows
+    return model, opt, state
 
 
 def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
@@ -412,14 +427,15 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
     plan, warmup = recipes.lr_plan(cfg, d.world), int(round(cfg.warmup_epochs * steps))
     err = None
     try:
-        model, opt, state, rows = _open(cfg, data, d)
+        model, opt, state = _open(cfg, data, d)
         if d.main:
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
             write_resolved(cfg, out, extra={"schedule": dict(plan.to_dict(), **{
                 "steps-per-epoch": steps, "batches-per-epoch": batches, "warmup-steps": warmup,
                 "steps": steps * cfg.epochs, "processes": d.world})})
-            ck.write_metrics(out, rows)
+            sweep_temps(out)                     # (claim_dir swept RUN_DIR; this also covers RUN_DIR/hard-labels)
+            _publish(cfg, data, model, state)    # a resumed run: what its last checkpoint had left to write
     except Exception as e:  # noqa: BLE001 - every rank stops (_sync)
         err = e
     _sync(d, err)
@@ -461,11 +477,11 @@ def _stream(s: _Session):
     if ds.drop_last and s.batches < workers:
         note(f"warning: {s.batches} batch(es) per process and epoch for {workers} loader workers: "
              f"some workers idle", not d.main)
-    train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda", persistent=True)
+    train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda", persistent=True, seed=cfg.seed)
 
-    def batches(epoch: int):
+    def batches(epoch: int, check=lambda: None):
         ds.set_epoch(epoch)
-        yield from _synced(train_loader, d)
+        yield from _synced(train_loader, d, check)
     return batches
 
 
@@ -494,14 +510,22 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
     cfg, d = s.cfg, s.d
     accum = cfg.accumulation_steps
     cuda = d.device.type == "cuda"
-    torch.manual_seed(hash((cfg.seed, epoch, d.rank)) & 0x7FFFFFFF)
+    ck.seed_epoch(cfg.seed, epoch, d.rank)
     _train_mode(s)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     part_sums: dict[str, torch.Tensor] = {}
     n, taken, micro, lr = 0, 0, 0, s.lr(epoch, 0)
     s.opt.zero_grad(set_to_none=True)
     pbar = bar(s.batches * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
-    for b in batches(epoch):
+    seen: dict = {}                # the latest batch's loss and step, checked as the next batch arrives
+
+    def check() -> UserError | None:
+        if not seen:
+            return None
+        return diverged(float(seen.pop("loss")), epoch + 1, seen.pop("step"), s.steps_per_epoch,
+                        "the labels" if cfg.hard_labels else "the teacher targets (--cache)")
+
+    for b in batches(epoch, check):
         b.pop("stats")
         b.pop("key", None)
         finish = b.pop("finish", None)
@@ -520,6 +544,7 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
                 logits = s.fwd(b["image"])
             loss, parts = s.crit(logits, b)
             (loss / group if group > 1 else loss).backward()
+        seen.update(loss=loss.detach(), step=taken + 1)
         micro += 1
         if last:
             _step(s)
@@ -548,8 +573,8 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
 
 
 def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: float, t_epoch: float,
-               val: "_Validator | None") -> dict:
-    """Validate, update the state, write the checkpoints and the metrics row (rank 0)."""
+               val: "_Validator | None") -> None:
+    """Validate, add the epoch's metrics row to the state, write the checkpoint and the files made from it (rank 0)."""
     data, d, state = s.data, s.d, s.state
     n_all = int(tot[1])
     train_s = time.perf_counter() - t_epoch
@@ -566,43 +591,62 @@ def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: f
         row.update(val_images=rep["scored"], val_skipped=rep["skipped"], val_skipped_examples=rep["skipped_examples"])
     if data.cache is not None:
         row["cache_epoch"] = epoch % data.cache.epochs
-    best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
-    if best:
+    if top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"]):
         state.update(best_top1=top1, best_top5=top5, best_epoch=epoch + 1)
+    state["rows"] = state["rows"] + [row]
+    state["class_stats"] = _npz(stats.arrays()) if stats is not None and stats.n > 1 else None
     state["wall_s"] += time.perf_counter() - t_epoch
     err = None
     if d.main:
         try:
-            _save(s, epoch, row, best)
-            if stats is not None and stats.n > 1:
-                buf = io.BytesIO()
-                np.savez(buf, **stats.arrays())
-                atomic_write_bytes(Path(s.cfg.out) / RUN_CLASS_STATS_NAME, buf.getvalue())
+            _save(s)
         except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
             err = e
     _sync(d, err)
-    return row
 
 
-def _save(s: _Session, epoch: int, row: dict, best: bool) -> None:
-    """Rank 0: last.pt (and best.pt) with their sidecars, the metrics row, the epoch's line."""
-    cfg, data, state = s.cfg, s.data, s.state
-    out, top1, top5 = Path(cfg.out), row["val_top1"], row["val_top5"]
-    side = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
+def _npz(arrays: dict) -> torch.Tensor:
+    """The bytes of an .npz of ``arrays``, as a uint8 tensor (a checkpoint loads it with weights_only)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _save(s: _Session) -> None:
+    """Rank 0, after an epoch: last.pt, the epoch's commit point (model, optimiser and the state, which
+    holds everything the other files are made of), then those files (``_publish``), then the epoch's line."""
+    cfg, state = s.cfg, s.state
+    ck.save(Path(cfg.out) / ck.LAST, {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
+                                      "state": dict(state), "config": to_dict(cfg), "data": s.data.identity,
+                                      "epoch": state["epoch"], "step": state["step"]})
+    _publish(cfg, s.data, s.model, state)
+    row = state["rows"][-1]
+    if not cfg.quiet:
+        top1, top5 = row["val_top1"], row["val_top5"]
+        acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
+        note(f"epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.2e}{acc}, "
+             f"{row['img_s']:,.0f} img/s")
+
+
+def _publish(cfg: TrainConfig, data: Data, model: torch.nn.Module, state: dict) -> None:
+    """Rank 0: the files made from last.pt's contents (``model`` and ``state`` as it holds them):
+    metrics.jsonl (every row), last.json, best.pt and best.json when last.pt's epoch is the best,
+    class_stats.npz of the last epoch. After each checkpoint, and on --resume before training on, so a
+    run killed after last.pt was written (the files behind it old or missing) ends as if it had not been."""
+    out, rows = Path(cfg.out), state["rows"]
+    ck.write_metrics(out, rows)
+    if not rows:
+        return
+    top1, top5 = rows[-1]["val_top1"], rows[-1]["val_top5"]
+    side = {"epoch": state["epoch"], "epochs": cfg.epochs, "step": state["step"], "images_seen": state["images_seen"],
             "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
             "image_size": cfg.image_size}
-    config, model = to_dict(cfg), s.model
-    ck.save(out / ck.LAST, {"model": model.state_dict(), "optimizer": s.opt.state_dict(), "state": dict(state),
-                            "rng": ck.rng_state(), "config": config, "data": data.identity, "epoch": epoch + 1,
-                            "step": state["step"]}, side)
-    if best:
-        ck.save(out / ck.BEST, {"model": model.state_dict(), "config": config, "data": data.identity,
-                                "epoch": epoch + 1, "val_top1": top1, "val_top5": top5}, side)
-    ck.append_metrics(out, row)
-    if not cfg.quiet:
-        acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
-        note(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.2e}{acc}, "
-             f"{row['img_s']:,.0f} img/s")
+    atomic_write_json((out / ck.LAST).with_suffix(".json"), side)
+    if state["best_epoch"] == state["epoch"]:
+        ck.save(out / ck.BEST, {"model": model.state_dict(), "config": to_dict(cfg), "data": data.identity,
+                                "epoch": state["epoch"], "val_top1": top1, "val_top5": top5}, side)
+    if state.get("class_stats") is not None:
+        atomic_write_bytes(out / RUN_CLASS_STATS_NAME, state["class_stats"].numpy().tobytes())
 
 
 def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
@@ -610,7 +654,7 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
     batches = _stream(s)
     val = _Validator(data, cfg, d) if data.val_refs else None
     quiet = cfg.quiet or not d.main
-    row, done_here = None, 0
+    done_here = 0
     for epoch in range(s.state["epoch"], cfg.epochs):
         if stop_after is not None and done_here >= stop_after:
             break
@@ -619,16 +663,14 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
                  f"(training epoch e uses cached epoch e mod {data.cache.epochs})", not d.main)
         t_epoch = time.perf_counter()
         tot, keys, lr = _train_epoch(s, batches, epoch)
-        row = _end_epoch(s, epoch, tot, keys, lr, t_epoch, val)
+        _end_epoch(s, epoch, tot, keys, lr, t_epoch, val)
         done_here += 1
     if data.excluded:
         note(f"--exclude: {data.excluded} sample(s) per epoch left out"
              + (f" (cache-teacher had already left out {data.cache.manifest['totals'].get('excluded', 0)})"
                 if data.cache is not None else ""), quiet)
-    if row is None and d.main:                     # nothing trained in this call (finished run resumed)
-        rows = ck.read_metrics(Path(cfg.out))
-        row = rows[-1] if rows else None
-    final, state = row or {}, s.state
+    state = s.state
+    final = state["rows"][-1] if state["rows"] else {}
     res = TrainResult(run_dir=Path(cfg.out), model=cfg.model, source=data.source, epochs=state["epoch"],
                       images_seen=state["images_seen"], wall_s=state["wall_s"],
                       img_s=state["images_seen"] / max(state["train_s"], 1e-9),
@@ -654,7 +696,7 @@ class _Validator:
         self.d, self.cuda = d, d.device.type == "cuda"
         self.ds = ValStream(data.val_refs, image_size=cfg.image_size, batch_size=max(cfg.batch_size, 64),
                             num_classes=data.num_classes, rank=d.rank, world=d.world)
-        self.loader = loader(self.ds, cfg.loader_workers, pin_memory=self.cuda)
+        self.loader = loader(self.ds, cfg.loader_workers, pin_memory=self.cuda, seed=cfg.seed)
         self.kept: list | None = None
         self.keep = True
         self.report: dict | None = None   # the last evaluation's images scored and skipped (every rank's)
