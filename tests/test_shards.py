@@ -196,6 +196,25 @@ def test_overwrite_replaces_old_shards(image_tree, tmp_path):
     assert names == ["index.json", "keep.txt", "train-000000.tar"] and index.num_samples == 9
 
 
+def test_overwrite_never_takes_a_folder_of_someone_elses_tars(image_tree, tmp_path):
+    """Tars named like make-shards' own, with no index and no make-shards mark, are another folder's:
+    --overwrite is refused and leaves them; a make-shards run killed before its index (its mark and
+    some shards left) is its own and --overwrite replaces it."""
+    src, _ = image_tree
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "train-000000.tar").write_bytes(b"someone else's shard")
+    with pytest.raises(UserError, match="holds no earlier make-shards output"):
+        make_shards(src, theirs, overwrite=True, shuffle=False)
+    assert (theirs / "train-000000.tar").read_bytes() == b"someone else's shard"
+    killed = tmp_path / "killed"
+    make_shards(src, killed, shard_size=2, shuffle=False)
+    (killed / "index.json").unlink()                           # as if killed before the index
+    (killed / ".distill.make-shards.json").write_text('{"stage": "make-shards", "prefix": "train"}')
+    index, _ = make_shards(src, killed, shard_size=100, overwrite=True, shuffle=False)
+    assert sorted(p.name for p in killed.iterdir()) == ["index.json", "train-000000.tar"] and index.num_samples == 9
+
+
 # ---------------------------------------------------------------------------------------------
 # write_shards
 

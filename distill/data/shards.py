@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
                       SHARD_INDEX_FORMAT,                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
                       encode_label, sanitize_key, shard_name)
-from ..files import FormatError, UserError, check_out, claim_dir, error_text, sha256_file, temp_path, writing
+from ..files import FormatError, UserError, atomic_write_json, check_out, claim_dir, error_text, sha256_file, temp_path, writing
 
 Progress = Callable[[int], None]
 
@@ -583,8 +583,8 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     if not src.exists():
         raise UserError(f"source not found: {src}")
     names = _read_classes(Path(classes_file).expanduser()) if classes_file is not None else None
-    marks, names_re = shard_dir_marks(prefix)
-    check_out(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT", names=names_re)
+    marks = shard_dir_marks(prefix)
+    check_out(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT")
     if src.is_dir():
         classes, sources, skips = _list_folder(src, keys, names)
     else:
@@ -598,8 +598,9 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
             hint = "rename one of them" if keys == "path" else "use --keys path or rename one of them"
             raise UserError(f"duplicate key {s.key!r} from {by_key[s.key]} and {s.name}: {hint}")
         by_key[s.key] = s.name
-    with claim_dir(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT", names=names_re):
+    with claim_dir(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT"):
         _prepare_out(out, prefix, overwrite)
+        atomic_write_json(out / SHARDS_MARK, {"stage": "make-shards", "prefix": prefix})
         if shuffle:
             random.Random(f"distill-make-shards:{int(seed)}").shuffle(sources)
         index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips,
@@ -608,6 +609,7 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
             (out / SHARD_INDEX_NAME).unlink()
             first = skips[0]
             raise UserError(f"no readable images in {src}: all {len(skips)} skipped, e.g. {first.shard}: {first.reason}")
+        (out / SHARDS_MARK).unlink()
     return index, skips
 
 
@@ -770,15 +772,21 @@ def _read_classes(path: Path) -> list[str]:
     return names
 
 
-def shard_dir_marks(prefix: str) -> tuple[tuple, re.Pattern]:
-    """How a shard writer knows its own folder (``files.holds_output``): a shard index, or nothing
-    but ``<prefix>-NNNNNN.tar`` files (a run killed before its index)."""
-    return ((SHARD_INDEX_NAME, {"format": SHARD_INDEX_FORMAT}),), re.compile(rf"^{re.escape(prefix)}-[0-9]{{6}}\.tar$")
+# make-shards' mark in OUT while it writes (removed once index.json is written): a run killed before its
+# index is known by it, so --overwrite removes that run's shards, never another folder's tars
+SHARDS_MARK = ".distill.make-shards.json"
 
 
-def own_shard_files(out: Path, prefix: str) -> list[Path]:
-    """The files an earlier shard writer left in ``out`` (claimed as its own): the index and the
-    shards it lists; without an index, the ``<prefix>-NNNNNN.tar`` files (nothing else is there)."""
+def shard_dir_marks(prefix: str) -> tuple:
+    """How a shard writer knows its own folder (``files.holds_output``): a shard index, or the mark
+    of a make-shards run killed before its index."""
+    return ((SHARD_INDEX_NAME, {"format": SHARD_INDEX_FORMAT}), (SHARDS_MARK, {"prefix": prefix}))
+
+
+def own_shard_files(out: Path, prefix: str, claimed: bool = False) -> list[Path]:
+    """The files an earlier shard writer left in ``out``: the index and the shards it lists; without an
+    index, the ``<prefix>-NNNNNN.tar`` files, but only in a folder known to be the writer's own
+    (``claimed``, or holding make-shards' mark)."""
     index = out / SHARD_INDEX_NAME
     if index.is_file():
         try:
@@ -786,7 +794,9 @@ def own_shard_files(out: Path, prefix: str) -> list[Path]:
         except FormatError:
             names = []
         return [index, *(out / n for n in names if (out / n).is_file())]
-    ours = shard_dir_marks(prefix)[1]
+    if not (claimed or (out / SHARDS_MARK).is_file()):
+        return []
+    ours = re.compile(rf"^{re.escape(prefix)}-[0-9]{{6}}\.tar$")
     return [p for p in out.iterdir() if p.is_file() and ours.match(p.name)] if out.is_dir() else []
 
 

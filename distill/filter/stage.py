@@ -200,7 +200,7 @@ def _write_clean_shards(cfg: FilterConfig, out: Path, inputs: tuple, cache, drop
     size = max(s.samples for s in index.shards) if index and index.shards else 1000
     with claim_dir(cfg.write_shards, "filter-labels", _clean_marks(out), inputs=(*inputs, out), flag="--write-shards") as dest:
         atomic_write_json(dest / CLEAN_MARK, {"filter": str(out.resolve())})
-        for p in shardio.own_shard_files(dest, prefix):
+        for p in shardio.own_shard_files(dest, prefix, claimed=True):
             p.unlink()
         return _write_clean(paths, drop, dest, prefix, size, classes)
 
