@@ -76,6 +76,17 @@ def run_group(argv: list, timeout: float = 300, **kw) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def nan_checkpoint(model, path: Path) -> Path:
+    """``model``'s state dict with its first floating-point tensor all NaN, saved with torch.save: a
+    corrupted --init / --base-checkpoint whose first training loss is not finite (whatever the lr)."""
+    import torch
+    state = model.state_dict()
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    torch.save(state, path)
+    return path
+
+
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """A CLI run refused with exit 2 and exactly one ``distill: error:`` line (no traceback) holding each
     of ``needles``; returns that line."""

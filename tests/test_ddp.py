@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, image_bytes, kill_group
+from conftest import REPO, image_bytes, kill_group, nan_checkpoint
 from distill.config import TrainConfig
 from distill.data import augment, views
 from distill.data.shards import Sample, iter_shard, write_shards
@@ -236,10 +236,12 @@ def test_rank0_lock_failure_ends_every_rank(shards, tmp_path):
 
 
 def test_a_non_finite_loss_ends_every_rank(shards, tmp_path):
-    """At lr 1e30 the loss of the second step is not finite: both ranks stop there, each with one line
-    naming the epoch and step (its own, or 'rank R failed: ...'), and no checkpoint is written."""
+    """From an --init checkpoint holding NaN the first loss is not finite: both ranks stop there, each
+    with one line naming the epoch and step (its own, or 'rank R failed: ...'), and no checkpoint is written."""
+    from distill.models import create_model
+    init = nan_checkpoint(create_model("tinyvit-tiny", 10, img_size=32), tmp_path / "nan.pth")
     code = TRAIN.format(shards=str(shards), out=str(tmp_path / "run")).replace(
-        '"--quiet"]', '"--quiet", "--recipe", "none", "--lr", "1e30", "--warmup-epochs", "0"]')
+        '"--quiet"]', f'"--quiet", "--init", {str(init)!r}]')
     res, took = _two_ranks(code, tmp_path, timeout=90)
     for rc, _, err in res:
         lines = [x for x in err.splitlines() if x.startswith("distill: error:")]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_DIR, REPO, demo_head, one_line_error, run_group
+from conftest import DEMO_DIR, REPO, demo_head, nan_checkpoint, one_line_error, run_group
 from distill.files import KILL_AT_ENV, UserError
 from test_train import _assert_same_weights
 
@@ -164,8 +164,10 @@ def test_train_student_killed_at_every_write_resumes_exactly(data, student, tmp_
 
 
 def test_train_student_stops_at_the_first_non_finite_loss(data, tmp_path):
-    r = distill(*_train(data, tmp_path / "run", "--lr", "1e30", "--warmup-epochs", "0"))
-    line = one_line_error(r, "not finite", "at epoch 1, step ", "--lr", "--weight-decay", "the labels")
+    from distill.models import create_model
+    init = nan_checkpoint(create_model("tinyvit-tiny", 10, img_size=32), tmp_path / "nan.pth")
+    r = distill(*_train(data, tmp_path / "run", "--init", init))
+    line = one_line_error(r, "not finite", "at epoch 1, step 1 ", "--lr", "--weight-decay", "the labels")
     assert not (tmp_path / "run" / "last.pt").exists(), line
 
 
@@ -237,9 +239,11 @@ def test_adapt_teacher_killed_at_every_write_resumes_exactly(data, teacher, tmp_
 def test_adapt_teacher_stops_at_the_first_non_finite_loss(data, tmp_path):
     from distill.adapt import adapt_teacher
     from distill.config import AdaptConfig
-    cfg = AdaptConfig(base="vit-mini", shards=str(data / "train"), val_shards=str(data / "val"),
-                      out=str(tmp_path / "run"), epochs=1, batch_size=32, image_size=32, lr=1e30, warmup_epochs=0, loader_workers=0, threads=1,
-                      quiet=True)
-    with pytest.raises(UserError, match=r"not finite\) at epoch 1, step \d+ of 3: .*--lr.*--weight-decay"):
+    from distill.adapt.base import _preset
+    base = nan_checkpoint(_preset("vit-mini", 10, 32), tmp_path / "nan.pth")
+    cfg = AdaptConfig(base="vit-mini", base_checkpoint=str(base), shards=str(data / "train"),
+                      val_shards=str(data / "val"), out=str(tmp_path / "run"), epochs=1, batch_size=32,
+                      image_size=32, loader_workers=0, threads=1, quiet=True)
+    with pytest.raises(UserError, match=r"not finite\) at epoch 1, step 1 of 3: .*--lr.*--weight-decay"):
         adapt_teacher(cfg, {"size": 32})
     assert not (tmp_path / "run" / "last.pt").exists()

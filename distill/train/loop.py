@@ -215,12 +215,11 @@ def _sync(d: Dist, err: BaseException | None = None, dry: bool = False) -> bool:
     return bool(dry_any)
 
 
-def _synced(batches, d: Dist, check=lambda: None):
+def _synced(batches, d: Dist, check=lambda final: None):
     """This rank's batches, in step with the other ranks: before each step all agree (``_sync``)
-    whether a rank could not make its batch or ``check()`` returns an error (then all stop) or ran
-    out (then the epoch ends on all). ``check`` runs once the next batch is made (or the data ran out):
-    a check of the previous step's loss rides on this collective and waits at most for that step's
-    forward pass (its backward and optimiser step stay queued on the device)."""
+    whether a rank could not make its batch or ``check(final)`` returns an error (then all stop) or ran
+    out (then the epoch ends on all). ``check`` runs once the next batch is made, and with ``final``
+    once the data ran out: a check of the losses so far rides on this collective."""
     it = iter(batches)
     while True:
         b, err = None, None
@@ -230,10 +229,33 @@ def _synced(batches, d: Dist, check=lambda: None):
             pass
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
             err = e
-        err = err or check()
+        err = err or check(b is None and err is None)
         if _sync(d, err, dry=b is None and err is None):
             return
         yield b
+
+
+class LossWatch:
+    """The first non-finite training loss of an epoch, noted on the loss's device (no host sync per
+    step) and read every ``every`` steps (1 on CPU; on CUDA a read waits for the queued steps, so it is
+    rare) and when the data runs out: the run stops within ``every`` steps, naming the first bad one."""
+
+    def __init__(self, device: torch.device, every: int):
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+        self.every, self.n = every, 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()) & (self.first < 0)
+        self.first = torch.where(bad, step, self.first)
+        self.value = torch.where(bad, loss.detach().float(), self.value)
+        self.n += 1
+
+    def error(self, final: bool, epoch: int, steps: int, targets: str) -> UserError | None:
+        if not self.n or (not final and self.n % self.every):
+            return None
+        first = int(self.first)
+        return None if first < 0 else diverged(float(self.value), epoch, first, steps, targets)
 
 
 def diverged(loss: float, epoch: int, step: int, steps: int, targets: str) -> UserError | None:
@@ -479,7 +501,7 @@ def _stream(s: _Session):
              f"some workers idle", not d.main)
     train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda", persistent=True, seed=cfg.seed)
 
-    def batches(epoch: int, check=lambda: None):
+    def batches(epoch: int, check=lambda final: None):
         ds.set_epoch(epoch)
         yield from _synced(train_loader, d, check)
     return batches
@@ -517,13 +539,11 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
     n, taken, micro, lr = 0, 0, 0, s.lr(epoch, 0)
     s.opt.zero_grad(set_to_none=True)
     pbar = bar(s.batches * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
-    seen: dict = {}                # the latest batch's loss and step, checked as the next batch arrives
+    watch = LossWatch(d.device, 32 if cuda else 1)
+    targets = "the labels" if cfg.hard_labels else "the teacher targets (--cache)"
 
-    def check() -> UserError | None:
-        if not seen:
-            return None
-        return diverged(float(seen.pop("loss")), epoch + 1, seen.pop("step"), s.steps_per_epoch,
-                        "the labels" if cfg.hard_labels else "the teacher targets (--cache)")
+    def check(final: bool) -> UserError | None:
+        return watch.error(final, epoch + 1, s.steps_per_epoch, targets)
 
     for b in batches(epoch, check):
         b.pop("stats")
@@ -544,7 +564,7 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
                 logits = s.fwd(b["image"])
             loss, parts = s.crit(logits, b)
             (loss / group if group > 1 else loss).backward()
-        seen.update(loss=loss.detach(), step=taken + 1)
+        watch.add(loss, taken + 1)
         micro += 1
         if last:
             _step(s)
