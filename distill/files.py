@@ -497,11 +497,11 @@ def user_entries(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in d.iterdir() if not distill_entry(p.name)) if d.is_dir() else []
 
 
-def holds_output(directory: str | os.PathLike, marks: tuple, names: re.Pattern | None = None) -> bool:
+def holds_output(directory: str | os.PathLike, marks: tuple) -> bool:
     """Whether ``directory`` holds a stage's own earlier output: one of ``marks``, (file name,
-    {JSON key: value, or None for any value}), is a JSON object with those keys; or, with ``names``,
-    every entry but distill's is a file whose name the stage writes (a run killed before its first
-    record). The one answer to "is this directory mine" for every stage."""
+    {JSON key: value, or None for any value}), is a JSON object with those keys (each stage writes
+    one first, so a run killed early is known too). The one answer to "is this directory mine" for
+    every stage."""
     d = Path(directory)
     for name, fields in marks:
         try:
@@ -510,8 +510,7 @@ def holds_output(directory: str | os.PathLike, marks: tuple, names: re.Pattern |
             continue
         if isinstance(doc, dict) and all(k in doc and (v is None or doc[k] == v) for k, v in fields.items()):
             return True
-    found = user_entries(d)
-    return names is not None and bool(found) and all(p.is_file() and names.match(p.name) for p in found)
+    return False
 
 
 def _overlap(out: Path, path: Path) -> bool:
@@ -531,8 +530,7 @@ def input_path(spec: Any) -> Path | None:
     return p.parent if any(c in str(p.name) for c in "{*?[") and p.parent.is_dir() else None
 
 
-def check_out(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=(), flag: str = "--out",
-              names: re.Pattern | None = None) -> Path:
+def check_out(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=(), flag: str = "--out") -> Path:
     """Refuse (UserError, one line) an output ``directory`` that is a file, holds, contains or is
     inside one of ``inputs`` (paths or specs, ``input_path``), or is neither empty nor ``stage``'s own
     output (``holds_output``). Reads only."""
@@ -545,7 +543,7 @@ def check_out(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=
             raise UserError(f"{flag} {d} holds, contains or is inside the input {p}: distill never writes "
                             f"where its inputs are; choose another {flag}")
     found = user_entries(d)
-    if found and not holds_output(d, marks, names):
+    if found and not holds_output(d, marks):
         raise UserError(f"{flag} {d} is not empty ({found[0].name}) and holds no earlier {stage} output: "
                         f"distill writes only into an empty directory or its own; choose another {flag}")
     return d
@@ -565,14 +563,13 @@ def sweep_temps(directory: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def claim_dir(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=(), flag: str = "--out",
-              names: re.Pattern | None = None):
+def claim_dir(directory: str | os.PathLike, stage: str, marks: tuple, *, inputs=(), flag: str = "--out"):
     """``with claim_dir(out, "cache-teacher", marks, inputs=...):`` the output directory checked
     (``check_out``), locked for this run (created if missing, removed again if the run leaves it
     empty), its stale temps swept; checked again under the lock. Take it before anything slow."""
-    d = check_out(directory, stage, marks, inputs=inputs, flag=flag, names=names)
+    d = check_out(directory, stage, marks, inputs=inputs, flag=flag)
     with DirLock(d, stage):
-        check_out(d, stage, marks, inputs=inputs, flag=flag, names=names)
+        check_out(d, stage, marks, inputs=inputs, flag=flag)
         sweep_temps(d)
         yield d
 

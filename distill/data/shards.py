@@ -601,15 +601,11 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, prefix: str =
     with claim_dir(out, "make-shards", marks, inputs=(src, classes_file), flag="OUT"):
         _prepare_out(out, prefix, overwrite)
         atomic_write_json(out / SHARDS_MARK, {"stage": "make-shards", "prefix": prefix})
-        if shuffle:
-            random.Random(f"distill-make-shards:{int(seed)}").shuffle(sources)
-        index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips,
-                             order={"shuffled": bool(shuffle), "seed": int(seed)})
-        if index.num_samples == 0:
-            (out / SHARD_INDEX_NAME).unlink()
-            first = skips[0]
-            raise UserError(f"no readable images in {src}: all {len(skips)} skipped, e.g. {first.shard}: {first.reason}")
-        (out / SHARDS_MARK).unlink()
+        try:
+            index = _write_sources(src, sources, skips, progress, out, prefix, shard_size, classes, shuffle, seed)
+        finally:                 # the mark stays only beside shards a rerun must know as its own
+            if (out / SHARD_INDEX_NAME).is_file() or not own_shard_files(out, prefix):
+                (out / SHARDS_MARK).unlink()
     return index, skips
 
 
@@ -775,6 +771,20 @@ def _read_classes(path: Path) -> list[str]:
 # make-shards' mark in OUT while it writes (removed once index.json is written): a run killed before its
 # index is known by it, so --overwrite removes that run's shards, never another folder's tars
 SHARDS_MARK = ".distill.make-shards.json"
+
+
+def _write_sources(src: Path, sources, skips, progress, out: Path, prefix: str, shard_size: int, classes,
+                   shuffle: bool, seed: int):
+    """make_shards' writing, into the claimed OUT: SRC's sources (shuffled or not) as shards with their index."""
+    if shuffle:
+        random.Random(f"distill-make-shards:{int(seed)}").shuffle(sources)
+    index = write_shards(_read_sources(sources, skips, progress), out, prefix, shard_size, classes, skipped=skips,
+                         order={"shuffled": bool(shuffle), "seed": int(seed)})
+    if index.num_samples == 0:
+        (out / SHARD_INDEX_NAME).unlink()
+        first = skips[0]
+        raise UserError(f"no readable images in {src}: all {len(skips)} skipped, e.g. {first.shard}: {first.reason}")
+    return index
 
 
 def shard_dir_marks(prefix: str) -> tuple:

@@ -306,21 +306,21 @@ def train_student(cfg: TrainConfig, policy_table: dict | None = None, *, stop_af
         torch.set_num_threads(cfg.threads)
     d = _setup_dist(cfg)
     try:
-        # every refusal, before anything is written; each rank checks 1/world of the cache files
-        data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
-        note(recipes.describe(cfg, d.world, overridden), cfg.quiet or not d.main)
-        if recipes.get(cfg.recipe).fine_tune and not cfg.init and not cfg.resume:
-            note(f"warning: recipe {cfg.recipe} fine-tunes a pretrained student; without --init it starts "
-                 f"from random weights", cfg.quiet or not d.main)
-        _policy_note(cfg, data, cfg.quiet or not d.main)
         with contextlib.ExitStack() as held:
             err = None
-            if d.main:
+            if d.main:                   # the lock first: a second run on --out is refused before anything slow
                 try:
                     held.enter_context(claim_dir(cfg.out, "train-student", TRAIN_MARKS, inputs=_inputs(cfg)))
                 except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
                     err = e
             _sync(d, err)
+            # every refusal, before anything is written; each rank checks 1/world of the cache files
+            data = prepare_data(cfg, policy_table, world=d.world, rank=d.rank, gather=_gather(d))
+            note(recipes.describe(cfg, d.world, overridden), cfg.quiet or not d.main)
+            if recipes.get(cfg.recipe).fine_tune and not cfg.init and not cfg.resume:
+                note(f"warning: recipe {cfg.recipe} fine-tunes a pretrained student; without --init it starts "
+                     f"from random weights", cfg.quiet or not d.main)
+            _policy_note(cfg, data, cfg.quiet or not d.main)
             held.enter_context(_reading(data, d, cfg.quiet))
             res = _run(cfg, data, d, stop_after)
             if cfg.compare_hard_labels and not cfg.hard_labels and res.complete:
