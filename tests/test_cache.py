@@ -132,7 +132,8 @@ def test_worker_killed_mid_shard_is_retried(demo_cache, tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_to_identical_records(demo_cache, tmp_path):
-    """SIGKILL the whole CLI after its first shard file lands; rerun; records equal an uninterrupted run."""
+    """SIGKILL the whole CLI after its first shard file and its completion record land; rerun: that file
+    is reused, and the records equal an uninterrupted run's."""
     shards, out, _ = demo_cache
     dst = tmp_path / "killed"
     policy = tmp_path / "policy.toml"
@@ -144,7 +145,9 @@ def test_killed_run_resumes_to_identical_records(demo_cache, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(dst.glob("*.arrow")) and proc.poll() is None:
+    def proven():                  # a finished shard file with its completion record (written just after it)
+        return [f for f in dst.glob("*.arrow") if (dst / ".distill.done" / f"{f.name}.json").is_file()]
+    while time.time() < deadline and not proven() and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -39,7 +39,7 @@ def shard_dirs(tmp_path_factory):
 
 def _epochs(root, name: str, epochs=(0,), *, buffer: int = 256, open_shards: int = OPEN_SHARDS, workers: int = 2):
     """Every batch of these epochs (2 loader workers) of the hard-label stream over ``root/name``."""
-    cfg = TrainConfig(shards=str(root / name), out=str(root / "run"), hard_labels=True, image_size=16)
+    cfg = TrainConfig(shards=str(root / name), out=str(root / "run"), hard_labels=True, image_size=32)
     data = prepare_data(cfg, POLICY)
     assert data.samples == CLASSES * PER_CLASS
     ds = TrainStream(data.refs, spec=data.spec, image_size=16, batch_size=BATCH, seed=0, shuffle_buffer=buffer,
