@@ -637,8 +637,9 @@ def _sec_storage(res, env):
         L += [_status(r) or "not run in this invocation", ""]
     else:
         d, y = s["demo"], s["synthetic_21k"]
-        L += ["Every file in CACHE_DIR counted (manifest included) unless said otherwise; TinyViT's format stores "
-              "4K+4 bytes per record (K=10: 44 B) plus separate key files.", "",
+        L += ["Every file of the cache counted (the shard files its manifest lists, `manifest.json` and `run.json`: "
+              "what summaries and `distill inspect` count, never other files sharing CACHE_DIR) unless said "
+              "otherwise; TinyViT's format stores 4K+4 bytes per record (K=10: 44 B) plus separate key files.", "",
               "| cache | records | bytes/record | ÷ TinyViT 44 B |", "|---|---:|---:|---:|",
               f"| demo teacher on the demo shards (10 classes, {d['epochs']} epochs, K=10) | {d['records']:,} | {d['bytes_per_record']:.1f} | {d['bytes_per_record'] / 44:.2f} |",
               f"| synthetic 21,841 classes, {y['epochs']} epochs, K=10 (shard files) | {y['records']:,} | {y['bytes_per_record_shard_files']:.1f} | {y['bytes_per_record_shard_files'] / 44:.2f} |",
