@@ -131,6 +131,8 @@ def test_worker_killed_mid_shard_is_retried(demo_cache, tmp_path, monkeypatch):
     assert _records(tmp_path / "retry").equals(_records(out))
 
 
+# slow: test_integrity's killed-run test covers the reuse proof faster; tools/faults.py kills at 5 points
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_records(demo_cache, tmp_path):
     """SIGKILL the whole CLI after its first shard file and its completion record land; rerun: that file
     is reused, and the records equal an uninterrupted run's."""

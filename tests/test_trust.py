@@ -213,6 +213,8 @@ def test_readers_check_each_file_before_use(built, tmp_path):
 
 # ----------------------------------------------------------------------------- 7. one run per output directory
 
+# slow: two real cache-teacher runs; test_out_dirs' lock test covers the refusal in seconds
+@pytest.mark.slow
 def test_second_concurrent_cache_teacher_exits_2_naming_the_first(tmp_path):
     shards = demo_subset(tmp_path, SHARDS)
     out = tmp_path / "c"
