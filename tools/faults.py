@@ -494,47 +494,15 @@ def kill_manifest(ctx, d):
 
 # -- 1b. a train-student kill, then --resume
 
-@case("kill-train-resume", f"SIGKILL train-student ({EPOCHS} epochs) when epoch 1 is in metrics.jsonl, rerun "
-      "with --resume; an undisturbed run alongside", "identical weights and metrics")
+@case("kill-train-resume", f"SIGKILL train-student ({EPOCHS} epochs, --drop-path 0.1) when epoch 1 is in metrics.jsonl, "
+      "rerun with --resume; an undisturbed run alongside", "identical weights, metrics, summary")
 def kill_train_resume(ctx, d):
-    import torch
-
-    def args(out):
-        a = ctx.train_args(ctx.cache, out)
-        a[a.index("--epochs") + 1] = str(EPOCHS)
-        return a
-    ref = ctx.cli(*args(d / "ref"))
-    if ref.rc != 0:
-        return [(CRASHED, f"FAULT SCRIPT ERROR: the undisturbed reference run failed (exit {ref.rc}): {_message(ref)}")]
-    run = d / "run"
-
-    def one_epoch(t):
+    def one_epoch(run):
         try:
             return (run / "metrics.jsonl").read_text().count("\n") >= 1
         except OSError:
             return False
-    killed, at = ctx.cli_killed(args(run), one_epoch)
-    done = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
-    ckpt = json.loads((run / "last.json").read_text())["epoch"] if (run / "last.json").exists() else None
-    note = (f"killed at {at:.1f}s with {done} epoch(s) in metrics.jsonl, last.json at epoch {ckpt}" if killed
-            else "NOT killed: the run ended first")
-    r = ctx.cli(*args(run), "--resume")
-    c = crash(r)
-    if c:
-        return [(CRASHED, f"{note}; {c}")]
-    if r.rc != 0:
-        v = _refusal(r, (2,))
-        return [(v[0], f"{note}; resume: {v[1]}")]
-
-    def metrics(p):
-        drop = ("img_s", "time_s")
-        return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in p.read_text().splitlines()]
-    a, b = (torch.load(p / "last.pt", map_location="cpu", weights_only=True)["model"] for p in (d / "ref", run))
-    same_w = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    same_m = metrics(d / "ref" / "metrics.jsonl") == metrics(run / "metrics.jsonl")
-    if same_w and same_m:
-        return [(IDENT, f"{note}; --resume exit 0, same weights and metrics")]
-    return [(WRONG, f"{note}; --resume exit 0 but " + ("weights" if not same_w else "metrics.jsonl") + " differ")]
+    return _kill_train(ctx, d, one_epoch, "when epoch 1 was in metrics.jsonl")
 
 
 # -- 2. a bit flipped in a finished cache's .arrow file
