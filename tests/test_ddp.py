@@ -86,7 +86,7 @@ def test_split_is_even_and_reads_each_sample_once(world):
 
 def test_views_do_not_depend_on_the_split(shards, tmp_path):
     """Segments start and end inside mixing blocks: every (sample, epoch) view is still the one
-    ``views.block_views`` makes of its whole block, bit for bit, whatever the rank, world or worker."""
+    ``views.view_tensor`` makes in its whole block, bit for bit, whatever the rank, world or worker."""
     data = _data(shards, tmp_path / "r")
     assert data.samples == sum(SIZES) and [r.samples for r in data.refs] == list(SIZES)
 
@@ -109,14 +109,14 @@ def test_views_do_not_depend_on_the_split(shards, tmp_path):
         assert len(part) >= sum(SIZES) - (world - 1)
         assert all(torch.equal(part[k][0], whole[k][0]) and part[k][1:] == whole[k][1:] for k in part)
     mb, mixed = POLICY["mix_block"], 0
-    for ref in data.refs:                      # the reference: block_views over each whole block
+    for ref in data.refs:                      # the reference: view_tensor at each position of each whole block
         items = [s for s in iter_shard(ref.path)]
         for s0 in range(0, len(items), mb):
             block = items[s0:s0 + mb]
             seeds = [augment.derive_seed(0, 1, s.key) for s in block]
-            made = views.block_views(data.spec, [augment.SourceImage(s.data) for s in block], seeds, 32,
-                                     augment.IMAGENET_MEAN, augment.IMAGENET_STD)
-            for s, v in zip(block, made):
+            srcs, keys = {s.key: augment.SourceImage(s.data) for s in block}, [s.key for s in block]
+            for i, s in enumerate(block):
+                v = views.view_tensor(data.spec, srcs, keys, seeds, i, 32, augment.IMAGENET_MEAN, augment.IMAGENET_STD)
                 assert torch.equal(whole[s.key][0], v), s.key
             mixed += sum(p is not None for p in views.block_plan(data.spec, seeds))
     assert mixed > 40

@@ -193,24 +193,18 @@ def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: 
 
 def finish_pixels(p: Piece, b: Block, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False,
                   out=None):
-    """The views of a rendered piece, float32 (B, 3, H, W) on ``device``: its uint8 pixels normalised on the
-    device, erased and mixed exactly as ``augment.view`` / ``augment.mix`` do (``out``: a tensor to fill)."""
+    """The views of a rendered piece, float32 (B, 3, H, W) on ``device`` (``augment.finish``: each
+    block's views mixed with partners of the same block and epoch; ``out``: a tensor to fill)."""
     n = len(b.labels)
     es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
-    px = p.pixels.pin_memory() if pin else p.pixels
-    x = augment.normalize_u8(px.to(device, non_blocking=True), mean, std, out=out)
+    params, plans, partners = [], [], []
     for j, e in enumerate(es):
-        for i in range(n):
-            augment.erase_(x[j * n + i], b.params[i][e])
-    if spec.mixing:
-        mixed = {}
-        for j, e in enumerate(es):
-            for i, plan in enumerate(views.block_plan(spec, [s[e] for s in b.seeds])):
-                if plan is not None:
-                    mixed[j * n + i] = augment.mix(x[j * n + i], x[j * n + plan["partner"]], plan)
-        for row, v in mixed.items():       # after every pair is made: partners are the unmixed views
-            x[row] = v
-    return x
+        params += [b.params[i][e] for i in range(n)]
+        block = views.block_plan(spec, [s[e] for s in b.seeds]) if spec.mixing else [None] * n
+        plans += block
+        partners += [None if pl is None else j * n + pl["partner"] for pl in block]
+    px = p.pixels.pin_memory() if pin else p.pixels
+    return augment.finish(px, params, plans, mean, std, device=device, partner_rows=partners, out=out)
 
 
 def piece_rows(p: Piece, b: Block, epochs: int):

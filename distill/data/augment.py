@@ -602,12 +602,44 @@ def _norm(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_tensor(img: Image.Image, params: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """float32 C x H x W: x / 255, normalised ((x - mean) / std), then RandomErasing from params."""
+    """float32 C x H x W of one rendered view: ``finish`` (normalise, erase from params) of its pixels."""
+    return finish(pixels(img), [params], [None], mean, std)[0]
+
+
+def pixels(img: Image.Image) -> torch.Tensor:
+    """A rendered view's RGB pixels as uint8 (1, H, W, 3), what ``finish`` takes."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
-    return erase_(normalize_u8(pixels, mean, std), params)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, h, w, 3)
+
+
+def finish(pixels: torch.Tensor, params: list, plans: list, mean=IMAGENET_MEAN, std=IMAGENET_STD, *,
+           device: torch.device | None = None, partners: torch.Tensor | None = None,
+           partner_params: list | None = None, partner_rows: list | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The one step from rendered views to the model's input: uint8 (B, H, W, 3) -> float32 (B, 3, H, W)
+    on ``device`` (default: the pixels'): normalised (``normalize_u8``), row i erased from ``params[i]``
+    (``erase_``), then mixed (``mix``) with its partner by ``plans[i]`` (None: unmixed). The partner of
+    row i is ``partners[i]`` (its own uint8 view, erased from ``partner_params[i]``) or, without
+    ``partners``, row ``partner_rows[i]`` of this batch as erased, before any mixing. The same IEEE
+    steps on every device: on the CPU bit for bit what every other device gives. ``out``: a float32
+    tensor to write into."""
+    dev = device if device is not None else pixels.device
+    x = normalize_u8(pixels.to(dev, non_blocking=True), mean, std, out=out)
+    for i, p in enumerate(params):
+        erase_(x[i], p)
+    rows = [i for i, plan in enumerate(plans) if plan is not None]
+    if not rows:
+        return x
+    if partners is not None:
+        y = normalize_u8(partners[rows].to(dev, non_blocking=True), mean, std)
+        made = {i: mix(x[i], erase_(y[j], partner_params[i]), plans[i]) for j, i in enumerate(rows)}
+    else:
+        made = {i: mix(x[i], x[partner_rows[i]], plans[i]) for i in rows}
+    for i, v in made.items():          # after every pair is made: partners are the unmixed views
+        x[i] = v
+    return x
 
 
 def normalize_u8(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, out: torch.Tensor | None = None

@@ -88,34 +88,20 @@ def block_plan(spec: ViewSpec, seeds: Sequence[int]) -> list:
     return augment.mix_plan(spec.policy, list(seeds)) if spec.mixing else [None] * len(seeds)
 
 
-def block_views(spec: ViewSpec, srcs: Sequence["augment.SourceImage"], seeds: Sequence[int], size: int, mean, std,
-                params_: Sequence[dict] | None = None, guard=None) -> list:
-    """Tensors of one epoch for one block: view of each sample, mixed with its partner when the
-    spec mixes. ``srcs[i]`` and ``seeds[i]`` belong to position i of the block; ``params_``: their
-    parameters when already decoded (else decoded here). ``guard``: a context manager factory
-    entered around each view (cache-teacher's CPU gate)."""
-    if params_ is None:
-        params_ = [params(spec, s, src) for s, src in zip(seeds, srcs)]
-    out = []
-    for s, p in zip(srcs, params_):
-        if guard is None:
-            out.append(augment.view(s, p, size, mean, std))
-        else:
-            with guard():
-                out.append(augment.view(s, p, size, mean, std))
-    plan = block_plan(spec, seeds)
-    return [v if pl is None else augment.mix(v, out[pl["partner"]], pl) for v, pl in zip(out, plan)]
-
-
 def view_tensor(spec: ViewSpec, srcs: dict, keys: Sequence[str], seeds: Sequence[int], pos: int, size: int,
                 mean, std):
-    """The normalised tensor of position ``pos`` of a block (``keys``/``seeds`` of the whole block;
-    ``srcs``: key -> SourceImage for at least ``keys[pos]`` and its mix partner)."""
+    """The model's input for position ``pos`` of a block (``keys``/``seeds`` of the whole block;
+    ``srcs``: key -> SourceImage for at least ``keys[pos]`` and its mix partner): its rendered view
+    and its partner's, finished by ``augment.finish``."""
     plan = block_plan(spec, seeds)[pos]
 
-    def one(i: int):
+    def rendered(i: int):
         src = srcs[keys[i]]
-        return augment.view(src, params(spec, seeds[i], src), size, mean, std)
+        p = params(spec, seeds[i], src)
+        return augment.pixels(augment.render(src, p, size)), p
 
-    v = one(pos)
-    return v if plan is None else augment.mix(v, one(plan["partner"]), plan)
+    own, p = rendered(pos)
+    if plan is None:
+        return augment.finish(own, [p], [None], mean, std)[0]
+    other, q = rendered(plan["partner"])
+    return augment.finish(own, [p], [plan], mean, std, partners=other, partner_params=[q])[0]

@@ -20,8 +20,8 @@ Per training epoch ``e`` (``TrainStream``; ``epoch_segments`` is the split):
    (``--exclude`` keys dropped);
 4. each kept sample goes through a shuffle buffer as a compact item: its rendered uint8 view (and its
    mix partner's, when mixed) with their erase and mix parameters. Leaving the buffer, the item is
-   normalised, erased and mixed (``augment.to_tensor`` + ``augment.mix``, the same steps in the same
-   order as ``views.block_views``: the tensor is bit for bit the same) and batches are collated.
+   normalised, erased and mixed by ``augment.finish`` (the one step every path takes: the tensor is
+   bit for bit ``views.view_tensor``'s) and batches are collated.
 
 So the view of every (sample, epoch) does not depend on batching, workers or the number of ranks.
 Left out of an epoch: the ``N - W * (N // W)`` (< W) places at the ends of the ranks' ranges, and
@@ -49,7 +49,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..data import augment, shards as shardio, views
@@ -161,24 +160,15 @@ def _collate(items: list, stats: list, images: bool = True) -> dict:
 
 
 def finish_batch(batch: dict, device: torch.device, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD) -> torch.Tensor:
-    """The float32 views (B, 3, S, S) of a ``device_finish`` batch, made on ``device``: the uint8 pixels
-    normalised there (``augment.normalize_u8``, the same IEEE steps on every device), erased and mixed
-    with the partners' (``augment.erase_``, ``augment.mix``) — on the CPU bit for bit what the workers'
-    ``augment.to_tensor`` + ``augment.mix`` give."""
-    x = augment.normalize_u8(batch["image"].to(device, non_blocking=True), mean, std)
+    """The float32 views (B, 3, S, S) of a ``device_finish`` batch, made on ``device`` by ``augment.finish``
+    from its uint8 pixels and its partners' (``image2``): bit for bit what the workers give."""
     plans = batch["finish"]
-    mixed = [i for i, (_, _, plan) in enumerate(plans) if plan is not None]
-    y = augment.normalize_u8(batch["image2"][mixed].to(device, non_blocking=True), mean, std) if mixed else None
-    for i, (p, _, _) in enumerate(plans):
-        augment.erase_(x[i], p)
-    for j, i in enumerate(mixed):
-        _, q, plan = plans[i]
-        x[i] = augment.mix(x[i], augment.erase_(y[j], q), plan)
-    return x
+    return augment.finish(batch["image"], [p for p, _, _ in plans], [pl for _, _, pl in plans], mean, std,
+                          device=device, partners=batch["image2"], partner_params=[q for _, q, _ in plans])
 
 
 def _pixels(src: "augment.SourceImage", params: dict, size: int) -> bytes:
-    """The rendered view's RGB bytes (what ``augment.to_tensor`` reads from the image)."""
+    """The rendered view's RGB bytes (``augment.finish``'s uint8 input, kept compact in the shuffle buffer)."""
     img = augment.render(src, params, size)
     return (img if img.mode == "RGB" else img.convert("RGB")).tobytes()
 
@@ -306,12 +296,14 @@ class TrainStream(IterableDataset):
 
     def _finish(self, item: tuple) -> tuple:
         """(view tensor, topk ids, topk probs, label, partner label, own-image weight, key) of an item:
-        ``augment.to_tensor`` of the pixels (normalise, erase), mixed with the partner's."""
+        ``augment.finish`` of its pixels (normalise, erase), mixed with the partner's."""
         own, p, other, q, plan = item[:5]
-        v = augment.to_tensor(Image.frombytes("RGB", (self.size, self.size), own), p, self.mean, self.std)
-        if plan is not None:
-            w = augment.to_tensor(Image.frombytes("RGB", (self.size, self.size), other), q, self.mean, self.std)
-            v = augment.mix(v, w, plan)
+        s = self.size
+
+        def u8(px: bytes) -> torch.Tensor:
+            return torch.frombuffer(bytearray(px), dtype=torch.uint8).view(1, s, s, 3)
+        v = augment.finish(u8(own), [p], [plan], self.mean, self.std,
+                           partners=u8(other) if plan is not None else None, partner_params=[q])[0]
         return (v,) + item[5:]
 
     def _collate_u8(self, items: list, stats: list) -> dict:
