@@ -11,7 +11,6 @@ that order.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -275,10 +274,6 @@ def write_resolved(cfg, directory: str | os.PathLike, name: str | None = None, e
     """Write the resolved config next to a stage's output (plus ``extra`` keys: values derived from it)."""
     from .format import RUN_CONFIG_NAME          # (format loads numpy and pyarrow: not at import, for --help)
     atomic_write_json(Path(directory) / (name or RUN_CONFIG_NAME), dict(to_dict(cfg), **(extra or {})))
-
-
-def config_json(cfg) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -131,10 +131,6 @@ class ShardIndex:
                 for s in self.shards]
 
 
-def skips_to_dicts(skips: Iterable[Skip]) -> list[dict]:
-    return [asdict(s) for s in skips]
-
-
 # How many skipped samples a summary (cache-teacher, filter-labels, inspect) names before pointing
 # at the full list.
 SKIPS_SHOWN = 10
@@ -509,16 +505,6 @@ def encode_cache_shard(keys, labels, seeds, topk_idx, topk_prob, label_prob, *, 
             batches.append(pa.record_batch([cols[f.name].cast(f.type) for f in schema], schema=schema))
     schema = schema.with_metadata({k_.encode(): v.encode() for k_, v in meta.items()})
     return pa.Table.from_batches(batches, schema=schema)
-
-
-def replace_keys(table: pa.Table, keys) -> pa.Table:
-    """A physical shard table with other sample keys (same count; e.g. synthetic caches that reuse records)."""
-    md = cache_meta(table)
-    n, e_ = int(md["samples"]), int(md["epochs"])
-    keys = list(keys)
-    if len(keys) != n:
-        raise UserError(f"{len(keys)} keys for a shard of {n} samples")
-    return table.set_column(0, "key", pa.array(keys + [""] * (n * (e_ - 1)), pa.string()))
 
 
 def cache_meta(table_or_schema) -> dict:

@@ -18,7 +18,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from distill.data import augment as A
 from distill.data.augment import (POLICY_VERSION, Policy, SourceImage, decode, decode_center, derive_seed,
-                             draft_factor, mix, mix_lam, mix_plan, mix_target, open_image, render,
+                             draft_factor, mix, mix_lam, mix_plan, open_image, render,
                              to_tensor, view)
 
 POLICY_A = Policy()
@@ -525,9 +525,8 @@ def test_mix_and_targets():
     assert mix_lam(cut, (10, 20)) == pytest.approx(1 - m[0].mean().item())
     odd = {**cut, "box": [0.1, 0.13, 0.47, 0.61]}
     kept = 1 - mix(a, b, odd)[0].mean().item()
-    assert mix_target(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), odd, size=(10, 20))[0].item() == pytest.approx(kept)
-    t = mix_target(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), up)
-    assert torch.allclose(t, torch.tensor([0.25, 0.75]))
+    assert mix_lam(odd, (10, 20)) == pytest.approx(kept)      # cutmix: the kept pixels' share, not the drawn lam
+    assert mix_lam(up) == 0.25
 
 
 # ----------------------------------------------------------------------------- policy

@@ -60,12 +60,28 @@ def mixed(outs):
 
 
 def _producer_views(cache, exclude=()) -> dict:
-    """{(key, epoch): tensor} exactly as cache-teacher's worker fed them to the teacher for one shard."""
-    from distill.cache.writer import shard_views
-    t = cache.teacher
-    return shard_views(cache.shard_path(SHARD), spec=cache.view_spec, epochs=cache.epochs,
-                       cache_seed=cache.manifest["cache_seed"], size=t["input_size"], mean=tuple(t["mean"]),
-                       std=tuple(t["std"]), batch_size=64, num_classes=cache.num_classes, exclude=frozenset(exclude))
+    """{(key, epoch): tensor} exactly as cache-teacher's worker feeds them to the teacher for one shard:
+    its reader, producer threads and ``take_piece``, on the CPU."""
+    import torch
+    from distill.cache.writer import ShardReader, ThreadProducers, kept, take_piece, until_decodable
+    t, spec, epochs, size, batch = cache.teacher, cache.view_spec, cache.epochs, cache.teacher["input_size"], 64
+    prod = ThreadProducers(1)
+
+    def attempt(undecodable: dict) -> dict:
+        reader = ShardReader(cache.shard_path(SHARD), spec=spec, epochs=epochs, cache_seed=cache.manifest["cache_seed"],
+                             size=size, num_classes=cache.num_classes, exclude=frozenset(exclude), decoded=True,
+                             undecodable=undecodable)
+        blocks, out = {}, {}
+        for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch):
+            x, _, where = take_piece(p, blocks, spec, epochs, tuple(t["mean"]), tuple(t["std"]), torch.device("cpu"))
+            for row, (s, e) in enumerate(where):
+                out[reader.samples[s][0], int(e)] = x[row].clone()     # the piece's memory is reused
+            prod.release(p)
+        return out
+    try:
+        return until_decodable(attempt)
+    finally:
+        prod.close()
 
 
 def _teacher():

@@ -47,10 +47,17 @@ def _shard_table(i: int, n: int, e: int, k: int, c: int) -> pa.Table:
                                 num_classes=c, prob_dtype="float16")
 
 
+def _with_keys(table, keys):
+    """A synthetic physical shard table with other sample keys (the same records under new names)."""
+    import pyarrow as pa
+    n, e = int(F.cache_meta(table)["samples"]), int(F.cache_meta(table)["epochs"])
+    return table.set_column(0, "key", pa.array(list(keys) + [""] * (n * (e - 1)), pa.string()))
+
+
 def _write(args) -> dict:
     out, i, base, n, e = args
     name = F.shard_name("train", i)
-    t = F.replace_keys(base, [f"s{i:06d}/img{j:06d}" for j in range(n)])
+    t = _with_keys(base, [f"s{i:06d}/img{j:06d}" for j in range(n)])
     entry = {"name": name, "bytes": 0, "mtime_ns": 0, "sha256": "0" * 64, "file": F.cache_file_name(name),
              "samples": n, "records": n * e, "excluded": 0, "skipped": [], "errors": []}
     md = dict(t.schema.metadata)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .. import engine
-from ..data import augment, views
+from ..data import views
 from ..files import UserError
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
 from ..memory import keep_heap
@@ -260,32 +260,6 @@ def take_piece(p, blocks: dict, spec: views.ViewSpec, epochs: int, mean, std, de
         b.params = p.params
     x = p.pixels.to(device) if p.finished else finish_pixels(p, b, spec, epochs, mean, std, device, pin)
     return (x, *piece_rows(p, b, epochs))
-
-
-def shard_views(path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, mean, std, batch_size: int,
-                num_classes: int, exclude=frozenset(), view_workers: int = 0) -> dict:
-    """{(key, epoch): view tensor} exactly as cache-teacher's worker feeds them to the teacher (tests, notebooks)."""
-    import torch
-    prod = (ProcessProducers(view_workers, spec.views_of(), epochs, size, batch_size, (tuple(mean), tuple(std)))
-            if view_workers else ThreadProducers(1))
-
-    def attempt(undecodable: dict) -> dict:
-        reader = ShardReader(path, spec=spec, epochs=epochs, cache_seed=cache_seed, size=size,
-                             num_classes=num_classes, exclude=frozenset(exclude), decoded=view_workers == 0,
-                             undecodable=undecodable)
-        blocks: dict = {}
-        out = {}
-        for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch_size):
-            x, _, where = take_piece(p, blocks, spec, epochs, mean, std, torch.device("cpu"))
-            for row, (s, e) in enumerate(where):
-                out[reader.samples[s][0], int(e)] = x[row].clone()     # the piece's memory is reused
-            prod.release(p)
-        return out
-
-    try:
-        return until_decodable(attempt)
-    finally:
-        prod.close()
 
 
 def kept(it, blocks: dict):

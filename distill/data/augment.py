@@ -760,11 +760,3 @@ def mix(a: torch.Tensor, b: torch.Tensor, plan: dict | None) -> torch.Tensor:
     out = a.clone()
     out[..., y0:y1, x0:x1] = b[..., y0:y1, x0:x1]
     return out
-
-
-def mix_target(t_a, t_b, plan: dict | None, size: tuple[int, int] | None = None):
-    """``lam * t_a + (1 - lam) * t_b``; pass the view's (h, w) to use cutmix's pixel-corrected lam."""
-    if plan is None:
-        return t_a
-    lam = mix_lam(plan, size)
-    return t_a * lam + t_b * (1.0 - lam)
