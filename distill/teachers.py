@@ -442,7 +442,7 @@ def output_tensor(out, spec: TeacherSpec) -> torch.Tensor:
 
 def _are_probabilities(p: torch.Tensor) -> bool:
     """Every row non-negative and summing to 1 within 1e-3: a softmax's output."""
-    return bool((p >= 0).all() and ((p.sum(dim=-1) - 1).abs() <= 1e-3).all())
+    return bool(((p >= 0).all(dim=-1) & ((p.sum(dim=-1) - 1).abs() <= 1e-3)).all())     # one host sync
 
 
 def log_scores(out: torch.Tensor, outputs: str, spec: TeacherSpec) -> torch.Tensor:
@@ -452,8 +452,8 @@ def log_scores(out: torch.Tensor, outputs: str, spec: TeacherSpec) -> torch.Tens
     teacher whose rows are probabilities, and a probs or log-probs teacher whose rows are not."""
     x = out.float()
     bad = x.isnan() | (x == math.inf) | ((x == -math.inf) if outputs != "log-probs" else False)
-    rows = bad.any(dim=-1).nonzero().flatten().tolist()
-    if rows:
+    if bool(bad.any()):                           # the rows are listed only when there are some
+        rows = bad.any(dim=-1).nonzero().flatten().tolist()
         raise NonFiniteOutput(f"teacher {spec.spec} output NaN or infinity for {len(rows)} of {len(x)} images", rows)
     if outputs == "logits":
         if _are_probabilities(x):
