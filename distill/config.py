@@ -347,6 +347,7 @@ class TrainConfig:
     seed: int = opt(0, help="training seed (shuffling, init)", range="[0, 9223372036854775807]")
     shuffle_buffer: int = opt(1000, help="sample shuffle buffer", range="[0, 100000000]")
     loader_workers: int = opt(-1, help="DataLoader worker processes per training process; -1: its share of the CPU cores less one (persistent across epochs)", range="[-1, 4096]")
+    checkpoint_every: int = opt(1000, help="also write RUN_DIR/last.pt every N optimiser steps inside an epoch (0: at epoch ends only); --resume goes on from there", range="[0, 1000000000]", metavar="N")
     device_views: bool | None = opt(None, help="true: loader workers ship uint8 views, normalised, erased and mixed on the training device (default: true on CUDA, false on CPU)", metavar="true|false")
     device: str = opt("auto", help="cpu, cuda, or auto")
     compile: bool = opt(False, help="torch.compile the model")

@@ -270,7 +270,7 @@ def teacher_class_stats(cache: Cache, class_ids: np.ndarray, epochs=(0,), max_re
     over ``epochs``' records, in shard order, stopping after ``max_records``; returns (sums, records)."""
     import torch
 
-    from .train.losses import dense_targets
+    from .train.losses import sparse_to_dense
     from .train.relations import ClassStats
     stats = ClassStats(class_ids)
     for t in cache.iter_tables(epochs=list(epochs), columns=["topk_idx", "topk_prob"]):
@@ -281,7 +281,7 @@ def teacher_class_stats(cache: Cache, class_ids: np.ndarray, epochs=(0,), max_re
         idx = torch.from_numpy(pc.list_flatten(t["topk_idx"]).to_numpy().astype(np.int64).reshape(-1, k))
         prob = torch.from_numpy(pc.list_flatten(t["topk_prob"]).to_numpy().astype(np.float32).reshape(-1, k))
         for a in range(0, len(idx), 4096):
-            stats.add_probs(dense_targets(idx[a:a + 4096], prob[a:a + 4096], cache.num_classes))
+            stats.add_probs(sparse_to_dense(idx[a:a + 4096], prob[a:a + 4096], cache.num_classes))
     return stats.arrays(), stats.n
 
 

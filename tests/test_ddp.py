@@ -24,7 +24,8 @@ from distill.data import augment, views
 from distill.data.shards import Sample, iter_shard, write_shards
 from distill.format import ShardIndex
 from distill.train import prepare_data
-from distill.train.data import TrainStream, epoch_segments, loader
+from distill.train.data import DistillDataset, DistillLoader
+from distill.train.order import epoch_segments
 
 SIZES = (37, 5, 61, 18)
 POLICY = {"size": 32, "scale": [0.35, 1.0], "hflip": 0.5, "auto_augment": None, "re_prob": 0.5,
@@ -93,10 +94,10 @@ def test_views_do_not_depend_on_the_split(shards, tmp_path):
     def views_of(world, workers, **kw):
         got = {}
         for rank in range(world):
-            ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=5, seed=0, num_classes=4,
+            ds = DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=5, seed=0, num_classes=4,
                              rank=rank, world=world, drop_last=False, **kw)
             ds.set_epoch(1)
-            for b in loader(ds, workers):
+            for b in DistillLoader(ds, workers):
                 for k, x, y, lam in zip(b["key"], b["image"], b["label2"], b["lam"]):
                     assert k not in got
                     got[k] = (x, int(y), float(lam))
@@ -170,18 +171,18 @@ import json, sys, torch
 torch.set_num_threads(1)
 from distill.config import TrainConfig
 from distill.train import prepare_data
-from distill.train.data import TrainStream, loader
+from distill.train.data import DistillDataset, DistillLoader
 from distill.train.loop import _setup_dist, _synced
 cfg = TrainConfig(shards={str(shards)!r}, out="-", hard_labels=True, image_size=32, device="cpu")
 d = _setup_dist(cfg)
 data = prepare_data(cfg, {POLICY!r}, world=d.world, rank=d.rank)
 out = {{}}
 for batch in (6, 8):
-    ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=batch, seed=0, shuffle_buffer=16,
+    ds = DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=batch, seed=0, shuffle_buffer=16,
                      num_classes=4, rank=d.rank, world=d.world)
     for epoch in (0, 1):
         ds.set_epoch(epoch)
-        out[f"{{batch}}/{{epoch}}"] = [b["key"] for b in _synced(loader(ds, 2), d)]
+        out[f"{{batch}}/{{epoch}}"] = [b["key"] for b in _synced(DistillLoader(ds, 2), d)]
 print("KEYS", json.dumps(out), flush=True)
 torch.distributed.destroy_process_group()   # else gloo's threads may abort the exit (pytorch#190489)
 """

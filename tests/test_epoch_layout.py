@@ -195,7 +195,7 @@ def test_the_trainer_matches_tar_samples_to_cache_rows_by_seed(tmp_path):
     seed is the row's. A tar that is not the one cached (another shard under this name) stops the
     stream with a line naming the shard; the right tar gives every row once; with --exclude (keys
     read) the excluded keys are left out."""
-    from distill.train.data import ShardRef, TrainStream
+    from distill.train.data import ShardRef, DistillDataset
     out = tmp_path / "c"
     convert_cache(V1, out, quiet=True)
     c = distill.open_cache(out)
@@ -203,7 +203,7 @@ def test_the_trainer_matches_tar_samples_to_cache_rows_by_seed(tmp_path):
     demo = REPO / "shards/demo/train"
 
     def stream(path, exclude=frozenset()):
-        ds = TrainStream([ShardRef(str(path), "train-000000.tar", n - len(exclude))], spec=c.view_spec, image_size=32,
+        ds = DistillDataset([ShardRef(str(path), "train-000000.tar", n - len(exclude))], spec=c.view_spec, image_size=32,
                          batch_size=50, seed=0, shuffle_buffer=10, cache=c, num_classes=c.num_classes,
                          exclude=exclude, drop_last=False)
         ds.set_epoch(1)

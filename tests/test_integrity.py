@@ -224,7 +224,7 @@ def _epoch1_only_flip(f: Path) -> int:
 
 def test_damage_after_the_start_check_stops_the_epoch_that_reads_it(built, tmp_path):
     from distill.config import TrainConfig
-    from distill.train.data import TrainStream
+    from distill.train.data import DistillDataset
     from distill.train.prepare import prepare_data
     tmp, shards = built
     cache = _copy(tmp / "cache", tmp_path / "cache")
@@ -233,7 +233,7 @@ def test_damage_after_the_start_check_stops_the_epoch_that_reads_it(built, tmp_p
     data = prepare_data(cfg, None)                           # every file checked (size, sha256) here
     at = _epoch1_only_flip(cache / "train-000000.arrow")
     _flip(cache / "train-000000.arrow", at, 2)
-    ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=32, seed=0, shuffle_buffer=64,
+    ds = DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=32, seed=0, shuffle_buffer=64,
                      cache=data.cache, num_classes=data.num_classes)
     ds.set_epoch(0)
     assert sum(len(b["key"]) for b in ds) > 0                # epoch 0 is intact

@@ -12,7 +12,7 @@ import torch
 
 from distill.config import CacheConfig, TrainConfig
 from distill.train import prepare_data, train_student
-from distill.train.data import TrainStream, auto_workers, finish_batch, loader
+from distill.train.data import DistillDataset, DistillLoader, auto_workers, finish
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "shards" / "demo"
@@ -41,34 +41,34 @@ def _cfg(cache_dir, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _stream(data, **kw) -> TrainStream:
-    return TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=40, seed=0, shuffle_buffer=64,
+def _stream(data, **kw) -> DistillDataset:
+    return DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=40, seed=0, shuffle_buffer=64,
                        cache=data.cache, num_classes=data.num_classes, drop_last=False, **kw)
 
 
 def test_uint8_views_finished_on_the_device_equal_the_workers_views(cache_dir, tmp_path):
     data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
     for epoch in (0, 1):
-        a, b = _stream(data), _stream(data, device_finish=True)
+        a, b = _stream(data), _stream(data, finish="none")
         a.set_epoch(epoch)
         b.set_epoch(epoch)
         mixed = erased = 0
         for x, y in zip(a, b, strict=True):
-            assert y["image"].dtype == torch.uint8 and y["image"].shape == (len(y["key"]), 32, 32, 3)
-            got = finish_batch(y, torch.device("cpu"))
+            assert y["image_u8"].dtype == torch.uint8 and y["image_u8"].shape == (len(y["key"]), 3, 32, 32)
+            got = finish(y, torch.device("cpu"))["image"]
             assert torch.equal(got, x["image"])                  # bit for bit (max |delta| = 0 <= 1e-6)
-            for k in ("idx", "prob", "label", "label2", "lam"):
+            for k in ("topk_idx", "topk_prob", "label", "label2", "lam", "epoch"):
                 assert torch.equal(x[k], y[k])
             assert x["key"] == y["key"]
-            mixed += sum(plan is not None for _, _, plan in y["finish"])
-            erased += sum(bool(p.get("erase")) for p, _, _ in y["finish"])
+            mixed += sum(plan is not None for plan in y["views"]["plans"])
+            erased += sum(bool(p.get("erase")) for p in y["views"]["params"])
         assert mixed > 0 and erased > 0                          # both steps were exercised
 
 
 def test_persistent_workers_follow_set_epoch(cache_dir, tmp_path):
     data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
-    ds = _stream(data, device_finish=True)
-    dl = loader(ds, 1, persistent=True)
+    ds = _stream(data, finish="none")
+    dl = DistillLoader(ds, 1, persistent_workers=True)
     got = {}
     for epoch in (0, 1, 0):
         ds.set_epoch(epoch)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.train.losses import DistillLoss, dense_targets, hard_targets, soft_cross_entropy, topk_correct
+from distill.train.losses import SoftTargetLoss, sparse_to_dense, hard_targets, soft_cross_entropy, topk_correct
 from distill.cache.reader import dense_target
 
 
@@ -20,7 +20,7 @@ def _sparse(b=4, c=10, k=3, seed=0, mass=0.9):
 
 def test_uniform_fill_spreads_the_rest_evenly():
     idx, p = _sparse(mass=0.9)
-    t = dense_targets(idx, p, 10, "uniform")
+    t = sparse_to_dense(idx, p, 10, "uniform")
     assert t.shape == (4, 10) and t.dtype == torch.float32
     assert torch.allclose(t.sum(1), torch.ones(4))
     assert torch.equal(t.gather(1, idx), p)
@@ -30,7 +30,7 @@ def test_uniform_fill_spreads_the_rest_evenly():
 
 def test_renorm_fill_rescales_topk():
     idx, p = _sparse(mass=0.5)
-    t = dense_targets(idx, p, 10, "renorm")
+    t = sparse_to_dense(idx, p, 10, "renorm")
     assert torch.allclose(t.sum(1), torch.ones(4))
     assert torch.allclose(t.gather(1, idx), p / 0.5)
     assert int((t > 0).sum()) == 4 * 3
@@ -39,7 +39,7 @@ def test_renorm_fill_rescales_topk():
 @pytest.mark.parametrize("fill", ["uniform", "renorm"])
 def test_dense_targets_match_the_reader(fill):
     idx, p = _sparse(b=5, c=12, k=4, seed=3, mass=0.8)
-    t = dense_targets(idx, p.half().float(), 12, fill)
+    t = sparse_to_dense(idx, p.half().float(), 12, fill)
     for i in range(5):
         ref = dense_target(idx[i].numpy(), p[i].half().numpy(), 12, fill)
         np.testing.assert_allclose(t[i].numpy(), ref, atol=1e-7)
@@ -48,9 +48,9 @@ def test_dense_targets_match_the_reader(fill):
 def test_full_k_and_overfull_mass():
     idx = torch.arange(5).repeat(2, 1)
     p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1, 0.1]])   # fp16 rounding can exceed 1
-    t = dense_targets(idx, p, 5)
+    t = sparse_to_dense(idx, p, 5)
     assert torch.equal(t, p)
-    t = dense_targets(idx[:, :3], p[:, :3] * 1.2, 5)
+    t = sparse_to_dense(idx[:, :3], p[:, :3] * 1.2, 5)
     assert float(t.min()) >= 0.0
 
 
@@ -76,17 +76,17 @@ def test_distill_loss_mixes_soft_and_hard():
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(1), requires_grad=True)
     idx, p = _sparse()
     y = idx[:, 0]
-    batch = {"idx": idx, "prob": p, "label": y, "label2": y, "lam": torch.ones(4)}
-    soft, _ = DistillLoss(10, alpha=0.0)(logits, batch)
-    hard, parts_h = DistillLoss(10, hard_only=True, smoothing=0.1)(logits, batch)
-    both, parts = DistillLoss(10, alpha=0.25, smoothing=0.1)(logits, batch)
+    batch = {"topk_idx": idx, "topk_prob": p, "label": y, "label2": y, "lam": torch.ones(4)}
+    soft, _ = SoftTargetLoss(10, alpha=0.0).parts(logits, batch)
+    hard, parts_h = SoftTargetLoss(10, hard_only=True, smoothing=0.1).parts(logits, batch)
+    both, parts = SoftTargetLoss(10, alpha=0.25, smoothing=0.1).parts(logits, batch)
     assert set(parts) == {"soft", "hard"} and set(parts_h) == {"hard"}
     assert torch.allclose(both, 0.75 * soft + 0.25 * hard)
-    assert torch.allclose(soft, soft_cross_entropy(logits, dense_targets(idx, p, 10)))
+    assert torch.allclose(soft, soft_cross_entropy(logits, sparse_to_dense(idx, p, 10)))
     both.backward()
     assert logits.grad is not None
     with pytest.raises(ValueError):
-        DistillLoss(10, fill="nope")
+        SoftTargetLoss(10, fill="nope")
 
 
 def test_topk_correct():

@@ -1,5 +1,5 @@
 """How mixed are training batches (the ImageNet-21K goals, BENCHMARKS.md section 9): classes per batch ÷ a perfectly shuffled batch >= 0.9
-and same-class Mixup/CutMix pairs ÷ chance <= 2, measured on the real ``TrainStream``.
+and same-class Mixup/CutMix pairs ÷ chance <= 2, measured on the real ``DistillDataset``.
 
 One synthetic dataset: 200 classes x 8 tiny JPEGs (16 x 16) in a class-ordered folder tree, written
 by ``make_shards`` into 16 shards of 100 samples, shuffled (the default) and class-ordered
@@ -15,7 +15,7 @@ from conftest import image_bytes
 from distill.config import TrainConfig
 from distill.data.shards import make_shards
 from distill.train import prepare_data
-from distill.train.data import (OPEN_SHARDS, TrainStream, classes_per_batch_ratio, expected_distinct_classes, loader,
+from distill.train.data import (OPEN_SHARDS, DistillDataset, DistillLoader, classes_per_batch_ratio, expected_distinct_classes,
                                 same_class_pair_ratio)
 
 CLASSES, PER_CLASS, BATCH = 200, 8, 64
@@ -42,12 +42,12 @@ def _epochs(root, name: str, epochs=(0,), *, buffer: int = 256, open_shards: int
     cfg = TrainConfig(shards=str(root / name), out=str(root / "run"), hard_labels=True, image_size=32)
     data = prepare_data(cfg, POLICY)
     assert data.samples == CLASSES * PER_CLASS
-    ds = TrainStream(data.refs, spec=data.spec, image_size=16, batch_size=BATCH, seed=0, shuffle_buffer=buffer,
+    ds = DistillDataset(data.refs, spec=data.spec, image_size=16, batch_size=BATCH, seed=0, shuffle_buffer=buffer,
                      num_classes=CLASSES, open_shards=open_shards)
     out = []
     for e in epochs:
         ds.set_epoch(e)
-        out += list(loader(ds, workers))
+        out += list(DistillLoader(ds, workers))
     return out
 
 

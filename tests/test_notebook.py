@@ -59,7 +59,7 @@ def mixed(outs):
     return out
 
 
-def _producer_views(cache, exclude=()) -> dict:
+def _producer_views(cache, exclude=(), shard: str | None = None) -> dict:
     """{(key, epoch): tensor} exactly as cache-teacher's worker feeds them to the teacher for one shard:
     its reader, producer threads and ``take_piece``, on the CPU."""
     import torch
@@ -68,7 +68,7 @@ def _producer_views(cache, exclude=()) -> dict:
     prod = ThreadProducers(1)
 
     def attempt(undecodable: dict) -> dict:
-        reader = ShardReader(cache.shard_path(SHARD), spec=spec, epochs=epochs, cache_seed=cache.manifest["cache_seed"],
+        reader = ShardReader(cache.shard_path(shard or SHARD), spec=spec, epochs=epochs, cache_seed=cache.manifest["cache_seed"],
                              size=size, num_classes=cache.num_classes, exclude=frozenset(exclude), decoded=True,
                              undecodable=undecodable)
         blocks, out = {}, {}

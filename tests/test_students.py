@@ -10,7 +10,7 @@ import torch
 
 from distill.models import MODELS, PAPERS, create_model, list_models
 from distill.models.catalog import count_gflops, describe_models, format_table, latency_ms
-from distill.train.losses import DistillLoss, TwoHeadLoss, dense_targets
+from distill.train.losses import SoftTargetLoss, sparse_to_dense
 from distill.train.relations import ClassStats, agreement, correlation, relation_classes
 
 
@@ -59,23 +59,22 @@ def _batch(b=6, c=10, k=3, seed=0):
     idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b)])
     prob = torch.softmax(torch.randn(b, k, generator=g), 1) * 0.9
     label = torch.randint(0, c, (b,), generator=g)
-    return {"idx": idx, "prob": prob, "label": label}
+    return {"topk_idx": idx, "topk_prob": prob, "label": label}
 
 
 @pytest.mark.parametrize("target", ["soft", "hard"])
 def test_two_head_loss_sends_labels_and_teacher_to_their_heads(target):
     b, c = 6, 10
     batch = _batch(b, c)
-    plain = DistillLoss(c, smoothing=0.0)
-    crit = TwoHeadLoss(plain, target)
+    crit = SoftTargetLoss(c, smoothing=0.0, dist_target=target).parts
     cls = torch.randn(b, c, requires_grad=True)
     dist = torch.randn(b, c, requires_grad=True)
     loss, parts = crit((cls, dist), batch)
     want_hard = torch.nn.functional.cross_entropy(cls, batch["label"])
     if target == "soft":
-        want_dist = -(dense_targets(batch["idx"], batch["prob"], c) * torch.log_softmax(dist, 1)).sum(1).mean()
+        want_dist = -(sparse_to_dense(batch["topk_idx"], batch["topk_prob"], c) * torch.log_softmax(dist, 1)).sum(1).mean()
     else:
-        top1 = batch["idx"][torch.arange(b), batch["prob"].argmax(1)]
+        top1 = batch["topk_idx"][torch.arange(b), batch["topk_prob"].argmax(1)]
         want_dist = torch.nn.functional.cross_entropy(dist, top1)
     assert parts["hard"] == pytest.approx(float(want_hard), rel=1e-5)
     assert parts["dist"] == pytest.approx(float(want_dist), rel=1e-5)
@@ -83,19 +82,19 @@ def test_two_head_loss_sends_labels_and_teacher_to_their_heads(target):
     loss.backward()
     # the class head's gradient does not depend on the teacher, the distillation head's not on the labels
     g_cls, g_dist = cls.grad.clone(), dist.grad.clone()
-    other = dict(batch, idx=batch["idx"].roll(1, 1), prob=batch["prob"].flip(1))
+    other = dict(batch, topk_idx=batch["topk_idx"].roll(1, 1), topk_prob=batch["topk_prob"].flip(1))
     cls.grad = dist.grad = None
     crit((cls, dist), dict(other, label=batch["label"]))[0].backward()
     assert torch.equal(cls.grad, g_cls) and not torch.equal(dist.grad, g_dist)
 
 
-def test_two_head_loss_on_one_head_is_the_plain_loss():
+def test_one_head_logits_ignore_dist_target():
     batch, c = _batch(), 10
-    plain = DistillLoss(c)
     logits = torch.randn(6, c)
-    assert torch.equal(TwoHeadLoss(plain)(logits, batch)[0], plain(logits, batch)[0])
+    two, one = SoftTargetLoss(c, dist_target="hard"), SoftTargetLoss(c)
+    assert torch.equal(two(logits, batch), one(logits, batch))
     with pytest.raises(ValueError, match="dist_target"):
-        TwoHeadLoss(plain, "logits")
+        SoftTargetLoss(c, dist_target="logits")
 
 
 # --- class relations -------------------------------------------------------------------------------

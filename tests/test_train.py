@@ -23,10 +23,10 @@ from conftest import run_group
 from distill.config import CacheConfig, TrainConfig
 from distill.format import FILTER_FORMAT, FILTER_SCORES_NAME, FILTER_SUMMARY_NAME, FILTER_VERSION, ipc_bytes
 from distill.files import UserError
-from distill.train.losses import dense_targets
+from distill.train.losses import sparse_to_dense
 from distill.cache.reader import open_cache
 from distill.train import prepare_data, train_student
-from distill.train.data import TrainStream
+from distill.train.data import DistillDataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "shards" / "demo"
@@ -67,8 +67,8 @@ def _cfg(cache_dir, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _stream(data, **kw) -> TrainStream:
-    return TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=kw.pop("batch_size", 100), seed=0,
+def _stream(data, **kw) -> DistillDataset:
+    return DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=kw.pop("batch_size", 100), seed=0,
                        shuffle_buffer=200, cache=data.cache, num_classes=data.num_classes, drop_last=False, **kw)
 
 
@@ -87,7 +87,7 @@ def test_offline_targets_equal_teacher_on_replayed_view(cache_dir, tmp_path):
         for b in ds:
             with torch.no_grad():
                 p = teacher(b["image"]).softmax(-1)
-            t = dense_targets(b["idx"], b["prob"], data.num_classes, "uniform")
+            t = sparse_to_dense(b["topk_idx"], b["topk_prob"], data.num_classes, "uniform")
             worst = max(worst, float((p - t).abs().max()))
             seen += len(b["key"])
             mixed += int((b["lam"] < 1).sum())
@@ -102,22 +102,22 @@ def test_views_do_not_depend_on_batching(cache_dir, tmp_path):
     data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
     views = []
     for bs, buf in ((100, 200), (7, 1)):
-        ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=bs, seed=0, shuffle_buffer=buf,
+        ds = DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=bs, seed=0, shuffle_buffer=buf,
                          cache=data.cache, num_classes=10, drop_last=False)
         ds.set_epoch(1)
-        views.append({k: (x, y) for b in ds for k, x, y in zip(b["key"], b["image"], b["prob"])})
+        views.append({k: (x, y) for b in ds for k, x, y in zip(b["key"], b["image"], b["topk_prob"])})
     assert views[0].keys() == views[1].keys() and len(views[0]) == 720
     for k in list(views[0])[:50]:
         assert torch.equal(views[0][k][0], views[1][k][0]) and torch.equal(views[0][k][1], views[1][k][1])
 
 
 def test_loader_workers_and_ranks_split_shards(cache_dir, tmp_path):
-    from distill.train.data import loader
+    from distill.train.data import DistillLoader
     data = prepare_data(_cfg(cache_dir, tmp_path / "r"), None)
     everything = sorted(open_cache(cache_dir).to_table(epochs=[0], columns=["key"]).column("key").to_pylist())
     ds = _stream(data)
     ds.set_epoch(0)
-    assert sorted(k for b in loader(ds, 2) for k in b["key"]) == everything      # 2 workers, one shard each
+    assert sorted(k for b in DistillLoader(ds, 2) for k in b["key"]) == everything      # 2 workers, one shard each
     per_rank = []
     for rank in (0, 1):
         ds = _stream(data, rank=rank, world=2)
@@ -199,12 +199,12 @@ def test_hard_labels_run_and_reproducible_views(cache_dir, tmp_path):
     assert data.cache is None and data.num_classes == 10 and data.samples == 720
     runs = []
     for _ in range(2):
-        ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=64, seed=3, shuffle_buffer=50,
+        ds = DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=64, seed=3, shuffle_buffer=50,
                          num_classes=10, drop_last=False)
         ds.set_epoch(0)
         runs.append([b for b in ds])
     a, b = runs
-    assert len(a) == len(b) and sum(len(x["key"]) for x in a) == 720 and a[0]["idx"].shape == (64, 0)
+    assert len(a) == len(b) and sum(len(x["key"]) for x in a) == 720 and a[0]["topk_idx"].shape == (64, 0)
     assert all(torch.equal(x["image"], y["image"]) and x["key"] == y["key"] for x, y in zip(a, b))
     lam = torch.cat([x["lam"] for x in a])
     assert 0 < int((lam < 1).sum()) < 720
@@ -375,7 +375,7 @@ def test_cache_beats_hard_labels_on_flipped_labels(tmp_path):
     keys = [t.column("key")[i].as_py() for i in rows]
     assert len(rows) == epochs * len(flips)
     assert [t.column("label")[i].as_py() for i in rows] == [flips[k]["given"] for k in keys]
-    dense = dense_targets(torch.tensor([t.column("topk_idx")[i].as_py() for i in rows]),
+    dense = sparse_to_dense(torch.tensor([t.column("topk_idx")[i].as_py() for i in rows]),
                           torch.tensor([t.column("topk_prob")[i].as_py() for i in rows]), 10, "uniform")
     on_true = dense.gather(1, torch.tensor([[flips[k]["true"]] for k in keys])).squeeze(1)
     on_given = dense.gather(1, torch.tensor([[flips[k]["given"]] for k in keys])).squeeze(1)
@@ -445,7 +445,7 @@ def test_temperature_two_cache_trains_at_t_and_scales_by_t_squared(tmp_path):
     student = create_model("tinyvit-tiny", data.num_classes, img_size=32).eval()
     with torch.no_grad():
         z_t, z_s = teacher(b["image"]), student(b["image"])
-        loss, parts = criterion(cfg, data)(z_s, b)
+        loss, parts = criterion(cfg, data).parts(z_s, b)
     want = 4.0 * -((z_t / 2).softmax(-1) * (z_s / 2).log_softmax(-1)).sum(1).mean()
     assert float(loss) == pytest.approx(float(want), rel=1e-3)
     at_one = -((z_t / 2).softmax(-1) * z_s.log_softmax(-1)).sum(1).mean()     # what ignoring T would give

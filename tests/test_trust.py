@@ -378,7 +378,7 @@ def _flag_some(src: Path, dst: Path, n: int) -> Path:
 def test_hard_label_baseline_replays_the_cache_views_and_schedule(built, tmp_path):
     """--hard-labels given --cache: same views per epoch (epoch mod E), same samples and steps, with --exclude."""
     from distill.train import prepare_data
-    from distill.train.data import TrainStream
+    from distill.train.data import DistillDataset
     tmp, shards = built
     kw = dict(shards=str(shards), cache=str(tmp / "cache"), model="tinyvit-tiny", image_size=32, quiet=True,
               exclude=str(_flag_some(tmp / "filter", tmp_path / "filter", 30)))
@@ -388,7 +388,7 @@ def test_hard_label_baseline_replays_the_cache_views_and_schedule(built, tmp_pat
     assert hard.spec == soft.spec and hard.source == "hard labels"
 
     def epoch(data, e):
-        ds = TrainStream(data.refs, spec=data.spec, image_size=32, batch_size=64, seed=0, shuffle_buffer=64,
+        ds = DistillDataset(data.refs, spec=data.spec, image_size=32, batch_size=64, seed=0, shuffle_buffer=64,
                          cache=data.cache, num_classes=data.num_classes, exclude=data.exclude, drop_last=False)
         ds.set_epoch(e)
         return [(k, x) for b in ds for k, x in zip(b["key"], b["image"])]

@@ -832,7 +832,7 @@ def _sec_integrity(res, env):
         "`tools/bench_integrity.py`. (a) A cache file at ImageNet-21K's shape (21,841 classes, K=10, "
         f"{b['epochs']} epochs, {b['samples']:,} samples, synthetic teacher records) written by the cache's own "
         "encoder and writer with the per-sample digest column and the footer's CRC-32 of every (batch, column), "
-        "against the same records without either. (b) The real `TrainStream` replaying a real cache (demo teacher; "
+        "against the same records without either. (b) The real `DistillDataset` replaying a real cache (demo teacher; "
         f"{lo['images']} JPEGs of ~{lo['image_kb']} KB, views at {lo['view_px']} px, RandAugment, erasing, "
         "mixup/cutmix) with every check on (each record batch's CRC-32, each image's digest of its bytes and "
         "label) against the same stream with both off; whole passes alternate, medians compared.", "",
@@ -999,7 +999,7 @@ def _sec_scale(res, env):
           f"Format 1 read all 90 epochs to use one: about 48x. Bytes per record: K=10 {st['k10']['bytes_per_record']:.2f}, "
           f"K=100 {st['k100']['bytes_per_record']:.2f} (synthetic overlap, shards of 1,420 samples = 14.2M / 10,000).", "",
           "**Class mix.** A 200-class image-folder tree in class order, written by make-shards (shuffled by default), "
-          f"read by TrainStream with Mixup/CutMix on 2 ranks for {mx.get('epochs', 1)} epoch(s): {mx['batches']} batches of 64, "
+          f"read by DistillDataset with Mixup/CutMix on 2 ranks for {mx.get('epochs', 1)} epoch(s): {mx['batches']} batches of 64, "
           f"{mx['mixed_pairs']} mixed pairs. "
           f"Distinct classes per batch ÷ a perfectly shuffled batch's: {mx['classes_per_batch_ratio']:.3f}; "
           f"same-class partners ÷ chance: {mx['same_class_pair_ratio_to_chance']:.2f}.", "",

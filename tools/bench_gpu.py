@@ -149,7 +149,7 @@ def student_steps(mod: str, dev, batch: int, size: int, repeats: int, classes: i
     import torch
     from distill import teachers
     from distill.models import create_model, param_groups
-    from distill.train.losses import dense_targets, soft_cross_entropy
+    from distill.train.losses import sparse_to_dense, soft_cross_entropy
     import torch.nn.functional as F
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -170,9 +170,9 @@ def student_steps(mod: str, dev, batch: int, size: int, repeats: int, classes: i
             if kind == "online":
                 p = teacher(tx)
                 v, i = p.topk(10, dim=-1)
-                target = dense_targets(i, v, classes, "uniform")
+                target = sparse_to_dense(i, v, classes, "uniform")
             elif kind == "offline":
-                target = dense_targets(idx, prob, classes, "uniform")
+                target = sparse_to_dense(idx, prob, classes, "uniform")
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
             loss = (F.cross_entropy(logits.float(), y, label_smoothing=0.1) if kind == "hard"

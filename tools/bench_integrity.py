@@ -5,7 +5,7 @@ thing without the checks, measured in one run.
     records of ``bench_teachers.synthetic_records``) written by the cache's own encoder and writer, with
     the per-sample digest column and the footer's CRC-32 table, against the same records without them
     (no digest column, no checksum metadata).
-(b) loader: images/s of the real ``TrainStream`` replaying a real cache (demo teacher, shards of
+(b) loader: images/s of the real ``DistillDataset`` replaying a real cache (demo teacher, shards of
     500x375 JPEGs of ~70-110 KB, views at 224 px) with every check on (each record batch's CRC-32, each
     sample's digest of its image bytes and label) against the same stream with both turned off. Whole
     passes alternate (A/B, then B/A) and medians are compared, so load from other processes hits both.
@@ -96,10 +96,10 @@ def loader(tmp: Path, images: int, repeats: int) -> dict:
     from distill.config import TrainConfig
     from distill.format import CacheFile
     from distill.train import prepare_data
-    from distill.train.data import TrainStream
+    from distill.train.data import DistillDataset
     shards, cache = _build(tmp, images)
     data = prepare_data(TrainConfig(shards=shards, cache=cache, out="-", image_size=224), None)
-    ds = TrainStream(data.refs, cache=data.cache, spec=data.spec, image_size=224, batch_size=32,
+    ds = DistillDataset(data.refs, cache=data.cache, spec=data.spec, image_size=224, batch_size=32,
                      seed=0, shuffle_buffer=256, num_classes=data.num_classes, drop_last=False)
     checksums, digests = CacheFile._checksums, Cache.digests
     sizes = [len(b) for b in _jpegs(8)]

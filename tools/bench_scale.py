@@ -16,7 +16,7 @@ Prints ONE JSON line (and, with --write, the section for BENCHMARKS.md on stderr
   other processes) on tiny-JPEG shards; verify, open_cache + a record of the last shard, and the
   duplicate-key check of cache-teacher's finish run on synthetic E=90 caches;
 * ``classes_per_batch_ratio`` / ``same_class_pair_ratio_to_chance``: a 200-class image-folder tree in
-  class order, written by make-shards (shuffles by default), read by the real TrainStream with mixing
+  class order, written by make-shards (shuffles by default), read by the real DistillDataset with mixing
   (batch 64, 2 ranks' splits, 3 epochs): distinct classes per batch / a perfectly shuffled batch's,
   and the rate of same-class mix partners / chance.
 
@@ -211,7 +211,8 @@ def mixing(tmp: Path, quick: bool) -> dict:
 
     from distill.data import augment, views
     from distill.data.shards import make_shards, resolve_shards
-    from distill.train.data import TrainStream, classes_per_batch_ratio, same_class_pair_ratio, shard_refs
+    from distill.train.data import DistillDataset, classes_per_batch_ratio, same_class_pair_ratio
+    from distill.train.order import shard_refs
     classes, per, epochs = 200, (8 if quick else 16), 3
     src = tmp / "folders"
     rng = np.random.default_rng(0)
@@ -225,7 +226,7 @@ def mixing(tmp: Path, quick: bool) -> dict:
     counts = [per] * classes
     batches, pairs = [], []
     for rank in range(2):            # two readers (DDP ranks), each with its own split and shuffle buffer
-        ds = TrainStream(shard_refs(paths, [s.samples for s in index.shards]), spec=spec, image_size=32,
+        ds = DistillDataset(shard_refs(paths, [s.samples for s in index.shards]), spec=spec, image_size=32,
                          batch_size=64, seed=0, shuffle_buffer=1000, num_classes=classes, rank=rank, world=2)
         for epoch in range(epochs):      # each epoch draws other partners (seeds differ per epoch)
             ds.set_epoch(epoch)

@@ -1,6 +1,6 @@
 """Benchmark the student side: what replaying the cache and sparse soft targets cost.
 
-(a) loader: images/s of ``TrainStream`` replaying the cache (seeds + top-K read from Arrow, sparse
+(a) loader: images/s of ``DistillDataset`` replaying the cache (seeds + top-K read from Arrow, sparse
     targets collated) vs the same stream with hard labels. The hard-label stream uses the training
     seed = the cache seed, so both make exactly the same views: the difference is the cache alone.
 (b) train step: forward + backward + AdamW with sparse targets densified on the device + soft
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from distill.config import TrainConfig  # noqa: E402
-from distill.train.losses import dense_targets, soft_cross_entropy  # noqa: E402
+from distill.train.losses import sparse_to_dense, soft_cross_entropy  # noqa: E402
 from distill.models import create_model, param_groups  # noqa: E402
 from distill.train import prepare_data  # noqa: E402
-from distill.train.data import TrainStream  # noqa: E402
+from distill.train.data import DistillDataset  # noqa: E402
 
 
 def build_cache(shards: str, out: str) -> None:
@@ -46,7 +46,7 @@ def build_cache(shards: str, out: str) -> None:
                               epochs=2, topk=10, teacher_input_size=32, quiet=True), policy)
 
 
-def _pass_rate(ds: TrainStream, epoch: int) -> float:
+def _pass_rate(ds: DistillDataset, epoch: int) -> float:
     ds.set_epoch(epoch)
     t = time.perf_counter()
     n = sum(len(b["label"]) for b in ds)
@@ -61,8 +61,8 @@ def bench_loader(args) -> tuple[float, float]:
     seed = int(data.cache.manifest["cache_seed"])
     common = dict(spec=data.spec, image_size=args.image_size, batch_size=args.batch_size, seed=seed,
                   shuffle_buffer=1000, num_classes=data.num_classes, drop_last=False)
-    cached = TrainStream(data.refs, cache=data.cache, **common)
-    hard = TrainStream(data.refs, cache=None, **common)
+    cached = DistillDataset(data.refs, cache=data.cache, **common)
+    hard = DistillDataset(data.refs, cache=None, **common)
     # same views: the hard-label seeds derive from (seed, epoch, key) exactly like the cache's
     cached.set_epoch(0)
     hard.set_epoch(0)
@@ -84,14 +84,14 @@ def bench_workers(args, workers: int = 2) -> tuple[float, float]:
     """The trainer's own DataLoader (``distill.train.data.loader``, persistent workers, prefetching) over
     the cache-replay stream with ``workers`` worker processes vs none (the stream in this process):
     whole passes alternating, which goes first alternating too; median pass rate of each."""
-    from distill.train.data import loader
+    from distill.train.data import DistillLoader
     size = args.workers_image_size
     cfg = TrainConfig(shards=args.shards, cache=args.cache, out="-", image_size=size)
     data = prepare_data(cfg, None)
     common = dict(spec=data.spec, image_size=size, batch_size=args.batch_size,
                   seed=int(data.cache.manifest["cache_seed"]), shuffle_buffer=1000, num_classes=data.num_classes,
                   drop_last=False)
-    streams = {w: TrainStream(data.refs, cache=data.cache, **common) for w in (0, workers)}
+    streams = {w: DistillDataset(data.refs, cache=data.cache, **common) for w in (0, workers)}
     loaders = {w: loader(streams[w], w, persistent=w > 0) for w in (0, workers)}
 
     def rate(w: int, epoch: int) -> float:
@@ -126,7 +126,7 @@ def bench_step(args) -> tuple[float, float]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             logits = model(x)
         if sparse:
-            loss = soft_cross_entropy(logits, dense_targets(idx, prob, num_classes, "uniform"))
+            loss = soft_cross_entropy(logits, sparse_to_dense(idx, prob, num_classes, "uniform"))
         else:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)

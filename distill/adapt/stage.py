@@ -25,7 +25,8 @@ from ..data.shards import resolve_shards
 from ..files import UserError, claim_dir
 from ..format import RUN_CONFIG_NAME, read_excluded_keys
 from ..progress import note
-from ..train.data import auto_workers, shard_refs
+from ..train.data import auto_workers
+from ..train.order import shard_refs
 from .base import PRESETS, build_base
 from .export import write_teacher
 from .methods import METHODS, count_params, count_trained, merge_adapters, set_trainable

@@ -1,6 +1,6 @@
 """The adaptation loop: train-student's data path and run directory, a plain cross-entropy step.
 
-Views come from ``train.data.TrainStream`` in its hard-label mode (distill's augmentation policy,
+Views come from ``train.data.DistillDataset`` in its hard-label mode (distill's augmentation policy,
 seeds derived from (seed, epoch, key), mixing as the policy says), validation from ``ValStream``'s
 centre views; checkpoints (``last.pt`` + sidecar), ``metrics.jsonl`` and resume checks are
 ``train.checkpoint``'s (``last.pt`` is an epoch's commit point: it holds every metrics row, and
@@ -22,9 +22,9 @@ from ..data import views
 from ..files import UserError, atomic_write_json
 from ..progress import bar, note
 from ..train import checkpoint as ck
-from ..train.data import ShardRef, TrainStream, ValStream, batches_per_epoch, loader
+from ..train.data import DistillDataset, DistillLoader, ShardRef, ValStream, batches_per_epoch, to_device
 from ..train.loop import diverged, lr_at
-from ..train.losses import DistillLoss, topk_correct
+from ..train.losses import SoftTargetLoss, topk_correct
 
 VAL_KEEP_BYTES = 512 << 20      # validation views kept in memory between epochs below this size
 
@@ -108,16 +108,15 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
     state = {"epoch": 0, "step": 0, "images_seen": 0, "train_s": 0.0, "best_top1": None, "memory": {},
              "rows": []}                      # every metrics row so far (last.pt holds them: _save)
     _resume(cfg, model, opt, state, data, out)
-    ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
-                     shuffle_buffer=1000, cache=None, num_classes=data.num_classes, exclude=data.exclude)
+    ds = DistillDataset(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
+                        shuffle_buffer=1000, num_classes=data.num_classes, exclude=data.exclude, rank=0, world=1)
     samples = sum(ds.counts)
     if samples < 1:
         raise UserError(f"no training samples in {cfg.shards}" + (" after --exclude" if data.exclude else ""))
     ds.drop_last = samples >= cfg.batch_size
     steps = max(1, batches_per_epoch(samples, 1, cfg.batch_size, cfg.loader_workers))
-    batches = loader(ds, cfg.loader_workers, pin_memory=device.type == "cuda", persistent=cfg.loader_workers > 0,
-                     seed=cfg.seed)
-    crit = DistillLoss(data.num_classes, smoothing=cfg.label_smoothing, hard_only=True)
+    batches = DistillLoader(ds, cfg.loader_workers, pin_memory=device.type == "cuda", persistent_workers=True, seed=cfg.seed)
+    crit = SoftTargetLoss(data.num_classes, smoothing=cfg.label_smoothing, hard_only=True).parts
     total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
     for epoch in range(state["epoch"], cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)):
         t0 = time.perf_counter()
@@ -153,9 +152,7 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
 
 
 def _step(model: nn.Module, opt, crit, b: dict, device: torch.device, state: dict) -> float:
-    b.pop("stats", None)
-    b.pop("key", None)
-    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    b = to_device(b, device)
     first = not state.get("memory")
     if first and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

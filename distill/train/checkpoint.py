@@ -32,7 +32,7 @@ LAST, BEST, METRICS, SUMMARY, BASELINE = RUN_LAST, RUN_BEST, RUN_METRICS_NAME, R
 # Config keys a resumed run may change (how it runs, not what it computes). The split of an epoch over
 # (rank, loader worker) is checked apart (``_check_split``): it changes only with --allow-resplit.
 RESUME_FREE = {"out", "resume", "device", "compile", "threads", "quiet", "val_shards",
-               "compare_hard_labels", "shards", "cache", "allow_resplit"}
+               "compare_hard_labels", "shards", "cache", "allow_resplit", "checkpoint_every"}
 SPLIT_KEYS = {"loader_workers"}
 
 

@@ -40,87 +40,30 @@ A batch is a dict of CPU tensors: ``image`` (B, 3, S, S) float32, ``idx`` (B, K)
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
-import random
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .. import hooks
 from ..data import augment, shards as shardio, views
 from ..format import Skip
 from ..files import UserError, error_text
+from .order import (ResumePoint, Segment, ShardRef, Split, batches_per_epoch, cut_runs, epoch_segments, level_members,
+                    plan_levels, schedule, stream_rng)
+from .prepare import dataset_inputs
+
+FINISH = ("cpu", "none")
 
 # What a cache run reads of each shard's cached epoch: keys and labels come from the tar, whose samples
 # are matched to the cache's rows by seed (derive_seed of the tar's key = the row's seed); keys are read
 # from the cache too only when --exclude must know them before the tar is read.
 TRAIN_READ_COLUMNS = ["seed", "topk_idx", "topk_prob"]
 OPEN_SHARDS = 4                          # segments a loader worker reads at once, block by block
-FAULT_ENV = "DISTILL_FAULT_TRAIN_RANK"   # test hook: that rank's training stream raises UserError at its batch 2
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    path: str
-    name: str
-    samples: int | None = None           # samples it gives per epoch (after --exclude); None: counted when needed
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples ``first`` to ``stop`` (exclusive) of a shard, numbered as the shard gives them."""
-    ref: ShardRef
-    first: int
-    stop: int
-
-
-# ----------------------------------------------------------------------------- the split
-
-def worker_range(total: int, rank: int, world: int, worker: int, workers: int, batch_size: int,
-                 drop_last: bool = True) -> tuple[int, int]:
-    """Places [start, stop) of an epoch's ``total`` that (rank, worker) reads: rank r has the
-    ``total // world`` from ``r * total // world``; its workers split them into contiguous runs of
-    whole batches (``drop_last``) or of ``w * n // workers`` places."""
-    per_rank = total // world
-    start = rank * total // world
-    if drop_last:
-        nb = per_rank // batch_size
-        return (start + batch_size * (worker * nb // workers), start + batch_size * ((worker + 1) * nb // workers))
-    return start + worker * per_rank // workers, start + (worker + 1) * per_rank // workers
-
-
-def batches_per_epoch(total: int, world: int, batch_size: int, workers: int = 1) -> int:
-    """Batches each rank yields in an epoch of ``total`` places, exactly (``worker_range``'s split):
-    ``(total // world) // batch_size`` whole batches when a rank has a full batch (``drop_last``),
-    else one short batch per loader worker with samples (``workers``: 0 counts as 1)."""
-    per_rank = total // world
-    if per_rank >= batch_size:
-        return per_rank // batch_size
-    return min(max(1, workers), per_rank)
-
-
-def epoch_segments(counts: Sequence[int], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int,
-                   batch_size: int, drop_last: bool = True) -> list[tuple[int, int, int]]:
-    """(shard index, first, stop) of every segment (rank, worker) reads in ``epoch``: shards laid end
-    to end in an order shuffled by (seed, epoch), each taking ``counts[i]`` places, cut at
-    ``worker_range``."""
-    order = list(range(len(counts)))
-    random.Random(f"distill-shards:{seed}:{epoch}").shuffle(order)
-    lo, hi = worker_range(sum(int(c) for c in counts), rank, world, worker, workers, batch_size, drop_last)
-    out, at = [], 0
-    for i in order:
-        if at >= hi:
-            break
-        n = int(counts[i])
-        a, b = max(lo, at), min(hi, at + n)
-        if a < b:
-            out.append((i, a - at, b - at))
-        at += n
-    return out
 
 
 def _worker() -> tuple[int, int]:
@@ -133,38 +76,52 @@ def _every_nth(shards: list, rank: int, world: int, worker: int, workers: int) -
     return list(shards)[rank * workers + worker::n]
 
 
-def _inject_fault(rank: int, batch: int) -> None:
-    """Test hook: with DISTILL_FAULT_TRAIN_RANK=R in the environment, rank R's stream raises at batch 2."""
-    if batch == 2 and os.environ.get(FAULT_ENV) == str(rank):
-        raise UserError(f"injected fault ({FAULT_ENV}={rank}) in the training stream at batch {batch}")
+def _dist_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    """``torch.distributed``'s rank and world size when it is initialised, else 0 and 1 (a given value wins)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return (dist.get_rank() if rank is None else rank), (dist.get_world_size() if world is None else world)
+    return (0 if rank is None else rank), (1 if world is None else world)
 
 
-def _raw(item: tuple) -> tuple:
-    return item
-
-
-def _collate(items: list, stats: list, images: bool = True) -> dict:
-    k = items[0][1].shape[0]
+def _collate(items: list, stats: list) -> dict:
+    """The batch fields every batch has, from the compact items (``DistillDataset._blocks``)."""
+    k = items[0][5].shape[0]
+    n = len(items)
     out = {
-        "image": torch.stack([it[0] for it in items]) if images else None,
-        "idx": torch.from_numpy(np.stack([it[1] for it in items])) if k else torch.zeros(len(items), 0, dtype=torch.int64),
-        "prob": torch.from_numpy(np.stack([it[2] for it in items])) if k else torch.zeros(len(items), 0),
-        "label": torch.tensor([it[3] for it in items], dtype=torch.int64),
-        "label2": torch.tensor([it[4] for it in items], dtype=torch.int64),
-        "lam": torch.tensor([it[5] for it in items], dtype=torch.float32),
+        "key": [it[10] for it in items],
+        "epoch": torch.tensor([it[11] for it in items], dtype=torch.int64),
+        "topk_idx": torch.from_numpy(np.stack([it[5] for it in items])) if k else torch.zeros(n, 0, dtype=torch.int64),
+        "topk_prob": torch.from_numpy(np.stack([it[6] for it in items])) if k else torch.zeros(n, 0),
+        "label": torch.tensor([it[7] for it in items], dtype=torch.int64),
+        "label2": torch.tensor([it[8] for it in items], dtype=torch.int64),
+        "lam": torch.tensor([it[9] for it in items], dtype=torch.float32),
         "stats": torch.tensor(stats, dtype=torch.int64),
-        "key": [it[6] for it in items],
     }
     stats[0] = stats[1] = 0
     return out
 
 
-def finish_batch(batch: dict, device: torch.device, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD) -> torch.Tensor:
-    """The float32 views (B, 3, S, S) of a ``device_finish`` batch, made on ``device`` by ``augment.finish``
-    from its uint8 pixels and its partners' (``image2``): bit for bit what the workers give."""
-    plans = batch["finish"]
-    return augment.finish(batch["image"], [p for p, _, _ in plans], [pl for _, _, pl in plans], mean, std,
-                          device=device, partners=batch["image2"], partner_params=[q for _, q, _ in plans])
+def finish(batch: dict, device=None) -> dict:
+    """A ``finish="none"`` batch made ready for the model: ``image`` (B, 3, S, S) float32 on ``device``
+    (default: where ``image_u8`` is), normalised, erased and mixed by ``augment.finish`` from ``image_u8``
+    and ``partner_u8``, bit for bit what ``finish="cpu"`` gives on the CPU. The other fields are kept as
+    they are (move them yourself); ``image_u8``, ``partner_u8`` and ``views`` are dropped. A batch that
+    already has ``image`` is returned as it is."""
+    if "image" in batch:
+        return batch
+    v = batch["views"]
+    dev = torch.device(device) if device is not None else batch["image_u8"].device
+    out = {k: x for k, x in batch.items() if k not in ("image_u8", "partner_u8", "views")}
+    out["image"] = augment.finish(batch["image_u8"].permute(0, 2, 3, 1), v["params"], v["plans"], v["mean"], v["std"],
+                                  device=dev, partners=batch["partner_u8"].permute(0, 2, 3, 1),
+                                  partner_params=v["partner_params"])
+    return out
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with its tensors on ``device`` (``non_blocking``: from pinned memory the copy overlaps)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def _pixels(src: "augment.SourceImage", params: dict, size: int) -> bytes:
@@ -173,38 +130,90 @@ def _pixels(src: "augment.SourceImage", params: dict, size: int) -> bytes:
     return (img if img.mode == "RGB" else img.convert("RGB")).tobytes()
 
 
-# ----------------------------------------------------------------------------- training stream
+class DistillDataset(IterableDataset):
+    """Batches of replayed views with the teacher's top-K: the data of ``train-student``, for your own loop.
 
-class TrainStream(IterableDataset):
-    """Batches of replayed views for one training epoch (call ``set_epoch`` before iterating).
+    ``DistillDataset(shards, cache=None, *, image_size, batch_size, seed=0, rank=None, world=None,
+    exclude=None, shuffle_buffer=2048, finish="cpu", drop_last=True, policy=None, num_classes=None)``
 
-    ``cache``: a ``reader.Cache`` (targets and seeds from it) or None (hard labels: seeds derived from
-    ``seed``). ``exclude``: keys left out. ``open_shards``: segments a worker interleaves."""
+    * ``shards``: the training shards (a directory, a brace pattern or one tar, as ``--shards``);
+      ``cache``: a cache directory (or an open ``distill.Cache``). Without a cache the batches carry hard
+      labels only, with views replayed from seeds derived from (``seed``, epoch, key) by ``policy`` (a
+      policy file, or the default policy).
+    * ``rank``/``world``: default to ``torch.distributed``'s when it is initialised, else 0 and 1.
+    * ``exclude``: keys to leave out (an iterable, or a filter-labels output directory).
+    * ``finish``: ``"cpu"`` (batches carry ``image``, finished in the loader workers) or ``"none"``
+      (batches carry ``image_u8`` and ``partner_u8``; ``distill.finish(batch, device)`` finishes them
+      on any device, bit for bit what ``"cpu"`` gives).
 
-    def __init__(self, shards: list[ShardRef], *, spec: views.ViewSpec, image_size: int, batch_size: int,
-                 seed: int, shuffle_buffer: int, cache=None, num_classes: int, exclude=frozenset(),
-                 rank: int = 0, world: int = 1, drop_last: bool = True, open_shards: int = OPEN_SHARDS,
-                 mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, device_finish: bool = False):
+    Use it in ``distill.DistillLoader(ds, num_workers=N)`` (or a plain ``DataLoader(ds, batch_size=None)``
+    without resume), call ``ds.set_epoch(e)`` before each epoch. A batch is a dict:
+
+    ``key`` (list of B sample keys), ``epoch`` (B,) int64 (the cached epoch whose view and targets the
+    sample carries: training epoch mod the cache's epochs; without a cache the training epoch),
+    ``image`` (B, 3, S, S) float32 (normalised, erased, mixed) or, with ``finish="none"``, ``image_u8``
+    (B, 3, S, S) uint8 (the sample's own rendered view: ``open_cache(...).replay(key, epoch,
+    view="student")``) and ``partner_u8`` (its mix partner's, zeros where unmixed) with ``views`` (what
+    finishing needs), ``topk_idx`` (B, K) int64 and ``topk_prob`` (B, K) float32 (the teacher's top-K on
+    exactly this view, mixing included; K = 0 without a cache), ``label``/``label2`` (B,) int64 (hard
+    labels of the sample and of its mix partner), ``lam`` (B,) float32 (the weight of the sample's own
+    image: 1 unmixed), ``worker`` (the loader worker that made it) and ``stats`` (2,) int64 (samples
+    excluded and skipped since that worker's previous batch).
+
+    Each (sample, epoch) view depends on the seed and the sample's block only: not on batching,
+    workers, ranks or resumes. How an epoch is split and resumed: ``distill.train.order``.
+    """
+
+    def __init__(self, shards, cache=None, *, image_size: int, batch_size: int, seed: int = 0,
+                 rank: int | None = None, world: int | None = None, exclude=None, shuffle_buffer: int = 2048,
+                 finish: str = "cpu", drop_last: bool = True, policy=None, num_classes: int | None = None,
+                 open_shards: int = OPEN_SHARDS, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD,
+                 spec: views.ViewSpec | None = None):
         super().__init__()
-        self.device_finish = device_finish
+        if finish not in FINISH:
+            raise UserError(f"finish must be one of {', '.join(FINISH)}, got {finish!r}")
+        if not batch_size >= 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        refs, cache, spec, num_classes, exclude = dataset_inputs(shards, cache, exclude, policy, image_size,
+                                                                 num_classes, spec)
+        if rank is None or world is None:
+            rank, world = _dist_rank_world(rank, world)
+        if not 0 <= rank < world:
+            raise UserError(f"rank {rank} is not in [0, {world})")
+        self.finish = finish
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()   # seen by persistent loader workers
-        self.shards, self.spec, self.size, self.batch_size = list(shards), spec, image_size, batch_size
-        self.seed, self.buffer, self.cache, self.num_classes = seed, max(1, shuffle_buffer), cache, num_classes
+        self.shards, self.spec, self.size, self.batch_size = list(refs), spec, int(image_size), int(batch_size)
+        self.seed, self.buffer, self.cache, self.num_classes = int(seed), max(1, shuffle_buffer), cache, num_classes
         self.exclude, self.rank, self.world, self.drop_last = frozenset(exclude), rank, world, drop_last
         self.open_shards, self.mean, self.std = max(1, open_shards), tuple(mean), tuple(std)
         self.counts = self._counts()
+        self.resume_point: dict | None = None     # DistillLoader.load_state_dict: where the named epoch goes on
 
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
+
+    @property
+    def samples(self) -> int:
+        """Places in an epoch (all ranks): the samples the shards give, less ``exclude``."""
+        return sum(self.counts)
+
+    @property
+    def temperature(self) -> float | None:
+        """The cache's softmax temperature (None without a cache): give it to ``SoftTargetLoss``."""
+        return None if self.cache is None else float(self.cache.manifest.get("temperature", 1.0))
 
     def set_epoch(self, epoch: int) -> None:
         """Training epoch (0-based; a cache run reads cached epoch ``epoch mod E``). The value lives in
         shared memory, so persistent DataLoader workers read it when the next epoch's iteration starts."""
         self._epoch[0] = epoch
 
+    def batches_per_epoch(self, workers: int = 0) -> int:
+        """Batches each rank yields in an uninterrupted epoch."""
+        return batches_per_epoch(self.samples, self.world, self.batch_size, workers)
+
     def _counts(self) -> list[int]:
-        """Samples per shard and epoch: the refs' own, else the cache manifest's less --exclude, else
+        """Samples per shard and epoch: the refs' own, else the cache manifest's less exclude, else
         the shard's valid, non-excluded samples (read once)."""
         entries = {e["name"]: e for e in self.cache.manifest["shards"]} if self.cache is not None else {}
         out = []
@@ -220,110 +229,120 @@ class TrainStream(IterableDataset):
         return out
 
     # ------------------------------------------------------------------ iteration
-    def my_segments(self) -> list[Segment]:
-        """This (rank, worker)'s segments of the epoch."""
-        worker, workers = _worker()
-        cut = epoch_segments(self.counts, self.epoch, self.seed, self.rank, self.world, worker, workers,
-                             self.batch_size, self.drop_last)
-        return [Segment(self.shards[i], a, b) for i, a, b in cut]
+    def plan(self, workers: int) -> tuple:
+        """(level, batches already given per worker, split history, first split, next worker) of this epoch for a
+        loader of ``workers`` workers (``order.plan_levels``; a resume point of another epoch is ignored)."""
+        point = self.resume_point
+        point = ResumePoint.from_dict(point) if point is not None and int(point["epoch"]) == self.epoch else None
+        if point is not None and point.seed != self.seed:
+            raise UserError(f"the resume point is of a run with seed {point.seed}, this dataset's is {self.seed}")
+        return plan_levels(point, Split(self.world, max(1, workers), self.batch_size, self.drop_last), self.samples)
 
     def __iter__(self) -> Iterator[dict]:
-        worker, _ = _worker()
-        rng = random.Random(f"distill-buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        worker, workers = _worker()
+        level, start, _, first, turn = self.plan(workers)
+        worker = (worker + turn) % workers          # (a resumed loader's round robin starts where it stopped)
+        runs, sizes = level_members(level, self.samples)[(self.rank, worker)]
+        done = sum(sizes[:start[worker]])
+        runs, sizes = cut_runs(runs, done, done + sum(sizes[start[worker]:])), sizes[start[worker]:]
         stats = [0, 0]
-        batch: list = []
-        made = 0
-        finish, collate = (_raw, self._collate_u8) if self.device_finish else (self._finish, _collate)
-        for item in self._shuffled(self._interleaved(self.my_segments(), rng, stats), rng):
-            batch.append(finish(item))
-            if len(batch) == self.batch_size:
-                _inject_fault(self.rank, made)
-                made += 1
-                yield collate(batch, stats)
-                batch = []
-        if batch and not self.drop_last:
-            yield collate(batch, stats)
+        items = self._runs(runs, first, stats)
+        collate = self._collate_u8 if self.finish == "none" else self._collate
+        for made, n in enumerate(sizes):
+            batch = list(itertools.islice(items, n))
+            if not batch:
+                return
+            if hooks.ACTIVE:
+                hooks.fire("train-batch", rank=self.rank, batch=made)
+            out = collate(batch, stats)
+            out["worker"] = worker
+            yield out
 
-    def _shuffled(self, items: Iterable[tuple], rng: random.Random) -> Iterator[tuple]:
-        """Items through a swap buffer of ``shuffle_buffer`` items, then the rest in random order."""
-        buf: list = []
-        for item in items:
-            if len(buf) < self.buffer:
-                buf.append(item)
+    def _runs(self, runs: list, first: Split, stats: list) -> Iterator[tuple]:
+        """The items of ``runs`` (positions of streams of the epoch's first split), rendered, in order."""
+        for r, w, lo, hi in runs:
+            if lo == 0:
+                yield from itertools.islice((it for _, it in self.stream(first, r, w, None, stats)), hi)
                 continue
-            j = rng.randrange(len(buf))
-            buf[j], item = item, buf[j]
-            yield item
-        rng.shuffle(buf)
-        yield from buf
+            order = [place for place, _ in self.stream(first, r, w, False, [0, 0])]
+            wanted = set(order[lo:hi])
+            yield from (it for place, it in self.stream(first, r, w, wanted, stats) if place in wanted)
 
-    def _interleaved(self, segments: list[Segment], rng: random.Random, stats: list) -> Iterator[tuple]:
-        """The segments' items, up to ``open_shards`` segments open at once, one block at a time from
-        a segment drawn at random."""
-        pending, open_ = list(segments), []
-        while pending or open_:
-            while pending and len(open_) < self.open_shards:
-                open_.append(self.segment_items(pending.pop(0), stats))
-            i = rng.randrange(len(open_))
-            block = next(open_[i], None)
-            if block is None:
-                open_.pop(i)
+    def stream(self, first: Split, rank: int, worker: int, wanted, stats: list) -> Iterator[tuple]:
+        """(place, item) of stream (rank, worker) of the epoch's first split, in output order. ``wanted``:
+        None (render every item), False (a dry run: places only, item None) or a set of places (only
+        those rendered). A place is ``shard index << 32 | position in the shard``."""
+        cut = epoch_segments(self.counts, self.epoch, self.seed, rank, first.world, worker, first.workers,
+                             first.batch_size, first.drop_last)
+        segs = [self._blocks(i, Segment(self.shards[i], a, b), wanted, stats) for i, a, b in cut]
+        return schedule(segs, stream_rng(self.seed, self.epoch, rank, worker), self.open_shards, self.buffer)
+
+    def _blocks(self, index: int, seg: Segment, wanted, stats: list) -> Iterator[list]:
+        """The (place, item) lists of one segment's blocks, in shard order. An item is the compact form
+        the shuffle buffer holds: (view pixels, view params, partner pixels, partner params, mix plan,
+        topk ids, topk probs, label, partner label, own-image weight, key, cached epoch); partner fields
+        None when unmixed."""
+        blocks = self._cache_blocks(seg, stats, wanted) if self.cache is not None else self._hard_blocks(seg, stats)
+        e = self.epoch % self.cache.epochs if self.cache is not None else self.epoch
+        base = index << 32
+        for keys, srcs, seeds, labels, ids, probs, params, places in blocks:
+            emit = [i for i, p in enumerate(places) if p is not None]
+            want = [i for i in emit if wanted is None or (wanted is not False and base | places[i] in wanted)]
+            if not want:
+                yield [(base | places[i], None) for i in emit]
                 continue
-            yield from block
-
-    def segment_items(self, seg: Segment, stats: list) -> Iterator[list]:
-        """The compact items of one segment, a list per block, in shard order:
-        (view pixels, view params, partner pixels, partner params, mix plan, topk ids, topk probs,
-        label, partner label, own-image weight, key); partner fields None when unmixed."""
-        blocks = self._cache_blocks(seg, stats) if self.cache is not None else self._hard_blocks(seg, stats)
-        for keys, srcs, seeds, labels, ids, probs, params, emit in blocks:
-            if params is None:
-                params = [views.params(self.spec, s, src) for s, src in zip(seeds, srcs)]
             plans = views.block_plan(self.spec, seeds)
-            need = sorted({j for i, e in enumerate(emit) if e for j in (i, (plans[i] or {}).get("partner", i))})
+            need = sorted({j for i in want for j in (i, (plans[i] or {}).get("partner", i))})
+            if params is None:
+                params = {j: views.params(self.spec, seeds[j], srcs[j]) for j in need}
             pix = {j: _pixels(srcs[j], params[j], self.size) for j in need}
             srcs = None                         # the decoded images go now, not when the segment next yields
             items = []
-            for i, key in enumerate(keys):
-                if not emit[i]:
-                    continue
-                plan = plans[i]
-                j = plan["partner"] if plan else None
-                items.append((pix[i], params[i], pix.get(j), params[j] if plan else None, plan, ids[i], probs[i],
-                              labels[i], labels[j] if plan else labels[i],
-                              augment.mix_lam(plan, (self.size, self.size)), key))
+            for i in emit:
+                item = None
+                if i in pix:
+                    plan = plans[i]
+                    j = plan["partner"] if plan else None
+                    item = (pix[i], params[i], pix.get(j), params[j] if plan else None, plan, ids[i], probs[i],
+                            labels[i], labels[j] if plan else labels[i], augment.mix_lam(plan, (self.size, self.size)),
+                            keys[i], e)
+                items.append((base | places[i], item if i in want else None))
             yield items
 
-    def _finish(self, item: tuple) -> tuple:
-        """(view tensor, topk ids, topk probs, label, partner label, own-image weight, key) of an item:
-        ``augment.finish`` of its pixels (normalise, erase), mixed with the partner's."""
-        own, p, other, q, plan = item[:5]
+    def _collate(self, items: list, stats: list) -> dict:
+        """A batch of finished views: ``augment.finish`` of each item's pixels (normalise, erase), mixed
+        with its partner's."""
         s = self.size
 
         def u8(px: bytes) -> torch.Tensor:
             return torch.frombuffer(bytearray(px), dtype=torch.uint8).view(1, s, s, 3)
-        v = augment.finish(u8(own), [p], [plan], self.mean, self.std,
-                           partners=u8(other) if plan is not None else None, partner_params=[q])[0]
-        return (v,) + item[5:]
+        out = _collate(items, stats)
+        out["image"] = torch.cat([augment.finish(u8(it[0]), [it[1]], [it[4]], self.mean, self.std,
+                                                 partners=u8(it[2]) if it[4] is not None else None,
+                                                 partner_params=[it[3]]) for it in items])
+        return out
 
     def _collate_u8(self, items: list, stats: list) -> dict:
-        """A batch whose ``image`` is the views' uint8 pixels (B, S, S, 3), with ``image2`` the mix partners'
-        (zeros where unmixed) and ``finish``: per sample (own params, partner params, mix plan), for
-        ``finish_batch`` to normalise, erase and mix on the training device."""
+        """A batch of uint8 views (``image_u8``, ``partner_u8``: B, 3, S, S) and ``views`` (per sample:
+        own params, partner params, mix plan; with mean and std) for ``finish``."""
         s = self.size
         zero = bytes(s * s * 3)
         own = torch.frombuffer(bytearray(b"".join(it[0] for it in items)), dtype=torch.uint8)
         other = torch.frombuffer(bytearray(b"".join(it[2] or zero for it in items)), dtype=torch.uint8)
-        out = _collate([(None,) + it[5:] for it in items], stats, images=False)
-        out["image"], out["image2"] = own.view(len(items), s, s, 3), other.view(len(items), s, s, 3)
-        out["finish"] = [(it[1], it[3], it[4]) for it in items]
+        out = _collate(items, stats)
+        out["image_u8"] = own.view(len(items), s, s, 3).permute(0, 3, 1, 2)
+        out["partner_u8"] = other.view(len(items), s, s, 3).permute(0, 3, 1, 2)
+        out["views"] = {"params": [it[1] for it in items], "partner_params": [it[3] for it in items],
+                        "plans": [it[4] for it in items], "mean": self.mean, "std": self.std}
         return out
 
-    def _cache_blocks(self, seg: Segment, stats: list):
+    def _cache_blocks(self, seg: Segment, stats: list, wanted):
         """The blocks of a shard's cache rows that hold the segment's samples: (keys, sources, seeds,
-        labels, topk ids, topk probs, None, emit), ``emit[i]``: row i of the block is the segment's.
+        labels, topk ids, topk probs, None, places), ``places[i]``: the position of row i of the block
+        when it is one of the segment's samples, else None. A dry run (``wanted`` False) reads the cache
+        rows only; otherwise the tar is read along.
 
-        Only cached epoch e's record batches are read (seeds, top-K; keys too under --exclude). A tar
+        Only cached epoch e's record batches are read (seeds, top-K; keys too under exclude). A tar
         sample is row ``expect`` when ``derive_seed(cache seed, e, its key)`` is that row's seed (a
         32-bit keyed hash of the key); others are samples the cache left out (skipped, or excluded
         when it was built). A shard whose samples stop matching ends in an error naming it."""
@@ -333,13 +352,18 @@ class TrainStream(IterableDataset):
         seeds = t.column("seed").to_numpy().astype(np.int64)
         ckeys = t.column("key").to_pylist() if self.exclude else None
         n = len(seeds)
-        mine = ([r for r, k in enumerate(ckeys) if k not in self.exclude] if ckeys is not None else range(n))
-        mine = mine[seg.first:seg.stop]
-        if not len(mine):
+        mine = [r for r, k in enumerate(ckeys) if k not in self.exclude] if ckeys is not None else list(range(n))
+        place_of = {r: p for p, r in enumerate(mine) if seg.first <= p < seg.stop}
+        if not place_of:
             return
-        r0, r1 = mine[0], mine[-1] + 1                      # the segment's samples lie in rows [r0, r1)
+        r0, r1 = mine[seg.first], mine[seg.stop - 1] + 1    # the segment's samples lie in rows [r0, r1)
         lo, hi = r0 // mb * mb, min(n, -(-r1 // mb) * mb)   # and in the blocks of rows [lo, hi)
-        stats[0] += (r1 - r0) - len(mine)
+        if wanted is False:
+            for s0 in range(lo, hi, mb):
+                rows = range(s0, min(s0 + mb, hi))
+                yield [], [], [], [], [], [], None, [place_of.get(r) for r in rows]
+            return
+        stats[0] += (r1 - r0) - len(place_of)
         ids = _fixed(t, "topk_idx").astype(np.int64)
         probs = _fixed(t, "topk_prob").astype(np.float32)
         cache_seed = cache.manifest["cache_seed"]
@@ -364,8 +388,8 @@ class TrainStream(IterableDataset):
             srcs.append(augment.SourceImage(item.data))
             if expect % mb == 0 or expect == hi:
                 s0 = expect - len(srcs)
-                emit = [r0 <= i < r1 and (ckeys is None or ckeys[i] not in self.exclude) for i in range(s0, expect)]
-                block = (keys, srcs, seeds[s0:expect].tolist(), labels, ids[s0:expect], probs[s0:expect], None, emit)
+                places = [place_of.get(r) for r in range(s0, expect)]
+                block = (keys, srcs, seeds[s0:expect].tolist(), labels, ids[s0:expect], probs[s0:expect], None, places)
                 keys, labels, srcs = [], [], []
                 yield block
                 if expect == hi:
@@ -376,7 +400,7 @@ class TrainStream(IterableDataset):
     def _hard_blocks(self, seg: Segment, stats: list):
         """The blocks of a shard's positions (valid, non-excluded samples in shard order) that hold the
         segment's samples; seeds from (training seed, epoch, key). A sample whose pixels do not decode
-        is skipped: it leaves its block, the others keep their positions."""
+        is skipped: it leaves its block, the others keep their positions (a dry run decodes too)."""
         mb = self.spec.policy.mix_block
         lo, hi = seg.first // mb * mb, -(-seg.stop // mb) * mb
         pos, seen, block = 0, set(), []
@@ -409,9 +433,9 @@ class TrainStream(IterableDataset):
             yield self._hard_block(block, seg, stats)
 
     def _hard_block(self, block: list, seg: Segment, stats: list) -> tuple:
-        """(keys, sources, seeds, labels, empty ids, empty probs, params, emit) of a block's samples that
-        decode (decoded now, memoised for the view, so that a broken image is skipped, not fatal)."""
-        keys, srcs, seeds, labels, params, emit = [], [], [], [], [], []
+        """(keys, sources, seeds, labels, empty ids, empty probs, params, places) of a block's samples
+        that decode (decoded now, memoised for the view, so that a broken image is skipped, not fatal)."""
+        keys, srcs, seeds, labels, params, places = [], [], [], [], [], []
         for pos, key, src, label in block:
             seed = augment.derive_seed(self.seed, self.epoch, key)
             mine = seg.first <= pos < seg.stop
@@ -426,9 +450,9 @@ class TrainStream(IterableDataset):
             seeds.append(seed)
             labels.append(label)
             params.append(p)
-            emit.append(mine)
+            places.append(pos if mine else None)
         empty = [np.zeros(0, np.int64)] * len(keys)
-        return keys, srcs, seeds, labels, empty, empty, params, emit
+        return keys, srcs, seeds, labels, empty, empty, params, places
 
 
 def _fixed(t, name: str) -> np.ndarray:
@@ -476,27 +500,75 @@ class ValStream(IterableDataset):
         return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "skipped": list(skipped)}
 
 
-def shard_refs(paths: list[Path], counts: Sequence[int] | None = None) -> list[ShardRef]:
-    """Refs of shard files; ``counts``: the samples each gives per epoch (else counted when needed)."""
-    counts = [None] * len(paths) if counts is None else list(counts)
-    return [ShardRef(str(p), p.name, None if n is None else int(n)) for p, n in zip(paths, counts)]
-
-
 def _init_worker(_):
     torch.set_num_threads(1)
 
 
-def loader(ds: IterableDataset, workers: int, pin_memory: bool = False, persistent: bool = False, seed: int = 0):
-    """A DataLoader over a dataset that yields whole batches (no re-batching, no per-sample pickling).
-    ``persistent``: the workers live across epochs (``TrainStream.set_epoch`` reaches them through
-    shared memory), so an epoch does not start by forking and warming up new ones. The workers' base
-    seed comes from a generator seeded with ``seed``, not from the global torch RNG: starting an
-    iteration draws nothing from it, so a resumed process trains on the same random numbers as an
-    uninterrupted one (the views themselves are seeded by (seed, epoch, key))."""
+class DistillLoader(torch.utils.data.DataLoader):
+    """The loader of a ``DistillDataset``: a ``DataLoader`` of whole batches (``batch_size=None``) with a
+    resume point. ``state_dict()`` after any batch is a small JSON-able dict (the epoch, the split and
+    the batches each worker had given); ``load_state_dict(state)`` before iterating makes the next
+    iteration of that epoch yield exactly the samples not yet given, each once, with the same views,
+    also with another ``num_workers`` or DDP world size. Without one, the same number of workers and
+    ranks goes on with exactly the batches an uninterrupted run would have made.
+
+    ``persistent_workers``: the workers live across epochs (``set_epoch`` reaches them through shared
+    memory). The workers' base seed comes from a generator seeded with ``seed``, not from the global
+    torch RNG, so starting an iteration draws nothing from it (the views are seeded by (seed, epoch, key))."""
+
+    def __init__(self, dataset: DistillDataset, num_workers: int = 0, pin_memory: bool = False, *,
+                 persistent_workers: bool = False, prefetch_factor: int = 4, seed: int = 0, **kwargs):
+        workers = max(0, int(num_workers))
+        super().__init__(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                         worker_init_fn=_init_worker, prefetch_factor=prefetch_factor if workers else None,
+                         persistent_workers=persistent_workers and workers > 0,
+                         generator=torch.Generator().manual_seed(seed), **kwargs)
+        self._point: tuple | None = None          # (epoch, split history, current split, batches per worker)
+
+    def __iter__(self):
+        ds = self.dataset
+        level, start, history, _, turn = ds.plan(self.num_workers)
+        taken = list(start)
+        self._point = (ds.epoch, history, level.split, taken, [turn])
+        for b in super().__iter__():
+            taken[b["worker"]] += 1
+            self._point[4][0] = (b["worker"] + 1) % len(taken)
+            yield b
+
+    def state_dict(self) -> dict:
+        """Where the current (or last) epoch stands: after its last batch taken from this loader."""
+        ds = self.dataset
+        if self._point is None or self._point[0] != ds.epoch:
+            level, start, history, _, turn = ds.plan(self.num_workers)
+            self._point = (ds.epoch, history, level.split, list(start), [turn])
+        epoch, history, split, taken, turn = self._point
+        cur = {"world": split.world, "workers": split.workers, "batch_size": split.batch_size,
+               "drop_last": split.drop_last, "taken": list(taken), "next": turn[0]}
+        return ResumePoint(epoch, ds.seed, tuple(history) + (cur,)).to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from ``state`` (a ``state_dict()``): sets the dataset's epoch; the next iteration
+        yields the rest of that epoch. Persistent workers are restarted to read it."""
+        try:
+            point = ResumePoint.from_dict(state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"DistillLoader.load_state_dict: {e}") from None
+        self.dataset.resume_point = point.to_dict()
+        self.dataset.set_epoch(point.epoch)
+        self._point = None
+        it = getattr(self, "_iterator", None)
+        if it is not None:
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            self._iterator = None
+
+
+def loader(ds: IterableDataset, workers: int, pin_memory: bool = False, seed: int = 0):
+    """A DataLoader over a dataset that yields whole batches (the validation stream)."""
     if workers <= 0:
         return ds
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       worker_init_fn=_init_worker, prefetch_factor=4, persistent_workers=persistent,
+                                       worker_init_fn=_init_worker, prefetch_factor=4,
                                        generator=torch.Generator().manual_seed(seed))
 
 

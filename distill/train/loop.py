@@ -37,8 +37,8 @@ from ..format import RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME
 from ..models import create_model, load_init, param_groups
 from ..progress import bar, note
 from . import checkpoint as ck
-from .data import TrainStream, ValStream, auto_workers, batches_per_epoch, finish_batch, loader
-from .losses import DistillLoss, TwoHeadLoss, topk_correct
+from .data import DistillDataset, DistillLoader, ValStream, auto_workers, batches_per_epoch, finish, loader, to_device
+from .losses import SoftTargetLoss, topk_correct
 from .prepare import Data, prepare_data, validate
 from .relations import ClassStats, relation_classes
 
@@ -372,7 +372,7 @@ class _Session:
     model: torch.nn.Module
     fwd: torch.nn.Module
     opt: torch.optim.Optimizer
-    crit: TwoHeadLoss
+    crit: SoftTargetLoss
     state: dict
     per_step: int                 # images of one batch over all ranks
     batches: int                  # batches per rank and epoch (what the loader yields)
@@ -439,7 +439,9 @@ def _open(cfg: TrainConfig, data: Data, d: Dist) -> tuple[torch.nn.Module, torch
         if split_note:
             state["notes"] = list(state.get("notes", [])) + [split_note]
             note(split_note, quiet)
-        note(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}", quiet)
+        part = state.get("partial")
+        where = f"in epoch {part['epoch'] + 1} after step {part['taken']}" if part else f"after epoch {state['epoch']}"
+        note(f"resuming {out} {where} of {cfg.epochs} epochs", quiet)
     return model, opt, state
 
 
@@ -473,38 +475,34 @@ def _session(cfg: TrainConfig, data: Data, d: Dist) -> _Session:
                     warmup, plan, ddp)
 
 
-def criterion(cfg: TrainConfig, data: Data) -> TwoHeadLoss:
-    """The run's loss: soft CE on the cache's targets at the cache's temperature (T² · CE at T), plus alpha
-    times the hard-label CE; the hard term alone in a --hard-labels run. A student with a distillation
-    head (its forward gives two logits) gets ``TwoHeadLoss``: labels for one head, the cache for the other."""
+def criterion(cfg: TrainConfig, data: Data) -> SoftTargetLoss:
+    """The run's loss (``SoftTargetLoss``, the public one): soft CE on the cache's targets at the cache's
+    temperature (T² · CE at T), plus alpha times the hard-label CE; the hard term alone in a --hard-labels
+    run; labels for one head and the cache for the other of a student with a distillation head."""
     try:
-        plain = DistillLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
-                            hard_only=cfg.hard_labels, temperature=data.temperature or 1.0)
-        return TwoHeadLoss(plain, cfg.dist_head_target)
+        return SoftTargetLoss(data.num_classes, alpha=cfg.alpha, fill=cfg.target_fill, smoothing=cfg.label_smoothing,
+                              hard_only=cfg.hard_labels, temperature=data.temperature or 1.0,
+                              dist_target=cfg.dist_head_target)
     except ValueError as e:
         raise UserError(f"loss options (--alpha, --target-fill, --dist-head-target): {e}") from None
 
 
-def _stream(s: _Session):
-    """The training stream and its loader; ``batches(epoch)`` yields this rank's batches of an epoch,
-    in step with the other ranks (``_synced``: under DDP every rank makes the same number of steps)."""
+def _stream(s: _Session) -> DistillLoader:
+    """This rank's ``DistillLoader`` (persistent workers) over the run's ``DistillDataset``: the public
+    data path, nothing else."""
     cfg, data, d = s.cfg, s.data, s.d
     if data.samples < d.world:
         raise UserError(f"{data.samples} training sample(s) for {d.world} processes: every process needs at least one")
-    ds = TrainStream(data.refs, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                     seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=data.cache,
-                     num_classes=data.num_classes, exclude=data.exclude, rank=d.rank, world=d.world,
-                     drop_last=data.samples >= s.per_step, device_finish=s.device_views)
+    ds = DistillDataset(data.refs, data.cache, spec=data.spec, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, num_classes=data.num_classes,
+                        exclude=data.exclude, rank=d.rank, world=d.world, drop_last=data.samples >= s.per_step,
+                        finish="none" if s.device_views else "cpu")
     workers = max(1, cfg.loader_workers)
     if ds.drop_last and s.batches < workers:
         note(f"warning: {s.batches} batch(es) per process and epoch for {workers} loader workers: "
              f"some workers idle", not d.main)
-    train_loader = loader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda", persistent=True, seed=cfg.seed)
-
-    def batches(epoch: int, check=lambda final: None):
-        ds.set_epoch(epoch)
-        yield from _synced(train_loader, d, check)
-    return batches
+    return DistillLoader(ds, cfg.loader_workers, pin_memory=d.device.type == "cuda", persistent_workers=True,
+                         seed=cfg.seed)
 
 
 def _train_mode(s: _Session) -> None:
@@ -524,51 +522,56 @@ def _step(s: _Session) -> None:
     s.state["step"] += 1
 
 
-def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[str], float]:
+def _train_epoch(s: _Session, train_loader: DistillLoader, epoch: int) -> tuple[list[float], list[str], float]:
     """One epoch of steps: returns (all-reduced [loss sum, n, part sums...], part names, last lr).
     With accumulation, each optimiser step sums the gradients of ``accumulation_steps`` batches (the
     epoch's last step those left), each batch's loss divided by their number; under DDP only the last
-    batch of a step all-reduces (``no_sync``)."""
+    batch of a step all-reduces (``no_sync``). Every ``--checkpoint-every`` steps inside the epoch
+    last.pt takes the loader's resume point and every rank's sums (``_save_partial``), and the RNGs are
+    seeded afresh from (seed, epoch, rank, step), so a run resumed there goes on exactly."""
     cfg, d = s.cfg, s.d
-    accum = cfg.accumulation_steps
+    accum, every = cfg.accumulation_steps, cfg.checkpoint_every
     cuda = d.device.type == "cuda"
-    ck.seed_epoch(cfg.seed, epoch, d.rank)
-    _train_mode(s)
+    part = s.state.get("partial")
+    part = part if part is not None and part["epoch"] == epoch else None
+    train_loader.dataset.set_epoch(epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     part_sums: dict[str, torch.Tensor] = {}
     n, taken, micro, lr = 0, 0, 0, s.lr(epoch, 0)
+    if part is not None:
+        train_loader.load_state_dict(part["loader"])
+        mine = part["sums"][d.rank]
+        loss_sum += mine["loss"]
+        part_sums = {k: torch.tensor(v, dtype=torch.float64, device=d.device) for k, v in mine["parts"].items()}
+        n, taken = int(mine["n"]), int(part["taken"])
+    ck.seed_epoch(*((cfg.seed, epoch, d.rank) + ((taken,) if taken else ())))
+    _train_mode(s)
     s.opt.zero_grad(set_to_none=True)
     pbar = bar(s.batches * s.per_step, f"epoch {epoch + 1}/{cfg.epochs}", "img", cfg.quiet or not d.main)
+    if pbar and n:
+        pbar.update(n * d.world)
     watch = LossWatch(d.device, 32 if cuda else 1)
     targets = "the labels" if cfg.hard_labels else "the teacher targets (--cache)"
 
     def check(final: bool) -> UserError | None:
         return watch.error(final, epoch + 1, s.steps_per_epoch, targets)
 
-    for b in batches(epoch, check):
+    for b in _synced(train_loader, d, check):
         b.pop("stats")
-        b.pop("key", None)
-        finish = b.pop("finish", None)
-        image2 = b.pop("image2", None)
         group = max(1, min(accum, s.batches - taken * accum))    # batches of this optimiser step
         if micro == 0:
             lr = s.lr(epoch, taken)
             for g in s.opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-        if finish is not None:           # uint8 views: normalised, erased and mixed here, on the device
-            b["image"] = finish_batch({"image": b["image"], "image2": image2, "finish": finish}, d.device)
-        b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
+        b = to_device(finish(b, d.device), d.device)    # uint8 views: normalised, erased and mixed on the device
         last = micro + 1 >= group
         with (s.ddp.no_sync() if s.ddp is not None and not last else contextlib.nullcontext()):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = s.fwd(b["image"])
-            loss, parts = s.crit(logits, b)
+            loss, parts = s.crit.parts(logits, b)
             (loss / group if group > 1 else loss).backward()
         watch.add(loss, taken + 1)
         micro += 1
-        if last:
-            _step(s)
-            taken, micro = taken + 1, 0
         bs = b["label"].shape[0]
         n += bs
         loss_sum += loss.detach().double() * bs
@@ -576,6 +579,12 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
             part_sums[k] = part_sums.get(k, 0) + v.double() * bs
         if pbar:
             pbar.update(bs * d.world)
+        if last:
+            _step(s)
+            taken, micro = taken + 1, 0
+            if every and taken % every == 0 and taken < s.steps_per_epoch:
+                _save_partial(s, train_loader, epoch, taken, loss_sum, n, part_sums, watch)
+                ck.seed_epoch(cfg.seed, epoch, d.rank, taken)
     if micro:                      # the loader ran out inside a step (samples skipped): step on what it has
         _step(s)
         taken += 1
@@ -583,6 +592,7 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
         pbar.close()
     if n == 0:     # the same on every rank: they stop at the same step
         raise UserError(f"epoch {epoch + 1}: no training batch could be made (every sample skipped?)")
+    s.state.pop("partial", None)
     s.state["planned"] = s.state.get("planned", 0) + s.steps_per_epoch
     if taken != s.steps_per_epoch:
         s.state.setdefault("notes", []).append(
@@ -590,6 +600,28 @@ def _train_epoch(s: _Session, batches, epoch: int) -> tuple[list[float], list[st
             f"its schedule ended at lr {lr:.3g}")
     keys = sorted(part_sums)
     return _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d), keys, lr
+
+
+def _save_partial(s: _Session, train_loader: DistillLoader, epoch: int, taken: int, loss_sum: torch.Tensor, n: int,
+                  part_sums: dict, watch: "LossWatch") -> None:
+    """A checkpoint inside an epoch, after optimiser step ``taken``: last.pt with the loader's resume
+    point and every rank's running sums under ``state["partial"]`` (the published files stay those of
+    the last whole epoch). Losses so far are checked first: a diverged run is not checkpointed."""
+    d = s.d
+    err = watch.error(True, epoch + 1, s.steps_per_epoch, "the teacher targets (--cache)" if not s.cfg.hard_labels
+                      else "the labels")
+    _sync(d, err)
+    mine = {"loss": float(loss_sum), "n": int(n), "parts": {k: float(v) for k, v in part_sums.items()}}
+    gather = _gather(d)
+    sums = gather([mine]) if gather is not None else [mine]
+    err = None
+    if d.main:
+        try:
+            s.state["partial"] = {"epoch": epoch, "taken": taken, "loader": train_loader.state_dict(), "sums": sums}
+            _write_last(s)
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
+            err = e
+    _sync(d, err)
 
 
 def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: float, t_epoch: float,
@@ -636,9 +668,7 @@ def _save(s: _Session) -> None:
     """Rank 0, after an epoch: last.pt, the epoch's commit point (model, optimiser and the state, which
     holds everything the other files are made of), then those files (``_publish``), then the epoch's line."""
     cfg, state = s.cfg, s.state
-    ck.save(Path(cfg.out) / ck.LAST, {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
-                                      "state": dict(state), "config": to_dict(cfg), "data": s.data.identity,
-                                      "epoch": state["epoch"], "step": state["step"]})
+    _write_last(s)
     _publish(cfg, s.data, s.model, state)
     row = state["rows"][-1]
     if not cfg.quiet:
@@ -646,6 +676,13 @@ def _save(s: _Session) -> None:
         acc = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else ""
         note(f"epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.2e}{acc}, "
              f"{row['img_s']:,.0f} img/s")
+
+
+def _write_last(s: _Session) -> None:
+    state = s.state
+    ck.save(Path(s.cfg.out) / ck.LAST, {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
+                                        "state": dict(state), "config": to_dict(s.cfg), "data": s.data.identity,
+                                        "epoch": state["epoch"], "step": state["step"]})
 
 
 def _publish(cfg: TrainConfig, data: Data, model: torch.nn.Module, state: dict) -> None:
@@ -662,7 +699,7 @@ def _publish(cfg: TrainConfig, data: Data, model: torch.nn.Module, state: dict) 
             "val_top1": top1, "val_top5": top5, "model": cfg.model, "num_classes": data.num_classes,
             "image_size": cfg.image_size}
     atomic_write_json((out / ck.LAST).with_suffix(".json"), side)
-    if state["best_epoch"] == state["epoch"]:
+    if state["best_epoch"] == state["epoch"] and state.get("partial") is None:   # (mid-epoch weights are not the best's)
         ck.save(out / ck.BEST, {"model": model.state_dict(), "config": to_dict(cfg), "data": data.identity,
                                 "epoch": state["epoch"], "val_top1": top1, "val_top5": top5}, side)
     if state.get("class_stats") is not None:
@@ -671,7 +708,7 @@ def _publish(cfg: TrainConfig, data: Data, model: torch.nn.Module, state: dict) 
 
 def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
     s = _session(cfg, data, d)
-    batches = _stream(s)
+    train_loader = _stream(s)
     val = _Validator(data, cfg, d) if data.val_refs else None
     quiet = cfg.quiet or not d.main
     done_here = 0
@@ -682,7 +719,7 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
             note(f"warning: epoch {epoch + 1} > the cache's {data.cache.epochs} epochs: reusing cached views "
                  f"(training epoch e uses cached epoch e mod {data.cache.epochs})", not d.main)
         t_epoch = time.perf_counter()
-        tot, keys, lr = _train_epoch(s, batches, epoch)
+        tot, keys, lr = _train_epoch(s, train_loader, epoch)
         _end_epoch(s, epoch, tot, keys, lr, t_epoch, val)
         done_here += 1
     if data.excluded:

@@ -1,6 +1,6 @@
 """Targets and losses of student training: pure torch maths, no files, no teacher.
 
-Sparse soft targets travel from the loader as ``(idx [B, K] int64, prob [B, K] float32)`` (the
+Sparse soft targets travel from the loader as ``topk_idx`` (B, K) int64 and ``topk_prob`` (B, K) float32 (the
 cached top-K of the teacher on exactly the view the student sees, mixing included) and become dense
 on the training device here:
 
@@ -15,13 +15,10 @@ scaled by T² so that its gradients keep their size (Hinton et al.); T = 1 is Ti
 Hard labels (the baseline, and the ``alpha`` part of a distillation loss) are one-hot targets with
 label smoothing, mixed like the images: ``lam * onehot(label) + (1 - lam) * onehot(partner label)``.
 
-    crit = DistillLoss(num_classes=1000, alpha=0.0, fill="uniform")
-    loss, parts = crit(logits, batch)   # parts: {"soft": ..., "hard": ...} detached floats
+    crit = SoftTargetLoss(num_classes=1000, alpha=0.0, fill="uniform", temperature=ds.temperature)
+    loss = crit(logits, batch)                 # or crit.parts(logits, batch): (loss, {"soft": ..., "hard": ...})
 """
 from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +26,7 @@ import torch.nn.functional as F
 FILLS = ("uniform", "renorm")
 
 
-def dense_targets(idx: torch.Tensor, prob: torch.Tensor, num_classes: int, fill: str = "uniform") -> torch.Tensor:
+def sparse_to_dense(idx: torch.Tensor, prob: torch.Tensor, num_classes: int, fill: str = "uniform") -> torch.Tensor:
     """(B, K) ids + probabilities -> (B, C) float32 distributions, built where the inputs live."""
     prob = prob.float()
     if fill == "renorm":
@@ -66,77 +63,79 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), target)
 
 
-@dataclass
-class DistillLoss:
-    """``(1 - alpha) * soft CE(cached targets) + alpha * CE(smoothed, mixed hard labels)``.
-
-    ``hard_only=True`` (a --hard-labels run) uses the hard term alone. ``temperature``: the cache's T; the
-    soft term is ``T² · CE(target, softmax(logits / T))`` (the hard term is always at T = 1). ``batch`` holds ``idx``,
-    ``prob`` (soft part), ``label``, ``label2``, ``lam`` (hard part), all on the logits' device.
-    """
-    num_classes: int
-    alpha: float = 0.0
-    fill: str = "uniform"
-    smoothing: float = 0.1
-    hard_only: bool = False
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        if self.fill not in FILLS:
-            raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-    def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-        parts: dict[str, torch.Tensor] = {}
-        w_hard = 1.0 if self.hard_only else self.alpha
-        total = None
-        if w_hard < 1.0:
-            t, target = self.temperature, dense_targets(batch["idx"], batch["prob"], self.num_classes, self.fill)
-            soft = soft_cross_entropy(logits, target) if t == 1.0 else t * t * soft_cross_entropy(logits.float() / t, target)
-            parts["soft"] = soft
-            total = (1.0 - w_hard) * soft
-        if w_hard > 0.0:
-            t = hard_targets(batch["label"], self.num_classes, batch.get("label2"), batch.get("lam"), self.smoothing)
-            hard = soft_cross_entropy(logits, t)
-            parts["hard"] = hard
-            total = hard * w_hard if total is None else total + w_hard * hard
-        return total, {k: v.detach() for k, v in parts.items()}
+def dense_targets(batch: dict, num_classes: int, fill: str = "uniform") -> torch.Tensor:
+    """A ``DistillDataset`` batch's teacher targets as (B, C) float32 distributions, where its
+    ``topk_idx``/``topk_prob`` live: the top-K probabilities at their ids, the rest of the mass by
+    ``fill`` (``uniform``, TinyViT's rule and train-student's default, or ``renorm``)."""
+    return sparse_to_dense(batch["topk_idx"], batch["topk_prob"], num_classes, fill)
 
 
 DIST_TARGETS = ("soft", "hard")
 
 
-@dataclass
-class TwoHeadLoss:
-    """Students with a distillation head (EfficientFormer, DeiT): their forward in distilled training
-    returns ``(cls_logits, dist_logits)``. The classification head learns from the hard labels (smoothed,
-    mixed like the images: ``labels``), the distillation head from the cached teacher targets: ``soft``
-    (the dense top-K, T² · CE at the cache's temperature) or ``hard`` (CE with the teacher's top-1 on the
-    view, DeiT's hard distillation); the loss is their mean, as DeiT's. Inference averages the two heads
-    (the model does that in eval mode). A plain tensor of logits falls back to ``plain`` (a one-head model).
+class SoftTargetLoss(torch.nn.Module):
+    """The loss of ``train-student``: ``(1 - alpha) * soft CE(teacher targets) + alpha * CE(smoothed,
+    mixed hard labels)``, from a ``DistillDataset`` batch. ``loss(logits, batch)`` -> scalar tensor;
+    ``loss.parts(logits, batch)`` -> (loss, {part: detached value}).
+
+    * ``temperature``: the cache's T (``ds.temperature``); the soft term is ``T² · CE(target,
+      softmax(logits / T))`` (the hard term is always at T = 1). ``fill``: how the top-K become a
+      distribution (``dense_targets``).
+    * ``hard_only=True`` (a hard-label run) uses the hard term alone.
+    * A student with a distillation head (its forward in training returns ``(cls_logits, dist_logits)``,
+      as EfficientFormer and DeiT): the classification head learns from the hard labels, the
+      distillation head from the teacher: ``dist_target="soft"`` (the dense top-K, T² · CE) or
+      ``"hard"`` (CE with the teacher's top-1 on the view, DeiT's hard distillation); the loss is their mean.
     """
-    plain: DistillLoss
-    dist_target: str = "soft"
 
-    def __post_init__(self):
-        if self.dist_target not in DIST_TARGETS:
-            raise ValueError(f"dist_target must be one of {DIST_TARGETS}, got {self.dist_target!r}")
+    def __init__(self, num_classes: int, alpha: float = 0.0, fill: str = "uniform", smoothing: float = 0.1,
+                 temperature: float = 1.0, hard_only: bool = False, dist_target: str = "soft"):
+        super().__init__()
+        if fill not in FILLS:
+            raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if dist_target not in DIST_TARGETS:
+            raise ValueError(f"dist_target must be one of {DIST_TARGETS}, got {dist_target!r}")
+        self.num_classes, self.alpha, self.fill = int(num_classes), float(alpha), fill
+        self.smoothing = 0.1 if smoothing is None else float(smoothing)
+        self.temperature, self.hard_only, self.dist_target = float(temperature), bool(hard_only), dist_target
 
-    def __call__(self, logits, batch: dict) -> tuple[torch.Tensor, dict]:
-        if not isinstance(logits, tuple):
-            return self.plain(logits, batch)
-        cls_logits, dist_logits = logits
-        p = self.plain
-        hard = soft_cross_entropy(cls_logits, hard_targets(batch["label"], p.num_classes, batch.get("label2"),
-                                                           batch.get("lam"), p.smoothing))
+    def forward(self, logits, batch: dict) -> torch.Tensor:
+        return self.parts(logits, batch)[0]
+
+    def parts(self, logits, batch: dict) -> tuple[torch.Tensor, dict]:
+        if isinstance(logits, tuple):
+            return self._two_heads(*logits, batch)
+        return self._one_head(logits, batch, 1.0 if self.hard_only else self.alpha)
+
+    def _hard(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        t = hard_targets(batch["label"], self.num_classes, batch.get("label2"), batch.get("lam"), self.smoothing)
+        return soft_cross_entropy(logits, t)
+
+    def _one_head(self, logits: torch.Tensor, batch: dict, w_hard: float) -> tuple[torch.Tensor, dict]:
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        if w_hard < 1.0:
+            t, target = self.temperature, dense_targets(batch, self.num_classes, self.fill)
+            soft = soft_cross_entropy(logits, target) if t == 1.0 else t * t * soft_cross_entropy(logits.float() / t, target)
+            parts["soft"] = soft
+            total = (1.0 - w_hard) * soft
+        if w_hard > 0.0:
+            hard = self._hard(logits, batch)
+            parts["hard"] = hard
+            total = hard * w_hard if total is None else total + w_hard * hard
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def _two_heads(self, cls_logits: torch.Tensor, dist_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        hard = self._hard(cls_logits, batch)
         if self.dist_target == "hard":
-            top1 = batch["idx"].gather(1, batch["prob"].argmax(1, keepdim=True))[:, 0]
+            top1 = batch["topk_idx"].gather(1, batch["topk_prob"].argmax(1, keepdim=True))[:, 0]
             dist = F.cross_entropy(dist_logits.float(), top1)
         else:
-            dist, _ = dataclasses.replace(p, alpha=0.0, hard_only=False)(dist_logits, batch)
+            dist, _ = self._one_head(dist_logits, batch, 0.0)
         return 0.5 * (hard + dist), {"hard": hard.detach(), "dist": dist.detach()}
 
 

@@ -22,7 +22,7 @@ from ..files import UserError, sha256_file
 from ..format import FILTER_SCORES_NAME, FINGERPRINTS_KEY, read_excluded_keys, read_ipc
 from ..models import MODELS
 from ..progress import note
-from .data import ShardRef, shard_refs
+from .order import ShardRef, shard_refs
 
 
 @dataclass
@@ -222,3 +222,42 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
     return Data(refs=shard_refs(paths, counts), val_refs=val_refs, spec=spec, num_classes=num_classes, cache=cache,
                 samples=max(0, samples), excluded=excluded, exclude=exclude, identity=identity, source=source,
                 temperature=float(cache.manifest.get("temperature", 1.0)) if cache is not None else None, notes=notes)
+
+
+def dataset_inputs(shards, cache, exclude, policy, image_size: int, num_classes: int | None,
+                   spec: views.ViewSpec | None) -> tuple[list[ShardRef], Cache | None, views.ViewSpec, int, frozenset]:
+    """What ``DistillDataset`` reads, from what a user gives it: (shard refs, cache, view spec, classes,
+    excluded keys). ``shards``: refs (train-student's, counted and checked by ``prepare_data``) or a
+    ``--shards`` spec; ``cache``: a directory or a ``Cache``; ``exclude``: keys or a filter-labels
+    directory; ``policy``: a policy file or table for a cache-less dataset. A cache built over other
+    shards is refused here, as train-student refuses it."""
+    if isinstance(exclude, (str, Path)):
+        exclude = read_excluded_keys(exclude)
+    exclude = frozenset(exclude or ())
+    if isinstance(cache, (str, Path)):
+        cache = open_cache(cache)
+    index = None
+    if isinstance(shards, (list, tuple)) and shards and all(isinstance(r, ShardRef) for r in shards):
+        refs = list(shards)
+    else:
+        paths, index = resolve_shards(shards)
+        if not paths:
+            raise UserError(f"no shards in {shards}")
+        if cache is not None:
+            _check_shard_set(cache, paths, index)
+        refs = shard_refs(paths)
+    if spec is None:
+        if cache is not None:
+            spec = cache.view_spec
+        else:
+            table = policy if isinstance(policy, dict) else None
+            spec = views.ViewSpec(augment.load_policy(policy if isinstance(policy, (str, Path)) else None, table,
+                                                      {"size": image_size}))
+    if num_classes is None:
+        if cache is not None:
+            num_classes = int(cache.num_classes)
+        elif index is not None:
+            num_classes = int(index.num_classes)
+        else:
+            raise UserError("num_classes is needed for shards without an index.json and without a cache")
+    return refs, cache, spec, int(num_classes), exclude
