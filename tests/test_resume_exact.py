@@ -22,6 +22,7 @@ import torch
 
 from conftest import DEMO_DIR, REPO, demo_head, nan_checkpoint, one_line_error, run_group
 from distill.files import KILL_AT_ENV, UserError
+from distill.hooks import KILL_AT_STEP_ENV
 from test_train import _assert_same_weights
 
 EPOCHS = 2
@@ -30,11 +31,14 @@ TIMELESS = ("img_s", "time_s")          # the metrics of a row that are timings 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "train" / "index.json").is_file(), reason="demo shards not generated")
 
 
-def distill(*argv, kill_at: str | None = None):
+def distill(*argv, kill_at: str | None = None, kill_at_step: int | None = None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop(KILL_AT_ENV, None)
+    env.pop(KILL_AT_STEP_ENV, None)
     if kill_at:
         env[KILL_AT_ENV] = kill_at
+    if kill_at_step:
+        env[KILL_AT_STEP_ENV] = str(kill_at_step)
     return run_group([sys.executable, "-m", "distill.cli", *argv], env=env, cwd=REPO, timeout=300)
 
 
@@ -137,6 +141,24 @@ def test_train_student_killed_twice_resumes_exactly(data, student, tmp_path):
     r = distill(*_train(data, out, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_student(student, out)
+
+
+def test_train_student_killed_mid_epoch_loses_at_most_checkpoint_every_steps(data, tmp_path):
+    """--checkpoint-every 2 (6 steps an epoch): killed right after steps 5 and 9 (between checkpoints),
+    each time last.pt holds the step before (1 step lost, <= 2), and the resumed runs end with the
+    uninterrupted run's files (same --checkpoint-every: the RNGs are seeded afresh at each checkpoint)."""
+    ref = tmp_path / "ref"
+    assert distill(*_train(data, ref, "--checkpoint-every", "2")).returncode == 0
+    out = tmp_path / "run"
+    args = _train(data, out, "--checkpoint-every", "2")
+    for step, resume in ((5, ()), (9, ("--resume",))):
+        r = distill(*args, *resume, kill_at_step=step)
+        assert killed(r), (r.returncode, r.stderr[-2000:])
+        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        assert step - 2 <= ck["step"] < step and ck["state"]["partial"]["taken"] == ck["step"] % 6, ck["step"]
+    r = distill(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_student(ref, out)
 
 
 def _kill_points(name: str, times: int) -> list[str]:

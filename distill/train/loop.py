@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import recipes
+from .. import hooks, recipes
 from ..config import TrainConfig, to_dict, write_resolved
 from ..files import ReaderMark, UserError, atomic_write_bytes, atomic_write_json, check_out, claim_dir, sweep_temps
 from ..format import RUN_CLASS_STATS_NAME, RUN_CONFIG_NAME
@@ -520,6 +520,8 @@ def _step(s: _Session) -> None:
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     s.state["step"] += 1
+    if hooks.ACTIVE:
+        hooks.fire("train-step", step=s.state["step"])
 
 
 def _train_epoch(s: _Session, train_loader: DistillLoader, epoch: int) -> tuple[list[float], list[str], float]:
