@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import distill
-from conftest import DEMO_DIR, DEMO_TEACHER, cache_config, demo_head
+from conftest import DEMO_TEACHER, REPO, cache_config, demo_head, run_group
 from distill.files import UserError
 
 POLICY = {"size": 32, "scale": [0.35, 1.0], "hflip": 0.5, "auto_augment": "rand-n1-m5-mstd0.5-inc1",
@@ -270,3 +270,19 @@ def test_resume_across_gloo_world_sizes(made, tmp_path):
     assert len(tail[0]["keys"]) == len(tail[1]["keys"])
     keys = [k for b in head["keys"] for k in b] + [k for o in tail for b in o["keys"] for k in b]
     assert len(keys) == len(set(keys)) and set(keys) == whole1
+
+
+def test_own_loop_example_trains_and_resumes(made, tmp_path):
+    """examples/own_loop.py (the README's "Your own training loop"): stopped after 3 steps, run again, it
+    goes on from its checkpoint and makes the two epochs' steps in all, no more."""
+    import os
+    shards, cache = made
+    argv = [sys.executable, str(REPO / "examples" / "own_loop.py"), "--shards", str(shards), "--cache", str(cache),
+            "--out", str(tmp_path / "ck.pt"), "--batch-size", "8"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = run_group(argv + ["--stop-after", "3"], env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1 and "stopped after step 3" in r.stderr, r.stderr[-2000:]
+    r = run_group(argv, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    per_epoch = PER_SHARD * 3 // 8
+    assert "resumed at epoch 1, step 3" in r.stdout and f"done: {2 * per_epoch} steps" in r.stdout, r.stdout
