@@ -81,7 +81,7 @@ def bench_loader(args) -> tuple[float, float]:
 
 
 def bench_workers(args, workers: int = 2) -> tuple[float, float]:
-    """The trainer's own DataLoader (``distill.train.data.loader``, persistent workers, prefetching) over
+    """The trainer's own loader (``DistillLoader``, persistent workers, prefetching) over
     the cache-replay stream with ``workers`` worker processes vs none (the stream in this process):
     whole passes alternating, which goes first alternating too; median pass rate of each."""
     from distill.train.data import DistillLoader
@@ -92,7 +92,7 @@ def bench_workers(args, workers: int = 2) -> tuple[float, float]:
                   seed=int(data.cache.manifest["cache_seed"]), shuffle_buffer=1000, num_classes=data.num_classes,
                   drop_last=False)
     streams = {w: DistillDataset(data.refs, cache=data.cache, **common) for w in (0, workers)}
-    loaders = {w: loader(streams[w], w, persistent=w > 0) for w in (0, workers)}
+    loaders = {w: DistillLoader(streams[w], w, persistent_workers=w > 0) for w in (0, workers)}
 
     def rate(w: int, epoch: int) -> float:
         streams[w].set_epoch(epoch)
@@ -107,6 +107,42 @@ def bench_workers(args, workers: int = 2) -> tuple[float, float]:
         for w in ((0, workers) if r % 2 == 0 else (workers, 0)):
             got[w].append(rate(w, e))
     return statistics.median(got[workers]), statistics.median(got[0])
+
+
+def bench_public(args, workers: int = 2) -> tuple[float, float]:
+    """``distill.DistillDataset`` in a plain ``torch.utils.data.DataLoader(ds, batch_size=None,
+    num_workers=2, persistent_workers=True)`` (what a user's own loop has) vs train-student's loader
+    (``DistillLoader`` as ``loop._stream`` builds it: persistent workers, 4 batches prefetched each), over
+    the same cache replay at the workers' image size: whole passes alternating, which goes first
+    alternating too; median pass rate of each."""
+    import distill
+    size = args.workers_image_size
+    cfg = TrainConfig(shards=args.shards, cache=args.cache, out="-", image_size=size)
+    data = prepare_data(cfg, None)
+
+    def dataset():
+        return distill.DistillDataset(data.refs, data.cache, spec=data.spec, image_size=size,
+                                      batch_size=args.batch_size, seed=0, shuffle_buffer=1000,
+                                      num_classes=data.num_classes, drop_last=False)
+    plain_ds, ours_ds = dataset(), dataset()
+    loaders = {"plain": (plain_ds, torch.utils.data.DataLoader(plain_ds, batch_size=None, num_workers=workers,
+                                                               persistent_workers=True)),
+               "ours": (ours_ds, distill.DistillLoader(ours_ds, workers, persistent_workers=True))}
+
+    def rate(which: str, epoch: int) -> float:
+        ds, dl = loaders[which]
+        ds.set_epoch(epoch)
+        t = time.perf_counter()
+        n = sum(len(b["label"]) for b in dl)
+        return n / (time.perf_counter() - t)
+
+    rate("plain", 0), rate("ours", 0)           # start the persistent workers
+    got = {"plain": [], "ours": []}
+    for r in range(args.repeats):
+        e = r % data.cache.epochs
+        for w in (("plain", "ours") if r % 2 == 0 else ("ours", "plain")):
+            got[w].append(rate(w, e))
+    return statistics.median(got["plain"]), statistics.median(got["ours"])
 
 
 def bench_step(args) -> tuple[float, float]:
@@ -180,6 +216,7 @@ def main(argv=None) -> int:
                 build_cache(args.shards, args.cache)
             la, lb = bench_loader(args)
             wa, wb = bench_workers(args, 2)
+            pa, pb = bench_public(args, 2)
         print(f"(a) loader, {args.image_size}px, batch {args.batch_size}, median of {args.repeats} alternating passes:")
         print(f"    cache replay + sparse targets {la:8.1f} img/s")
         print(f"    hard labels (same views)      {lb:8.1f} img/s")
@@ -189,6 +226,11 @@ def main(argv=None) -> int:
         print(f"    2 persistent worker processes {wa:8.1f} img/s")
         print(f"    0 workers (in the main process) {wb:8.1f} img/s")
         print(f"    ratio {wa / wb:.3f}")
+        print(f"(d) public DistillDataset in a plain torch DataLoader vs train-student's DistillLoader, 2 persistent "
+              f"workers each, {args.workers_image_size}px, batch {args.batch_size}, median of {args.repeats} alternating passes:")
+        print(f"    plain DataLoader(ds, batch_size=None) {pa:8.1f} img/s")
+        print(f"    train-student's DistillLoader       {pb:8.1f} img/s")
+        print(f"    ratio {pa / pb:.3f}  (target >= 0.98)")
     sa, sb = bench_step(args)
     print(f"(b) train step, {args.model} at {args.image_size}px, {args.classes} classes, top-{args.topk}, "
           f"batch {args.batch_size}, {args.device}, median step of {args.repeats * args.steps} alternating steps:")

@@ -1,42 +1,32 @@
-"""Student data: split an epoch's samples evenly over (DDP rank, loader worker), replay each cached
-(sample, epoch) view, yield batches of sparse targets.
+"""The student's data, public: ``DistillDataset`` (an epoch's samples, each (sample, epoch) view replayed
+from its seed, batched with the teacher's sparse targets), ``DistillLoader`` (its DataLoader, with a
+resume point), ``finish`` (uint8 views -> the model's input, on any device). ``train-student`` and
+``adapt-teacher`` use exactly these; ``distill.DistillDataset`` etc. are the same objects.
 
-Per training epoch ``e`` (``TrainStream``; ``epoch_segments`` is the split):
+Per training epoch ``e``, which samples a (rank, worker) reads and in which order is ``order.py``'s
+(shards shuffled by (seed, ``e``) and laid end to end, each rank ``N // W`` places, each worker whole
+batches of them; resume points). A worker's stream reads its segments a block at a time:
 
-1. lay the shards end to end in an order shuffled by (training seed, ``e``), each taking as many
-   places as it gives samples per epoch (``ShardRef.samples``: a cache run's manifest rows less the
-   ``--exclude`` keys, else index.json's counts less them). Of these N places DDP rank ``r`` of ``W``
-   takes the ``N // W`` from ``r * N // W``, and cuts them into one contiguous sub-range of whole
-   batches per DataLoader worker, so every rank makes exactly ``(N // W) // B`` batches (without
-   ``drop_last``: all its ``N // W`` samples, the last batch of each worker short). A (rank, worker)
-   reads a list of segments (shard, first sample, stop);
-2. a worker keeps up to ``open_shards`` segments open and draws mixing blocks from them at random
-   (seeded by seed, epoch, rank, worker). A block is ``policy.mix_block`` consecutive rows of a shard,
-   exactly as ``cache-teacher`` made them: in a cache run the shard's cache rows of cached epoch
-   ``e mod E`` (key, label, seed, top-K), in a hard-label run its valid, non-excluded samples with
-   seeds ``derive_seed(train seed, e, key)``;
-3. the block's views are rendered at the student's size with mixing partners from the whole block,
+1. a block is ``policy.mix_block`` consecutive rows of a shard, exactly as ``cache-teacher`` made them:
+   in a cache run the shard's cache rows of cached epoch ``e mod E`` (key, label, seed, top-K), in a
+   hard-label run its valid, non-excluded samples with seeds ``derive_seed(train seed, e, key)``;
+2. the block's views are rendered at the student's size with mixing partners from the whole block,
    also where a segment starts or ends inside it, and only the segment's own samples are kept
-   (``--exclude`` keys dropped);
-4. each kept sample goes through a shuffle buffer as a compact item: its rendered uint8 view (and its
-   mix partner's, when mixed) with their erase and mix parameters. Leaving the buffer, the item is
-   normalised, erased and mixed by ``augment.finish`` (the one step every path takes: the tensor is
-   bit for bit ``views.view_tensor``'s) and batches are collated.
+   (``exclude`` keys dropped); a resumed stream renders only the samples it still has to give;
+3. each kept sample goes through the shuffle buffer as a compact item: its rendered uint8 view (and its
+   mix partner's, when mixed) with their erase and mix parameters. Batches are collated from the
+   items leaving it, their views normalised, erased and mixed by ``augment.finish`` (the one step
+   every path takes: bit for bit ``views.view_tensor``'s), or left uint8 (``finish="none"``).
 
-So the view of every (sample, epoch) does not depend on batching, workers or the number of ranks.
-Left out of an epoch: the ``N - W * (N // W)`` (< W) places at the ends of the ranks' ranges, and
-with ``drop_last`` the last ``(N // W) mod B`` (< B) of each rank's range; which samples these are
-changes every epoch with the shard order. A hard-label shard that gives fewer samples than counted
-(images whose pixels do not decode are skipped) ends its range early: the trainer then ends the epoch
-on every rank at the same step (``loop._synced``).
+So the view of every (sample, epoch) does not depend on batching, workers, ranks or resumes. Left out
+of an epoch: the ``N - W * (N // W)`` (< W) places at the ends of the ranks' ranges, and with
+``drop_last`` the last ``(N // W) mod B`` (< B) of each rank's range; which samples these are changes
+every epoch with the shard order. A hard-label shard that gives fewer samples than counted (images
+whose pixels do not decode are skipped) ends its range early: the trainer then ends the epoch on every
+rank at the same step (``loop._synced``).
 
-A batch is a dict of CPU tensors: ``image`` (B, 3, S, S) float32, ``idx`` (B, K) int64 and ``prob``
-(B, K) float32 (the cached top-K, K = 0 in hard-label runs), ``label``/``label2`` (B,) int64 and
-``lam`` (B,) float32 (hard labels of the sample and its mix partner, weight of its own image),
-``stats`` (2,) int64 (samples excluded, samples skipped since the previous batch of this worker) and
-``key`` (a list of B sample keys).
-
-``classes_per_batch_ratio`` and ``same_class_pair_ratio`` measure how well batches are mixed.
+The batch keys are listed in ``DistillDataset``'s docstring. ``classes_per_batch_ratio`` and
+``same_class_pair_ratio`` measure how well batches are mixed.
 """
 from __future__ import annotations
 
