@@ -9,14 +9,18 @@ printed (``pytest -s tests/test_mixing.py``).
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from conftest import image_bytes
+from conftest import REPO, image_bytes
 from distill.config import TrainConfig
 from distill.data.shards import make_shards
 from distill.train import prepare_data
-from distill.train.data import (OPEN_SHARDS, DistillDataset, DistillLoader, classes_per_batch_ratio, expected_distinct_classes,
-                                same_class_pair_ratio)
+from distill.train.data import OPEN_SHARDS, DistillDataset, DistillLoader
+
+sys.path.insert(0, str(REPO / "tools"))
+from batch_mix import classes_per_batch_ratio, expected_distinct_classes, same_class_pair_ratio  # noqa: E402
 
 CLASSES, PER_CLASS, BATCH = 200, 8, 64
 POLICY = {"size": 16, "scale": [0.35, 1.0], "hflip": 0.5, "auto_augment": None, "re_prob": 0.0,

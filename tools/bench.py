@@ -786,7 +786,7 @@ def _sec_train(res, env):
     rt, ra = r["rates"].get("workers"), r["ratios"].get("workers")
     if rt and ra:
         nums = [v for k, v in rt.items() if k != "about"] + [None, None]
-        L += ["", "(c) the trainer's own DataLoader (`distill.train.data.loader`: persistent workers, prefetch 4) over the "
+        L += ["", "(c) the trainer's own loader (`DistillLoader`: persistent workers, prefetch 4) over the "
               "cache replay with 2 worker processes vs 0 (the stream in the training process), alternating passes:", "",
               "| setting | 2 workers img/s | 0 workers img/s | 2 ÷ 0 | goal |", "|---|---:|---:|---:|---:|",
               f"| {rt.get('about', '').removeprefix('workers: ')} | {_f(nums[0], '{:,.1f}')} | {_f(nums[1], '{:,.1f}')} | "
@@ -794,6 +794,15 @@ def _sec_train(res, env):
               "On this 2-core machine the two workers share the cores with the training process, which receives "
               "every batch (float32 on a CPU device); `--loader-workers` defaults to cores − 1 = 1 here. On a GPU node "
               "the workers have cores of their own and ship uint8 (`--device-views`)."]
+    rt, ra = r["rates"].get("public"), r["ratios"].get("public")
+    if rt and ra:
+        nums = [v for k, v in rt.items() if k != "about"] + [None, None]
+        L += ["", "(d) the public `distill.DistillDataset` in a plain `torch.utils.data.DataLoader(ds, batch_size=None, "
+              "num_workers=2, persistent_workers=True)`, as a user's own loop has it, vs train-student's loader "
+              "(`DistillLoader`, prefetch 4) over the same cache replay, alternating passes:", "",
+              "| setting | plain DataLoader img/s | train-student's loader img/s | ratio | goal |", "|---|---:|---:|---:|---:|",
+              f"| {rt.get('about', '').removeprefix('public ')} | {_f(nums[0], '{:,.1f}')} | {_f(nums[1], '{:,.1f}')} | "
+              f"**{_f(ra.get('ratio'), '{:.3f}')}** | ≥ {GOALS['public']} |"]
     return L + [""]
 
 

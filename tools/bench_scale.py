@@ -211,7 +211,8 @@ def mixing(tmp: Path, quick: bool) -> dict:
 
     from distill.data import augment, views
     from distill.data.shards import make_shards, resolve_shards
-    from distill.train.data import DistillDataset, classes_per_batch_ratio, same_class_pair_ratio
+    from batch_mix import classes_per_batch_ratio, same_class_pair_ratio
+    from distill.train.data import DistillDataset
     from distill.train.order import shard_refs
     classes, per, epochs = 200, (8 if quick else 16), 3
     src = tmp / "folders"
