@@ -10,7 +10,7 @@ Notebook entry points (each reads one output directory; nothing runs a teacher):
 
 Your own training loop (see ``examples/own_loop.py``)::
 
-    ds = distill.DistillDataset("out/demo/shards", "out/demo/cache", image_size=64, batch_size=64)
+    ds = distill.DistillDataset("shards/demo/train", "out/demo/cache", image_size=32, batch_size=64)
     loader = distill.DistillLoader(ds, num_workers=2)      # state_dict()/load_state_dict(): resume anywhere
     loss_fn = distill.SoftTargetLoss(ds.num_classes, temperature=ds.temperature)
     for batch in loader:                                   # ds.set_epoch(e) before each epoch

@@ -413,7 +413,7 @@ def test_open_run_in_progress_and_bad_directories(tmp_path):
 def _python_blocks(path: Path) -> list[str]:
     """The python blocks of the README's "From notebooks" section (what a user copies)."""
     text = path.read_text()
-    section = text[text.index("## From notebooks"):text.index("## On a Ray cluster")]
+    section = text[text.index("## From notebooks"):text.index("## Your own training loop")]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
