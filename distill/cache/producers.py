@@ -17,13 +17,16 @@ for every ``--view-workers``; the loader returns the pieces in the order it was 
 kept for its life. A Ray actor is a multi-threaded process (its core worker runs gRPC and event-loop
 threads), and a forked child would inherit their locks in whatever state they were; a spawned child
 starts a clean interpreter, imports only this module's dependencies (torch, Pillow, numpy), never Ray,
-and runs with one torch thread whatever ``OMP_NUM_THREADS`` Ray set for the actor. The uint8 pieces come
-back through shared memory (the loader's transfer of tensors), and so do the blocks' image bytes going
-out. The blocks are handed out by ``tasks_of`` (whole blocks, the shard's tail shared out by epoch
-ranges) on N *lanes*: a task's pieces go out one turn of the round each, and the loader deals its
-indices to its workers in turn, so each task stays on one worker, which decodes its block once (a lane
-without work takes a turn with an empty index). ``--view-workers 0``: the same loader with no worker
-process: pieces are rendered in the worker's thread, and then the teacher runs on them, in turn.
+and runs with one torch thread whatever ``OMP_NUM_THREADS`` Ray set for the actor. The pieces come back
+through shared memory (the loader's transfer of tensors; each process writes them into a few buffers the
+worker hands back, ``Pieces``), and the blocks' image bytes go out the same way. The blocks are handed
+out by ``tasks_of`` (whole blocks; the shard's tail shared out by epoch ranges) on N *lanes*: each turn
+of a round gives every lane its task's next piece, and the loader deals its indices to its workers in
+turn, so a task stays on one process, which decodes its block once (a lane without work takes its turn
+with an empty index; were a piece dealt elsewhere, that process would decode the block for it: the
+same views, only slower). ``--view-workers 0``: the same loader with no process: pieces are rendered
+in the worker's thread, and then the teacher runs on them, in turn (on a CPU, views and the teacher's
+forward then take turns on its cores).
 
 An image whose header parses but which does not decode is found by the loader, when its position (and
 with it the mix pairing of its block) is already taken: the piece reports it (``Undecodable``), the
