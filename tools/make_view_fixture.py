@@ -9,9 +9,11 @@ and a policy that erases and mixes in blocks of 8 (several blocks per shard; tea
 block's piece goes to the teacher in two batches). The cache: cache-teacher with 3 epochs and
 ``--view-workers`` 0, 1 and 2 (all three must agree, else nothing is written), its Arrow files and manifest.
 
-Run it with the code the fixture should capture on PYTHONPATH (the fixture was made with commit 9c6da6f):
+Run it from a checkout of the code the fixture should capture, that checkout on PYTHONPATH and as the
+working directory (embedded Ray's workers import distill from the driver's working directory first); the
+fixture was made with commit 9c6da6f:
 
-    git worktree add /tmp/base 9c6da6f && PYTHONPATH=/tmp/base python tools/make_view_fixture.py
+    git worktree add /tmp/base 9c6da6f && cd /tmp/base && PYTHONPATH=/tmp/base python THIS/tools/make_view_fixture.py
 """
 from __future__ import annotations
 
