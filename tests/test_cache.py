@@ -113,7 +113,8 @@ def test_rerun_resumes_and_refuses_other_settings(demo_cache, tmp_path):
     assert open_cache(again).topk == 3 and res.reused_shards == 0
 
 
-def test_several_decode_threads_give_the_same_records(tmp_path):
+def test_decode_threads_is_accepted_and_changes_no_record(tmp_path):
+    """--decode-threads is kept for old command lines: views are rendered by the view loader (--view-workers)."""
     shards = demo_head(tmp_path, 96, SHARDS)
     res = cache_teacher(cache_config(shards, tmp_path / "threads", decode_threads=3), dict(DEMO_POLICY, mixup_alpha=0.8,
                                                                                              mix_block=16))

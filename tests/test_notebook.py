@@ -61,27 +61,24 @@ def mixed(outs):
 
 def _producer_views(cache, exclude=(), shard: str | None = None) -> dict:
     """{(key, epoch): tensor} exactly as cache-teacher's worker feeds them to the teacher for one shard:
-    its reader, producer threads and ``take_piece``, on the CPU."""
+    its reader, view loader (no worker process) and ``finish_piece``, on the CPU."""
     import torch
-    from distill.cache.writer import ShardReader, ThreadProducers, kept, take_piece, until_decodable
+    from distill.cache.producers import ShardReader, ViewLoader, finish_piece, until_decodable
     t, spec, epochs, size, batch = cache.teacher, cache.view_spec, cache.epochs, cache.teacher["input_size"], 64
-    prod = ThreadProducers(1)
+    loader = ViewLoader(0, spec.views_of(), epochs, size, batch)
 
     def attempt(undecodable: dict) -> dict:
-        reader = ShardReader(cache.shard_path(shard or SHARD), spec=spec, epochs=epochs, cache_seed=cache.manifest["cache_seed"],
-                             size=size, num_classes=cache.num_classes, exclude=frozenset(exclude), decoded=True,
+        reader = ShardReader(cache.shard_path(shard or SHARD), spec=spec, epochs=epochs,
+                             cache_seed=cache.manifest["cache_seed"], size=size, num_classes=cache.num_classes,
+                             exclude=frozenset(exclude),
                              undecodable=undecodable)
-        blocks, out = {}, {}
-        for p in prod.pieces(kept(reader.blocks(), blocks), spec, epochs, size, batch):
-            x, _, where = take_piece(p, blocks, spec, epochs, tuple(t["mean"]), tuple(t["std"]), torch.device("cpu"))
-            for row, (s, e) in enumerate(where):
-                out[reader.samples[s][0], int(e)] = x[row].clone()     # the piece's memory is reused
-            prod.release(p)
+        out = {}
+        for p in loader.pieces(reader.blocks()):
+            x = finish_piece(p, tuple(t["mean"]), tuple(t["std"]), torch.device("cpu"))
+            for row, (s, e) in enumerate(p.where):
+                out[reader.samples[s][0], int(e)] = x[row]
         return out
-    try:
-        return until_decodable(attempt)
-    finally:
-        prod.close()
+    return until_decodable(attempt)
 
 
 def _teacher():

@@ -19,7 +19,7 @@ Parts (``--only`` takes a comma-separated subset):
   scale       tools/bench_scale.py      ImageNet-21K scale: driver RSS per 1M samples, bytes read per epoch,
                                         bytes/record, class mix per batch, same-class mix partners
   cli         tools/bench_cli.py        start-up: `distill --help` wall time against a bare Python start
-  producers   tools/bench_producers.py  view producer threads vs processes against a stub GPU teacher
+  producers   tools/bench_producers.py  views in the worker's thread vs view loader processes against a stub GPU
   gpu         tools/bench_gpu.py        the teacher pass and student steps on CUDA (--cpu-smoke without one)
   students    tools/bench_students.py   train-step img/s of each student family, as ratios to tinyvit-5m
   adapt       tools/bench_adapt.py      merged RepAdapter teacher: forward time ÷ the base's, max |Δ logit| vs unmerged
@@ -891,16 +891,18 @@ def _sec_producers(res, env):
           "(first teacher batch to last: Ray, actor and producer start and the pipeline's first fill excluded). On a CPU "
           "device producer processes also finish their views (normalise, erase, mix), so the worker only runs the "
           "teacher; embedded Ray runs its workers at normal priority (Ray's default nice 15 lost to its own daemons). "
-          "Producer processes decode each image once, keep glibc's heap and reuse their shared-memory buffers. The "
+          "Producer processes (a DataLoader's spawned workers) decode each image once, keep glibc's heap and send "
+          "their pieces through shared memory. The "
           "steady window still holds the shard's drain (a producer without a block idles while the last blocks "
           "finish), which a real ImageNet-21K shard (~126,000 views) spreads over 30x as many views as this one.", "",
-          "| producers | threads (`--view-workers 0 --decode-threads N`) | processes (`--view-workers N`) |", "|---|---:|---:|",
-          f"| 1 | {c['threads_1']:,.1f} | {c['processes_1']:,.1f} |",
-          f"| 2 | {c['threads_2']:,.1f} | {c['processes_2']:,.1f} |",
-          f"| 2 ÷ 1 | {j['threads_2_over_1']:.3f} | **{j['processes_2_over_1']:.3f}** |", "",
+          "| views made by | views/s |", "|---|---:|",
+          f"| the worker's thread (`--view-workers 0`) | {c['thread_0']:,.1f} |",
+          f"| 1 process (`--view-workers 1`) | {c['processes_1']:,.1f} |",
+          f"| 2 processes (`--view-workers 2`) | {c['processes_2']:,.1f} |",
+          f"| 2 processes ÷ 1 | **{j['processes_2_over_1']:.3f}** |", "",
           f"With the stub at {j['stub_img_s']:,.1f} img/s (80% of 2 processes' capacity): cache-teacher reaches "
-          f"**{j['stub_efficiency_processes']:.3f}** of the stub's rate with 2 processes, {j['stub_efficiency_threads']:.3f} "
-          "with 2 threads.", ""]
+          f"**{j['stub_efficiency_processes']:.3f}** of the stub's rate with 2 processes, {j['stub_efficiency_thread']:.3f} "
+          "with the views made in the worker's thread.", ""]
     t = j.get("tail")
     if t:
         m = t["model"]
@@ -1071,9 +1073,9 @@ def _sec_projection(res, env):
               f"**Engine consequence:** one view-producer thread manages about {c['decode_once_full_policy_views_s_anchor_cpu']:.0f} "
               f"views/s on the anchor's CPU, {c['one_producer_thread_share_of_teacher_rate']:.0%} of what the H100 teacher can take, "
               f"so a GPU worker needs about {math.ceil(c['decode_once_full_policy_cores_anchor_cpu'])} producers. "
-              "`cache-teacher --decode-threads` sets them (default on GPU: the node's cores per GPU - 1, at most 16); "
-              "threads scale only as far as Pillow releases the GIL (x1.4 for 2 threads measured here), so beyond that "
-              "decode processes or GPU-side decode are the next step (not built yet)."]
+              "`cache-teacher --view-workers` sets them (default on GPU: the node's cores per GPU - 1, at most 16): "
+              "the spawned processes of a DataLoader inside the worker, each decoding an image once for all its "
+              "epoch views (section 11)."]
     L += ["", "### Break-even against online distillation", "",
           "Online: every student run pays student + teacher forward (1,234 img/s). Offline: the cache once (teacher "
           "forward, 2,260 img/s), then each run is the student alone (2,653 img/s). Break-even r: "

@@ -1,4 +1,4 @@
-"""View producers against a simulated GPU: threads (in the worker) vs processes (--view-workers).
+"""View producers against a simulated GPU: in the worker's thread (--view-workers 0) vs processes (--view-workers N).
 
     python tools/bench_producers.py            # prints a table and one JSON line
     python tools/bench_producers.py --quick
@@ -10,13 +10,14 @@ views do not take turns with it. The real ``cache-teacher`` runs over synthetic 
 spent from its first teacher batch to its last (steady state: Ray, actor and producer start-up and the
 pipeline's first fill excluded).
 
-1. Capacity: the stub at 0 s per batch; 1 and 2 producers, threads and processes. Goal: 2 producer
+1. Capacity: the stub at 0 s per batch; views in the worker's thread (--view-workers 0), 1 and 2 view
+   loader processes. Goal: 2 producer
    processes / 1 >= 1.8x views/s. One shard of 512 images x 8 epochs (4,096 views): the steady window
    still holds the shard's drain (while the last blocks finish, a producer without a block idles), which
    an ImageNet-21K shard (~1,400 images x 90 epochs = 126,000 views) spreads over 30x as many views;
    with 4 epochs the drain weighs twice as much (measured 2 / 1 = 1.50-1.77 vs 1.89-2.04 with 8).
 2. Efficiency: the stub set to 80% of the 2-process capacity; cache-teacher's records/s / the stub's own
-   rate, threads and processes. Goal: >= 0.90 with processes.
+   rate, in the worker's thread and with 2 processes. Goal: >= 0.90 with processes.
 3. Shard tail: 2 producer processes over a shard of 3 blocks (96 images x 8 epochs), the pieces taken as
    fast as they come (the worker's GPU side at no cost): views/s when the last block is shared out by
    epoch ranges (``tasks_of``) / whole blocks (the last block on one producer while the other idles),
@@ -88,14 +89,14 @@ def _stub(root: Path, per_batch_s: float, tag: str) -> str:
     return f"{mod}:make"
 
 
-def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, mode: str, n: int) -> float:
+def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, n: int) -> float:
     from distill.cache import cache_teacher
     from distill.config import CacheConfig
     # blocks of 32: one shard holds many, so that 2 producers have work side by side
     policy = {"size": 224, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mix_block": 32}
     cfg = CacheConfig(shards=str(shards), teacher=(spec,), out=str(out), epochs=epochs, topk=2, batch_size=batch,
                       teacher_input_size=224, workers=1, threads=1, device="cpu", quiet=True, overwrite=True,
-                      view_workers=n if mode == "processes" else 0, decode_threads=n if mode == "threads" else 1)
+                      view_workers=n)
     res = cache_teacher(cfg, policy)
     if res.failed:
         raise SystemExit(f"cache-teacher failed: {res.failed}")
@@ -106,23 +107,22 @@ def _run(shards: Path, out: Path, spec: str, epochs: int, batch: int, mode: str,
 
 def _tail(root: Path, epochs: int, pairs: int) -> dict:
     """Section 3 measured: views/s of 2 producer processes over a 3-block shard, cut vs whole blocks."""
-    from distill.cache.producers import ProcessProducers, ShardReader
+    from distill.cache.producers import ShardReader, ViewLoader
     from distill.data import augment, views
     shard = sorted(_shards(root / "tail", 96, 1).glob("*.tar"))[0]
     spec = views.ViewSpec(augment.Policy(size=224, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mix_block=32))
-    prod = ProcessProducers(2, spec.views_of(), epochs, 224, 64)
+    prod = ViewLoader(2, spec.views_of(), epochs, 224, 64)
 
     def once(cut: bool) -> float:
         reader = ShardReader(shard, spec=spec, epochs=epochs, cache_seed=0, size=224, num_classes=2,
-                             exclude=frozenset(), decoded=False)
+                             exclude=frozenset())
         t0, n = time.perf_counter(), 0
-        for p in prod.pieces(reader.blocks(), spec, epochs, 224, 64, cut=cut):
+        for p in prod.pieces(reader.blocks(), cut=cut):
             n += p.pixels.shape[0]
-            prod.release(p)
         return n / (time.perf_counter() - t0)
 
     try:
-        once(True)                                            # warm: heaps, shared-memory buffers
+        once(True)                                            # warm: heaps
         runs = [(once(False), once(True)) for _ in range(pairs)]
     finally:
         prod.close()
@@ -165,18 +165,17 @@ def main() -> int:
         shards = _shards(root, images, 1)
         free = _stub(root, 0.0, "free")
         cap = {}
-        for mode in ("threads", "processes"):
-            for n in (1, 2):
-                cap[mode, n] = _run(shards, root / f"cap-{mode}-{n}", free, epochs, batch, mode, n)
-                print(f"capacity  {mode:<9} {n}: {cap[mode, n]:8.1f} views/s", flush=True)
+        for mode, n in (("thread", 0), ("processes", 1), ("processes", 2)):
+            cap[mode, n] = _run(shards, root / f"cap-{mode}-{n}", free, epochs, batch, n)
+            print(f"capacity  {mode:<9} {n}: {cap[mode, n]:8.1f} views/s", flush=True)
         stub_rate = 0.8 * cap["processes", 2]
         per_batch = batch / stub_rate
         busy = _stub(root, per_batch, "busy")
         eff = {}
-        for mode in ("threads", "processes"):
-            got = _run(shards, root / f"eff-{mode}", busy, epochs, batch, mode, 2)
+        for mode, n in (("thread", 0), ("processes", 2)):
+            got = _run(shards, root / f"eff-{mode}", busy, epochs, batch, n)
             eff[mode] = got / stub_rate
-            print(f"stub GPU at {stub_rate:.0f} img/s ({per_batch * 1e3:.1f} ms/batch), 2 {mode}: "
+            print(f"stub GPU at {stub_rate:.0f} img/s ({per_batch * 1e3:.1f} ms/batch), {n} {mode}: "
                   f"{got:.1f} records/s = {eff[mode]:.3f} of the stub's rate", flush=True)
         tail = _tail(root, 4 if a.quick else 8, 1 if a.quick else 3)
         print(f"shard tail, 3 blocks on 2 producers: {tail['cut_views_s']:.1f} views/s cut, "
@@ -185,9 +184,9 @@ def main() -> int:
     out = {"images": images, "epochs": epochs, "batch": batch, "size": 224, "tail": tail,
            "capacity": {f"{m}_{n}": round(v, 1) for (m, n), v in cap.items()},
            "processes_2_over_1": round(cap["processes", 2] / cap["processes", 1], 3),
-           "threads_2_over_1": round(cap["threads", 2] / cap["threads", 1], 3),
+           "processes_1_over_thread": round(cap["processes", 1] / cap["thread", 0], 3),
            "stub_img_s": round(stub_rate, 1), "stub_efficiency_processes": round(eff["processes"], 3),
-           "stub_efficiency_threads": round(eff["threads"], 3), "load": round(os.getloadavg()[0], 2),
+           "stub_efficiency_thread": round(eff["thread"], 3), "load": round(os.getloadavg()[0], 2),
            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     print(json.dumps(out))
     return 0

@@ -758,7 +758,7 @@ def crafted_pt2(ctx, d):
     return [(v[0], "marker absent; " + v[1])]
 
 
-# -- 8. determinism: view producer threads vs processes over a shard with an undecodable image
+# -- 8. determinism: views in the worker's thread vs view loader processes over a shard with an undecodable image
 
 @case("view-workers", "shards with one undecodable image: cache-teacher by default and with --view-workers 2",
       "byte-identical caches")

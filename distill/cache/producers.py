@@ -1,40 +1,49 @@
 """View producers of the cache-teacher worker: a shard's samples -> uint8 views -> teacher batches.
 
-The worker's reader thread reads the shard in order, checks each sample (excluded, label, duplicate,
-decodable) and cuts the valid ones into blocks of ``policy.mix_block`` positions (the unit of mix
-pairing). A producer takes a whole block: it decodes each image once (at the finest JPEG draft
-scale any of its epochs needs) and renders all E epoch views of the block as uint8, ``k`` epochs
-at a time (``k = max(1, batch_size // block length)``), so one *piece* = k epochs of one block.
-Each piece is finished (normalisation, random erasing, mixing) on the teacher's device: by the worker
-on a GPU, by the producer process itself on a CPU device. The teacher runs on one piece at a time, cut
-into batches of at most ``batch_size`` the same way for every piece: **a teacher batch never depends on
-the number of producers** or the order pieces arrive in, so the records are byte-identical for every N.
-Producer processes compute the block's view parameters themselves (the reader only checks, seeds and
-positions) and send them back with the block's first piece.
+The worker's reader (``ShardReader``) reads the shard in order, checks each sample (excluded, label,
+duplicate, an image header that parses) and cuts the valid ones into blocks of ``policy.mix_block``
+positions (the unit of mix pairing). The views are rendered by a ``torch.utils.data.DataLoader``
+(``ViewLoader``), the same mechanism train-student produces its views with: its dataset (``Pieces``)
+takes a task's block, decodes each image once (at the finest JPEG draft scale any of its epochs needs),
+computes the block's view parameters from its seeds, and renders the views as uint8, ``k`` epochs at a
+time (``k = max(1, batch_size // block length)``): one *piece* = k epochs of one block, the unit the
+loader hands out. Each piece is finished (normalisation, random erasing, mixing: ``augment.finish``) on
+the teacher's device: by the worker on a GPU, in the loader's worker process on a CPU device. The
+teacher runs on one piece at a time, cut into batches of at most ``batch_size`` the same way for every
+piece: **a teacher batch never depends on the number of producers**, so the records are byte-identical
+for every ``--view-workers``; the loader returns the pieces in the order it was given them.
 
-Producers are threads of the worker (``--view-workers 0``: on a CPU they take turns with the
-teacher, ``CpuGate``) or processes (``--view-workers N``). Processes are started with ``spawn``:
-a Ray actor is a multi-threaded process (its core worker runs gRPC and event-loop threads), and a
-forked child would inherit their locks in whatever state they were; a spawned child starts a clean
-interpreter, imports only this module's dependencies (torch, Pillow, numpy), never Ray, and runs with
-one torch thread whatever ``OMP_NUM_THREADS`` Ray set for the actor. The uint8 pieces travel back
-through torch's shared-memory queues (no pickled pixel copies).
+``--view-workers N``: the loader's N worker processes, started with ``spawn`` when the worker starts and
+kept for its life. A Ray actor is a multi-threaded process (its core worker runs gRPC and event-loop
+threads), and a forked child would inherit their locks in whatever state they were; a spawned child
+starts a clean interpreter, imports only this module's dependencies (torch, Pillow, numpy), never Ray,
+and runs with one torch thread whatever ``OMP_NUM_THREADS`` Ray set for the actor. The pieces come back
+through shared memory (the loader's transfer of tensors; each process writes them into a few buffers the
+worker hands back, ``Pieces``), and the blocks' image bytes go out the same way. The blocks are handed
+out by ``tasks_of`` (whole blocks; the shard's tail shared out by epoch ranges) on N *lanes*: each turn
+of a round gives every lane its task's next piece, and the loader deals its indices to its workers in
+turn, so a task stays on one process, which decodes its block once (a lane without work takes its turn
+with an empty index; were a piece dealt elsewhere, that process would decode the block for it: the
+same views, only slower). ``--view-workers 0``: the same loader with no process: pieces are rendered
+in the worker's thread, and then the teacher runs on them, in turn (on a CPU, views and the teacher's
+forward then take turns on its cores).
 
-With processes, the reader only parses each image's header and the producer decodes it, once. An
-image that does not decode there cannot be skipped any more (its position, and with it the mix
-pairing of its block, is taken): the producer reports it (``Undecodable``), the worker lets the
-blocks in flight finish, and reads the shard again with that key skipped for the very reason the
-in-process path records (the same calls raise the same error). A shard with k such images is read
-k + 1 times at most; the records and skips equal the in-process path's.
+An image whose header parses but which does not decode is found by the loader, when its position (and
+with it the mix pairing of its block) is already taken: the piece reports it (``Undecodable``), the
+pieces in flight finish, and the worker reads the shard again with that key skipped for the very reason
+a decode in the reader would give (the same calls raise the same error). A shard with k such images is
+read k + 1 times at most.
 """
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from ..data import augment, shards as shardio, views
 from ..files import error_text
@@ -44,13 +53,13 @@ FINGERPRINT_SAMPLES = 2     # samples per shard whose first/last epoch views are
 
 
 def undecodable_reason(e: BaseException) -> str:
-    """The skip reason of an image that does not decode (the reader's and the producers' alike; no address,
+    """The skip reason of an image that does not decode (the reader's and the loader's alike; no address,
     so the same shard gives the same bytes in every run, embedded or on a cluster, with any --view-workers)."""
     return f"cannot decode image: {error_text(e)}"
 
 
 class Undecodable(Exception):
-    """Images a producer process could not decode ({key: reason}): the shard is read again without them."""
+    """Images the view loader could not decode ({key: reason}): the shard is read again without them."""
 
     def __init__(self, bad: dict):
         super().__init__(f"{len(bad)} image(s) do not decode: {', '.join(bad)}")
@@ -59,7 +68,7 @@ class Undecodable(Exception):
 
 def until_decodable(attempt):
     """``attempt(undecodable)`` (one read of a shard, skipping the keys of ``undecodable`` {key: reason}),
-    repeated with the images producer processes could not decode until none is left."""
+    repeated with the images the view loader could not decode until none is left."""
     undecodable: dict[str, str] = {}
     while True:
         try:
@@ -70,30 +79,39 @@ def until_decodable(attempt):
 
 @dataclass
 class Block:
-    """One block of valid samples: their first position, labels, seeds (per epoch), view parameters
-    (per epoch) and image bytes, or (in-process) the decoded ``SourceImage``."""
+    """One block of valid samples: their first position, labels, seeds (per epoch), keys and image bytes
+    (a list of bytes, or, on its way to loader processes, (shared uint8 tensor, sizes)); ``uid``: the
+    loader's name for it (a worker keeps the block it decoded last)."""
     index: int
     start: int
     labels: list
     seeds: list
-    params: list
     keys: list = field(default_factory=list)
-    data: list = field(default_factory=list)      # encoded bytes (for producer processes)
-    srcs: list = field(default_factory=list)      # SourceImage, already decoded (in-process producers)
+    data: object = field(default_factory=list)
+    uid: int = -1
 
 
 @dataclass
 class Piece:
-    """k epochs of one block, rendered: ``pixels`` uint8 (k * n, H, W, 3), epoch-major, or, when
-    ``finished``, the views already normalised, erased and mixed: float32 (k * n, 3, H, W). ``params``:
-    the block's view parameters, on the first piece of a block whose parameters the producer computed."""
+    """k epochs of one block, rendered: ``pixels`` uint8 (k * n, H, W, 3), epoch-major, with what finishing
+    needs per row (``params``, mix ``plans``, ``partners``: rows of this piece) or, when ``finished``, the
+    views already normalised, erased and mixed: float32 (k * n, 3, H, W). ``labels`` and ``where``
+    ((position, epoch) per row) place the teacher's outputs. ``bad``: the block's images that do not
+    decode (no pixels); ``error``: the line a failed render fails the shard with."""
     block: int
     epoch0: int
-    pixels: object
-    decode_s: float = 0.0
-    finished: bool = False
+    pixels: object = None
+    labels: list | None = None
+    where: object = None
     params: list | None = None
-    slot: tuple | None = None      # (producer, buffer) of a producer process's reusable shared memory
+    plans: list | None = None
+    partners: list | None = None
+    render_s: float = 0.0
+    finished: bool = False
+    bad: dict | None = None
+    error: str | None = None
+    worker: int = -1            # the loader process whose shared buffer ``buffer`` holds the pixels
+    buffer: int = -1
 
 
 def epochs_per_piece(batch_size: int, block_len: int, epochs: int) -> int:
@@ -146,76 +164,6 @@ def tasks_of(blocks, producers: int, epochs: int, batch_size: int, min_epochs: i
         yield b, lo, hi
 
 
-def render_block(block: Block, spec: views.ViewSpec, epochs: int, size: int, k: int, guard=None, alloc=None,
-                 lo: int = 0, hi: int | None = None):
-    """Yield the block's pieces of epochs [lo, hi) (k epochs each from ``lo``, a multiple of k; the last one
-    may hold fewer). A block read without view parameters (producer processes) gets them here, all epochs'
-    (the decode scale is the finest any epoch needs, whatever the range), from its seeds and images, and
-    the first piece carries them back. ``alloc(shape, dtype)``: where the pixels go (default: a new tensor)."""
-    import torch
-    t0 = time.perf_counter()
-    srcs, computed = block.srcs, None
-    if not srcs:
-        srcs, bad = [], {}
-        if not block.params:
-            computed = block.params = [[] for _ in block.data]
-        for key, data, seeds, params in zip(block.keys, block.data, block.seeds, block.params):
-            try:          # the reader's in-process calls, in the same order: the same error and reason
-                src = augment.SourceImage(data)
-                if computed is not None:
-                    params.extend(views.params(spec, s, src) for s in seeds)
-                src.at(min(augment.draft_factor(p, size) for p in params))
-            except Exception as e:  # noqa: BLE001 - recorded as the sample's skip reason
-                bad[key] = undecodable_reason(e)
-                continue
-            srcs.append(src)
-        if bad:
-            raise Undecodable(bad)
-    decode_s = time.perf_counter() - t0
-    n = len(srcs)
-    hi = epochs if hi is None else hi
-    for e0 in range(lo, hi, k):
-        t0 = time.perf_counter()
-        es = range(e0, min(hi, e0 + k))
-        pixels = (alloc or torch.empty)((len(es) * n, size, size, 3), dtype=torch.uint8)
-        out = pixels.numpy()
-        for j, e in enumerate(es):
-            for i, src in enumerate(srcs):
-                if guard is None:
-                    img = augment.render(src, block.params[i][e], size)
-                else:
-                    with guard():
-                        img = augment.render(src, block.params[i][e], size)
-                out[j * n + i] = img.convert("RGB") if img.mode != "RGB" else img
-        yield Piece(block.index, e0, pixels, decode_s + time.perf_counter() - t0, params=computed)
-        decode_s, computed = 0.0, None
-
-
-def finish_pixels(p: Piece, b: Block, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False,
-                  out=None):
-    """The views of a rendered piece, float32 (B, 3, H, W) on ``device`` (``augment.finish``: each
-    block's views mixed with partners of the same block and epoch; ``out``: a tensor to fill)."""
-    n = len(b.labels)
-    es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
-    params, plans, partners = [], [], []
-    for j, e in enumerate(es):
-        params += [b.params[i][e] for i in range(n)]
-        block = views.block_plan(spec, [s[e] for s in b.seeds]) if spec.mixing else [None] * n
-        plans += block
-        partners += [None if pl is None else j * n + pl["partner"] for pl in block]
-    px = p.pixels.pin_memory() if pin else p.pixels
-    return augment.finish(px, params, plans, mean, std, device=device, partner_rows=partners, out=out)
-
-
-def piece_rows(p: Piece, b: Block, epochs: int):
-    """(labels, (position, epoch) rows) of a piece's views, in their order."""
-    import numpy as np
-    n = len(b.labels)
-    es = range(p.epoch0, min(epochs, p.epoch0 + p.pixels.shape[0] // n))
-    where = np.array([(b.start + i, e) for e in es for i in range(n)], dtype=np.int64).reshape(-1, 2)
-    return [b.labels[i] for _ in es for i in range(n)], where
-
-
 # ----------------------------------------------------------------------------- the reader
 
 class ShardReader:
@@ -224,13 +172,10 @@ class ShardReader:
     position order)."""
 
     def __init__(self, path, *, spec: views.ViewSpec, epochs: int, cache_seed: int, size: int, num_classes: int,
-                 exclude, decoded: bool, guard=None, undecodable: dict | None = None):
+                 exclude, undecodable: dict | None = None):
         self.path, self.spec, self.epochs, self.cache_seed, self.size = path, spec, epochs, cache_seed, size
-        self.undecodable = undecodable or {}    # {key: reason}: skipped as the in-process path would
-        # ``guard``: entered around each image's decode (a CPU teacher's gate: decoding must not run
-        # beside the teacher's forward, whose threads already hold every core)
-        self.guard = guard or contextlib.nullcontext
-        self.num_classes, self.exclude, self.decoded = num_classes, exclude, decoded
+        self.undecodable = undecodable or {}    # {key: reason}: skipped as a decode in the reader would be
+        self.num_classes, self.exclude = num_classes, exclude
         self.samples: list = []
         self.skipped: list[Skip] = []
         self.duplicates: list[str] = []
@@ -256,17 +201,12 @@ class ShardReader:
             if reason:
                 self.skipped.append(Skip(key, reason, os.path.basename(str(self.path))))
                 continue
-            if key in self.undecodable:       # a producer process found it does not decode (earlier read)
+            if key in self.undecodable:       # the view loader found it does not decode (an earlier read)
                 self.skipped.append(Skip(key, self.undecodable[key], os.path.basename(str(self.path))))
                 continue
-            try:
-                with self.guard():
-                    src = augment.SourceImage(item.data)
-                    seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
-                    params = None         # producer processes compute the parameters and decode
-                    if self.decoded:      # the finest decode any epoch needs, kept for the views
-                        params = [views.params(self.spec, s, src) for s in seeds]
-                        src.at(min(augment.draft_factor(p, self.size) for p in params))
+            try:                              # the header only: the loader decodes
+                src = augment.SourceImage(item.data)
+                seeds = [augment.derive_seed(self.cache_seed, e, key) for e in range(self.epochs)]
             except Exception as e:  # noqa: BLE001 - recorded as the sample's skip reason
                 self.skipped.append(Skip(key, undecodable_reason(e), os.path.basename(str(self.path))))
                 continue
@@ -275,13 +215,11 @@ class ShardReader:
             if pos < FINGERPRINT_SAMPLES:
                 self.first_srcs.append(src)
             if block is None:
-                block = Block(index=pos // self.spec.policy.mix_block, start=pos, labels=[], seeds=[], params=[])
+                block = Block(index=pos // self.spec.policy.mix_block, start=pos, labels=[], seeds=[])
             block.labels.append(item.label)
             block.keys.append(key)
             block.seeds.append(seeds)
-            if params is not None:
-                block.params.append(params)
-            (block.srcs if self.decoded else block.data).append(src if self.decoded else src.data)
+            block.data.append(src.data)
             if len(block.labels) == self.spec.policy.mix_block:
                 self.read_s += time.perf_counter() - t0
                 yield block
@@ -301,232 +239,238 @@ class ShardReader:
         return out
 
 
-# ----------------------------------------------------------------------------- producers
+# ----------------------------------------------------------------------------- rendering (the loader's dataset)
 
-class ThreadProducers:
-    """``threads`` producers inside the worker, taking blocks from the reader in turn."""
+def _images(b: Block) -> list:
+    if isinstance(b.data, tuple):        # (shared bytes, sizes): sent to a loader process
+        blob, sizes = b.data
+        raw = blob.numpy().tobytes()
+        ends = np.cumsum(sizes)
+        return [raw[e - s:e] for s, e in zip(sizes, ends)]
+    return b.data
 
-    def __init__(self, threads: int, gate=None):
-        self.threads, self.gate = max(1, threads), gate
 
-    def pieces(self, blocks, spec, epochs, size, batch_size):
-        """Yield every piece of ``blocks`` (any order); an error in a producer is raised here."""
-        lock, out = threading.Lock(), queue.Queue(maxsize=2 * self.threads + 2)
-        it = iter(blocks)
-        errors: list = []
+def decode_block(b: Block, spec: views.ViewSpec, size: int):
+    """(SourceImages decoded at the finest draft scale any epoch needs, view parameters per sample and
+    epoch) of a block; ``Undecodable`` names the images that do not decode. The reader's checks' calls, in
+    the same order: the same error and reason as a decode in the reader would give."""
+    srcs, params, bad = [], [], {}
+    for key, data, seeds in zip(b.keys, _images(b), b.seeds):
+        try:
+            src = augment.SourceImage(data)
+            ps = [views.params(spec, s, src) for s in seeds]
+            src.at(min(augment.draft_factor(p, size) for p in ps))
+        except Exception as e:  # noqa: BLE001 - recorded as the sample's skip reason
+            bad[key] = undecodable_reason(e)
+            continue
+        srcs.append(src)
+        params.append(ps)
+    if bad:
+        raise Undecodable(bad)
+    return srcs, params
 
-        def work():
+
+class Pieces(torch.utils.data.Dataset):
+    """The view loader's dataset: index (Block, first epoch, end epoch) -> the ``Piece`` of those epochs
+    of the block (None -> None: a lane's empty turn). The block decoded last is kept, so the pieces of a
+    task decode it once. ``finish``: (mean, std) when the teacher's device is the CPU: the views are
+    finished here (normalised, erased, mixed: the same code and bits as on the worker's device).
+
+    In a loader process the result is written straight into shared memory (else it would be copied there
+    on its way out), into one of the process's ``POOL`` buffers that came back on ``frees[worker id]``: a
+    fresh shared-memory tensor per piece would fault in every 4 KB page again (measured: ~12% of a
+    producer's time for 224 px float32 views). With none back, a new one is made (never a wait)."""
+
+    POOL = 4
+
+    def __init__(self, views_of: dict, epochs: int, size: int, finish=None, frees=None):
+        self.views_of, self.epochs, self.size, self.finish, self.frees = views_of, epochs, size, finish, frees
+        self._spec, self._held, self._pool, self._idle = None, (None, None), [], []
+
+    def __getstate__(self):
+        return dict(self.__dict__, _spec=None, _held=(None, None), _pool=[], _idle=[])
+
+    def _alloc(self, shape, dtype, p: Piece, shared: bool):
+        """A tensor for a piece's result (``shared``: in a loader process, from its pool)."""
+        if not shared:
+            return torch.empty(shape, dtype=dtype)
+        n = int(np.prod(shape)) * dtype.itemsize
+        p.worker = torch.utils.data.get_worker_info().id
+        while True:
             try:
-                while True:
-                    with lock:
-                        b = next(it, None)
-                    if b is None:
-                        break
-                    k = epochs_per_piece(batch_size, len(b.labels), epochs)
-                    for p in render_block(b, spec, epochs, size, k, self.gate.producer if self.gate else None):
-                        out.put(p)
-            except BaseException as e:  # noqa: BLE001 - surfaced by the consumer
-                errors.append(f"{type(e).__name__}: {e}")
-            finally:
-                out.put(None)
-
-        workers = [threading.Thread(target=work, daemon=True) for _ in range(self.threads)]
-        for t in workers:
-            t.start()
-        running = len(workers)
-        while running:
-            p = out.get()
-            if p is None:
-                running -= 1
-                continue
-            yield p
-        for t in workers:
-            t.join()
-        if errors:
-            raise RuntimeError(errors[0])
-
-    def release(self, p: Piece) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class Slots:
-    """A producer process's reusable shared-memory buffers (at most ``cap``): each piece is written into a
-    free one and the worker hands its number back on ``free`` once the teacher has run on it. A fresh
-    shared-memory tensor per piece would fault in every 4 KB page again (measured: ~12% of a producer's
-    time for 224 px float32 views)."""
-
-    def __init__(self, index: int, free, parent: int, cap: int = 3):
-        self.index, self.free, self.parent, self.cap = index, free, parent, cap
-        self.bufs: list = []
-        self.idle: list[int] = []
-        self.last: tuple | None = None       # (producer, buffer) of the latest ``take``
-
-    def take(self, shape, dtype):
-        import math
-
-        import torch
-        if not self.idle and len(self.bufs) < self.cap:
-            self.bufs.append(None)
-            self.idle.append(len(self.bufs) - 1)
-        while not self.idle:
-            try:
-                self.idle.append(self.free.get(timeout=1.0))
+                self._idle.append(self.frees[p.worker].get_nowait())
             except queue.Empty:
-                if os.getppid() != self.parent:
-                    raise SystemExit(0) from None
-        i = self.idle.pop()
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self.bufs[i] is None or self.bufs[i].numel() < nbytes:
-            self.bufs[i] = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-        self.last = (self.index, i)
-        return self.bufs[i][:nbytes].view(dtype).view(shape)
+                break
+        if self._idle:
+            p.buffer = self._idle.pop()
+        elif len(self._pool) < self.POOL:
+            p.buffer = len(self._pool)
+            self._pool.append(None)
+        if p.buffer < 0 or self._pool[p.buffer] is None or self._pool[p.buffer].nbytes() < n:
+            storage = torch.UntypedStorage._new_shared(n)
+            if p.buffer >= 0:
+                self._pool[p.buffer] = storage
+        else:
+            storage = self._pool[p.buffer]
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def __getitem__(self, index):
+        if index is None:
+            return None
+        b, e0, e1 = index
+        t0 = time.perf_counter()
+        try:
+            if self._spec is None:
+                self._spec = views.ViewSpec.from_manifest(self.views_of)
+            if self._held[0] != b.uid:
+                self._held = (b.uid, decode_block(b, self._spec, self.size))
+            return self._render(b, e0, e1, *self._held[1], t0)
+        except Undecodable as e:      # the worker reads the shard again without these keys
+            return Piece(b.index, e0, bad=e.bad)
+        except Exception as e:  # noqa: BLE001 - the worker fails the shard with this line
+            return Piece(b.index, e0, error=f"{type(e).__name__}: {e}")
+
+    def _render(self, b: Block, e0: int, e1: int, srcs: list, params: list, t0: float) -> Piece:
+        spec, size, n = self._spec, self.size, len(srcs)
+        es = range(e0, e1)
+        shared = torch.utils.data.get_worker_info() is not None
+        p = Piece(b.index, e0)
+        pixels = self._alloc((len(es) * n, size, size, 3), torch.uint8, p, shared and self.finish is None)
+        out = pixels.numpy()
+        rows, plans, partners = [], [], []
+        for j, e in enumerate(es):
+            for i, src in enumerate(srcs):
+                img = augment.render(src, params[i][e], size)
+                out[j * n + i] = img.convert("RGB") if img.mode != "RGB" else img
+            rows += [params[i][e] for i in range(n)]
+            block = views.block_plan(spec, [s[e] for s in b.seeds]) if spec.mixing else [None] * n
+            plans += block
+            partners += [None if pl is None else j * n + pl["partner"] for pl in block]
+        where = np.array([(b.start + i, e) for e in es for i in range(n)], dtype=np.int64).reshape(-1, 2)
+        p.pixels, p.labels, p.where = pixels, [b.labels[i] for _ in es for i in range(n)], where
+        p.params, p.plans, p.partners = rows, plans, partners
+        if self.finish is not None:
+            x = self._alloc((len(where), 3, size, size), torch.float32, p, shared)
+            p.pixels = augment.finish(pixels, rows, plans, *self.finish, device=torch.device("cpu"),
+                                      partner_rows=partners, out=x)
+            p.finished, p.params, p.plans, p.partners = True, None, None, None
+        p.render_s = time.perf_counter() - t0
+        return p
 
 
-def _process_main(tasks, results, free, index: int, spec_of: dict, epochs: int, size: int, batch_size: int,
-                  parent: int, finish=None) -> None:
-    """A producer process: tasks (block, lo, hi) from ``tasks`` -> pieces on ``results``; ``None`` ends
-    it, and so does the end of its parent (a worker killed by Ray leaves no producer behind). ``finish``:
-    (mean, std) when the teacher's device is the CPU: the views are finished here (normalised, erased,
-    mixed: the same code and bits as on the worker), in parallel, instead of in the worker. The pieces'
-    pixels live in ``Slots`` the worker hands back on ``free``."""
-    import torch
+def finish_piece(p: Piece, mean, std, device, pin: bool = False):
+    """The views of a piece, float32 (B, 3, H, W) on ``device`` (``augment.finish``: each block's views mixed
+    with partners of the same block and epoch), unless the loader finished them already."""
+    if p.finished:
+        return p.pixels.to(device)
+    px = p.pixels.pin_memory() if pin else p.pixels
+    return augment.finish(px, p.params, p.plans, mean, std, device=device, partner_rows=p.partners)
 
+
+# ----------------------------------------------------------------------------- the loader
+
+def _init_worker(_) -> None:
     from ..memory import keep_heap
     torch.set_num_threads(1)
     keep_heap()          # a view's images and buffers are reused from the heap instead of faulted in afresh
-    spec = views.ViewSpec.from_manifest(spec_of)
-    slots = Slots(index, free, parent)
-    results.put(("ready", os.getpid()))
-
-    def put(item) -> None:
-        while True:
-            try:
-                results.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                if os.getppid() != parent:
-                    raise SystemExit(0) from None
-
-    while True:
-        try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return
-            continue
-        if task is None:
-            return
-        b, lo, hi = task
-        try:
-            k = epochs_per_piece(batch_size, len(b.labels), epochs)
-            for p in render_block(b, spec, epochs, size, k, alloc=slots.take if finish is None else None,
-                                  lo=lo, hi=hi):
-                if finish is not None:
-                    x = slots.take((p.pixels.shape[0], 3, size, size), torch.float32)
-                    p.pixels = finish_pixels(p, b, spec, epochs, *finish, torch.device("cpu"), out=x)
-                    p.finished = True
-                p.slot = slots.last
-                put(("piece", p))
-        except Undecodable as e:    # the worker reads the shard again without these keys
-            put(("bad", e.bad))
-        except BaseException as e:  # noqa: BLE001 - the worker fails the shard with this line
-            put(("error", f"{type(e).__name__}: {e}"))
-        put(("done", b.index))
 
 
-class ProcessProducers:
-    """``n`` spawned producer processes, kept for the worker's life (their start, ~torch's import, is paid
-    once); blocks go out on a bounded queue, pieces come back on another."""
+def _as_is(x):
+    return x
 
-    def __init__(self, n: int, spec_of: dict, epochs: int, size: int, batch_size: int, finish=None):
-        import torch.multiprocessing as mp
-        ctx = mp.get_context("spawn")
-        self.n, self.spec_of, self.finish = n, spec_of, finish
-        self.tasks = ctx.Queue(maxsize=n)        # and n + 1 blocks read ahead by ``tasks_of``
-        self.results = ctx.Queue(maxsize=4 * n)
-        self.frees = [ctx.Queue() for _ in range(n)]       # buffers handed back to each producer
-        self.procs = [ctx.Process(target=_process_main, args=(self.tasks, self.results, self.frees[i], i, spec_of,
-                                                              epochs, size, batch_size, os.getpid(), finish),
-                                  daemon=True, name=f"distill-views-{i}") for i in range(n)]
-        for p in self.procs:
-            p.start()
-        # wait until every producer has imported what it needs (torch, Pillow): their start-up belongs to
-        # the worker's start, not to its first shard
-        ready = 0
-        deadline = time.monotonic() + 300
-        while ready < n:
-            try:
-                kind, _ = self.results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p.name for p in self.procs if not p.is_alive()]
-                if dead or time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError(f"view producer process {dead[0] if dead else ''} did not start")
+
+class _Source:
+    """The loader's sampler: each iteration takes the indices it is given (one shard's pieces)."""
+
+    def __init__(self):
+        self.indices = iter(())
+
+    def __iter__(self):
+        return self.indices
+
+
+class ViewLoader:
+    """The worker's view producers: a ``DataLoader`` over ``Pieces`` with ``workers`` spawned processes
+    (started here and kept: their start, ~torch's import, is paid once) or none (``workers=0``: pieces are
+    rendered in the caller's thread when it asks for them)."""
+
+    def __init__(self, workers: int, views_of: dict, epochs: int, size: int, batch_size: int, finish=None):
+        self.workers, self.epochs, self.batch_size = workers, epochs, batch_size
+        self.source, self._uid = _Source(), itertools.count()
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.frees = [ctx.Queue() for _ in range(workers)]      # buffers handed back to each process
+        more = (dict(multiprocessing_context=ctx, persistent_workers=True, worker_init_fn=_init_worker,
+                     prefetch_factor=2) if workers else {})
+        self.loader = torch.utils.data.DataLoader(Pieces(views_of, epochs, size, finish, self.frees), batch_size=None,
+                                                  sampler=self.source, num_workers=workers, collate_fn=_as_is,
+                                                  generator=torch.Generator(), **more)
+        if workers:      # start the processes now (their start belongs to the worker's, not to its first shard)
+            self.source.indices = iter([None] * workers)
+            for _ in self.loader:
+                pass
+
+    def pieces(self, blocks, cut: bool = True):
+        """Yield every piece of ``blocks``, in the order handed out (``tasks_of``; ``cut=False``: whole blocks
+        only, the benchmark's baseline). A piece's memory is reused once the next one is asked for. Images
+        that do not decode stop the handing out; once the pieces in flight are back, they are raised together
+        (``Undecodable``) for the caller to read the shard again without them."""
+        stop: list = []
+        lanes = max(1, self.workers)
+        self.source.indices = self._feed(blocks, lanes, lanes if cut else 1, stop)
+        bad: dict = {}
+        for p in self.loader:
+            if p is None:
                 continue
-            ready += kind == "ready"
-
-    def pieces(self, blocks, spec, epochs, size, batch_size, cut: bool = True):
-        """Yield every piece of ``blocks``: a feeder thread hands them out (``tasks_of``; ``cut=False``: whole
-        blocks only, the benchmark's baseline), this generator collects. A
-        piece's pixels stay in its producer's shared memory: hand them back with ``release`` after use.
-        Images a producer could not decode stop the feeding; once the blocks in flight are done, they
-        are raised together (``Undecodable``) for the caller to read the shard again without them."""
-        sent, state, bad = [0], {"fed": False, "error": None}, {}
-
-        def feed():
-            try:
-                for task in tasks_of(blocks, self.n if cut else 1, epochs, batch_size):
-                    if bad or state["error"]:
-                        break
-                    self.tasks.put(task)
-                    sent[0] += 1
-            except BaseException as e:  # noqa: BLE001 - a read error of the reader: surfaced below
-                state["error"] = f"{type(e).__name__}: {e}"
-            state["fed"] = True
-
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
-        done = 0
-        while not (state["fed"] and done == sent[0]):
-            try:
-                kind, value = self.results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p.name for p in self.procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"view producer process {dead[0]} died") from None
-                continue
-            if kind == "piece":
-                if bad:              # after a bad image the shard is read again: its pieces are dropped
-                    self.release(value)
-                else:
-                    yield value
-            elif kind == "done":
-                done += 1
-            elif kind == "bad":
-                bad.update(value)
-            else:
-                state["error"] = state["error"] or value
-        feeder.join()
-        if state["error"]:
-            raise RuntimeError(state["error"])
+            if p.error:
+                raise RuntimeError(p.error)
+            if p.bad:
+                bad.update(p.bad)
+                stop.append(True)
+            elif not bad:           # after a bad image the shard is read again: its pieces are dropped
+                yield p
+            if p.buffer >= 0:       # the caller is done with it
+                self.frees[p.worker].put(p.buffer)
         if bad:
             raise Undecodable(bad)
 
-    def release(self, p: Piece) -> None:
-        """The worker is done with a piece's pixels: its producer may write the next piece there."""
-        if p.slot is not None:
-            self.frees[p.slot[0]].put(p.slot[1])
+    def _feed(self, blocks, lanes: int, planners: int, stop: list):
+        """The loader's indices: each lane's task's pieces (Block, e0, e1), one a turn, lane w's at turns
+        w, w + lanes, ...: the loader deals them to its workers in that order, so a task stays on one."""
+        tasks = tasks_of((self._share(b) for b in blocks), planners, self.epochs, self.batch_size)
+        lane, more = [iter(())] * lanes, True
+        try:
+            while not stop:
+                turn = []
+                for w in range(lanes):
+                    idx = next(lane[w], None)
+                    while idx is None and more:
+                        t = next(tasks, None)
+                        more = t is not None
+                        if more:
+                            lane[w] = self._task(*t)
+                            idx = next(lane[w], None)
+                    turn.append(idx)
+                if all(i is None for i in turn):
+                    return
+                for idx in turn:
+                    if stop:
+                        return
+                    yield idx
+        except Exception as e:      # a read error of the reader: the worker fails the shard with it
+            raise RuntimeError(f"{type(e).__name__}: {e}") from e
+
+    def _task(self, b: Block, lo: int, hi: int):
+        k = epochs_per_piece(self.batch_size, len(b.labels), self.epochs)
+        return ((b, e0, min(hi, e0 + k)) for e0 in range(lo, hi, k))
+
+    def _share(self, b: Block) -> Block:
+        b.uid = next(self._uid)
+        if self.workers:          # the image bytes go out once per block, in shared memory
+            b.data = (torch.frombuffer(bytearray(b"".join(b.data)), dtype=torch.uint8).share_memory_(),
+                      [len(d) for d in b.data])
+        return b
 
     def close(self) -> None:
-        for _ in self.procs:
-            try:
-                self.tasks.put(None, timeout=1.0)
-            except Exception:  # noqa: BLE001 - best effort; daemon processes die with the worker
-                pass
-        for p in self.procs:
-            p.join(timeout=5.0)
-            if p.is_alive():
-                p.terminate()
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()

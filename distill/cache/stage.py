@@ -226,10 +226,9 @@ class Placement:
     device: str
     workers: int
     threads: int
-    decode: int
     num_cpus: float
     num_gpus: float
-    view_workers: int = 0       # view producer processes per worker (0: producer threads in the worker)
+    view_workers: int = 0       # view loader processes per worker (0: views rendered in the worker's thread)
 
 
 def _placement(cfg: CacheConfig, res: dict) -> Placement:
@@ -238,18 +237,15 @@ def _placement(cfg: CacheConfig, res: dict) -> Placement:
     if d == "cuda" or d.startswith("cuda:") or (d == "auto" and res.get("GPU", 0) > 0):
         workers = cfg.workers or max(1, int(res.get("GPU", 1)))
         per_gpu = int(res.get("CPU", 1)) // workers
-        decode = cfg.decode_threads or max(1, min(16, per_gpu - 1))
-        # view producer processes: the node's cores per GPU - 1 (one core drives the GPU and finishes views)
+        # view loader processes: the node's cores per GPU - 1 (one core drives the GPU and finishes views)
         procs = cfg.view_workers if cfg.view_workers >= 0 else max(0, min(16, per_gpu - 1))
-        return Placement("cuda", workers, cfg.threads or 0, decode, min(max(decode, procs), max(per_gpu, 1)), 1,
-                         procs)
+        return Placement("cuda", workers, cfg.threads or 0, min(max(1, procs), max(per_gpu, 1)), 1, procs)
     cpus = int(res.get("CPU", os.cpu_count() or 1))
     workers = cfg.workers or 1
     threads = cfg.threads or max(1, cpus // workers)
-    # views and the teacher take turns on the worker's cores (CpuGate), unless --view-workers N asks for
-    # N producer processes beside the teacher
-    return Placement("cpu", workers, threads, cfg.decode_threads or threads, min(threads, cpus), 0,
-                     max(0, cfg.view_workers))
+    # views and the teacher take turns on the worker's cores (rendered in its thread), unless
+    # --view-workers N asks for N view loader processes beside the teacher
+    return Placement("cpu", workers, threads, min(threads, cpus), 0, max(0, cfg.view_workers))
 
 
 def _tasks(out: Path, plan: Plan) -> tuple[dict, list, list[str]]:
@@ -312,8 +308,7 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
                 views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
                 cache_seed=cfg.seed, input_size=t["input_size"], mean=tuple(t["mean"]), std=tuple(t["std"]),
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
-                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, decode_threads=place.decode,
-                view_workers=place.view_workers)
+                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, view_workers=place.view_workers)
     if not tasks:
         note(f"{label}: all {len(plan.names)} shard(s) reused from an earlier run: nothing to compute", cfg.quiet)
     hints = {t_["name"]: _count_hint(plan.index, t_["name"]) * cfg.epochs for t_ in tasks}

@@ -1,18 +1,16 @@
 """The cache-teacher worker: one Ray actor per teacher replica; ``CacheWorker.run(task)`` turns one
 input shard into its Arrow file (all E epochs of views, top-K per view).
 
-Per shard every image is decoded once (per JPEG draft scale) and all E epoch views are cut from it
-by view producers (``producers.py``: threads of the worker, or ``--view-workers`` processes) while
-the teacher runs on the previous piece (on a CPU teacher, producer threads take turns, ``CpuGate``).
-Each teacher batch is one piece (k epochs of one block), so the records do not depend on the number of
-producers.
+Per shard every image is decoded once (per JPEG draft scale) and all E epoch views are cut from it by
+the view loader (``producers.py``: a ``torch.utils.data.DataLoader`` with ``--view-workers`` spawned
+processes, or none: then the views are rendered in the worker's thread, and the teacher runs after them)
+while the teacher runs on the previous piece. Each piece (k epochs of one block) goes to the teacher in
+batches cut the same way whatever the number of producers, so the records do not depend on it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import threading
 import time
 
 import numpy as np
@@ -22,53 +20,11 @@ from ..data import views
 from ..files import UserError
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
 from ..memory import keep_heap
-from .producers import (Block, ProcessProducers, ShardReader, ThreadProducers, Undecodable, finish_pixels,
-                        piece_rows, until_decodable)
+from .producers import ShardReader, Undecodable, ViewLoader, finish_piece, until_decodable
 
 
 
 # ----------------------------------------------------------------------------- the worker (runs in a Ray actor)
-
-class CpuGate:
-    """On a CPU teacher, views and the teacher's forward take turns instead of overlapping.
-
-    The teacher's intra-op threads already use every core of the worker; a producer thread running at
-    the same time preempts one of them and the others wait at the next barrier, so overlap loses more
-    than it gains. Producers hold the gate in shared mode around each view; the teacher holds it
-    exclusively (and is preferred) for each forward. On GPU there is no gate: views overlap the GPU."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._producers = 0
-        self._teacher = self._teacher_waiting = False
-
-    @contextlib.contextmanager
-    def producer(self):
-        with self._cond:
-            while self._teacher or self._teacher_waiting:
-                self._cond.wait()
-            self._producers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._producers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def teacher(self):
-        with self._cond:
-            self._teacher_waiting = True
-            while self._producers:
-                self._cond.wait()
-            self._teacher, self._teacher_waiting = True, False
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._teacher = False
-                self._cond.notify_all()
-
 
 class Records:
     """The teacher's results of one shard in arrays indexed by (sample, epoch), grown as samples arrive:
@@ -113,7 +69,7 @@ class CacheWorker:
 
     def __init__(self, *, specs, device, threads, temperature, views_of: dict, epochs, cache_seed, input_size, mean,
                  std, batch_size, topk, num_classes, prob_dtype, precision="fp32", expect=None, exclude=(),
-                 decode_threads=1, view_workers=0, progress=None, outputs="logits"):
+                 view_workers=0, progress=None, outputs="logits"):
         import torch
         from .. import teachers
         if threads:
@@ -128,11 +84,10 @@ class CacheWorker:
         self.mean, self.std, self.batch_size, self.topk = tuple(mean), tuple(std), batch_size, topk
         self.num_classes, self.prob_dtype, self.progress = num_classes, prob_dtype, progress
         self.exclude = frozenset(exclude)
-        self.decode_threads = decode_threads
-        # on a CPU device the producers finish the views too (in parallel, not in this process)
-        self.finish = (self.mean, self.std) if self.device.type == "cpu" else None
-        self.producers = (ProcessProducers(view_workers, views_of, epochs, input_size, batch_size, self.finish)
-                          if view_workers > 0 else None)
+        # on a CPU device the loader finishes the views too (with view workers: in parallel, not in this process)
+        finish = (self.mean, self.std) if self.device.type == "cpu" else None
+        self._loader = lambda: ViewLoader(view_workers, views_of, epochs, input_size, batch_size, finish)
+        self.views = self._loader()
         # on a GPU, warm up at the real batch shape: TorchScript's profiling executor (and cuDNN's autotuner)
         # spend their first calls optimising, which would otherwise land in the first shard
         if self.ens.warmup_needed:
@@ -146,7 +101,7 @@ class CacheWorker:
     def run(self, task: dict) -> dict:
         engine.maybe_inject_fault()
         t_start = time.perf_counter()
-        # images producer processes could not decode: the shard is read again without them
+        # images the view loader could not decode: the shard is read again without them
         reader, got, timing = until_decodable(lambda undecodable: self._read(task["path"], undecodable))
         table, entry = self._assemble(task, reader, got)
         return {"name": task["name"], "data": ipc_bytes(table), "entry": entry,
@@ -154,31 +109,24 @@ class CacheWorker:
 
     def _read(self, path: str, undecodable: dict):
         """One pass over the shard: (reader, records, timing); ``undecodable``: keys skipped with their reason."""
-        gate = CpuGate() if self.device.type == "cpu" and self.producers is None and not self.ens.off_cpu else None
         reader = ShardReader(path, spec=self.spec, epochs=self.epochs, cache_seed=self.cache_seed, size=self.size,
-                             num_classes=self.num_classes, exclude=self.exclude, decoded=self.producers is None,
-                             guard=gate.producer if gate else None, undecodable=undecodable)
-        blocks: dict[int, Block] = {}
-        prod = self.producers or ThreadProducers(self.decode_threads, gate)
+                             num_classes=self.num_classes, exclude=self.exclude, undecodable=undecodable)
         try:
-            pieces = prod.pieces(kept(reader.blocks(), blocks), self.spec, self.epochs, self.size, self.batch_size)
-            got, timing = self._consume(pieces, blocks, gate, prod.release, reader.samples)
+            got, timing = self._consume(self.views.pieces(reader.blocks()), reader.samples)
         except Undecodable:
             raise
         except Exception as e:
-            if self.producers is not None:    # producers may hold this shard's pieces: start them afresh
-                self.producers.close()
-                self.producers = ProcessProducers(self.producers.n, self.producers.spec_of, self.epochs,
-                                                  self.size, self.batch_size, self.finish)
+            self.views.close()        # the loader may hold this shard's pieces: start it afresh
+            self.views = self._loader()
             if isinstance(e, UserError):      # not retried: the teacher's outputs are refused (engine)
                 raise UserError(f"{os.path.basename(path)}: {e}") from e
             raise RuntimeError(f"{os.path.basename(path)}: {type(e).__name__}: {e}") from e
         return reader, got, timing
 
-    def _consume(self, pieces, blocks: dict, gate: CpuGate | None, release, samples) -> tuple["Records", dict]:
+    def _consume(self, pieces, samples) -> tuple["Records", dict]:
         """Finish every piece (normalise, erase, mix, on the teacher's device) and run the teacher on it;
-        results land in arrays by (sample, epoch); ``release(piece)`` once the teacher is done with it.
-        ``samples``: the reader's (key, ...) per position, to name the samples a teacher output NaN for."""
+        results land in arrays by (sample, epoch). ``samples``: the reader's (key, ...) per position, to
+        name the samples a teacher output NaN for."""
         import torch
         from .. import teachers
         got = Records(self.epochs, self.topk)
@@ -186,21 +134,19 @@ class CacheWorker:
         pin = self.device.type == "cuda"
         try:
             for p in pieces:
-                render_s += p.decode_s
-                x, labels, where = take_piece(p, blocks, self.spec, self.epochs, self.mean, self.std, self.device, pin)
+                render_s += p.render_s
+                x, where = finish_piece(p, self.mean, self.std, self.device, pin), p.where
                 t0 = time.perf_counter()
                 first_at = t0 if first_at is None else first_at
-                labels = torch.as_tensor(labels)
+                labels = torch.as_tensor(p.labels)
                 # a piece larger than --batch-size (a block longer than the batch) goes to the teacher in
                 # batches of at most --batch-size, cut the same way for any number of producers
                 for lo in range(0, len(x), self.batch_size):
                     hi = lo + self.batch_size
-                    with gate.teacher() if gate else contextlib.nullcontext():
-                        i, v, lp = teachers.topk(self._teacher(x[lo:hi], where[lo:hi], samples), self.topk,
-                                                 labels[lo:hi])
+                    i, v, lp = teachers.topk(self._teacher(x[lo:hi], where[lo:hi], samples), self.topk,
+                                             labels[lo:hi])
                     got.put(where[lo:hi], i.numpy(), v.numpy(), lp.numpy())
-                del x
-                release(p)
+                del x, p
                 teacher_s += time.perf_counter() - t0
                 done += len(where)
                 last_at = time.perf_counter()
@@ -226,8 +172,7 @@ class CacheWorker:
                             "written") from None
 
     def close(self) -> None:
-        if self.producers is not None:
-            self.producers.close()
+        self.views.close()
 
     def _assemble(self, task: dict, prod: ShardReader, got: "Records"):
         """The shard's Arrow table and its manifest entry (counts, skips, errors, fingerprints, agreement)."""
@@ -250,20 +195,3 @@ class CacheWorker:
         meta = {**table.schema.metadata, ARROW_ENTRY_KEY: json.dumps(entry).encode(),
                 ARROW_RUN_ID_KEY: task["run_id"].encode()}
         return table.replace_schema_metadata(meta), entry
-
-
-def take_piece(p, blocks: dict, spec: views.ViewSpec, epochs: int, mean, std, device, pin: bool = False):
-    """(views (B, 3, H, W) float32 on ``device``, labels, (position, epoch) rows) of a piece, finished here
-    unless its producer finished it; a block's parameters computed by its producer arrive with its first piece."""
-    b = blocks[p.block]
-    if p.params is not None:
-        b.params = p.params
-    x = p.pixels.to(device) if p.finished else finish_pixels(p, b, spec, epochs, mean, std, device, pin)
-    return (x, *piece_rows(p, b, epochs))
-
-
-def kept(it, blocks: dict):
-    """Pass the reader's blocks on, keeping each one's labels, seeds and parameters in ``blocks`` for finishing."""
-    for b in it:
-        blocks[b.index] = Block(b.index, b.start, b.labels, b.seeds, b.params)
-        yield b
