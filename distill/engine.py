@@ -35,7 +35,6 @@ from typing import Any, Callable
 from .files import UserError
 
 ERRORS_LOG = ".distill.errors.log"     # in a stage's output directory: full tracebacks of worker errors
-FAULT_ENV = "DISTILL_FAULT_KILL_ONCE"   # test hook: path of a marker file; the first run() that finds it absent creates it and kills its own process
 
 
 @dataclass
@@ -116,15 +115,6 @@ def cluster_resources() -> dict:
     return ray.cluster_resources()
 
 
-def maybe_inject_fault() -> None:
-    """Kill this worker process once, when the test hook asks for it (real process death)."""
-    marker = os.environ.get(FAULT_ENV)
-    if marker and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(1)
-
-
 class Progress:
     """A Ray actor that counts items done across workers; the driver polls it."""
 
@@ -151,9 +141,9 @@ def run_pool(worker_cls, init_kwargs: dict, tasks: list[dict], *, workers: int, 
     import ray
 
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
-    hooks = {k: v for k, v in os.environ.items() if k.startswith("DISTILL_FAULT_")}
-    if hooks:                       # test hooks (this one, shards.READ_FAULT_ENV) travel to the workers
-        opts["runtime_env"] = {"env_vars": hooks}
+    faults = {k: v for k, v in os.environ.items() if k.startswith("DISTILL_FAULT_")}
+    if faults:                      # test hooks (distill.hooks) travel to the workers
+        opts["runtime_env"] = {"env_vars": faults}
     # the progress counter (an actor the workers add to) only when something shows progress
     counter = (ray.remote(num_cpus=0, scheduling_strategy=_on_this_node())(Progress).remote()
                if on_progress is not None else None)

@@ -12,12 +12,13 @@ import io
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from . import hooks
 
 
 class UserError(Exception):
@@ -109,25 +110,6 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
 
 
-# Test hook: "NAME:N" SIGKILLs this process right after its Nth atomic write of a file named NAME has
-# been renamed into place; "NAME:N:before" right before that rename (the complete temporary file is left).
-KILL_AT_ENV = "DISTILL_FAULT_KILL_AT"
-_atomic_writes: dict[str, int] = {}
-
-
-def _maybe_kill(name: str, before: bool) -> None:
-    """The ``KILL_AT_ENV`` test hook: a real, unannounced death of this process (SIGKILL to itself)."""
-    spec = os.environ.get(KILL_AT_ENV)
-    if not spec:
-        return
-    want, n, *when = spec.split(":")
-    if want != name or before != (when == ["before"]):
-        return
-    _atomic_writes[name] = _atomic_writes.get(name, 0) + 1
-    if _atomic_writes[name] == int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike):
     """An open binary file under a temporary name in the same directory; on a clean exit it is fsynced
@@ -142,9 +124,11 @@ def atomic_writer(path: str | os.PathLike):
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            _maybe_kill(path.name, before=True)
+            if hooks.ACTIVE:
+                hooks.fire("atomic-write", name=path.name, before=True)
             os.replace(tmp, path)
-            _maybe_kill(path.name, before=False)
+            if hooks.ACTIVE:
+                hooks.fire("atomic-write", name=path.name, before=False)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -17,7 +17,7 @@ import pytest
 from conftest import DEMO_POLICY, DEMO_TEACHER, REPO, cache_config, demo_head, demo_subset, image_bytes, write_tar
 from distill.data import augment
 from distill.cache import cache_teacher, verify_cache
-from distill.engine import FAULT_ENV
+from distill.hooks import KILL_ONCE_ENV as FAULT_ENV
 from distill.format import ARROW_ENTRY_KEY, MANIFEST_NAME, CacheFile, ShardIndex
 from distill.files import FormatError, UserError
 from distill.cache.reader import dense_target, open_cache

@@ -167,7 +167,7 @@ def test_a_transient_read_error_marks_the_shard_incomplete_and_a_rerun_redoes_it
     records the error, the run fails and writes no manifest; the rerun redoes that shard and only that one."""
     from conftest import DEMO_POLICY, cache_config, demo_head
     from distill.cache import cache_teacher
-    from distill.data.shards import READ_FAULT_ENV
+    from distill.hooks import READ_ONCE_ENV as READ_FAULT_ENV
     shards = demo_head(tmp_path, 64, ["train-000000.tar", "train-000001.tar"])
     out = tmp_path / "cache"
     monkeypatch.setenv(READ_FAULT_ENV, str(tmp_path / "read-fault"))

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import DEMO_DIR, REPO, demo_head, nan_checkpoint, one_line_error, run_group
-from distill.files import KILL_AT_ENV, UserError
-from distill.hooks import KILL_AT_STEP_ENV
+from distill.files import UserError
+from distill.hooks import KILL_AT_ENV, KILL_AT_STEP_ENV
 from test_train import _assert_same_weights
 
 EPOCHS = 2

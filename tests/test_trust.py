@@ -245,7 +245,7 @@ def test_a_failed_rerun_keeps_the_old_manifest(built, tmp_path):
     cache = _copy_cache(tmp / "cache", tmp_path / "cache")
     before = (cache / MANIFEST_NAME).read_bytes()
     (cache / "train-000001.arrow").unlink()            # one shard to redo; its worker dies every time
-    from distill.engine import FAULT_ENV
+    from distill.hooks import KILL_ONCE_ENV as FAULT_ENV
     marker = tmp_path / "never"
     os.environ[FAULT_ENV] = str(marker)
     try:                                                # the fault hook travels to the workers (engine.run_pool)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .. import engine
+from .. import hooks
 from ..data import views
 from ..files import UserError
 from ..format import ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, FINGERPRINTS_KEY, SHARD_SKIP_KEY, encode_cache_shard, ipc_bytes
@@ -99,7 +99,8 @@ class CacheWorker:
         return self.ens.output_width(self.size)
 
     def run(self, task: dict) -> dict:
-        engine.maybe_inject_fault()
+        if hooks.ACTIVE:
+            hooks.fire("shard-task")
         t_start = time.perf_counter()
         # images the view loader could not decode: the shard is read again without them
         reader, got, timing = until_decodable(lambda undecodable: self._read(task["path"], undecodable))

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
+from .. import hooks
 from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
                       SHARD_INDEX_FORMAT,                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
                       encode_label, sanitize_key, shard_name)
@@ -145,18 +146,6 @@ def _open_shard(path: Path):
         raise UserError(f"shard not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot open shard {path}: {e.strerror or e}") from None
-
-
-READ_FAULT_ENV = "DISTILL_FAULT_READ_ONCE"   # test hook: a marker path; the first read that finds it absent creates it and fails
-
-
-def _maybe_read_fault() -> None:
-    """A transient read error once, when the test hook asks for it (after the first member of a shard)."""
-    marker = os.environ.get(READ_FAULT_ENV)
-    if marker and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        raise OSError(5, "Input/output error (injected by DISTILL_FAULT_READ_ONCE)")
 
 
 def read_samples(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Sample]:
@@ -298,7 +287,8 @@ def _members(f) -> Iterator[tuple[str, bytes] | Skip | _Damage]:
             data = tar.extractfile(info).read()
             read += 1
             yield info.name, data
-            _maybe_read_fault()
+            if hooks.ACTIVE:
+                hooks.fire("shard-read")
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
         yield _Damage(f"truncated tar: {e} (after {read} members)")
         return

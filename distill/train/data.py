@@ -242,7 +242,7 @@ class DistillDataset(IterableDataset):
             if not batch:
                 return
             if hooks.ACTIVE:
-                hooks.fire("train-batch", rank=self.rank, batch=made)
+                hooks.fire("train-batch", rank=self.rank, batch=made, error=UserError)
             out = collate(batch, stats)
             out["worker"] = worker
             yield out
