@@ -90,19 +90,9 @@ def inputs(root: Path) -> None:
     (root / "filter" / FILTER_SUMMARY_NAME).write_text(json.dumps(
         {"format": FILTER_FORMAT, "version": FILTER_VERSION, "samples": len(keys), "dropped": len(EXCLUDED)}))
     import torch
-    from torch import nn
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.fc = nn.Linear(8, 10)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(Tiny().eval()), str(root / "teacher.pt"))
+    sys.path.insert(0, str(OUT.parents[1]))            # tests/: the suite's tiny teacher (seed 0, 10 classes)
+    from helpers.tiny_teacher import build
+    torch.jit.save(torch.jit.script(build().eval()), str(root / "teacher.pt"))
     (root / "policy.json").write_text(json.dumps(POLICY, indent=1) + "\n")
     (root / "config.json").write_text(json.dumps(CONFIG, indent=1) + "\n")
 
