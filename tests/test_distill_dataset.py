@@ -208,6 +208,17 @@ def test_resume_point_of_another_epoch_is_ignored_and_seed_checked(made):
         next(iter(other))
 
 
+def test_resume_point_of_other_data_is_refused(made):
+    """A resume point names the epoch's sample count: loaded into a dataset with another (here one key
+    excluded) it is refused in one line, not resumed into the wrong samples."""
+    _, _, state = _ranks(made, 1, 1, 0, stop=2)
+    key = distill.open_cache(made[1]).keys()[0]
+    dl = distill.DistillLoader(_ds(made, exclude=[key]))
+    dl.load_state_dict(state)
+    with pytest.raises(UserError, match="not the same data"):
+        next(iter(dl))
+
+
 DDP = """
 import json, sys, torch
 torch.set_num_threads(1)

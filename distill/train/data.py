@@ -161,8 +161,8 @@ class DistillDataset(IterableDataset):
         super().__init__()
         if finish not in FINISH:
             raise UserError(f"finish must be one of {', '.join(FINISH)}, got {finish!r}")
-        if not batch_size >= 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if not batch_size >= 1 or not image_size >= 1:
+            raise UserError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
         refs, cache, spec, num_classes, exclude = dataset_inputs(shards, cache, exclude, policy, image_size,
                                                                  num_classes, spec)
         if rank is None or world is None:
@@ -223,8 +223,9 @@ class DistillDataset(IterableDataset):
         loader of ``workers`` workers (``order.plan_levels``; a resume point of another epoch is ignored)."""
         point = self.resume_point
         point = ResumePoint.from_dict(point) if point is not None and int(point["epoch"]) == self.epoch else None
-        if point is not None and point.seed != self.seed:
-            raise UserError(f"the resume point is of a run with seed {point.seed}, this dataset's is {self.seed}")
+        if point is not None and (point.seed, point.samples) != (self.seed, self.samples):
+            raise UserError(f"the resume point is of a dataset of {point.samples} samples per epoch and seed "
+                            f"{point.seed}; this one has {self.samples} and seed {self.seed}: not the same data")
         return plan_levels(point, Split(self.world, max(1, workers), self.batch_size, self.drop_last), self.samples)
 
     def __iter__(self) -> Iterator[dict]:
@@ -533,7 +534,7 @@ class DistillLoader(torch.utils.data.DataLoader):
         epoch, history, split, taken, turn = self._point
         cur = {"world": split.world, "workers": split.workers, "batch_size": split.batch_size,
                "drop_last": split.drop_last, "taken": list(taken), "next": turn[0]}
-        return ResumePoint(epoch, ds.seed, tuple(history) + (cur,)).to_dict()
+        return ResumePoint(epoch, ds.seed, ds.samples, tuple(history) + (cur,)).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Go on from ``state`` (a ``state_dict()``): sets the dataset's epoch; the next iteration

@@ -542,7 +542,7 @@ def _train_epoch(s: _Session, train_loader: DistillLoader, epoch: int) -> tuple[
     n, taken, micro, lr = 0, 0, 0, s.lr(epoch, 0)
     if part is not None:
         train_loader.load_state_dict(part["loader"])
-        mine = part["sums"][d.rank]
+        mine = _my_sums(part["sums"], d)
         loss_sum += mine["loss"]
         part_sums = {k: torch.tensor(v, dtype=torch.float64, device=d.device) for k, v in mine["parts"].items()}
         n, taken = int(mine["n"]), int(part["taken"])
@@ -585,7 +585,7 @@ def _train_epoch(s: _Session, train_loader: DistillLoader, epoch: int) -> tuple[
             _step(s)
             taken, micro = taken + 1, 0
             if every and taken % every == 0 and taken < s.steps_per_epoch:
-                _save_partial(s, train_loader, epoch, taken, loss_sum, n, part_sums, watch)
+                _save_partial(s, train_loader, epoch, taken, loss_sum, n, part_sums, check)
                 ck.seed_epoch(cfg.seed, epoch, d.rank, taken)
     if micro:                      # the loader ran out inside a step (samples skipped): step on what it has
         _step(s)
@@ -604,15 +604,24 @@ def _train_epoch(s: _Session, train_loader: DistillLoader, epoch: int) -> tuple[
     return _all_sum([float(loss_sum), float(n)] + [float(part_sums[k]) for k in keys], d), keys, lr
 
 
+def _my_sums(sums: list[dict], d: Dist) -> dict:
+    """This rank's running sums of a checkpoint inside an epoch; resumed on another number of ranks
+    (--allow-resplit), rank 0 takes all of them (the epoch's row adds up every rank's)."""
+    if len(sums) == d.world:
+        return sums[d.rank]
+    if d.rank:
+        return {"loss": 0.0, "n": 0, "parts": {k: 0.0 for k in sums[0]["parts"]}}
+    return {"loss": sum(x["loss"] for x in sums), "n": sum(x["n"] for x in sums),
+            "parts": {k: sum(x["parts"][k] for x in sums) for k in sums[0]["parts"]}}
+
+
 def _save_partial(s: _Session, train_loader: DistillLoader, epoch: int, taken: int, loss_sum: torch.Tensor, n: int,
-                  part_sums: dict, watch: "LossWatch") -> None:
+                  part_sums: dict, check) -> None:
     """A checkpoint inside an epoch, after optimiser step ``taken``: last.pt with the loader's resume
     point and every rank's running sums under ``state["partial"]`` (the published files stay those of
-    the last whole epoch). Losses so far are checked first: a diverged run is not checkpointed."""
+    the last whole epoch). Losses so far are checked first (``check``): a diverged run is not checkpointed."""
     d = s.d
-    err = watch.error(True, epoch + 1, s.steps_per_epoch, "the teacher targets (--cache)" if not s.cfg.hard_labels
-                      else "the labels")
-    _sync(d, err)
+    _sync(d, check(True))
     mine = {"loss": float(loss_sum), "n": int(n), "parts": {k: float(v) for k, v in part_sums.items()}}
     gather = _gather(d)
     sums = gather([mine]) if gather is not None else [mine]

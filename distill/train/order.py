@@ -224,10 +224,12 @@ class ResumePoint:
     each loader worker of the current split had given (the same on every rank)."""
     epoch: int
     seed: int
-    levels: tuple                # ({"world", "workers", "batch_size", "drop_last", "taken"}, ...)
+    samples: int                 # the epoch's places: a resume point is for a dataset of that size only
+    levels: tuple                # ({"world", "workers", "batch_size", "drop_last", "taken", "next"}, ...)
 
     def to_dict(self) -> dict:
-        return {"version": 1, "epoch": self.epoch, "seed": self.seed, "levels": [dict(x) for x in self.levels]}
+        return {"version": 1, "epoch": self.epoch, "seed": self.seed, "samples": self.samples,
+                "levels": [dict(x) for x in self.levels]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ResumePoint":
@@ -238,7 +240,7 @@ class ResumePoint:
             levels.append({"world": int(x["world"]), "workers": int(x["workers"]), "batch_size": int(x["batch_size"]),
                            "drop_last": bool(x["drop_last"]), "taken": [int(t) for t in x["taken"]],
                            "next": int(x.get("next", 0))})
-        return cls(int(d["epoch"]), int(d["seed"]), tuple(levels))
+        return cls(int(d["epoch"]), int(d["seed"]), int(d["samples"]), tuple(levels))
 
 
 def plan_levels(point: ResumePoint | None, split: Split, total: int) -> tuple[Level, list[int], list[dict], Split, int]:
