@@ -163,12 +163,12 @@ class DistillDataset(IterableDataset):
             raise UserError(f"finish must be one of {', '.join(FINISH)}, got {finish!r}")
         if not batch_size >= 1 or not image_size >= 1:
             raise UserError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
-        refs, cache, spec, num_classes, exclude = dataset_inputs(shards, cache, exclude, policy, image_size,
-                                                                 num_classes, spec)
         if rank is None or world is None:
             rank, world = _dist_rank_world(rank, world)
         if not 0 <= rank < world:
             raise UserError(f"rank {rank} is not in [0, {world})")
+        refs, cache, spec, num_classes, exclude = dataset_inputs(shards, cache, exclude, policy, image_size,
+                                                                 num_classes, spec, (rank, world))
         self.finish = finish
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()   # seen by persistent loader workers
         self.shards, self.spec, self.size, self.batch_size = list(refs), spec, int(image_size), int(batch_size)

@@ -225,17 +225,17 @@ def prepare_data(cfg: TrainConfig, policy_table: dict | None, world: int = 1, ra
 
 
 def dataset_inputs(shards, cache, exclude, policy, image_size: int, num_classes: int | None,
-                   spec: views.ViewSpec | None) -> tuple[list[ShardRef], Cache | None, views.ViewSpec, int, frozenset]:
+                   spec: views.ViewSpec | None, part=(0, 1)) -> tuple[list[ShardRef], Cache | None, views.ViewSpec,
+                                                                    int, frozenset]:
     """What ``DistillDataset`` reads, from what a user gives it: (shard refs, cache, view spec, classes,
     excluded keys). ``shards``: refs (train-student's, counted and checked by ``prepare_data``) or a
     ``--shards`` spec; ``cache``: a directory or a ``Cache``; ``exclude``: keys or a filter-labels
-    directory; ``policy``: a policy file or table for a cache-less dataset. A cache built over other
-    shards is refused here, as train-student refuses it."""
+    directory; ``policy``: a policy file or table for a cache-less dataset. A cache given with a
+    ``--shards`` spec gets train-student's checks (``_open_cache``: shard set, classes, files, view
+    fingerprints; ``part`` = (rank, world): each rank checks its share of the files)."""
     if isinstance(exclude, (str, Path)):
         exclude = read_excluded_keys(exclude)
     exclude = frozenset(exclude or ())
-    if isinstance(cache, (str, Path)):
-        cache = open_cache(cache)
     index = None
     if isinstance(shards, (list, tuple)) and shards and all(isinstance(r, ShardRef) for r in shards):
         refs = list(shards)
@@ -244,8 +244,12 @@ def dataset_inputs(shards, cache, exclude, policy, image_size: int, num_classes:
         if not paths:
             raise UserError(f"no shards in {shards}")
         if cache is not None:
-            _check_shard_set(cache, paths, index)
+            where = str(cache.path) if isinstance(cache, Cache) else str(cache)
+            cfg = TrainConfig(shards=str(shards), out="-", cache=where, quiet=True)
+            cache, _ = _open_cache(cfg, paths, index, part)
         refs = shard_refs(paths)
+    if isinstance(cache, (str, Path)):
+        cache = open_cache(cache)
     if spec is None:
         if cache is not None:
             spec = cache.view_spec
