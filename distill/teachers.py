@@ -181,21 +181,14 @@ def _first_line(e: BaseException) -> str:
 def _load_checkpoint(model: torch.nn.Module, spec: "TeacherSpec") -> None:
     """Load the checkpoint into ``model``; every way it can fail is one UserError line (a missing or
     unreadable file, no state dict, keys of other shapes: the first named with both shapes)."""
+    from .models import read_state_dict
+
     path = spec.checkpoint
-    if not os.path.isfile(path):
-        raise UserError(f"--teacher-checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:        # not a torch file, a pickle weights_only refuses, truncated
-        raise UserError(f"cannot read --teacher-checkpoint {path}: not a checkpoint torch.load reads with "
-                        f"weights_only ({_first_line(e)})") from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "module"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise UserError(f"--teacher-checkpoint {path} holds a {type(state).__name__}, not a state dict")
+        state = read_state_dict(path)
+    except ValueError as e:
+        raise UserError(f"--teacher-checkpoint {path} not found" if not os.path.isfile(path)
+                        else f"cannot read --teacher-checkpoint {e}") from None
     own = model.state_dict()
     wrong = [(k, list(v.shape), list(own[k].shape)) for k, v in state.items()
              if isinstance(v, torch.Tensor) and k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -151,6 +151,21 @@ def test_callable_identity_digests_the_state_after_the_checkpoint(tmp_path):
     assert ident["checkpoint_sha256"]
 
 
+def test_a_ddp_saved_checkpoint_loads_as_teacher_weights_like_through_init(tmp_path):
+    """One reader for every weights file: keys prefixed ``module.`` (a DDP-wrapped model's) load through
+    --teacher-checkpoint as through --init, to the same weights as the unprefixed file."""
+    from distill.models import read_state_dict
+
+    state = build().state_dict()
+    state["conv.weight"][0, 0, 0, 0] = 5.0
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ddp.pth")
+    torch.save(state, tmp_path / "plain.pth")
+    assert read_state_dict(tmp_path / "ddp.pth").keys() == state.keys()
+    ddp = teachers.TeacherSpec("helpers.tiny_teacher:build", str(tmp_path / "ddp.pth")).identity()
+    plain = teachers.TeacherSpec("helpers.tiny_teacher:build", str(tmp_path / "plain.pth")).identity()
+    assert ddp["weights_sha256"] == plain["weights_sha256"] != teachers.weights_digest(build())
+
+
 def test_every_kind_has_weights_sha256(tmp_path):
     model = build().eval()
     torch.jit.script(model).save(str(tmp_path / "t.pt"))

@@ -18,28 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.models import dat, efficientformer, vit
-from distill.models.tinyvit import TinyVit, tinyvit_5m, tinyvit_11m, tinyvit_21m, tinyvit_tiny
+from distill.models import dat, efficientformer, tinyvit, vit
+from distill.models.tinyvit import TinyVit
 
 __all__ = [
     "MODELS", "PAPERS", "InitReport", "TinyVit", "create_model", "list_models", "load_init", "param_groups",
-    "resize_attention_biases",
+    "read_state_dict", "resize_attention_biases",
 ]
 
 # name -> builder(num_classes, img_size=224, drop_path_rate=None)
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "tinyvit-tiny": tinyvit_tiny,
-    "tinyvit-5m": tinyvit_5m,
-    "tinyvit-11m": tinyvit_11m,
-    "tinyvit-21m": tinyvit_21m,
-    **efficientformer.BUILDERS,
-    **vit.BUILDERS,
-    **dat.BUILDERS,
-}
-
-PAPERS: dict[str, str] = {**{name: "TinyViT (Wu et al., ECCV 2022)" for name in ("tinyvit-tiny", "tinyvit-5m",
-                                                                                "tinyvit-11m", "tinyvit-21m")},
-                          **efficientformer.PAPERS, **vit.PAPERS, **dat.PAPERS}
+    **tinyvit.BUILDERS, **efficientformer.BUILDERS, **vit.BUILDERS, **dat.BUILDERS}
+PAPERS: dict[str, str] = {**tinyvit.PAPERS, **efficientformer.PAPERS, **vit.PAPERS, **dat.PAPERS}
 
 # Classifier parameters: dropped from a checkpoint whose class count differs from the model's
 # (a model lists its own in ``head_keys``; TinyViT's are these).
@@ -117,7 +107,7 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> InitReport:
     attention-bias tables are resized by bicubic interpolation over the offset grid when window sizes
     differ. Any other missing, unexpected or mis-shaped tensor raises ValueError.
     """
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if hasattr(model, "adapt_state_dict"):           # e.g. DAT: bias tables saved at another image size
         state = model.adapt_state_dict(state)
     target = model.state_dict()
@@ -179,26 +169,39 @@ def resize_attention_biases(table: torch.Tensor, new_len: int) -> torch.Tensor:
     return grid.reshape(heads, new_len).to(table.dtype)
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    if os.fspath(path).endswith(".safetensors"):
-        from safetensors.torch import load_file  # optional dependency, only for this format
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file: ``.safetensors``, or a torch file read with ``weights_only``
+    (tensors only: no pickle runs code), holding the state dict itself or a dict with it under
+    ``'model'``, ``'state_dict'`` or ``'module'`` (timm's, Lightning's and DDP wrappers' layouts); a
+    leading ``module.`` on every key (a DDP-saved model) is stripped. Every failure is one ValueError
+    naming the file. The one reader of weights files (``--init``, ``--base-checkpoint``,
+    ``--teacher-checkpoint``); run checkpoints are ``train.checkpoint``'s."""
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise ValueError(f"{name} not found")
+    try:
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file  # optional dependency, only for this format
 
-        state: Any = load_file(os.fspath(path))
-    else:
-        # Tensors only, no arbitrary pickles; timm's training checkpoints also carry an argparse.Namespace.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"{os.fspath(path)}: holds objects other than tensors; save its state dict "
-                                 f"alone and load that ({str(e).splitlines()[0]})") from e
+            state: Any = load_file(name)
+        else:
+            # timm's training checkpoints also carry an argparse.Namespace
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(name, map_location="cpu", weights_only=True)
+    except Exception as e:        # not a torch file, truncated, a pickle of objects weights_only refuses
+        text = str(e).strip()
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in text:
+            raise ValueError(f"{name}: holds objects other than tensors; save its state dict alone and load "
+                             f"that ({text[text.index('Unsupported global'):].splitlines()[0]})") from None
+        raise ValueError(f"{name}: not a checkpoint torch.load reads with weights_only "
+                         f"({type(e).__name__}{': ' + text.splitlines()[0] if text else ''})") from None
     if isinstance(state, Mapping):
-        for key in ("model", "state_dict"):
+        for key in ("model", "state_dict", "module"):
             if isinstance(state.get(key), Mapping):
                 state = state[key]
                 break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{os.fspath(path)}: not a state dict (nor a dict with one under 'model' or 'state_dict')")
+        raise ValueError(f"{name}: not a state dict (nor a dict with one under 'model' or 'state_dict')")
     prefix = "module."
     if state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}

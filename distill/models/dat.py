@@ -63,20 +63,16 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.models.tinyvit import DropPath
+from distill.models.layers import builders, drop_path_layer
 
 _MASK_VALUE = -100.0          # the official shift-window mask value
 _OFFSET_KERNELS = (9, 7, 5, 3)  # depthwise kernel of the offset network, per stage (official ``ksizes``)
-
-
-def _drop_path(p: float) -> nn.Module:
-    return DropPath(p) if p > 0.0 else nn.Identity()
 
 
 class LayerNormProxy(nn.Module):
@@ -353,7 +349,7 @@ class TransformerStage(nn.Module):
             else:
                 raise ValueError(f"stage {stage_idx + 1}: unknown block kind {kind!r} (valid: L, S, D)")
             self.attns.append(attn)
-        self.drop_path = nn.ModuleList([_drop_path(p) for p in drop_path])
+        self.drop_path = nn.ModuleList([drop_path_layer(p) for p in drop_path])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
@@ -514,33 +510,5 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _create_dat(name: str, num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> DAT:
-    kwargs = dict(CONFIGS[name])
-    if drop_path_rate is not None:
-        kwargs["drop_path_rate"] = drop_path_rate
-    return DAT(num_classes=num_classes, img_size=img_size, **kwargs)
-
-
-def dat_mini(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> DAT:
-    return _create_dat("dat-mini", num_classes, img_size, drop_path_rate)
-
-
-def dat_tiny(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> DAT:
-    return _create_dat("dat-tiny", num_classes, img_size, drop_path_rate)
-
-
-def dat_small(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> DAT:
-    return _create_dat("dat-small", num_classes, img_size, drop_path_rate)
-
-
-def dat_base(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> DAT:
-    return _create_dat("dat-base", num_classes, img_size, drop_path_rate)
-
-
-BUILDERS: dict[str, Callable[..., DAT]] = {
-    "dat-mini": dat_mini,
-    "dat-tiny": dat_tiny,
-    "dat-small": dat_small,
-    "dat-base": dat_base,
-}
+BUILDERS = builders(CONFIGS, DAT)
 PAPERS: dict[str, str] = {name: "DAT (Xia et al., CVPR 2022)" for name in BUILDERS}

@@ -30,33 +30,13 @@ in timm (so keys match timm's exactly), but it is derived: loading always keeps 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, scale the kept ones."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _drop_path(p: float) -> nn.Module:
-    return DropPath(p) if p > 0.0 else nn.Identity()
+from distill.models.layers import builders, drop_path_layer
 
 
 class LayerScale(nn.Module):
@@ -205,11 +185,11 @@ class Meta3D(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.token_mixer = Attention(dim, key_dim, num_heads, attn_ratio, resolution)
         self.ls1 = LayerScale(dim, layer_scale_init)
-        self.drop_path1 = _drop_path(drop_path)
+        self.drop_path1 = drop_path_layer(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.ls2 = LayerScale(dim, layer_scale_init)
-        self.drop_path2 = _drop_path(drop_path)
+        self.drop_path2 = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x))))
@@ -224,10 +204,10 @@ class Meta4D(nn.Module):
         super().__init__()
         self.token_mixer = Pooling(pool_size)
         self.ls1 = LayerScale(dim, layer_scale_init, channels_first=True)
-        self.drop_path1 = _drop_path(drop_path)
+        self.drop_path1 = drop_path_layer(drop_path)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
         self.ls2 = LayerScale(dim, layer_scale_init, channels_first=True)
-        self.drop_path2 = _drop_path(drop_path)
+        self.drop_path2 = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
@@ -404,36 +384,5 @@ CONFIGS: dict[str, dict] = {
 DEFAULT_DROP_PATH_RATE = 0.0   # timm's and mmpretrain's default for all three
 
 
-def _create_efficientformer(name: str, num_classes: int, img_size: int = 224,
-                            drop_path_rate: float | None = None) -> EfficientFormer:
-    rate = DEFAULT_DROP_PATH_RATE if drop_path_rate is None else drop_path_rate
-    return EfficientFormer(num_classes=num_classes, img_size=img_size, drop_path_rate=rate, **CONFIGS[name])
-
-
-def efficientformer_mini(num_classes: int, img_size: int = 224,
-                         drop_path_rate: float | None = None) -> EfficientFormer:
-    return _create_efficientformer("efficientformer-mini", num_classes, img_size, drop_path_rate)
-
-
-def efficientformer_l1(num_classes: int, img_size: int = 224,
-                       drop_path_rate: float | None = None) -> EfficientFormer:
-    return _create_efficientformer("efficientformer-l1", num_classes, img_size, drop_path_rate)
-
-
-def efficientformer_l3(num_classes: int, img_size: int = 224,
-                       drop_path_rate: float | None = None) -> EfficientFormer:
-    return _create_efficientformer("efficientformer-l3", num_classes, img_size, drop_path_rate)
-
-
-def efficientformer_l7(num_classes: int, img_size: int = 224,
-                       drop_path_rate: float | None = None) -> EfficientFormer:
-    return _create_efficientformer("efficientformer-l7", num_classes, img_size, drop_path_rate)
-
-
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "efficientformer-mini": efficientformer_mini,
-    "efficientformer-l1": efficientformer_l1,
-    "efficientformer-l3": efficientformer_l3,
-    "efficientformer-l7": efficientformer_l7,
-}
+BUILDERS = builders(CONFIGS, EfficientFormer, drop_path_rate=DEFAULT_DROP_PATH_RATE)
 PAPERS: dict[str, str] = {name: "EfficientFormer (Li et al., NeurIPS 2022)" for name in BUILDERS}

@@ -27,27 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, scale the kept ones."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _drop_path(p: float) -> nn.Module:
-    return DropPath(p) if p > 0.0 else nn.Identity()
+from distill.models.layers import builders, drop_path_layer
 
 
 class ConvNorm(nn.Sequential):
@@ -85,7 +65,7 @@ class MBConv(nn.Module):
         self.act2 = nn.GELU()
         self.conv3 = ConvNorm(hidden, dim, bn_weight_init=0.0)
         self.act3 = nn.GELU()
-        self.drop_path = _drop_path(drop_path)
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act2(self.conv2(self.act1(self.conv1(x))))
@@ -190,9 +170,9 @@ class TinyVitBlock(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.attn = Attention(dim, num_heads, window_size)
-        self.drop_path1 = _drop_path(drop_path)
+        self.drop_path1 = drop_path_layer(drop_path)
         self.mlp = NormMlp(dim, int(dim * mlp_ratio), drop)
-        self.drop_path2 = _drop_path(drop_path)
+        self.drop_path2 = drop_path_layer(drop_path)
         pad = local_conv_size // 2
         self.local_conv = ConvNorm(dim, dim, local_conv_size, 1, pad, groups=dim)
 
@@ -365,25 +345,5 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def build_tinyvit(name: str, num_classes: int, img_size: int = 224,
-                  drop_path_rate: float | None = None) -> TinyVit:
-    kwargs = dict(CONFIGS[name])
-    if drop_path_rate is not None:
-        kwargs["drop_path_rate"] = drop_path_rate
-    return TinyVit(num_classes=num_classes, img_size=img_size, **kwargs)
-
-
-def tinyvit_tiny(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> TinyVit:
-    return build_tinyvit("tinyvit-tiny", num_classes, img_size, drop_path_rate)
-
-
-def tinyvit_5m(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> TinyVit:
-    return build_tinyvit("tinyvit-5m", num_classes, img_size, drop_path_rate)
-
-
-def tinyvit_11m(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> TinyVit:
-    return build_tinyvit("tinyvit-11m", num_classes, img_size, drop_path_rate)
-
-
-def tinyvit_21m(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> TinyVit:
-    return build_tinyvit("tinyvit-21m", num_classes, img_size, drop_path_rate)
+BUILDERS = builders(CONFIGS, TinyVit)
+PAPERS: dict[str, str] = {name: "TinyViT (Wu et al., ECCV 2022)" for name in BUILDERS}

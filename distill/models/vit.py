@@ -66,23 +66,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.models.tinyvit import DropPath
+from distill.models.layers import builders, drop_path_layer
 
 BLOCK_TYPES = ("sequential", "parallel", "parallel-scaling")
 STEMS = ("patch", "hmlp")
 NORMS = ("layernorm", "rmsnorm")
 POOLS = ("token", "avg")
 HMLP_PATCH = 16
-
-
-def _drop_path(p: float) -> nn.Module:
-    return DropPath(p) if p > 0.0 else nn.Identity()
 
 
 def _make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
@@ -201,11 +196,11 @@ class Block(nn.Module):
         self.norm1 = _make_norm(norm, dim, norm_bias)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, qk_norm, norm, norm_bias)
         self.ls1 = _layer_scale(dim, init_values)
-        self.drop_path1 = _drop_path(drop_path)
+        self.drop_path1 = drop_path_layer(drop_path)
         self.norm2 = _make_norm(norm, dim, norm_bias)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_bias, drop)
         self.ls2 = _layer_scale(dim, init_values)
-        self.drop_path2 = _drop_path(drop_path)
+        self.drop_path2 = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
@@ -228,13 +223,13 @@ class ParallelThingsBlock(nn.Module):
                 ("norm", _make_norm(norm, dim, norm_bias)),
                 ("attn", Attention(dim, num_heads, qkv_bias, proj_bias, qk_norm, norm, norm_bias)),
                 ("ls", _layer_scale(dim, init_values)),
-                ("drop_path", _drop_path(drop_path)),
+                ("drop_path", drop_path_layer(drop_path)),
             ])))
             self.ffns.append(nn.Sequential(OrderedDict([
                 ("norm", _make_norm(norm, dim, norm_bias)),
                 ("mlp", Mlp(dim, int(dim * mlp_ratio), proj_bias, drop)),
                 ("ls", _layer_scale(dim, init_values)),
-                ("drop_path", _drop_path(drop_path)),
+                ("drop_path", drop_path_layer(drop_path)),
             ])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,7 +266,7 @@ class ParallelScalingBlock(nn.Module):
         self.attn_out_proj = nn.Linear(dim, dim, bias=proj_bias)
         self.mlp_out_proj = nn.Linear(hidden, dim, bias=proj_bias)
         self.ls = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
-        self.drop_path = _drop_path(drop_path)
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -503,51 +498,4 @@ PAPERS: dict[str, str] = {
 }
 
 
-def _create_vit(name: str, num_classes: int, img_size: int = 224,
-                drop_path_rate: float | None = None) -> VisionTransformer:
-    kwargs = dict(CONFIGS[name])
-    if drop_path_rate is not None:
-        kwargs["drop_path_rate"] = drop_path_rate
-    return VisionTransformer(num_classes=num_classes, img_size=img_size, **kwargs)
-
-
-def vit_mini(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-mini", num_classes, img_size, drop_path_rate)
-
-
-def vit_ti16(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-ti16", num_classes, img_size, drop_path_rate)
-
-
-def vit_s16(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-s16", num_classes, img_size, drop_path_rate)
-
-
-def vit_b16(num_classes: int, img_size: int = 224, drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-b16", num_classes, img_size, drop_path_rate)
-
-
-def vit_s16_18x2(num_classes: int, img_size: int = 224,
-                 drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-s16-18x2", num_classes, img_size, drop_path_rate)
-
-
-def vit_s16_hmlp(num_classes: int, img_size: int = 224,
-                 drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-s16-hmlp", num_classes, img_size, drop_path_rate)
-
-
-def vit_b16_22b(num_classes: int, img_size: int = 224,
-                drop_path_rate: float | None = None) -> VisionTransformer:
-    return _create_vit("vit-b16-22b", num_classes, img_size, drop_path_rate)
-
-
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "vit-mini": vit_mini,
-    "vit-ti16": vit_ti16,
-    "vit-s16": vit_s16,
-    "vit-b16": vit_b16,
-    "vit-s16-18x2": vit_s16_18x2,
-    "vit-s16-hmlp": vit_s16_hmlp,
-    "vit-b16-22b": vit_b16_22b,
-}
+BUILDERS = builders(CONFIGS, VisionTransformer)
