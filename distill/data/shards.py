@@ -152,32 +152,10 @@ def read_samples(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Samp
     """The samples of ``keys`` from one shard, reading only their members' data: the tar's headers are
     read one by one and the other members' data is seeked over (a notebook replaying one view of a
     1 GB shard reads kilobytes, not the shard). Keys missing, skipped or damaged are left out."""
-    want = set(keys)
     path = Path(path)
-    try:
-        tar = tarfile.open(path, mode="r:")
-    except (OSError, tarfile.TarError) as e:
-        raise UserError(f"cannot open shard {path}: {e}") from None
-
-    def members():
-        left = set(want)
-        try:
-            for info in _tar_members(tar):
-                if isinstance(info, Skip):             # never read: left out like any key not asked for
-                    continue
-                folder, _, base = info.name.rpartition("/")
-                k = f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
-                if k not in want:
-                    if not left:
-                        return
-                    continue
-                left.discard(k)
-                yield info.name, tar.extractfile(info).read()
-        except _TAR_ERRORS as e:
-            yield _Damage(f"truncated tar: {e}")
-
-    with tar:
-        return {x.key: x for x in _samples(members(), path.name, require_label=False) if isinstance(x, Sample)}
+    with _open_shard(path) as f:
+        found = _samples(_members(f, seek=True, keys=set(keys)), path.name, require_label=False)
+        return {x.key: x for x in found if isinstance(x, Sample)}
 
 
 def scan_shard(path: str | os.PathLike) -> Iterator[Sample | Skip]:
@@ -185,42 +163,18 @@ def scan_shard(path: str | os.PathLike) -> Iterator[Sample | Skip]:
     headers and the label members: image members are seeked over and ``Sample.data`` is empty. For
     counting a shard cheaply (``distill inspect`` of shards without an index)."""
     path = Path(path)
-    f = _open_shard(path)
+    with _open_shard(path) as f:
+        yield from _samples(_members(f, seek=True, read=_is_label), path.name, True)
 
-    def members():
-        head = f.read(6)
-        f.seek(0)
-        plain = not (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00")
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:" if plain else "r:*")
-        except _TAR_ERRORS as e:
-            yield _Damage(f"not a tar file: {e}")
-            return
-        read = 0
-        try:
-            for info in _tar_members(tar):
-                if isinstance(info, Skip):
-                    yield info
-                    continue
-                read += 1
-                label = info.name.rpartition("/")[2].split(".", 1)[-1].lower() == LABEL_EXT
-                yield info.name, tar.extractfile(info).read() if label else b""
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
-            yield _Damage(f"truncated tar: {e} (after {read} members)")
-            return
-        except OSError as e:
-            yield _Damage(f"read error: {e} (after {read} members)")
-            return
-        if plain:                             # a plain tar must end with its end-of-archive block
-            f.seek(tar.offset)
-            block = f.read(tarfile.BLOCKSIZE)
-            if len(block) < tarfile.BLOCKSIZE:
-                yield _Damage(f"truncated tar: no end-of-archive block at byte {tar.offset} (after {read} members)")
-            elif block.count(0) != tarfile.BLOCKSIZE:
-                yield _Damage(f"corrupt tar: invalid header at byte {tar.offset} (after {read} members)")
 
-    with f:
-        yield from _samples(members(), path.name, True)
+def _is_label(name: str) -> bool:
+    return name.rpartition("/")[2].split(".", 1)[-1].lower() == LABEL_EXT
+
+
+def _key_of(name: str) -> str:
+    """A member's sample key, as webdataset reads it: the name up to the first dot of its file name."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
 
 
 class _Damage(str):
@@ -267,41 +221,50 @@ def _tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo | Skip]:
         yield Skip(info.name, why) if why else info
 
 
-def _members(f) -> Iterator[tuple[str, bytes] | Skip | _Damage]:
+def _members(f, *, seek: bool = False, read=None, keys: set | None = None) -> Iterator[tuple[str, bytes] | Skip | _Damage]:
     """(member name, bytes) of the regular files in a tar, a ``Skip`` for a member not read
-    (``_tar_members``); a ``_Damage`` last if the tar is damaged."""
+    (``_tar_members``); a ``_Damage`` last if the tar is damaged. The one tar reader: ``seek`` reads
+    headers by random access (members whose data is not wanted are seeked over; else the tar is one
+    forward stream); ``read(name)`` False gives a member empty bytes; ``keys`` keeps only those samples'
+    members (and no Skips), and stops once all were read."""
     head = f.read(6)
     f.seek(0)
     plain = not (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00")
     try:
-        tar = tarfile.open(fileobj=f, mode="r|*")
+        tar = tarfile.open(fileobj=f, mode=("r:" if plain else "r:*") if seek else "r|*")
     except _TAR_ERRORS as e:
         yield _Damage(f"not a tar file: {e}")
         return
-    read = 0
+    n, left = 0, set(keys or ())
     try:
         for info in _tar_members(tar):
+            if keys is not None:
+                if isinstance(info, Skip) or _key_of(info.name) not in keys:
+                    if not left:
+                        return
+                    continue
+                left.discard(_key_of(info.name))
             if isinstance(info, Skip):
                 yield info
                 continue
-            data = tar.extractfile(info).read()
-            read += 1
+            data = tar.extractfile(info).read() if read is None or read(info.name) else b""
+            n += 1
             yield info.name, data
             if hooks.ACTIVE:
                 hooks.fire("shard-read")
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
-        yield _Damage(f"truncated tar: {e} (after {read} members)")
+        yield _Damage(f"truncated tar: {e} (after {n} members)")
         return
     except OSError as e:        # the read itself failed (I/O error, network filesystem): maybe transient
-        yield _Damage(f"read error: {e} (after {read} members)")
+        yield _Damage(f"read error: {e} (after {n} members)")
         return
     if plain:  # tarfile treats a cut between members or a bad header as the end: check the end block
         f.seek(tar.offset)
         block = f.read(tarfile.BLOCKSIZE)
         if len(block) < tarfile.BLOCKSIZE:
-            yield _Damage(f"truncated tar: no end-of-archive block at byte {tar.offset} (after {read} members)")
+            yield _Damage(f"truncated tar: no end-of-archive block at byte {tar.offset} (after {n} members)")
         elif block.count(0) != tarfile.BLOCKSIZE:
-            yield _Damage(f"corrupt tar: invalid header at byte {tar.offset} (after {read} members)")
+            yield _Damage(f"corrupt tar: invalid header at byte {tar.offset} (after {n} members)")
 
 
 def _samples(members: Iterable[tuple[str, bytes] | Skip | _Damage], shard: str,
@@ -322,12 +285,11 @@ def _samples(members: Iterable[tuple[str, bytes] | Skip | _Damage], shard: str,
         name, data = item
         if _META_RE.match(name):
             continue
-        folder, _, base = name.rpartition("/")
+        base = name.rpartition("/")[2]
         if "." not in base:
             yield Skip(name, "tar member without an extension", shard)
             continue
-        stem, ext = base.split(".", 1)  # like webdataset: the key ends at the file name's first dot
-        k, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
+        k, ext = _key_of(name), base.split(".", 1)[1].lower()
         if k != key:
             if key is not None:
                 yield _finish(key, group, problem, shard, require_label)
