@@ -30,7 +30,8 @@ from ..train.order import shard_refs
 from .base import PRESETS, build_base
 from .export import write_teacher
 from .methods import METHODS, count_params, count_trained, merge_adapters, set_trainable
-from .train import AdaptData, ValViews, fit
+from ..train.loop import Validator
+from .train import AdaptData, fit
 
 DEFAULT_LR = {"linear": 1e-2, "repadapter": 1e-3, "attn-only": 3e-4, "full": 2e-4}
 DEFAULT_WD = {"linear": 1e-4, "repadapter": 1e-4, "attn-only": 0.05, "full": 0.05}
@@ -147,7 +148,8 @@ def _adapt(cfg: AdaptConfig, policy_table: dict | None, stop_after: int | None, 
         note(n, cfg.quiet)
     out = Path(cfg.out)
     write_resolved(cfg, out, extra={"trained-params": trained})
-    val = ValViews(data.val_refs, cfg.image_size, max(cfg.batch_size, 64), data.num_classes)
+    val = Validator(data.val_refs, image_size=cfg.image_size, batch_size=max(cfg.batch_size, 64),
+                    num_classes=data.num_classes, workers=cfg.loader_workers, seed=cfg.seed)
     res = fit(cfg, model, masks, data, device, val, stop_after)
     complete = res.state["epoch"] >= cfg.epochs
     teacher = _finish(cfg, model, data, base_id, val, res, trained, total, t0) if complete else {}
@@ -156,11 +158,11 @@ def _adapt(cfg: AdaptConfig, policy_table: dict | None, stop_after: int | None, 
                        res.memory, teacher, [n for n in notes if "random weights" in n], complete)
 
 
-def _finish(cfg: AdaptConfig, model, data: AdaptData, base_id: dict, val: ValViews, res, trained: int, total: int,
+def _finish(cfg: AdaptConfig, model, data: AdaptData, base_id: dict, val: Validator, res, trained: int, total: int,
             t0: float) -> dict:
     """Merge (repadapter), compare merged with unmerged on the val views, write the teacher files."""
     model = model.cpu().eval()
-    top1 = val.top1(model, torch.device("cpu"))
+    top1 = val.evaluate(model)[0]
     metrics = {"val_top1": top1, "best_val_top1": res.state.get("best_top1"), "epochs": res.state["epoch"],
                "trained_params": trained, "params_while_training": total, "train_s": round(res.state["train_s"], 3),
                "memory": res.memory}
@@ -170,7 +172,7 @@ def _finish(cfg: AdaptConfig, model, data: AdaptData, base_id: dict, val: ValVie
         merge_adapters(teacher)
         diff, n = _max_diff(model, teacher, val)
         metrics.update(merge_max_abs_logit_diff=diff, merge_checked_images=n,
-                       val_top1_merged=val.top1(teacher, torch.device("cpu")))
+                       val_top1_merged=val.evaluate(teacher)[0])
     metrics["wall_s"] = round(time.perf_counter() - t0, 3)
     meta = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "classes": data.classes,
             "num_classes": data.num_classes, "method": cfg.method, "base": base_id, "metrics": metrics,
@@ -181,9 +183,9 @@ def _finish(cfg: AdaptConfig, model, data: AdaptData, base_id: dict, val: ValVie
 
 
 @torch.inference_mode()
-def _max_diff(a, b, val: ValViews) -> tuple[float, int]:
+def _max_diff(a, b, val: Validator) -> tuple[float, int]:
     worst, n = 0.0, 0
-    for batch in val:
+    for batch in val.batches():
         x = batch["image"]
         worst = max(worst, float((a(x).float() - b(x).float()).abs().max()))
         n += x.shape[0]

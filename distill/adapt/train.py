@@ -22,12 +22,10 @@ from ..data import views
 from ..files import UserError, atomic_write_json
 from ..progress import bar, note
 from ..train import checkpoint as ck
-from ..train.data import DistillDataset, DistillLoader, ShardRef, ValStream, batches_per_epoch, to_device
-from ..train.loop import diverged, lr_at
-from ..train.losses import SoftTargetLoss, topk_correct
-
-VAL_KEEP_BYTES = 512 << 20      # validation views kept in memory between epochs below this size
-
+from ..models import param_groups
+from ..train.data import DistillDataset, DistillLoader, ShardRef, batches_per_epoch, to_device
+from ..train.loop import Validator, diverged, lr_at
+from ..train.losses import SoftTargetLoss
 
 @dataclass
 class AdaptData:
@@ -50,56 +48,14 @@ class FitResult:
     memory: dict = field(default_factory=dict)
 
 
-class ValViews:
-    """The validation shards' centre views, read once and kept in memory when small."""
-
-    def __init__(self, refs: list[ShardRef], image_size: int, batch_size: int, num_classes: int):
-        self.ds = ValStream(refs, image_size=image_size, batch_size=batch_size, num_classes=num_classes)
-        self.kept: list | None = None
-
-    def __iter__(self):
-        if self.kept is not None:
-            yield from self.kept
-            return
-        kept, size = [], 0
-        for b in self.ds:
-            if not b["label"].shape[0]:
-                continue
-            size += b["image"].numel() * 4
-            if kept is not None and size <= VAL_KEEP_BYTES:
-                kept.append(b)
-            else:
-                kept = None
-            yield b
-        self.kept = kept
-
-    @torch.inference_mode()
-    def top1(self, model: nn.Module, device: torch.device) -> float | None:
-        was = model.training
-        model.eval()
-        hit = n = 0
-        for b in self:
-            logits = model(b["image"].to(device)).float()
-            hit += topk_correct(logits, b["label"].to(device), (1,))[0]
-            n += b["label"].shape[0]
-        model.train(was)
-        return 100.0 * hit / n if n else None
-
-
 def optimizer(model: nn.Module, masks: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no decay on 1-D tensors, ``no_weight_decay()`` names and
-    partly trained (masked) tensors, whose frozen part must not move."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else {"pos_embed", "cls_token"}
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if p.ndim <= 1 or name in skip or name in masks else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    """AdamW over the trainable parameters, grouped as train-student's (``models.param_groups``), and no
+    decay on partly trained (masked) tensors, whose frozen part must not move."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, no_decay=masks), lr=lr)
 
 
 def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device: torch.device,
-        val: ValViews, stop_after: int | None = None) -> FitResult:
+        val: Validator, stop_after: int | None = None) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` (from ``OUT/last.pt`` with ``--resume``); a checkpoint and a
     metrics row after every epoch. ``stop_after``: end this call after that many epochs."""
     out = Path(cfg.out)
@@ -140,7 +96,7 @@ def fit(cfg: AdaptConfig, model: nn.Module, masks: dict, data: AdaptData, device
         if pbar:
             pbar.close()
         train_s = time.perf_counter() - t0
-        top1 = val.top1(model, device)
+        top1 = val.evaluate(model)[0]
         state.update(epoch=epoch + 1, images_seen=state["images_seen"] + n, train_s=state["train_s"] + train_s)
         if top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"]):
             state["best_top1"] = top1

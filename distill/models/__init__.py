@@ -51,7 +51,7 @@ def create_model(name: str, num_classes: int, img_size: int = 224,
     return MODELS[name](num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate)
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0, no_decay=()) -> list[dict]:
     """AdamW groups: decay for weights; none for norms, biases and attention-bias tables; with
     ``layer_lr_decay`` < 1 one group per (decay, lr factor), the factor in the group's ``lr_scale``
     (the trainer multiplies the scheduled lr by it, as TinyViT's ``LRSchedulerWrapper``).
@@ -59,7 +59,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     A parameter goes to the no-decay group when it is 1-D (norm weights, biases), its name contains
     ``attention_biases`` or one of the model's ``no_weight_decay_keywords()``, or it is one of the model's
     ``no_weight_decay()`` names (timm's conventions: ViT's ``pos_embed`` and ``cls_token``, DAT's bias
-    tables). Frozen parameters are left out; empty groups are dropped.
+    tables), or in ``no_decay``. Frozen parameters are left out; empty groups are dropped.
     """
     exact = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     words = NO_DECAY_NAMES + tuple(model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords")
@@ -73,7 +73,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if p.ndim <= 1 or name in exact or any(s in name for s in words) else weight_decay
+        wd = 0.0 if p.ndim <= 1 or name in exact or name in no_decay or any(s in name for s in words) else weight_decay
         scale = scales.get(name, 1.0)
         g = groups.setdefault((wd == 0.0, -scale), {"params": [], "weight_decay": wd, "lr_scale": scale})
         g["params"].append(p)

@@ -636,7 +636,7 @@ def _save_partial(s: _Session, train_loader: DistillLoader, epoch: int, taken: i
 
 
 def _end_epoch(s: _Session, epoch: int, tot: list[float], keys: list[str], lr: float, t_epoch: float,
-               val: "_Validator | None") -> None:
+               val: "Validator | None") -> None:
     """Validate, add the epoch's metrics row to the state, write the checkpoint and the files made from it (rank 0)."""
     data, d, state = s.data, s.d, s.state
     n_all = int(tot[1])
@@ -720,7 +720,8 @@ def _publish(cfg: TrainConfig, data: Data, model: torch.nn.Module, state: dict) 
 def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> TrainResult:
     s = _session(cfg, data, d)
     train_loader = _stream(s)
-    val = _Validator(data, cfg, d) if data.val_refs else None
+    val = Validator(data.val_refs, image_size=cfg.image_size, batch_size=max(cfg.batch_size, 64), num_classes=data.num_classes,
+                    d=d, workers=cfg.loader_workers, seed=cfg.seed) if data.val_refs else None
     quiet = cfg.quiet or not d.main
     done_here = 0
     for epoch in range(s.state["epoch"], cfg.epochs):
@@ -757,19 +758,21 @@ def _run(cfg: TrainConfig, data: Data, d: Dist, stop_after: int | None) -> Train
     return res
 
 
-class _Validator:
-    """Top-1/top-5 on the centre views of the validation shards (kept in memory when small)."""
+class Validator:
+    """Top-1/top-5 on the centre views of the validation shards (kept in memory when small), on the
+    model's device; each of ``d``'s ranks scores its part. train-student's and adapt-teacher's."""
 
-    def __init__(self, data: Data, cfg: TrainConfig, d: Dist):
-        self.d, self.cuda = d, d.device.type == "cuda"
-        self.ds = ValStream(data.val_refs, image_size=cfg.image_size, batch_size=max(cfg.batch_size, 64),
-                            num_classes=data.num_classes, rank=d.rank, world=d.world)
-        self.loader = loader(self.ds, cfg.loader_workers, pin_memory=self.cuda, seed=cfg.seed)
+    def __init__(self, refs, *, image_size: int, batch_size: int, num_classes: int, d: Dist | None = None,
+                 workers: int = 0, seed: int = 0):
+        self.d = d or Dist()
+        self.ds = ValStream(refs, image_size=image_size, batch_size=batch_size, num_classes=num_classes,
+                            rank=self.d.rank, world=self.d.world)
+        self.loader = loader(self.ds, workers, pin_memory=self.d.device.type == "cuda", seed=seed)
         self.kept: list | None = None
         self.keep = True
         self.report: dict | None = None   # the last evaluation's images scored and skipped (every rank's)
 
-    def _batches(self):
+    def batches(self):
         if self.kept is not None:
             yield from self.kept
             return
@@ -810,17 +813,17 @@ class _Validator:
     @torch.inference_mode()
     def _count(self, model, stats: ClassStats | None = None) -> tuple[list, list]:
         """([top-1 hits, top-5 hits, samples, samples skipped], the first skipped (key, reason)) of this rank."""
-        was = model.training
+        was, device = model.training, next(model.parameters()).device
         model.eval()
         c1 = c5 = n = k = 0
         first: list = []
-        for b in self._batches():
+        for b in self.batches():
             k += len(b["skipped"])
             first += b["skipped"][:VAL_SKIPS_SHOWN - len(first)]
             if not b["label"].shape[0]:
                 continue
-            x, y = b["image"].to(self.d.device, non_blocking=True), b["label"].to(self.d.device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x)
             a, b5 = topk_correct(logits.float(), y, (1, 5))
             if stats is not None:
