@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import signal
 import sys
@@ -86,36 +87,15 @@ def cmd_make_shards(args) -> int:
     return 0
 
 
-def cmd_cache_teacher(args) -> int:
-    from .cache import cache_teacher
-    cfg, policy = _stage_config(C.CacheConfig, "cache-teacher", args)
-    res = cache_teacher(cfg, policy)
-    print(res.summary())
-    return 1 if res.failed else 0
-
-
-def cmd_filter_labels(args) -> int:
-    from .filter import filter_labels
-    cfg, _ = _stage_config(C.FilterConfig, "filter-labels", args)
-    res = filter_labels(cfg)
-    print(res.summary())
-    return 1 if res.failed else 0
-
-
-def cmd_train_student(args) -> int:
-    from .train import train_student
-    cfg, policy = _stage_config(C.TrainConfig, "train-student", args)
-    res = train_student(cfg, policy)
-    if res.rank == 0:                    # under DDP one voice: rank 0's
+def cmd_stage(args) -> int:
+    """adapt-teacher, filter-labels, cache-teacher or train-student: run it, print its summary (under
+    DDP only rank 0's); 1 when shards failed."""
+    stage = args.command
+    cfg, policy = _stage_config(STAGES[stage][0], stage, args)
+    res = _run_stage(stage, cfg, policy)
+    if getattr(res, "rank", 0) == 0:
         print(res.summary())
-    return 0
-
-
-def cmd_adapt_teacher(args) -> int:
-    from .adapt import adapt_teacher
-    cfg, policy = _stage_config(C.AdaptConfig, "adapt-teacher", args)
-    print(adapt_teacher(cfg, policy).summary())
-    return 0
+    return 1 if getattr(res, "failed", None) else 0
 
 
 def cmd_verify(args) -> int:
@@ -152,22 +132,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-STAGES = {"adapt-teacher": (C.AdaptConfig, "adapt"), "filter-labels": (C.FilterConfig, "filter"), "cache-teacher": (C.CacheConfig, "cache"),
-          "train-student": (C.TrainConfig, "train")}
+# stage -> (its config, its pipeline section's short name, module:function that runs it)
+STAGES = {"adapt-teacher": (C.AdaptConfig, "adapt", "adapt:adapt_teacher"),
+          "filter-labels": (C.FilterConfig, "filter", "filter:filter_labels"),
+          "cache-teacher": (C.CacheConfig, "cache", "cache:cache_teacher"),
+          "train-student": (C.TrainConfig, "train", "train:train_student")}
 
 
-def _stage_func(stage: str):
-    if stage == "adapt-teacher":
-        from .adapt import adapt_teacher
-        return adapt_teacher
-    if stage == "filter-labels":
-        from .filter import filter_labels
-        return filter_labels
-    if stage == "cache-teacher":
-        from .cache import cache_teacher
-        return cache_teacher
-    from .train import train_student
-    return train_student
+def _run_stage(stage: str, cfg, policy: dict | None):
+    module, func = STAGES[stage][2].split(":")
+    run = getattr(importlib.import_module(f".{module}", __package__), func)
+    return run(cfg) if stage == "filter-labels" else run(cfg, policy)
 
 
 def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) -> dict:
@@ -185,7 +160,7 @@ def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) 
         main = os.environ.get("RANK", "0") == "0"          # under torchrun only rank 0 speaks
         if main:
             print(f"== {stage}", flush=True)
-        res = _stage_func(stage)(cfg) if stage == "filter-labels" else _stage_func(stage)(cfg, pipe.policy)
+        res = _run_stage(stage, cfg, pipe.policy)
         if main:
             print(res.summary(), flush=True)
         results[stage] = res
@@ -242,15 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_make_shards)
 
-    for name, cls, func, text in (
-            ("adapt-teacher", C.AdaptConfig, cmd_adapt_teacher, "fit a pretrained ViT teacher to the shards' classes "
+    for name, text in (
+            ("adapt-teacher", "fit a pretrained ViT teacher to the shards' classes "
              "(attn-only, RepAdapter merged back, linear, full); writes a teacher directory for --teacher/--scorer"),
-            ("filter-labels", C.FilterConfig, cmd_filter_labels, "score samples with a model and flag noisy labels"),
-            ("cache-teacher", C.CacheConfig, cmd_cache_teacher, "run the teacher over E augmented epochs; store top-K + seeds"),
-            ("train-student", C.TrainConfig, cmd_train_student, "train a TinyViT student from the cache (or hard labels)")):
+            ("filter-labels", "score samples with a model and flag noisy labels"),
+            ("cache-teacher", "run the teacher over E augmented epochs; store top-K + seeds"),
+            ("train-student", "train a TinyViT student from the cache (or hard labels)")):
         s = sub.add_parser(name, help=text, description=text)
-        _add_config_flags(s, cls)
-        s.set_defaults(func=func)
+        _add_config_flags(s, STAGES[name][0])
+        s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("verify", help="check a cache against its manifest; recompute records with the teacher",
                        description="Check files, checksums and counts; with --recompute N, recompute N random records.")

@@ -302,7 +302,7 @@ def _unlink_quiet(path: Path) -> None:
 class DirLock:
     """Exclusive use of an output directory by one distill run, as a context manager.
 
-    ``with lock_dir(out, "cache"):`` (acquired by lock_dir) or ``with DirLock(out, "cache"):``
+    ``with DirLock(out, "cache"):`` (acquired on enter) or ``lock = DirLock(out, "cache").acquire()``
     (acquired on enter). Not re-entrant. Released on exit: the lock file is removed only while it
     still names this process."""
 
@@ -404,12 +404,6 @@ class DirLock:
 
     def __repr__(self) -> str:
         return f"DirLock({str(self.directory)!r}, {self.what!r}, held={self.held})"
-
-
-def lock_dir(directory: str | os.PathLike, what: str) -> DirLock:
-    """Lock ``directory`` (created with its parents if missing) for a distill ``what`` run; raises
-    UserError when another live run holds it. Use as ``with lock_dir(out, "cache"): ...``."""
-    return DirLock(directory, what).acquire()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,8 +228,8 @@ def test_an_error_on_one_rank_ends_both_within_seconds(shards, tmp_path):
 
 def test_rank0_lock_failure_ends_every_rank(shards, tmp_path):
     """Another run holds RUN_DIR's lock: rank 0 cannot take it, and rank 1 does not wait for it."""
-    from distill.files import lock_dir
-    with lock_dir(tmp_path / "run", "train-student"):
+    from distill.files import DirLock
+    with DirLock(tmp_path / "run", "train-student").acquire():
         res, took = _two_ranks(TRAIN.format(shards=str(shards), out=str(tmp_path / "run")), tmp_path, timeout=90)
     (rc0, _, err0), (rc1, _, err1) = res
     assert rc0 == rc1 == 2 and took < 60, (took, err0[-2000:], err1[-2000:])

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from distill import files
-from distill.files import LOCK_NAME, DirLock, UserError, lock_dir, lock_holder
+from distill.files import LOCK_NAME, DirLock, UserError, lock_holder
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Takes the lock on argv[1] (after waiting until time argv[2]), says so, then holds it argv[3] seconds.
 HOLDER = textwrap.dedent("""
     import sys, time
-    from distill.files import UserError, lock_dir
+    from distill.files import DirLock, UserError
     time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
     try:
-        lock = lock_dir(sys.argv[1], "cache")
+        lock = DirLock(sys.argv[1], "cache").acquire()
     except UserError as e:
         print("busy", e, flush=True)
         sys.exit(0)
@@ -55,14 +55,14 @@ def _write_lock(directory: Path, **info) -> Path:
 
 def test_acquire_release_creates_parents(tmp_path):
     out = tmp_path / "a" / "b"
-    with lock_dir(out, "cache") as lock:
+    with DirLock(out, "cache").acquire() as lock:
         assert isinstance(lock, DirLock) and lock.held
         info = json.loads((out / LOCK_NAME).read_text())
         assert set(info) == {"host", "pid", "pid_start", "started", "what"}
         assert (info["host"], info["pid"], info["what"]) == (socket.gethostname(), os.getpid(), "cache")
         assert lock_holder(out) is None and DirLock.held_by_other(out) is None      # our own lock
         with pytest.raises(UserError, match="in use"):                               # not re-entrant
-            lock_dir(out, "cache")
+            DirLock(out, "cache").acquire()
     assert not (out / LOCK_NAME).exists()
     with DirLock(out, "train"):                                                      # acquired on enter
         assert json.loads((out / LOCK_NAME).read_text())["what"] == "train"
@@ -70,7 +70,7 @@ def test_acquire_release_creates_parents(tmp_path):
 
 
 def test_release_keeps_a_lock_that_is_no_longer_ours(tmp_path):
-    lock = lock_dir(tmp_path, "cache")
+    lock = DirLock(tmp_path, "cache").acquire()
     _write_lock(tmp_path, pid=os.getpid() + 1, host="elsewhere")
     lock.release()
     assert (tmp_path / LOCK_NAME).exists()
@@ -81,7 +81,7 @@ def test_another_live_process_holds_the_lock(tmp_path):
     try:
         assert p.stdout.readline().strip() == "locked"
         with pytest.raises(UserError) as e:
-            lock_dir(tmp_path, "filter")
+            DirLock(tmp_path, "filter").acquire()
         msg = str(e.value)
         assert "\n" not in msg and f"pid {p.pid} on {socket.gethostname()}" in msg
         assert msg.startswith(f"{tmp_path} is in use by distill cache (")      # the holder's stage, not ours
@@ -93,7 +93,7 @@ def test_another_live_process_holds_the_lock(tmp_path):
         p.wait()
     # killed without releasing: its lock is now stale and gets taken over
     assert lock_holder(tmp_path) is None
-    with lock_dir(tmp_path, "filter"):
+    with DirLock(tmp_path, "filter").acquire():
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
@@ -102,7 +102,7 @@ def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path, capfd):
     _write_lock(tmp_path, pid=pid)
     assert lock_holder(tmp_path) is None
     capfd.readouterr()
-    with lock_dir(tmp_path, "cache"):
+    with DirLock(tmp_path, "cache").acquire():
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     err = capfd.readouterr().err
     assert err == (f"distill: warning: taking over a stale lock on {tmp_path} "
@@ -113,7 +113,7 @@ def test_lock_of_another_host_counts_as_live(tmp_path):
     _write_lock(tmp_path, pid=_dead_pid(), host="some-other-host")
     assert lock_holder(tmp_path)["host"] == "some-other-host"
     with pytest.raises(UserError, match="on some-other-host, since 2020-01-01"):
-        lock_dir(tmp_path, "cache")
+        DirLock(tmp_path, "cache").acquire()
 
 
 def test_unreadable_lock_is_stale_only_when_old(tmp_path, capfd, monkeypatch):
@@ -122,12 +122,12 @@ def test_unreadable_lock_is_stale_only_when_old(tmp_path, capfd, monkeypatch):
     path.write_text('{"host": "x", "pi')                  # half-written
     assert lock_holder(tmp_path) is not None
     with pytest.raises(UserError, match="in use"):
-        lock_dir(tmp_path, "cache")
+        DirLock(tmp_path, "cache").acquire()
     old = time.time() - 60
     os.utime(path, (old, old))
     assert lock_holder(tmp_path) is None
     capfd.readouterr()
-    with lock_dir(tmp_path, "cache"):
+    with DirLock(tmp_path, "cache").acquire():
         pass
     assert "taking over a stale lock" in capfd.readouterr().err
 
@@ -148,10 +148,10 @@ def test_import_keeps_umask_and_writes_follow_it(tmp_path):
         os.umask(0o027)
         import distill, distill.files, distill.format
         assert os.umask(0o027) == 0o027, "import changed the umask"
-        from distill.files import LOCK_NAME, atomic_write_bytes, lock_dir
+        from distill.files import LOCK_NAME, DirLock, atomic_write_bytes
         p = os.path.join(sys.argv[1], "f.bin")
         atomic_write_bytes(p, b"x")
-        with lock_dir(sys.argv[1], "cache"):
+        with DirLock(sys.argv[1], "cache").acquire():
             lock_mode = stat.S_IMODE(os.stat(os.path.join(sys.argv[1], LOCK_NAME)).st_mode)
         print(oct(stat.S_IMODE(os.stat(p).st_mode)), oct(lock_mode))
     """)

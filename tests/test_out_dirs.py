@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_TEACHER, REPO, demo_head, image_bytes, kill_group, one_line_error, run_group
-from distill.files import LOCK_NAME, READER_PREFIX, live_readers, lock_dir
+from distill.files import LOCK_NAME, READER_PREFIX, DirLock, live_readers
 
 V1 = REPO / "tests" / "data" / "v1-cache"
 CACHE_FLAGS = ["--teacher", str(DEMO_TEACHER), "--teacher-input-size", "32", "--epochs", "2", "--topk", "5",
@@ -279,7 +279,7 @@ def test_sigterm_during_train_student_resumes(tiny, tmp_path):
 def test_locked_out_is_refused_before_ray_naming_the_holder(tiny, tmp_path):
     out = tmp_path / "cache"
     ray_tmp = tmp_path / "ray"
-    with lock_dir(out, "filter-labels"):                   # held by this (test) process, as another stage
+    with DirLock(out, "filter-labels").acquire():                   # held by this (test) process, as another stage
         t0 = time.monotonic()
         r = distill("cache-teacher", "--shards", tiny["shards"], "--out", out, *CACHE_FLAGS,
                     env=dict(ENV, RAY_TMPDIR=str(ray_tmp)))

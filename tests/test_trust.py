@@ -277,18 +277,18 @@ def test_overwrite_never_deletes_a_cache_being_read(built, tmp_path):
 
 
 def test_train_student_locks_its_run_directory(built, tmp_path):
-    from distill.files import lock_dir
+    from distill.files import DirLock
     tmp, shards = built
-    with lock_dir(tmp_path / "run", "train-student"):
+    with DirLock(tmp_path / "run", "train-student").acquire():
         r = _cli(*_train_args(shards, tmp / "cache", tmp_path / "run"))
     one_line_error(r, "in use", f"pid {os.getpid()}")
 
 
 def test_filter_labels_locks_its_directory(tmp_path):
-    from distill.files import lock_dir
+    from distill.files import DirLock
     args = ["filter-labels", "--shards", REPO / "shards/demo/train", "--scorer", DEMO_TEACHER,
             "--scorer-input-size", "32", "--out", tmp_path / "f", "--quiet"]
-    with lock_dir(tmp_path / "f", "filter-labels"):
+    with DirLock(tmp_path / "f", "filter-labels").acquire():
         r = _cli(*args)
     one_line_error(r, "in use", "filter-labels", f"pid {os.getpid()}")
     assert not (tmp_path / "f" / "scoring").exists()

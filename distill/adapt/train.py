@@ -10,6 +10,7 @@ stops the run (``train.loop.diverged``).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def _step(model: nn.Module, opt, crit, b: dict, device: torch.device, state: dic
         torch.cuda.reset_peak_memory_stats(device)
     saved = _SavedBytes() if first else None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        with (saved or _null)():
+        with saved() if saved else contextlib.nullcontext():
             logits = model(b["image"])
         loss, _ = crit(logits, b)
     loss.backward()
@@ -124,14 +125,6 @@ def _step(model: nn.Module, opt, crit, b: dict, device: torch.device, state: dic
     if first:
         state["memory"] = _memory(model, opt, saved, device, b["image"].shape[0])
     return float(loss.detach())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _SavedBytes:
