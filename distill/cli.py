@@ -114,6 +114,22 @@ def cmd_convert_cache(args) -> int:
     return 0
 
 
+def cmd_pull(args) -> int:
+    from . import storage
+    from .cache.transfer import pull
+    storage.set_options(args.storage_options)
+    print(pull(args.url, args.dir, epochs=args.epochs, shards=args.shards, quiet=args.quiet).summary())
+    return 0
+
+
+def cmd_push(args) -> int:
+    from . import storage
+    from .cache.transfer import push
+    storage.set_options(args.storage_options)
+    print(push(args.dir, args.url, quiet=args.quiet).summary())
+    return 0
+
+
 def cmd_models(args) -> int:
     import json
 
@@ -256,6 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every skipped sample recorded for PATH as TSV (shard, key, reason) instead")
     s.set_defaults(func=cmd_inspect)
 
+    storage_help = ("JSON object of options for the store's filesystem (s3fs, gcsfs), e.g. "
+                    "'{\"endpoint_url\": \"http://minio:9000\"}'; default: the standard environment (AWS_*, "
+                    "GOOGLE_APPLICATION_CREDENTIALS); never written anywhere")
+    s = sub.add_parser("pull", help="copy a cache from object storage (or a directory): all, or its first epochs and some shards",
+                       description="Copy the cache at URL into DIR, checking every byte against the manifest and the "
+                                   "files' checksums; --epochs 0-B fetches only those epochs' byte ranges. Rerun to resume.")
+    s.add_argument("url", metavar="CACHE_URL")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("--epochs", metavar="0-B", help="only epochs 0..B (the result is a cache of B+1 epochs)")
+    s.add_argument("--shards", metavar="PATTERN", help="only the shards whose names match this glob, e.g. 'train-00000*'")
+    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("push", help="upload a cache directory to object storage",
+                       description="Upload the cache in DIR to URL: files checked, uploaded whole, the manifest last. "
+                                   "Rerun to resume.")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("url", metavar="CACHE_URL")
+    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_push)
+
     s = sub.add_parser("models", help="list the student models: parameters, GFLOPs, source paper",
                        description="List the registered students (train-student --model): parameters with a "
                                    "1,000-class head, GFLOPs (multiply-accumulates) at 224 px, source paper.")
@@ -295,6 +334,8 @@ def _resume_hint(args, argv: list[str]) -> str:
         if args.resume:
             return f"finished epochs are kept; rerun the same command to resume: {cmd}"
         return f"finished epochs are kept; rerun with --resume to continue: {cmd} --resume"
+    if command in ("pull", "push"):
+        return f"files already copied are kept; rerun the same command to resume: {cmd}"
     if command in ("run", "demo"):
         return (f"finished shards (and epochs of a train-student with resume = true) are kept; rerun the same "
                 f"command to resume: {cmd}")
@@ -320,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        sys.stderr.write(f"distill: error: {e}\n")
+        from .storage import redact
+        sys.stderr.write(f"distill: error: {redact(str(e))}\n")
         return 2
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"

@@ -1,0 +1,312 @@
+"""Where distill's files live: local paths, ``file://`` URLs and object stores (``s3://``, ``gs://``;
+``https://`` read-only), through fsspec (s3fs, gcsfs, aiohttp: the extras ``distill[s3]``,
+``distill[gcs]``, ``distill[http]``).
+
+Credentials and endpoints come from the standard environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...) or from
+``set_options`` (the CLI's ``--storage-options JSON``); they stay in this process: nothing here writes
+them, and ``redact`` takes their values out of any message.
+
+Every request to a store is counted (``STATS``: GET requests, bytes fetched, PUT requests, bytes
+sent), so a benchmark can say what an epoch or a pull costs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import UserError, atomic_write_bytes
+
+REMOTE = ("s3", "gs", "gcs", "http", "https")
+READ_ONLY = ("http", "https")
+_EXTRA = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+_options: dict = {}
+
+
+@dataclass
+class Stats:
+    gets: int = 0
+    bytes_in: int = 0
+    puts: int = 0
+    bytes_out: int = 0
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def add(self, gets: int = 0, bytes_in: int = 0, puts: int = 0, bytes_out: int = 0) -> None:
+        with self._lock:
+            self.gets += gets
+            self.bytes_in += bytes_in
+            self.puts += puts
+            self.bytes_out += bytes_out
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"gets": self.gets, "bytes_in": self.bytes_in, "puts": self.puts, "bytes_out": self.bytes_out}
+
+
+STATS = Stats()
+
+
+def set_options(options: dict | str | None) -> None:
+    """Options for the store's filesystem (e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}``
+    for s3fs), for this process only; a JSON text is parsed. Replaces the previous options."""
+    global _options
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError as e:
+            raise UserError(f"--storage-options is not JSON ({e.msg})") from None
+    if options is not None and not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object")
+    _options = dict(options or {})
+
+
+def scheme(location: str | os.PathLike) -> str:
+    """``s3``, ``gs``, ``https``, ... for a URL; ``file`` for a path or ``file://`` URL."""
+    text = os.fspath(location)
+    head, sep, _ = text.partition("://")
+    return head.lower() if sep and head.isalnum() else "file"
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return scheme(location) in REMOTE
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    """A local location as a Path (``file://`` stripped)."""
+    text = os.fspath(location)
+    return Path(text[len("file://"):] if text.lower().startswith("file://") else text)
+
+
+def _fs(location: str):
+    """(fsspec filesystem, its path) of a remote location; a missing backend is one line naming the extra."""
+    s = scheme(location)
+    try:
+        import fsspec
+        fs, path = fsspec.core.url_to_fs(location, **_options)
+    except ImportError as e:
+        raise UserError(f"{s}:// needs {getattr(e, 'name', None) or 'its fsspec backend'}: "
+                        f"pip install 'distill[{_EXTRA.get(s, s)}]'") from None
+    except ValueError as e:
+        raise UserError(redact(f"{location}: {e}")) from None
+    return fs, path
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    text = os.fspath(location)
+    if not is_remote(text):
+        return os.fspath(local_path(text).joinpath(*parts))
+    return posixpath.join(text.rstrip("/"), *parts)
+
+
+def name(location: str | os.PathLike) -> str:
+    return posixpath.basename(os.fspath(location).rstrip("/"))
+
+
+def _fail(location: str, e: BaseException) -> UserError:
+    if isinstance(e, FileNotFoundError):
+        return UserError(redact(f"not found: {location}"))
+    if isinstance(e, PermissionError):
+        return UserError(redact(f"access denied: {location} (check the store's credentials)"))
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(redact(f"cannot reach {location}: {text}"))
+
+
+def size(location: str | os.PathLike) -> int:
+    text = os.fspath(location)
+    if not is_remote(text):
+        return local_path(text).stat().st_size
+    fs, path = _fs(text)
+    try:
+        return int(fs.size(path))
+    except Exception as e:  # noqa: BLE001 - one line, whatever the backend raised
+        raise _fail(text, e) from None
+
+
+def exists(location: str | os.PathLike) -> bool:
+    text = os.fspath(location)
+    if not is_remote(text):
+        return local_path(text).exists()
+    fs, path = _fs(text)
+    try:
+        fs.invalidate_cache(path)
+        return bool(fs.exists(path))
+    except Exception as e:  # noqa: BLE001
+        raise _fail(text, e) from None
+
+
+def listdir(location: str | os.PathLike) -> list[str]:
+    """The names of the objects directly under a prefix (or files in a directory), sorted."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        p = local_path(text)
+        return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
+    fs, path = _fs(text)
+    try:
+        fs.invalidate_cache(path)
+        return sorted(posixpath.basename(x.rstrip("/")) for x in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+    except Exception as e:  # noqa: BLE001
+        raise _fail(text, e) from None
+
+
+def read_bytes(location: str | os.PathLike, start: int | None = None, end: int | None = None) -> bytes:
+    """The bytes of a file or object, or of its range [start, end) (one GET)."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        with open(local_path(text), "rb") as f:
+            f.seek(start or 0)
+            return f.read() if end is None else f.read(end - (start or 0))
+    fs, path = _fs(text)
+    try:
+        data = fs.cat_file(path, start=start, end=end)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(text, e) from None
+    STATS.add(gets=1, bytes_in=len(data))
+    return data
+
+
+def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> None:
+    """Write a whole file or object: locally atomically (temp file, rename); to a store as one upload
+    (multipart for large objects), which the store makes visible whole or not at all. ``exclusive``:
+    only if nothing is there yet (``FileExistsError`` otherwise; on S3 a conditional put)."""
+    text = os.fspath(location)
+    s = scheme(text)
+    if s in READ_ONLY:
+        raise UserError(f"{s}:// is read-only: cannot write {text}")
+    if not is_remote(text):
+        p = local_path(text)
+        if exclusive:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "xb") as f:
+                f.write(data)
+            return
+        atomic_write_bytes(p, data)
+        return
+    fs, path = _fs(text)
+    try:
+        if exclusive:
+            fs.pipe_file(path, data, mode="create")
+        else:
+            fs.pipe_file(path, data)
+    except FileExistsError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if "PreconditionFailed" in str(e) or "412" in str(e):
+            raise FileExistsError(text) from None
+        raise _fail(text, e) from None
+    STATS.add(puts=1, bytes_out=len(data))
+
+
+def remove(location: str | os.PathLike) -> None:
+    text = os.fspath(location)
+    if not is_remote(text):
+        local_path(text).unlink(missing_ok=True)
+        return
+    fs, path = _fs(text)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        raise _fail(text, e) from None
+
+
+class RangeFile:
+    """A read-only, seekable file over an object, for tarfile and pyarrow: each read past what is held
+    is one ranged GET of at least ``block`` bytes (``prefetch`` fetches given ranges in one GET each,
+    e.g. one epoch's record batches). Local files are opened as themselves (``open_input``)."""
+
+    def __init__(self, location: str, block: int = 1 << 20):
+        self.location, self.block = location, block
+        self.size = size(location)
+        self.pos = 0
+        self._held: list[tuple[int, bytes]] = []     # (start, bytes), most recent last
+        self.closed = False
+
+    def prefetch(self, ranges) -> None:
+        for start, end in ranges:
+            end = min(end, self.size)
+            if end > start and not self._find(start, end):
+                self._hold(start, read_bytes(self.location, start, end))
+
+    def _hold(self, start: int, data: bytes) -> None:
+        self._held.append((start, data))
+        del self._held[:-8]                          # bounded: the last few ranges only
+
+    def _find(self, start: int, end: int) -> bytes | None:
+        for s, data in reversed(self._held):
+            if s <= start and end <= s + len(data):
+                return data[start - s:end - s]
+        return None
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        data = self._find(self.pos, end)
+        if data is None:
+            fetch_end = min(self.size, max(end, self.pos + self.block))
+            got = read_bytes(self.location, self.pos, fetch_end)
+            self._hold(self.pos, got)
+            data = got[:end - self.pos]
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        self._held = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_input(location: str | os.PathLike, block: int = 1 << 20):
+    """A seekable binary file to read: the local file itself, or a ``RangeFile`` over the object."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        return open(local_path(text), "rb")
+    return RangeFile(text, block)
+
+
+def redact(text: str) -> str:
+    """``text`` without the value of any secret it might hold: the storage options' and the
+    environment's credentials (variables named like keys, secrets, tokens, passwords)."""
+    secrets = [str(v) for k, v in _options.items() if any(w in k.lower() for w in _SECRET_WORDS)]
+    secrets += [v for k, v in os.environ.items()
+                if k.startswith(("AWS_", "GOOGLE_", "GCS_", "AZURE_")) and any(w in k.lower() for w in _SECRET_WORDS)]
+    for s in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(s, "***")
+    return text
