@@ -70,6 +70,8 @@ def inside(directory: str | os.PathLike, name: Any, what: str, where: str) -> Pa
     """``directory / name`` for a name a manifest, index or other file gives (``plain_name``), refused
     when that path is a symbolic link that leads outside ``directory``. The message names the entry
     only: nothing about the file outside (size, existence, content)."""
+    if getattr(directory, "protocol", "") not in ("", "file"):    # in an object store: no links
+        return directory / plain_name(name, what, where)
     path = Path(directory) / plain_name(name, what, where)
     if path.is_symlink() and not path.resolve().is_relative_to(Path(directory).resolve()):
         raise FormatError(f"{what} {name!r}, which is a symbolic link that leads outside {where}")
@@ -87,8 +89,9 @@ def error_text(e: BaseException) -> str:
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    from . import storage                 # a file in an object store is read in ranged requests
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(path, block=8 << 20) as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
@@ -158,7 +161,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
+    from . import storage
     try:
+        if storage.is_remote(path):
+            if not storage.exists(path):
+                raise FileNotFoundError(path)
+            return json.loads(storage.read_bytes(path))
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:

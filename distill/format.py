@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
+from . import storage
 from .files import FormatError, UserError, atomic_write_json, digest, inside, plain_name, read_json, sha256_file
 
 SHARD_INDEX_NAME = "index.json"
@@ -122,12 +123,12 @@ class ShardIndex:
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "ShardIndex":
-        path = Path(directory) / SHARD_INDEX_NAME
+        path = storage.path(directory) / SHARD_INDEX_NAME
         return cls.from_dict(read_json(path, "shard index"), path)
 
     def paths(self, directory: str | os.PathLike) -> list[Path]:
         """The shards' paths in ``directory`` (the index's own), each inside it (``files.inside``)."""
-        return [inside(directory, s.name, f"{Path(directory) / SHARD_INDEX_NAME} names shard", SHARD_DIR)
+        return [inside(directory, s.name, f"{storage.path(directory) / SHARD_INDEX_NAME} names shard", SHARD_DIR)
                 for s in self.shards]
 
 
@@ -636,6 +637,46 @@ def decode_cache_shard(table: pa.Table, epochs=None, columns=None) -> pa.Table:
     return _logical(md, fetch, epochs, columns, 0, n)
 
 
+def ipc_blocks(footer: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of each record batch of an Arrow IPC file, from its footer (the flatbuffer
+    ``Footer`` between the file's data and its last 10 bytes): field 3 of the root table is the vector
+    of ``Block`` structs (offset int64, metadata length int32, padding, body length int64)."""
+    try:
+        table = struct.unpack_from("<I", footer, 0)[0]
+        vtable = table - struct.unpack_from("<i", footer, table)[0]
+        vlen = struct.unpack_from("<H", footer, vtable)[0]
+        fo = struct.unpack_from("<H", footer, vtable + 10)[0] if vlen > 10 else 0
+        if not fo:
+            return []
+        vec = table + fo + struct.unpack_from("<I", footer, table + fo)[0]
+        return [(off, meta + body) for off, meta, body in
+                (struct.unpack_from("<qi4xq", footer, vec + 4 + 24 * i)
+                 for i in range(struct.unpack_from("<I", footer, vec)[0]))]
+    except struct.error:
+        raise FormatError("its Arrow footer is damaged") from None
+
+
+class RemoteArrowFile(storage.RangeFile):
+    """An Arrow IPC file in an object store, read in part: its footer is fetched once (two exact ranged
+    GETs: the trailer, then the footer) and kept; ``prefetch_batches(first, last)`` fetches the byte
+    span of those record batches in one GET (a cache file is epoch-major, so one epoch is one span);
+    any other read is one exact ranged GET."""
+
+    def __init__(self, location: str):
+        super().__init__(location, block=0)
+        trailer = self.pin(max(0, self.size - 10), self.size)
+        if len(trailer) != 10 or trailer[-6:] != b"ARROW1":
+            raise FormatError(f"cache file unreadable: {location} (not an Arrow IPC file); run distill verify")
+        n = struct.unpack("<i", trailer[:4])[0]
+        if not 0 < n <= self.size - 10:
+            raise FormatError(f"cache file unreadable: {location} (its footer length is {n}); run distill verify")
+        self.blocks = ipc_blocks(self.pin(self.size - 10 - n, self.size - 10))
+
+    def prefetch_batches(self, first: int, last: int) -> None:
+        if 0 <= first <= last < len(self.blocks):
+            self.prefetch([(self.blocks[first][0], self.blocks[last][0] + self.blocks[last][1])])
+
+
 class CacheFile:
     """One shard file of a cache, opened for reading: its metadata comes from the IPC footer, and only
     the record batches (epochs, sample ranges) and columns asked for are read and decompressed.
@@ -646,11 +687,18 @@ class CacheFile:
     A file written before checksums existed (``checksummed`` False) is read unchecked.
 
     ``source``: an open pyarrow file to read from instead of memory-mapping ``path`` (e.g. one that
-    counts the bytes read). ``batches_read`` counts the record batches read so far."""
+    counts the bytes read); a ``RemoteArrowFile`` for a file in an object store (a read of three or
+    more columns then fetches its record batches' byte span in one request). ``batches_read`` counts
+    the record batches read so far."""
 
     def __init__(self, path: str | os.PathLike, source=None):
         self.path = str(path)
+        if source is None and storage.is_remote(path):
+            source = RemoteArrowFile(self.path)
+        self._remote = source if isinstance(source, RemoteArrowFile) else None
         try:
+            if self._remote is not None:
+                source = pa.PythonFile(source, mode="r")
             self._src = source if source is not None else pa.memory_map(self.path)
             self._readers: dict = {}
             self.schema = self._reader(()).schema
@@ -730,6 +778,9 @@ class CacheFile:
         if -1 in fields:
             raise FormatError(f"cache file {self.path} has no column {columns}")
         first, last = start // self.chunk, max(start, stop - 1) // self.chunk
+        if self._remote is not None and len(fields) >= 3:
+            self._remote.prefetch_batches(epoch * self.per_epoch + first,
+                                          epoch * self.per_epoch + min(last, self.per_epoch - 1))
         parts = [self._batch(fields, epoch * self.per_epoch + c) for c in range(first, min(last, self.per_epoch - 1) + 1)]
         if not parts:
             return pa.table({c: pa.array([], self.schema.field(c).type) for c in columns})
@@ -844,7 +895,7 @@ def ipc_bytes(table: pa.Table) -> bytes:
 
 def read_ipc(path: str | os.PathLike, columns=None) -> pa.Table:
     try:
-        with pa.memory_map(str(path)) as src:
+        with (pa.BufferReader(storage.read_bytes(path)) if storage.is_remote(path) else pa.memory_map(str(path))) as src:
             reader = pa.ipc.open_file(src)
             table = reader.read_all()
     except FileNotFoundError:

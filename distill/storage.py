@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import UserError, atomic_write_bytes
+from .files import UserError
 
 REMOTE = ("s3", "gs", "gcs", "http", "https")
 READ_ONLY = ("http", "https")
@@ -68,10 +68,28 @@ def set_options(options: dict | str | None) -> None:
     _options = dict(options or {})
 
 
+def text(location) -> str:
+    """A location as text: a path, or the URL of a remote ``path()``."""
+    return str(location) if getattr(location, "protocol", "") not in ("", "file") else os.fspath(location)
+
+
+def path(location):
+    """A pathlib-like object for a location: ``pathlib.Path`` for a local one, else a
+    ``upath.UPath`` (universal_pathlib, over the same fsspec filesystem) with this process's options."""
+    loc = text(location)
+    if not is_remote(loc):
+        return local_path(loc).expanduser()
+    try:
+        from upath import UPath
+    except ImportError:
+        raise UserError(f"{scheme(loc)}:// needs universal_pathlib: pip install 'distill[{_EXTRA.get(scheme(loc))}]'") from None
+    return UPath(loc, **_options)
+
+
 def scheme(location: str | os.PathLike) -> str:
     """``s3``, ``gs``, ``https``, ... for a URL; ``file`` for a path or ``file://`` URL."""
-    text = os.fspath(location)
-    head, sep, _ = text.partition("://")
+    text_ = text(location)
+    head, sep, _ = text_.partition("://")
     return head.lower() if sep and head.isalnum() else "file"
 
 
@@ -81,8 +99,8 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 def local_path(location: str | os.PathLike) -> Path:
     """A local location as a Path (``file://`` stripped)."""
-    text = os.fspath(location)
-    return Path(text[len("file://"):] if text.lower().startswith("file://") else text)
+    loc = text(location)
+    return Path(loc[len("file://"):] if loc.lower().startswith("file://") else loc)
 
 
 def _fs(location: str):
@@ -100,14 +118,14 @@ def _fs(location: str):
 
 
 def join(location: str | os.PathLike, *parts: str) -> str:
-    text = os.fspath(location)
-    if not is_remote(text):
-        return os.fspath(local_path(text).joinpath(*parts))
-    return posixpath.join(text.rstrip("/"), *parts)
+    loc = text(location)
+    if not is_remote(loc):
+        return os.fspath(local_path(loc).joinpath(*parts))
+    return posixpath.join(loc.rstrip("/"), *parts)
 
 
 def name(location: str | os.PathLike) -> str:
-    return posixpath.basename(os.fspath(location).rstrip("/"))
+    return posixpath.basename(text(location).rstrip("/"))
 
 
 def _fail(location: str, e: BaseException) -> UserError:
@@ -120,56 +138,56 @@ def _fail(location: str, e: BaseException) -> UserError:
 
 
 def size(location: str | os.PathLike) -> int:
-    text = os.fspath(location)
-    if not is_remote(text):
-        return local_path(text).stat().st_size
-    fs, path = _fs(text)
+    loc = text(location)
+    if not is_remote(loc):
+        return local_path(loc).stat().st_size
+    fs, path = _fs(loc)
     try:
         return int(fs.size(path))
     except Exception as e:  # noqa: BLE001 - one line, whatever the backend raised
-        raise _fail(text, e) from None
+        raise _fail(loc, e) from None
 
 
 def exists(location: str | os.PathLike) -> bool:
-    text = os.fspath(location)
-    if not is_remote(text):
-        return local_path(text).exists()
-    fs, path = _fs(text)
+    loc = text(location)
+    if not is_remote(loc):
+        return local_path(loc).exists()
+    fs, path = _fs(loc)
     try:
         fs.invalidate_cache(path)
         return bool(fs.exists(path))
     except Exception as e:  # noqa: BLE001
-        raise _fail(text, e) from None
+        raise _fail(loc, e) from None
 
 
 def listdir(location: str | os.PathLike) -> list[str]:
     """The names of the objects directly under a prefix (or files in a directory), sorted."""
-    text = os.fspath(location)
-    if not is_remote(text):
-        p = local_path(text)
+    loc = text(location)
+    if not is_remote(loc):
+        p = local_path(loc)
         return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
-    fs, path = _fs(text)
+    fs, path = _fs(loc)
     try:
         fs.invalidate_cache(path)
         return sorted(posixpath.basename(x.rstrip("/")) for x in fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
     except Exception as e:  # noqa: BLE001
-        raise _fail(text, e) from None
+        raise _fail(loc, e) from None
 
 
 def read_bytes(location: str | os.PathLike, start: int | None = None, end: int | None = None) -> bytes:
     """The bytes of a file or object, or of its range [start, end) (one GET)."""
-    text = os.fspath(location)
-    if not is_remote(text):
-        with open(local_path(text), "rb") as f:
+    loc = text(location)
+    if not is_remote(loc):
+        with open(local_path(loc), "rb") as f:
             f.seek(start or 0)
             return f.read() if end is None else f.read(end - (start or 0))
-    fs, path = _fs(text)
+    fs, path = _fs(loc)
     try:
         data = fs.cat_file(path, start=start, end=end)
     except Exception as e:  # noqa: BLE001
-        raise _fail(text, e) from None
+        raise _fail(loc, e) from None
     STATS.add(gets=1, bytes_in=len(data))
     return data
 
@@ -178,20 +196,21 @@ def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = F
     """Write a whole file or object: locally atomically (temp file, rename); to a store as one upload
     (multipart for large objects), which the store makes visible whole or not at all. ``exclusive``:
     only if nothing is there yet (``FileExistsError`` otherwise; on S3 a conditional put)."""
-    text = os.fspath(location)
-    s = scheme(text)
+    loc = text(location)
+    s = scheme(loc)
     if s in READ_ONLY:
-        raise UserError(f"{s}:// is read-only: cannot write {text}")
-    if not is_remote(text):
-        p = local_path(text)
+        raise UserError(f"{s}:// is read-only: cannot write {loc}")
+    if not is_remote(loc):
+        p = local_path(loc)
         if exclusive:
             p.parent.mkdir(parents=True, exist_ok=True)
             with open(p, "xb") as f:
                 f.write(data)
             return
+        from .files import atomic_write_bytes
         atomic_write_bytes(p, data)
         return
-    fs, path = _fs(text)
+    fs, path = _fs(loc)
     try:
         if exclusive:
             fs.pipe_file(path, data, mode="create")
@@ -201,23 +220,23 @@ def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = F
         raise
     except Exception as e:  # noqa: BLE001
         if "PreconditionFailed" in str(e) or "412" in str(e):
-            raise FileExistsError(text) from None
-        raise _fail(text, e) from None
+            raise FileExistsError(loc) from None
+        raise _fail(loc, e) from None
     STATS.add(puts=1, bytes_out=len(data))
 
 
 def remove(location: str | os.PathLike) -> None:
-    text = os.fspath(location)
-    if not is_remote(text):
-        local_path(text).unlink(missing_ok=True)
+    loc = text(location)
+    if not is_remote(loc):
+        local_path(loc).unlink(missing_ok=True)
         return
-    fs, path = _fs(text)
+    fs, path = _fs(loc)
     try:
         fs.rm_file(path)
     except FileNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001
-        raise _fail(text, e) from None
+        raise _fail(loc, e) from None
 
 
 class RangeFile:
@@ -230,6 +249,7 @@ class RangeFile:
         self.size = size(location)
         self.pos = 0
         self._held: list[tuple[int, bytes]] = []     # (start, bytes), most recent last
+        self._pinned: list[tuple[int, bytes]] = []   # kept for good (e.g. a footer)
         self.closed = False
 
     def prefetch(self, ranges) -> None:
@@ -238,12 +258,20 @@ class RangeFile:
             if end > start and not self._find(start, end):
                 self._hold(start, read_bytes(self.location, start, end))
 
+    def pin(self, start: int, end: int) -> bytes:
+        """Fetch [start, end) once and keep it for as long as this file lives."""
+        data = self._find(start, end)
+        if data is None:
+            data = read_bytes(self.location, start, min(end, self.size))
+            self._pinned.append((start, data))
+        return data
+
     def _hold(self, start: int, data: bytes) -> None:
         self._held.append((start, data))
         del self._held[:-8]                          # bounded: the last few ranges only
 
     def _find(self, start: int, end: int) -> bytes | None:
-        for s, data in reversed(self._held):
+        for s, data in (*reversed(self._held), *self._pinned):
             if s <= start and end <= s + len(data):
                 return data[start - s:end - s]
         return None
@@ -283,8 +311,8 @@ class RangeFile:
         return False
 
     def close(self) -> None:
-        self.closed = True
-        self._held = []
+        """Nothing to release but memory: what is held stays, so the file may be read again (pyarrow
+        closes its wrapper after each open; a reader reopens the same RangeFile)."""
 
     def __enter__(self):
         return self
@@ -295,10 +323,10 @@ class RangeFile:
 
 def open_input(location: str | os.PathLike, block: int = 1 << 20):
     """A seekable binary file to read: the local file itself, or a ``RangeFile`` over the object."""
-    text = os.fspath(location)
-    if not is_remote(text):
-        return open(local_path(text), "rb")
-    return RangeFile(text, block)
+    loc = text(location)
+    if not is_remote(loc):
+        return open(local_path(loc), "rb")
+    return RangeFile(loc, block)
 
 
 def redact(text: str) -> str:

@@ -172,3 +172,59 @@ def test_an_interrupted_pull_reruns_to_the_same_cache(cache4, bucket, tmp_path):
     assert rerun.reused == 2 and rerun.bytes_written == 0
     with pytest.raises(UserError):                                     # another pull into it is refused
         pull(url, tmp_path / "q", epochs="0-0", quiet=True)
+
+
+def test_open_cache_on_a_bucket_reads_one_epoch_by_its_byte_range(cache4, bucket):
+    """A remote cache reads the records a local one does; one epoch costs its footer (once) and one span."""
+    import distill
+    from distill.cache.transfer import push
+    _, local = cache4
+    url = f"{bucket}/c"
+    push(local, url, quiet=True)
+    here, there = distill.open_cache(local), distill.open_cache(url)
+    assert there.remote and there.num_records == here.num_records and there.shard_names == here.shard_names
+    before = storage.STATS.snapshot()
+    for e in (1, 3):
+        for name in here.shard_names:
+            a = here.shard_table(name, epochs=[e], columns=["seed", "topk_idx", "topk_prob"])
+            b = there.shard_table(name, epochs=[e], columns=["seed", "topk_idx", "topk_prob"])
+            assert a.equals(b), (name, e)
+    spent = storage.STATS.snapshot()
+    files = {e["name"]: e["file_bytes"] for e in here.manifest["shards"]}
+    epoch_bytes = sum(files.values()) / here.epochs
+    per_epoch = (spent["bytes_in"] - before["bytes_in"]) / 2
+    assert per_epoch <= 1.5 * epoch_bytes, (per_epoch, epoch_bytes)
+    assert [there.digests(n).tolist() for n in there.shard_names] == [here.digests(n).tolist() for n in here.shard_names]
+    assert there.record(here.keys(here.shard_names[0])[5], 2) == here.record(here.keys(here.shard_names[0])[5], 2)
+
+
+def _upload_dir(local: Path, url: str) -> None:
+    for f in sorted(local.iterdir()):
+        storage.write_bytes(f"{url}/{f.name}", f.read_bytes())
+
+
+def test_train_student_from_a_bucket_reaches_the_local_weights(cache4, bucket, tmp_path):
+    """s3:// shards and an s3:// cache: the same checks, the same batches, the same weights as local copies;
+    a changed shard in the bucket is refused like a local one."""
+    import torch
+    shards, local = cache4
+    _upload_dir(shards, f"{bucket}/train")
+    r = _cli("push", local, f"{bucket}/cache", "--quiet")
+    assert r.returncode == 0, r.stderr
+    common = ["--model", "tinyvit-tiny", "--image-size", 32, "--epochs", 1, "--batch-size", 16, "--loader-workers", 1,
+              "--device", "cpu", "--threads", 1, "--quiet"]
+    for where, s, c in (("remote", f"{bucket}/train", f"{bucket}/cache"), ("local", shards, local)):
+        r = _cli("train-student", "--shards", s, "--cache", c, "--out", tmp_path / where, *common)
+        assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / "remote" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "local" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for f in (tmp_path / "remote").rglob("*"):
+        if f.is_file():
+            assert S3_SECRET.encode() not in f.read_bytes(), f
+    name = sorted(p.name for p in shards.glob("*.tar"))[0]
+    data = bytearray((shards / name).read_bytes())
+    data[len(data) // 2] ^= 0x01                             # same size, one image byte changed
+    storage.write_bytes(f"{bucket}/train/{name}", bytes(data))
+    r = _cli("train-student", "--shards", f"{bucket}/train", "--cache", f"{bucket}/cache", "--out", tmp_path / "x", *common)
+    assert r.returncode == 2 and name in r.stderr, r.stderr

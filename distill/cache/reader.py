@@ -4,6 +4,7 @@ to replay views, matplotlib (``distill[viz]``) only to draw them, pandas only fo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import os
@@ -14,25 +15,32 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .. import storage
 from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, DIGEST_COLUMN,
                       ENTRY_CROSS_CHECKED, LOGICAL_COLUMNS, MANIFEST_NAME, RUN_NAME, SHARD_DIR, CacheFile,
-                      cache_file_name, cache_file_path, check_manifest, decode_cache_shard,
-                      read_ipc, sample_digest)
+                      RemoteArrowFile, cache_file_name, cache_file_path, check_cache_names, check_manifest,
+                      decode_cache_shard, read_ipc, sample_digest)
 from ..files import FormatError, UserError, inside, read_json
 
 _READ_THREADS = min(4, os.cpu_count() or 1)
+_KEEP_OBJECTS = 64          # remote shard files whose footers a process keeps
 
 
 class Cache:
     def __init__(self, path: str | os.PathLike, shards_dir: str | os.PathLike | None = None):
-        self.path = Path(path)
-        if not self.path.is_dir():
+        self.remote = storage.is_remote(path)
+        self.path = os.fspath(path).rstrip("/") if self.remote else storage.local_path(path)
+        if self.remote:
+            m = _read_remote_manifest(self.path)
+        elif not self.path.is_dir():
             raise UserError(f"cache directory not found: {self.path}")
-        m = _read_manifest(self.path)
+        else:
+            m = _read_manifest(self.path)
         self.manifest = m
         self._checked: set[str] = set()      # shard files already checked against the manifest
+        self._objects: dict[str, RemoteArrowFile] = {}     # a remote cache's files, footers fetched
         source = m.get("source") if isinstance(m.get("source"), dict) else {}
-        self._shards_dir = Path(shards_dir) if shards_dir else Path(str(source.get("dir", ".")))
+        self._shards_dir = storage.path(shards_dir if shards_dir else str(source.get("dir", ".")))
 
     # ------------------------------------------------------------------ facts
     classes = property(lambda self: self.manifest["classes"])
@@ -75,10 +83,16 @@ class Cache:
         except KeyError:
             raise UserError(f"no shard {shard!r} in this cache (have {self.shard_names[:5]}...)") from None
 
-    def file_path(self, shard: str) -> Path:
+    def file_path(self, shard: str) -> Path | str:
         """Where the shard's cache file is: the manifest's ``file`` in the cache directory, refused when
-        it is a symbolic link that leads outside (not checked against the manifest: see ``file``)."""
+        it is a symbolic link that leads outside (not checked against the manifest: see ``file``); in
+        a store, the object's URL (a plain name under the cache's prefix: ``check_cache_names``)."""
+        if self.remote:
+            return storage.join(self.path, self._entry(shard)["file"])
         return cache_file_path(self.path, self._entry(shard), self.path / MANIFEST_NAME)
+
+    def __getstate__(self):                      # to DataLoader workers: no fetched bytes
+        return dict(self.__dict__, _objects={})
 
     def file(self, shard: str) -> Path:
         """The shard's cache file, checked against the manifest the first time it is used: its size, its
@@ -101,12 +115,33 @@ class Cache:
         """The shard's file opened for reading only the epochs, samples and columns asked for; the first
         time, checked against the manifest (``file_problem``) on the same open file."""
         entry, f = self._entry(shard), self.file_path(shard)
+        if self.remote:
+            return self._open_object(shard, entry, f)
         if shard in self._checked:
             return CacheFile(f)
         problem, cf = _checked_open(f, entry, self.manifest)
         if problem:
             raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
         self._checked.add(shard)
+        return cf
+
+    def _open_object(self, shard: str, entry: dict, url: str) -> CacheFile:
+        """A remote shard file: its footer fetched once per process (a few shards' kept), checked the first
+        time against the manifest (size, then the footer's facts); its record batches are checked by
+        their CRC-32 as they are read (a store's file is not hashed whole: that would read every epoch)."""
+        obj = self._objects.pop(shard, None)
+        if obj is None:
+            obj = RemoteArrowFile(url)
+        self._objects[shard] = obj
+        while len(self._objects) > _KEEP_OBJECTS:
+            self._objects.pop(next(iter(self._objects)))
+        cf = CacheFile(url, source=obj)
+        if shard not in self._checked:
+            problem = (f"{url}: size {obj.size} != manifest {entry['file_bytes']}" if obj.size != entry["file_bytes"]
+                       else _footer_problem(cf, entry, self.manifest))
+            if problem:
+                raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
+            self._checked.add(shard)
         return cf
 
     def shard_table(self, shard: str, epochs=None, columns=None, rows: tuple[int, int] | None = None) -> pa.Table:
@@ -198,7 +233,7 @@ class Cache:
 
     def has_digests(self, shard: str) -> bool:
         """Whether the shard's file records per-sample digests (footer only, no data read)."""
-        with CacheFile(self.file_path(shard)) as f:     # checked in full before use
+        with self.open_file(shard) if self.remote else CacheFile(self.file_path(shard)) as f:
             return f.schema.get_field_index(DIGEST_COLUMN) >= 0
 
     def check_sample(self, shard: str, row: int, key: str, data: bytes, label, digests: np.ndarray | None) -> None:
@@ -412,6 +447,24 @@ def _empty_physical() -> pa.Table:
                               np.zeros((0, 1, 1)), np.zeros((0, 1)), num_classes=1)
 
 
+def _read_remote_manifest(url: str) -> dict:
+    """A cache manifest in an object store, checked like a local one; none there is one line."""
+    where = storage.join(url, MANIFEST_NAME)
+    if not storage.exists(where):
+        raise UserError(f"no cache at {url}: {MANIFEST_NAME} not found (a cache is complete once its manifest is written)")
+    try:
+        m = json.loads(storage.read_bytes(where))
+    except ValueError as e:
+        raise FormatError(f"cache manifest is not valid JSON: {where} ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
+        raise FormatError(f"{url} is not a distill cache (format={m.get('format') if isinstance(m, dict) else None!r})")
+    if m.get("version") not in (None, CACHE_VERSION):
+        raise FormatError(old_version(url, m.get("version")))
+    check_manifest(m, where)
+    check_cache_names(m, where)
+    return m
+
+
 def _read_manifest(path: Path) -> dict:
     """The manifest of a finished cache, checked (``format.check_manifest``); a directory without one
     (a cache-teacher run that did not finish) or with an incomplete shard is refused in one line that
@@ -470,14 +523,23 @@ def _checked_open(f: Path, entry: dict, manifest: dict) -> tuple[str | None, Cac
     """(None, the file opened for reading) when it matches its manifest entry (``file_problem``), else
     (the problem, None)."""
     from ..files import sha256_file
-    if not f.exists():
+    source = None
+    if storage.is_remote(f):                     # one whole read, hashed and then parsed from memory
+        if not storage.exists(f):
+            return f"{f}: missing", None
+        data = storage.read_bytes(f)
+        size, sha = len(data), hashlib.sha256(data).hexdigest()
+        source = pa.BufferReader(data)
+    elif not f.exists():
         return f"{f}: missing", None
-    if f.stat().st_size != entry["file_bytes"]:
-        return f"{f}: size {f.stat().st_size} != manifest {entry['file_bytes']}", None
-    if sha256_file(f) != entry["file_sha256"]:
+    else:
+        size, sha = f.stat().st_size, None
+    if size != entry["file_bytes"]:
+        return f"{f}: size {size} != manifest {entry['file_bytes']}", None
+    if (sha or sha256_file(f)) != entry["file_sha256"]:
         return f"{f}: checksum differs from the manifest", None
     try:
-        cf = CacheFile(f)
+        cf = CacheFile(f, source=source)
     except FormatError as e:
         return f"{f}: {e}", None
     try:
@@ -512,7 +574,7 @@ def _read_columns(path: str | os.PathLike, columns=None, threads: bool = True) -
     if not columns:
         return read_ipc(path)
     try:
-        with pa.memory_map(str(path)) as src:
+        with (pa.BufferReader(storage.read_bytes(path)) if storage.is_remote(path) else pa.memory_map(str(path))) as src:
             schema = pa.ipc.open_file(src).schema
             missing = [c for c in columns if schema.get_field_index(c) < 0]
             if missing:

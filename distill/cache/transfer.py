@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import pyarrow as pa
 from .. import storage
 from ..files import (FormatError, UserError, atomic_write_bytes, atomic_write_json, claim_dir, inside, read_json,
                      sha256_file)
-from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, MANIFEST_NAME, RUN_NAME, CacheFile, check_cache_names,
-                      check_manifest, ipc_bytes, manifest_identity, run_id_of)
+from ..format import (ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, MANIFEST_NAME, RUN_NAME, CacheFile, RemoteArrowFile,
+                      check_cache_names, check_manifest, ipc_bytes, manifest_identity, run_id_of)
 from ..progress import bar
 from .reader import _footer_problem
 
@@ -67,57 +66,22 @@ def parse_epochs(text: str | None, epochs: int) -> int:
     return last + 1
 
 
-def _footer_blocks(tail: bytes, size: int) -> tuple[int, list[tuple[int, int]]]:
-    """(where the footer starts, [(offset, length) of each record batch]) of an Arrow IPC file from its
-    last bytes: the footer is a flatbuffer ``Footer``; its field 3 is the vector of record-batch
-    ``Block`` structs (offset int64, metadata length int32, pad, body length int64)."""
-    if len(tail) < 10 or tail[-6:] != b"ARROW1":
-        raise FormatError("not an Arrow IPC file (no ARROW1 trailer)")
-    n = struct.unpack("<i", tail[-10:-6])[0]
-    start = len(tail) - 10 - n
-    if n <= 0 or start < 0:
-        raise FormatError(f"Arrow footer of {n} bytes does not fit")
-    buf = tail[start:len(tail) - 10]
-    try:
-        table = struct.unpack_from("<I", buf, 0)[0]
-        vtable = table - struct.unpack_from("<i", buf, table)[0]
-        vlen = struct.unpack_from("<H", buf, vtable)[0]
-        fo = struct.unpack_from("<H", buf, vtable + 4 + 2 * 3)[0] if vlen > 4 + 2 * 3 else 0
-        if not fo:
-            return size - 10 - n, []
-        vec = table + fo + struct.unpack_from("<I", buf, table + fo)[0]
-        count = struct.unpack_from("<I", buf, vec)[0]
-        blocks = []
-        for i in range(count):
-            off, meta, body = struct.unpack_from("<qi4xq", buf, vec + 4 + 24 * i)
-            blocks.append((off, meta + body))
-    except struct.error:
-        raise FormatError("Arrow footer is damaged") from None
-    return size - 10 - n, blocks
-
-
 def _subset(src: str, entry: dict, manifest: dict, epochs: int, run_id: str) -> tuple[bytes, dict]:
     """The shard file ``src`` cut to its first ``epochs``: (the new file's bytes, its manifest entry).
     Fetches the footer and epochs 0..epochs-1's byte range only; every batch and the footer checked."""
-    f = storage.RangeFile(src, block=0)
-    if f.size != entry["file_bytes"]:
-        raise FormatError(f"{src}: {f.size} bytes, the manifest says {entry['file_bytes']}")
-    f.seek(max(0, f.size - 10))                     # trailer: the footer's length, then the footer
-    trailer = f.read()
-    n = struct.unpack("<i", trailer[:4])[0] if len(trailer) == 10 and trailer[-6:] == b"ARROW1" else 0
-    f.prefetch([(max(0, f.size - 10 - n), f.size)])
-    f.seek(max(0, f.size - 10 - n))
-    foot, blocks = _footer_blocks(f.read(), f.size)
     try:
-        cf = CacheFile(src, source=pa.PythonFile(f, mode="r"))
+        f = RemoteArrowFile(src) if storage.is_remote(src) else None
+        if f is not None and f.size != entry["file_bytes"]:
+            raise FormatError(f"{f.size} bytes, the manifest says {entry['file_bytes']}")
+        cf = CacheFile(src, source=f)
         problem = _footer_problem(cf, entry, manifest)
         if problem:
             raise FormatError(problem)
-        if len(blocks) != cf.num_batches:
-            raise FormatError(f"{src}: footer lists {len(blocks)} record batches, its reader {cf.num_batches}")
         keep = epochs * cf.per_epoch
-        if keep:
-            f.prefetch([(blocks[0][0], blocks[keep - 1][0] + blocks[keep - 1][1])])
+        if f is not None:
+            if len(f.blocks) != cf.num_batches:
+                raise FormatError(f"its footer lists {len(f.blocks)} record batches, its reader {cf.num_batches}")
+            f.prefetch_batches(0, keep - 1)
         fields = tuple(range(len(cf.schema)))
         batches = [cf._batch(fields, i) for i in range(keep)]
     except FormatError as e:

@@ -31,6 +31,12 @@ def _file_problem(cache: Cache, e: dict, rows: bool) -> str | None:
         f = cache.file_path(e["name"])
     except FormatError as err:       # a link leading outside: a problem of this part, like a damaged file
         return str(err)
+    if cache.remote and not rows:        # before training: size and footer; each batch's CRC-32 as it is read
+        try:
+            cache.open_file(e["name"]).close()
+        except FormatError as err:
+            return str(err).removeprefix("cache file ").split(": the cache is damaged")[0]
+        return None
     problem = file_problem(f, e, cache.manifest)
     if problem:
         return problem

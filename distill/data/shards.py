@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from .. import hooks
+from .. import hooks, storage
 from ..format import (DUPLICATE_KEY_REASON, IMAGE_EXT_ALIASES, IMAGE_EXTS, LABEL_EXT, MAX_KEY_LEN, SHARD_INDEX_NAME,
                       SHARD_INDEX_FORMAT,                      SHARD_PREFIX_RE, SHARD_SKIP_KEY, ShardEntry, ShardIndex, Skip, check_key, decode_label,
                       encode_label, sanitize_key, shard_name)
@@ -66,8 +66,8 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], ShardIndex | No
     For a pattern or a file, the ``index.json`` of their common folder is returned when it lists every
     shard named, restricted to those shards (classes and make-time skips unchanged).
     """
-    text = os.fspath(spec)
-    path = Path(text).expanduser()
+    text = storage.text(spec)
+    path = storage.path(text)
     if path.is_dir():
         if (path / SHARD_INDEX_NAME).is_file():
             index = ShardIndex.read(path)
@@ -84,7 +84,7 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], ShardIndex | No
         return paths, None
     if "{" in text:
         from braceexpand import braceexpand  # the brace expansion webdataset uses
-        paths = [Path(p).expanduser() for p in braceexpand(text)]
+        paths = [storage.path(p) for p in braceexpand(text)]
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} of the {len(paths)} shards named by {text} do not exist, e.g. {missing[0]}")
@@ -132,16 +132,18 @@ def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterat
     were all read before the damage is still yielded if complete; an incomplete one is named in the
     reason. Only a missing or unopenable file raises (``UserError``).
     """
-    path = Path(path)
     f = _open_shard(path)
     with f:
-        yield from _samples(_members(f), path.name, require_label)
+        yield from _samples(_members(f), storage.name(path), require_label)
 
 
-def _open_shard(path: Path):
-    """The shard opened for reading; a missing or unopenable file is one UserError."""
+def _open_shard(path):
+    """The shard opened for reading (a file in an object store: streamed in ranged requests of 8 MiB);
+    a missing or unopenable file is one UserError."""
     try:
-        return open(path, "rb")
+        return storage.open_input(path, block=8 << 20)
+    except UserError as e:
+        raise UserError(f"cannot open shard {storage.text(path)}: {e}") from None
     except FileNotFoundError:
         raise UserError(f"shard not found: {path}") from None
     except OSError as e:
@@ -152,9 +154,8 @@ def read_samples(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Samp
     """The samples of ``keys`` from one shard, reading only their members' data: the tar's headers are
     read one by one and the other members' data is seeked over (a notebook replaying one view of a
     1 GB shard reads kilobytes, not the shard). Keys missing, skipped or damaged are left out."""
-    path = Path(path)
     with _open_shard(path) as f:
-        found = _samples(_members(f, seek=True, keys=set(keys)), path.name, require_label=False)
+        found = _samples(_members(f, seek=True, keys=set(keys)), storage.name(path), require_label=False)
         return {x.key: x for x in found if isinstance(x, Sample)}
 
 
@@ -162,9 +163,8 @@ def scan_shard(path: str | os.PathLike) -> Iterator[Sample | Skip]:
     """Like ``iter_shard`` (same samples, same skips, same damage record), but reading only the tar
     headers and the label members: image members are seeked over and ``Sample.data`` is empty. For
     counting a shard cheaply (``distill inspect`` of shards without an index)."""
-    path = Path(path)
     with _open_shard(path) as f:
-        yield from _samples(_members(f, seek=True, read=_is_label), path.name, True)
+        yield from _samples(_members(f, seek=True, read=_is_label), storage.name(path), True)
 
 
 def _is_label(name: str) -> bool:

@@ -352,8 +352,9 @@ def _policy_note(cfg: TrainConfig, data: Data, quiet: bool) -> None:
 
 @contextlib.contextmanager
 def _reading(data: Data, d: Dist, quiet: bool):
-    """Rank 0 marks the cache as being read, so that cache-teacher --overwrite will not delete it."""
-    if data.cache is None or not d.main:
+    """Rank 0 marks the cache as being read, so that cache-teacher --overwrite will not delete it (a
+    cache in an object store is not marked: a store has no such marks)."""
+    if data.cache is None or not d.main or data.cache.remote:
         yield
         return
     with ReaderMark(data.cache.path, "train-student") as mark:
