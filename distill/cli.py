@@ -213,6 +213,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_transfer_parsers(sub) -> None:
+    """distill pull and distill push."""
+    storage_help = ("JSON object of options for the store's filesystem (s3fs, gcsfs), e.g. "
+                    "'{\"endpoint_url\": \"http://minio:9000\"}'; default: the standard environment (AWS_*, "
+                    "GOOGLE_APPLICATION_CREDENTIALS); never written anywhere")
+    s = sub.add_parser("pull", help="copy a cache from object storage (or a directory): all, or its first epochs and some shards",
+                       description="Copy the cache at URL into DIR, checking every byte against the manifest and the "
+                                   "files' checksums; --epochs 0-B fetches only those epochs' byte ranges. Rerun to resume.")
+    s.add_argument("url", metavar="CACHE_URL")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("--epochs", metavar="0-B", help="only epochs 0..B (the result is a cache of B+1 epochs)")
+    s.add_argument("--shards", metavar="PATTERN", help="only the shards whose names match this glob, e.g. 'train-00000*'")
+    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("push", help="upload a cache directory to object storage",
+                       description="Upload the cache in DIR to URL: files checked, uploaded whole, the manifest last. "
+                                   "Rerun to resume.")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("url", metavar="CACHE_URL")
+    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="distill", description="Offline knowledge distillation: run the teacher once, train students from its cache.")
     p.add_argument("--version", action="version", version=f"distill {_version()}")
@@ -272,28 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every skipped sample recorded for PATH as TSV (shard, key, reason) instead")
     s.set_defaults(func=cmd_inspect)
 
-    storage_help = ("JSON object of options for the store's filesystem (s3fs, gcsfs), e.g. "
-                    "'{\"endpoint_url\": \"http://minio:9000\"}'; default: the standard environment (AWS_*, "
-                    "GOOGLE_APPLICATION_CREDENTIALS); never written anywhere")
-    s = sub.add_parser("pull", help="copy a cache from object storage (or a directory): all, or its first epochs and some shards",
-                       description="Copy the cache at URL into DIR, checking every byte against the manifest and the "
-                                   "files' checksums; --epochs 0-B fetches only those epochs' byte ranges. Rerun to resume.")
-    s.add_argument("url", metavar="CACHE_URL")
-    s.add_argument("dir", metavar="DIR")
-    s.add_argument("--epochs", metavar="0-B", help="only epochs 0..B (the result is a cache of B+1 epochs)")
-    s.add_argument("--shards", metavar="PATTERN", help="only the shards whose names match this glob, e.g. 'train-00000*'")
-    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_pull)
-
-    s = sub.add_parser("push", help="upload a cache directory to object storage",
-                       description="Upload the cache in DIR to URL: files checked, uploaded whole, the manifest last. "
-                                   "Rerun to resume.")
-    s.add_argument("dir", metavar="DIR")
-    s.add_argument("url", metavar="CACHE_URL")
-    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_push)
+    _add_transfer_parsers(sub)
 
     s = sub.add_parser("models", help="list the student models: parameters, GFLOPs, source paper",
                        description="List the registered students (train-student --model): parameters with a "

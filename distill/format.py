@@ -124,7 +124,7 @@ class ShardIndex:
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "ShardIndex":
         path = storage.path(directory) / SHARD_INDEX_NAME
-        return cls.from_dict(read_json(path, "shard index"), path)
+        return cls.from_dict(storage.read_json(path, "shard index"), path)
 
     def paths(self, directory: str | os.PathLike) -> list[Path]:
         """The shards' paths in ``directory`` (the index's own), each inside it (``files.inside``)."""

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hooks
 from .files import UserError
 
 REMOTE = ("s3", "gs", "gcs", "http", "https")
@@ -184,12 +185,42 @@ def read_bytes(location: str | os.PathLike, start: int | None = None, end: int |
             f.seek(start or 0)
             return f.read() if end is None else f.read(end - (start or 0))
     fs, path = _fs(loc)
+    if hooks.ACTIVE:
+        hooks.fire("store-get")
     try:
         data = fs.cat_file(path, start=start, end=end)
     except Exception as e:  # noqa: BLE001
         raise _fail(loc, e) from None
     STATS.add(gets=1, bytes_in=len(data))
     return data
+
+
+def sha256(location) -> str:
+    """The sha256 of a file or object (an object is read front to back in 8 MiB ranged requests)."""
+    import hashlib
+    loc = text(location)
+    if not is_remote(loc):
+        from .files import sha256_file
+        return sha256_file(local_path(loc))
+    h = hashlib.sha256()
+    with RangeFile(loc, 8 << 20, ahead=True) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(location, what: str):
+    """A JSON file or object; a missing one is ``FormatError(what not found: location)``."""
+    from .files import FormatError, read_json as read_local
+    loc = text(location)
+    if not is_remote(loc):
+        return read_local(local_path(loc), what)
+    if not exists(loc):
+        raise FormatError(f"{what} not found: {loc}")
+    try:
+        return json.loads(read_bytes(loc))
+    except ValueError as e:
+        raise FormatError(f"{what} is not valid JSON: {loc} ({e})") from None
 
 
 def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> None:
@@ -239,31 +270,85 @@ def remove(location: str | os.PathLike) -> None:
         raise _fail(loc, e) from None
 
 
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def background(fn, *args):
+    """Run ``fn(*args)`` in this process's small pool of request threads (made on first use; a
+    DataLoader worker has its own); returns the Future."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL = ThreadPoolExecutor(4, thread_name_prefix="distill-store")
+    return _POOL.submit(fn, *args)
+
+
 class RangeFile:
     """A read-only, seekable file over an object, for tarfile and pyarrow: each read past what is held
-    is one ranged GET of at least ``block`` bytes (``prefetch`` fetches given ranges in one GET each,
-    e.g. one epoch's record batches). Local files are opened as themselves (``open_input``)."""
+    is one ranged GET of at least ``block`` bytes; with ``ahead`` (a file read front to back, like a tar
+    shard) the next block is fetched in the background meanwhile, so the reader does not wait on the
+    store's latency. ``prefetch`` fetches given ranges in one GET each (e.g. one epoch's record
+    batches); ``prefetch_later`` does it in the background. What is held is bounded: the last 8
+    ranges, and the ``pin``\ ned ones. Local files are opened as themselves (``open_input``)."""
 
-    def __init__(self, location: str, block: int = 1 << 20):
-        self.location, self.block = location, block
+    def __init__(self, location: str, block: int = 1 << 20, ahead: bool = False):
+        self.location, self.block, self.ahead = location, block, ahead
         self.size = size(location)
         self.pos = 0
         self._held: list[tuple[int, bytes]] = []     # (start, bytes), most recent last
         self._pinned: list[tuple[int, bytes]] = []   # kept for good (e.g. a footer)
+        self._pending: dict[tuple[int, int], object] = {}    # (start, end) -> Future of a background fetch
+        self._lock = threading.RLock()
         self.closed = False
+
+    def cursor(self) -> "RangeFile":
+        """Another reader of the same object: its own position, the same held bytes and fetches (one
+        per thread that reads)."""
+        import copy
+        other = copy.copy(self)
+        other.pos = 0
+        return other
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_pending")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.RLock(), _pending={})
 
     def prefetch(self, ranges) -> None:
         for start, end in ranges:
             end = min(end, self.size)
-            if end > start and not self._find(start, end):
-                self._hold(start, read_bytes(self.location, start, end))
+            if end > start and self._find(start, end) is None:
+                got = read_bytes(self.location, start, end)
+                with self._lock:
+                    self._hold(start, got)
+
+    def prefetch_later(self, start: int, end: int) -> None:
+        """Fetch [start, end) in the background, unless held or on its way already."""
+        end = min(end, self.size)
+        with self._lock:
+            if end <= start or (start, end) in self._pending or self._find(start, end) is not None:
+                return
+            self._pending[(start, end)] = background(self._fetch_later, start, end)
+
+    def _fetch_later(self, start: int, end: int) -> None:
+        try:
+            got = read_bytes(self.location, start, end)
+            with self._lock:
+                self._hold(start, got)
+        finally:
+            with self._lock:
+                self._pending.pop((start, end), None)
 
     def pin(self, start: int, end: int) -> bytes:
         """Fetch [start, end) once and keep it for as long as this file lives."""
         data = self._find(start, end)
         if data is None:
             data = read_bytes(self.location, start, min(end, self.size))
-            self._pinned.append((start, data))
+            with self._lock:
+                self._pinned.append((start, data))
         return data
 
     def _hold(self, start: int, data: bytes) -> None:
@@ -271,10 +356,18 @@ class RangeFile:
         del self._held[:-8]                          # bounded: the last few ranges only
 
     def _find(self, start: int, end: int) -> bytes | None:
-        for s, data in (*reversed(self._held), *self._pinned):
-            if s <= start and end <= s + len(data):
-                return data[start - s:end - s]
+        with self._lock:
+            for s, data in (*reversed(self._held), *self._pinned):
+                if s <= start and end <= s + len(data):
+                    return data[start - s:end - s]
         return None
+
+    def _wait(self, start: int, end: int) -> None:
+        """Wait for a background fetch that covers [start, end), if one is on its way."""
+        with self._lock:
+            futures = [f for (s, e), f in self._pending.items() if s <= start and end <= e]
+        for f in futures:
+            f.result()
 
     def read(self, n: int = -1) -> bytes:
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
@@ -282,10 +375,16 @@ class RangeFile:
             return b""
         data = self._find(self.pos, end)
         if data is None:
+            self._wait(self.pos, end)
+            data = self._find(self.pos, end)
+        if data is None:
             fetch_end = min(self.size, max(end, self.pos + self.block))
             got = read_bytes(self.location, self.pos, fetch_end)
-            self._hold(self.pos, got)
+            with self._lock:
+                self._hold(self.pos, got)
             data = got[:end - self.pos]
+            if self.ahead and fetch_end < self.size:
+                self.prefetch_later(fetch_end, fetch_end + self.block)
         self.pos += len(data)
         return data
 
@@ -321,12 +420,12 @@ class RangeFile:
         self.close()
 
 
-def open_input(location: str | os.PathLike, block: int = 1 << 20):
+def open_input(location: str | os.PathLike, block: int = 1 << 20, ahead: bool = False):
     """A seekable binary file to read: the local file itself, or a ``RangeFile`` over the object."""
     loc = text(location)
     if not is_remote(loc):
         return open(local_path(loc), "rb")
-    return RangeFile(loc, block)
+    return RangeFile(loc, block, ahead)
 
 
 def redact(text: str) -> str:

@@ -247,47 +247,16 @@ DEMO_POLICY = {"size": 32, "scale": [0.35, 1.0], "hflip": 0.0, "auto_augment": "
 S3_SECRET = "sentinel-secret-3f9c2a7be1d04c55"     # no file distill writes may hold it (test_storage)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API (moto's standalone server) on 127.0.0.1, with credentials in the environment the
     way a user sets them; torn down at the end of the session."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    import time
-    import urllib.request
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto S3 server did not start on {url}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "distill-test-key", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield url
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    kill_group(proc)
+    sys.path.insert(0, str(REPO / "tools"))
+    from s3_server import s3_server as serve
+    with serve(S3_SECRET) as url:
+        yield url
 
 
 @pytest.fixture
@@ -295,7 +264,6 @@ def bucket(s3_server, request):
     """A fresh, empty bucket: its s3:// URL."""
     import re
 
-    import boto3
+    from s3_server import make_bucket
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 10000}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return make_bucket(s3_server, name)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import operator
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +40,8 @@ class Cache:
         self.manifest = m
         self._checked: set[str] = set()      # shard files already checked against the manifest
         self._objects: dict[str, RemoteArrowFile] = {}     # a remote cache's files, footers fetched
+        self._digests: dict[str, np.ndarray | None] = {}   # a remote cache's digests, fetched ahead
+        self._lock = threading.RLock()
         source = m.get("source") if isinstance(m.get("source"), dict) else {}
         self._shards_dir = storage.path(shards_dir if shards_dir else str(source.get("dir", ".")))
 
@@ -91,8 +94,11 @@ class Cache:
             return storage.join(self.path, self._entry(shard)["file"])
         return cache_file_path(self.path, self._entry(shard), self.path / MANIFEST_NAME)
 
-    def __getstate__(self):                      # to DataLoader workers: no fetched bytes
-        return dict(self.__dict__, _objects={})
+    def __getstate__(self):                      # to DataLoader workers: no fetched bytes, no lock
+        return {k: v for k, v in self.__dict__.items() if k not in ("_objects", "_digests", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _objects={}, _digests={}, _lock=threading.RLock())
 
     def file(self, shard: str) -> Path:
         """The shard's cache file, checked against the manifest the first time it is used: its size, its
@@ -129,20 +135,41 @@ class Cache:
         """A remote shard file: its footer fetched once per process (a few shards' kept), checked the first
         time against the manifest (size, then the footer's facts); its record batches are checked by
         their CRC-32 as they are read (a store's file is not hashed whole: that would read every epoch)."""
-        obj = self._objects.pop(shard, None)
-        if obj is None:
-            obj = RemoteArrowFile(url)
-        self._objects[shard] = obj
-        while len(self._objects) > _KEEP_OBJECTS:
-            self._objects.pop(next(iter(self._objects)))
-        cf = CacheFile(url, source=obj)
-        if shard not in self._checked:
-            problem = (f"{url}: size {obj.size} != manifest {entry['file_bytes']}" if obj.size != entry["file_bytes"]
-                       else _footer_problem(cf, entry, self.manifest))
-            if problem:
-                raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
-            self._checked.add(shard)
+        with self._lock:
+            obj = self._objects.pop(shard, None)
+            if obj is None:
+                obj = RemoteArrowFile(url)
+            self._objects[shard] = obj
+            while len(self._objects) > _KEEP_OBJECTS:
+                self._objects.pop(next(iter(self._objects)))
+            cf = CacheFile(url, source=obj.cursor())
+            if shard not in self._checked:
+                problem = (f"{url}: size {obj.size} != manifest {entry['file_bytes']}" if obj.size != entry["file_bytes"]
+                           else _footer_problem(cf, entry, self.manifest))
+                if problem:
+                    raise FormatError(f"cache file {problem}: the cache is damaged; run distill verify {self.path}")
+                self._checked.add(shard)
         return cf
+
+    def prefetch_later(self, shard: str, epoch: int) -> None:
+        """A remote cache: fetch the shard file's footer, its digests and epoch ``epoch``'s record batches
+        in the background, so that reading them next does not wait on the store (a failure here is
+        left for that read to meet and report)."""
+        if self.remote:
+            storage.background(self._prefetch, shard, epoch)
+
+    def _prefetch(self, shard: str, epoch: int) -> None:
+        try:
+            with self.open_file(shard) as cf:
+                pe = cf.per_epoch
+                cf._remote.prefetch_batches(epoch * pe, epoch * pe + pe - 1)
+                digests = cf.digests()
+            with self._lock:
+                self._digests[shard] = digests
+                while len(self._digests) > _KEEP_OBJECTS:
+                    self._digests.pop(next(iter(self._digests)))
+        except Exception:  # noqa: BLE001 - the read that follows meets it and says it in one line
+            pass
 
     def shard_table(self, shard: str, epochs=None, columns=None, rows: tuple[int, int] | None = None) -> pa.Table:
         """The logical records of one shard; only the record batches of ``epochs`` (and of the samples in
@@ -228,6 +255,9 @@ class Cache:
     def digests(self, shard: str) -> np.ndarray | None:
         """Each sample's ``format.sample_digest`` (its image bytes and label when the cache was made) in
         row order, or None for a cache made before they were recorded."""
+        with self._lock:
+            if shard in self._digests:
+                return self._digests.pop(shard)
         with self.open_file(shard) as f:
             return f.digests()
 

@@ -132,16 +132,17 @@ def iter_shard(path: str | os.PathLike, *, require_label: bool = True) -> Iterat
     were all read before the damage is still yielded if complete; an incomplete one is named in the
     reason. Only a missing or unopenable file raises (``UserError``).
     """
-    f = _open_shard(path)
+    f = _open_shard(path, stream=True)
     with f:
         yield from _samples(_members(f), storage.name(path), require_label)
 
 
-def _open_shard(path):
-    """The shard opened for reading (a file in an object store: streamed in ranged requests of 8 MiB);
-    a missing or unopenable file is one UserError."""
+def _open_shard(path, stream: bool = False):
+    """The shard opened for reading; in an object store, read front to back in ranged requests of 8 MiB,
+    the next one fetched meanwhile (``stream``), or by seeks in requests of 64 KiB. A missing or
+    unopenable file is one UserError."""
     try:
-        return storage.open_input(path, block=8 << 20)
+        return storage.open_input(path, block=8 << 20 if stream else 64 << 10, ahead=stream)
     except UserError as e:
         raise UserError(f"cannot open shard {storage.text(path)}: {e}") from None
     except FileNotFoundError:

@@ -265,7 +265,23 @@ class DistillDataset(IterableDataset):
         cut = epoch_segments(self.counts, self.epoch, self.seed, rank, first.world, worker, first.workers,
                              first.batch_size, first.drop_last)
         segs = [self._blocks(i, Segment(self.shards[i], a, b), wanted, stats) for i, a, b in cut]
+        if self.cache is not None and self.cache.remote and wanted is not False:
+            segs = self._fetching_ahead(segs, [self.shards[i].name for i, _, _ in cut])
         return schedule(segs, stream_rng(self.seed, self.epoch, rank, worker), self.open_shards, self.buffer)
+
+    def _fetching_ahead(self, segs: list, names: list[str]) -> list:
+        """A remote cache: each segment, when it starts, has the cache fetch the records of the segment
+        ``open_shards + 2`` places later in the background (the first ones at once): a bounded prefetch
+        that keeps the store's request latency off the stream."""
+        ahead, e = self.open_shards + 2, self.epoch % self.cache.epochs
+        for name in names[:ahead]:
+            self.cache.prefetch_later(name, e)
+
+        def started(k: int, seg):
+            if k + ahead < len(names):
+                self.cache.prefetch_later(names[k + ahead], e)
+            yield from seg
+        return [started(k, seg) for k, seg in enumerate(segs)]
 
     def _blocks(self, index: int, seg: Segment, wanted, stats: list) -> Iterator[list]:
         """The (place, item) lists of one segment's blocks, in shard order. An item is the compact form

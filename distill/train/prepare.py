@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import recipes
+from .. import recipes, storage
 from ..cache.reader import Cache, open_cache
 from ..cache.verify import check_files, check_view_fingerprints
 from ..config import TrainConfig, check_batch_memory, check_run_size
 from ..data import augment, views
 from ..data.shards import iter_shard, resolve_shards
-from ..files import UserError, sha256_file
+from ..files import UserError
 from ..format import FILTER_SCORES_NAME, FINGERPRINTS_KEY, read_excluded_keys, read_ipc
 from ..models import MODELS
 from ..progress import note
@@ -89,13 +89,13 @@ def _check_shard_set(cache: Cache, paths: list[Path], index) -> None:
             continue
         ie = idx.get(p.name)
         if not cache.has_digests(p.name):
-            digest = sha256_file(p)
+            digest = storage.sha256(p)
         elif ie is not None and ie.sha256:
             digest = ie.sha256
         elif p.stat().st_mtime_ns == entry.get("mtime_ns"):
             continue
         else:
-            digest = sha256_file(p)
+            digest = storage.sha256(p)
         if digest != entry["sha256"]:
             differ.append(f"{p.name} has the same size but another checksum")
     if differ:
