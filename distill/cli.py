@@ -57,6 +57,9 @@ def _stage_config(cls, stage: str, args: argparse.Namespace):
         pipe = C.load_pipeline(args.config)
         layers.append(pipe.stage_layer(stage))
         policy = pipe.policy
+        if pipe.storage and not args.storage_options:
+            from . import storage
+            storage.set_options(pipe.storage)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     layers.append(flags)
     return C.build(cls, *layers, where=args.config or "flags"), policy
@@ -115,17 +118,13 @@ def cmd_convert_cache(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from . import storage
     from .cache.transfer import pull
-    storage.set_options(args.storage_options)
     print(pull(args.url, args.dir, epochs=args.epochs, shards=args.shards, quiet=args.quiet).summary())
     return 0
 
 
 def cmd_push(args) -> int:
-    from . import storage
     from .cache.transfer import push
-    storage.set_options(args.storage_options)
     print(push(args.dir, args.url, quiet=args.quiet).summary())
     return 0
 
@@ -164,6 +163,9 @@ def _run_stage(stage: str, cfg, policy: dict | None):
 def run_pipeline(path: str, only: list[str] | None = None, quiet: bool = False) -> dict:
     """Run the stages of a pipeline file in order; returns {stage: result}."""
     pipe = C.load_pipeline(path)
+    if pipe.storage:
+        from . import storage
+        storage.set_options(pipe.storage)
     results = {}
     extra = {"quiet": True} if quiet else {}
     # every stage's options (and the policy) checked before the first stage starts
@@ -213,11 +215,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+STORAGE_HELP = ("JSON object of options for the object store's filesystem (s3fs, gcsfs), e.g. "
+                '{"endpoint_url": "http://minio:9000"}; default: the standard environment (AWS_*, '
+                "GOOGLE_APPLICATION_CREDENTIALS); used by this process and its workers, never written anywhere")
+
+
 def _add_transfer_parsers(sub) -> None:
     """distill pull and distill push."""
-    storage_help = ("JSON object of options for the store's filesystem (s3fs, gcsfs), e.g. "
-                    "'{\"endpoint_url\": \"http://minio:9000\"}'; default: the standard environment (AWS_*, "
-                    "GOOGLE_APPLICATION_CREDENTIALS); never written anywhere")
     s = sub.add_parser("pull", help="copy a cache from object storage (or a directory): all, or its first epochs and some shards",
                        description="Copy the cache at URL into DIR, checking every byte against the manifest and the "
                                    "files' checksums; --epochs 0-B fetches only those epochs' byte ranges. Rerun to resume.")
@@ -225,7 +229,7 @@ def _add_transfer_parsers(sub) -> None:
     s.add_argument("dir", metavar="DIR")
     s.add_argument("--epochs", metavar="0-B", help="only epochs 0..B (the result is a cache of B+1 epochs)")
     s.add_argument("--shards", metavar="PATTERN", help="only the shards whose names match this glob, e.g. 'train-00000*'")
-    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
+    s.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_pull)
 
@@ -234,7 +238,7 @@ def _add_transfer_parsers(sub) -> None:
                                    "Rerun to resume.")
     s.add_argument("dir", metavar="DIR")
     s.add_argument("url", metavar="CACHE_URL")
-    s.add_argument("--storage-options", metavar="JSON", help=storage_help)
+    s.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_push)
 
@@ -267,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("train-student", "train a TinyViT student from the cache (or hard labels)")):
         s = sub.add_parser(name, help=text, description=text)
         _add_config_flags(s, STAGES[name][0])
+        s.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
         s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("verify", help="check a cache against its manifest; recompute records with the teacher",
@@ -281,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--allow-replay-drift", action="store_true",
                    help="do not count views that replay differently here (other Pillow/libjpeg-turbo) as problems")
+    s.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("convert-cache", help="rewrite a cache of an older format version in the current one",
@@ -288,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("old", metavar="OLD")
     s.add_argument("new", metavar="NEW")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     s.set_defaults(func=cmd_convert_cache)
 
     s = sub.add_parser("inspect", help="summarise a shard, cache, filter or run directory",
@@ -296,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=3, help="example rows to show")
     s.add_argument("--skipped", action="store_true",
                    help="print every skipped sample recorded for PATH as TSV (shard, key, reason) instead")
+    s.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     s.set_defaults(func=cmd_inspect)
 
     _add_transfer_parsers(sub)
@@ -364,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)          # a scheduler's stop: like Ctrl-C
     try:
+        if getattr(args, "storage_options", None):
+            from . import storage
+            storage.set_options(args.storage_options)
         return int(args.func(args) or 0)
     except UserError as e:
         from .storage import redact

@@ -236,6 +236,7 @@ class Pipeline:
     data: dict
     policy: dict | None
     stages: dict[str, dict]
+    storage: dict = dataclasses.field(default_factory=dict)     # [storage] options: the store's, never written
 
     def stage_layer(self, stage: str) -> dict:
         """The stage's table, with [data] filling the shard options it does not set itself."""
@@ -250,7 +251,7 @@ class Pipeline:
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:
     raw = load_toml(path)
-    allowed = {"data", "policy", *STAGE_ORDER}
+    allowed = {"data", "policy", "storage", *STAGE_ORDER}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise UserError(f"unknown table(s) {unknown} in {path} (valid: {sorted(allowed)})")
@@ -258,8 +259,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     bad = sorted(set(data) - {"train", "val"})
     if bad:
         raise UserError(f"unknown key(s) {bad} in [data] of {path} (valid: train, val)")
+    store = raw.get("storage", {})
+    if set(store) - {"options"} or not isinstance(store.get("options", {}), dict):
+        raise UserError(f"[storage] of {path} takes one key, options (a table of the store's filesystem options)")
     return Pipeline(path=Path(path), data=data, policy=raw.get("policy"),
-                    stages={k: raw[k] for k in STAGE_ORDER if k in raw})
+                    stages={k: raw[k] for k in STAGE_ORDER if k in raw}, storage=dict(store.get("options", {})))
 
 
 def to_dict(cfg) -> dict:

@@ -12,6 +12,7 @@ sent), so a benchmark can say what an epoch or a pull costs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -85,6 +86,11 @@ def path(location):
     except ImportError:
         raise UserError(f"{scheme(loc)}:// needs universal_pathlib: pip install 'distill[{_EXTRA.get(scheme(loc))}]'") from None
     return UPath(loc, **_options)
+
+
+def options() -> dict:
+    """This process's store options (to hand to worker processes, never to write down)."""
+    return dict(_options)
 
 
 def scheme(location: str | os.PathLike) -> str:
@@ -254,6 +260,8 @@ def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = F
             raise FileExistsError(loc) from None
         raise _fail(loc, e) from None
     STATS.add(puts=1, bytes_out=len(data))
+    if hooks.ACTIVE:
+        hooks.fire("atomic-write", name=name(loc), before=False)
 
 
 def remove(location: str | os.PathLike) -> None:
@@ -291,7 +299,7 @@ class RangeFile:
     shard) the next block is fetched in the background meanwhile, so the reader does not wait on the
     store's latency. ``prefetch`` fetches given ranges in one GET each (e.g. one epoch's record
     batches); ``prefetch_later`` does it in the background. What is held is bounded: the last 8
-    ranges, and the ``pin``\ ned ones. Local files are opened as themselves (``open_input``)."""
+    ranges, and those pinned (``pin``). Local files are opened as themselves (``open_input``)."""
 
     def __init__(self, location: str, block: int = 1 << 20, ahead: bool = False):
         self.location, self.block, self.ahead = location, block, ahead
@@ -437,3 +445,77 @@ def redact(text: str) -> str:
     for s in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
         text = text.replace(s, "***")
     return text
+
+
+def etag(location) -> str | None:
+    """The store's entity tag of an object (changes whenever its bytes are rewritten), or None."""
+    loc = text(location)
+    if not is_remote(loc):
+        return None
+    fs, path = _fs(loc)
+    try:
+        fs.invalidate_cache(path)
+        return str(fs.info(path).get("ETag") or "") or None
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001
+        raise _fail(loc, e) from None
+
+
+LOCK_NAME = ".distill.lock"
+
+
+@contextlib.contextmanager
+def claim_prefix(location: str, stage: str, marks: tuple, overwrite_hint: str = "--out"):
+    """``with claim_prefix(url, "cache-teacher", marks):`` an output prefix in an object store, held for
+    this run: refused when it holds objects and none of ``marks`` ((name, {key: value}) JSON objects a
+    stage writes first) says they are this stage's; locked by a conditional put of ``.distill.lock``
+    (S3's If-None-Match: a second writer is refused), which is deleted at the end. A run killed hard
+    leaves its lock: one of this host whose process is gone is taken over; another host's is refused
+    in one line that says when and where it was taken and how to remove it."""
+    import datetime
+    import socket
+    names = [n for n in listdir(location) if n != LOCK_NAME]
+    if names and not any(_marked(join(location, n), fields) for n, fields in marks if n in names):
+        raise UserError(f"{overwrite_hint} {location} holds objects that are not a distill {stage} output "
+                        f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): choose an empty prefix")
+    lock = join(location, LOCK_NAME)
+    me = {"what": stage, "host": socket.gethostname(), "pid": os.getpid(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for attempt in (0, 1):
+        try:
+            write_bytes(lock, json.dumps(me).encode(), exclusive=True)
+            break
+        except FileExistsError:
+            try:
+                held = json.loads(read_bytes(lock))
+            except (UserError, ValueError):
+                held = {}
+            if attempt == 0 and held.get("host") == me["host"] and not _alive(held.get("pid")):
+                remove(lock)                     # this host's run that died: its lock is stale
+                continue
+            raise UserError(f"{location} is being written by distill {held.get('what', '?')} (pid {held.get('pid', '?')} "
+                            f"on {held.get('host', '?')}, since {held.get('started', '?')}); wait for it, or, if that "
+                            f"run is dead, delete {lock} and rerun") from None
+    try:
+        yield location
+    finally:
+        remove(lock)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _marked(location: str, fields: dict) -> bool:
+    try:
+        doc = json.loads(read_bytes(location))
+    except (UserError, ValueError):
+        return False
+    return isinstance(doc, dict) and all(k in doc and (v is None or doc[k] == v) for k, v in fields.items())

@@ -228,3 +228,36 @@ def test_train_student_from_a_bucket_reaches_the_local_weights(cache4, bucket, t
     storage.write_bytes(f"{bucket}/train/{name}", bytes(data))
     r = _cli("train-student", "--shards", f"{bucket}/train", "--cache", f"{bucket}/cache", "--out", tmp_path / "x", *common)
     assert r.returncode == 2 and name in r.stderr, r.stderr
+
+
+def test_cache_teacher_from_a_bucket_to_a_bucket_is_the_local_cache_and_survives_a_kill(cache4, bucket, tmp_path):
+    """s3:// shards -> s3:// cache: the same files, byte for byte, as the local run of the same command; a
+    SIGKILL mid-run leaves no manifest, and the rerun completes the identical cache; a second writer to the
+    same --out is refused while the first holds it."""
+    shards, local = cache4
+    _upload_dir(shards, f"{bucket}/train")
+    args = ["--teacher", str(REPO / "shards" / "demo" / "teacher.pt"), "--epochs", 4, "--topk", 5,
+            "--teacher-input-size", 32, "--batch-size", 64, "--workers", 1, "--threads", 1, "--quiet",
+            "--config", tmp_path / "p.toml"]
+    (tmp_path / "p.toml").write_text("[policy]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in POLICY.items()))
+    out = f"{bucket}/cache"
+    # a second writer: a live run of this host holds the lock object (put if absent, on the real server)
+    storage.write_bytes(f"{out}/.distill.lock", json.dumps({"what": "cache-teacher", "host": os.uname().nodename,
+                                                            "pid": os.getpid(), "started": "now"}).encode())
+    r = _cli("cache-teacher", "--shards", f"{bucket}/train", "--out", out, *args)
+    assert r.returncode == 2 and f"pid {os.getpid()}" in r.stderr and "being written" in r.stderr, r.stderr
+    storage.remove(f"{out}/.distill.lock")
+    # SIGKILL once the second shard's object is uploaded, before its completion record
+    r = _cli("cache-teacher", "--shards", f"{bucket}/train", "--out", out, *args,
+             env={"DISTILL_FAULT_KILL_AT": "train-000001.arrow:1"})
+    assert r.returncode == -9, r.stderr
+    assert not storage.exists(f"{out}/manifest.json") and storage.exists(f"{out}/.distill.lock")
+    assert storage.listdir(f"{out}/.distill.done") == ["train-000000.arrow.json"]
+    r = _cli("cache-teacher", "--shards", f"{bucket}/train", "--out", out, *args)      # takes the dead run's lock
+    assert r.returncode == 0, r.stderr
+    m = json.loads(storage.read_bytes(f"{out}/manifest.json"))
+    want = json.loads((local / "manifest.json").read_text())
+    for e, w in zip(m["shards"], want["shards"]):
+        assert storage.read_bytes(f"{out}/{e['file']}") == (local / w["file"]).read_bytes(), e["file"]
+    assert m["run_id"] == want["run_id"] and S3_SECRET not in json.dumps(m)
+    assert not storage.exists(f"{out}/.distill.lock") and not storage.listdir(f"{out}/.distill.done")

@@ -36,7 +36,8 @@ def _arrow(path: Path):
     del meta["run_id"]
     entry = json.loads(meta.pop("entry"))
     checksums = json.loads(meta.pop("checksums"))
-    del entry["mtime_ns"], checksums["meta"]
+    entry.pop("mtime_ns", None)                 # (files before 2026-12-08 held the input's mtime)
+    del checksums["meta"]
     batches = [b.serialize().to_pybytes() for b in t.to_batches()]
     return t.schema.remove_metadata(), batches, meta, entry, checksums
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import engine, recipes
+from .. import engine, recipes, storage
 from ..config import CacheConfig, check_batch_memory, check_run_size
 from ..data import augment, shards as shardio, views
-from ..files import (UserError, atomic_write_bytes, atomic_write_json, claim_dir, digest, live_readers, read_json,
+from ..files import (UserError, atomic_write_bytes, atomic_write_json, claim_dir, digest, live_readers,
                      sha256_file)
 from ..format import (AGREEMENT_KEY, ARROW_ENTRY_KEY, ARROW_RUN_ID_KEY, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME,
                       REPLAY_ENV_KEY, RUN_NAME, CacheFile, cache_bytes, cache_file_name, CACHE_DONE_DIR, cache_manifest, check_manifest, read_excluded_keys,
@@ -28,6 +28,62 @@ from .writer import CacheWorker
 
 
 # ----------------------------------------------------------------------------- the driver
+
+class _Out:
+    """cache-teacher's --out: a local directory (files written atomically, by rename) or a prefix in an
+    object store (each object uploaded whole: a store shows all of it or none), the same few operations."""
+
+    def __init__(self, location):
+        self.remote = storage.is_remote(location)
+        self.loc = storage.text(location).rstrip("/") if self.remote else Path(location)
+
+    def at(self, *names: str):
+        return storage.join(self.loc, *names) if self.remote else self.loc.joinpath(*names)
+
+    def exists(self, *names: str) -> bool:
+        return storage.exists(self.at(*names)) if self.remote else self.at(*names).is_file()
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.remote:
+            storage.write_bytes(self.at(name), data)
+        else:
+            atomic_write_bytes(self.at(name), data)
+
+    def write_json(self, obj, *names: str) -> None:
+        if self.remote:
+            storage.write_bytes(self.at(*names), (json.dumps(obj, indent=2) + "\n").encode())
+        else:
+            self.at(*names).parent.mkdir(exist_ok=True)
+            atomic_write_json(self.at(*names), obj)
+
+    def read_json(self, what: str, *names: str):
+        return storage.read_json(self.at(*names), what)
+
+    def remove(self, name: str) -> None:
+        if self.remote:
+            storage.remove(self.at(name))
+        else:
+            self.at(name).unlink(missing_ok=True)
+
+    def records(self) -> list[str]:
+        """Names of the completion records (``CACHE_DONE_DIR``)."""
+        if self.remote:
+            return [n for n in storage.listdir(self.at(CACHE_DONE_DIR)) if n.endswith(".json")]
+        done = self.at(CACHE_DONE_DIR)
+        return sorted(f.name for f in done.glob("*.json")) if done.is_dir() else []
+
+    def drop_records(self) -> None:
+        if self.remote:
+            for n in self.records():
+                storage.remove(self.at(CACHE_DONE_DIR, n))
+        else:
+            shutil.rmtree(self.at(CACHE_DONE_DIR), ignore_errors=True)
+
+    def claim(self, inputs: tuple):
+        if self.remote:
+            return storage.claim_prefix(self.loc, "cache-teacher", CACHE_MARKS)
+        return claim_dir(self.loc, "cache-teacher", CACHE_MARKS, inputs=inputs)
+
 
 @dataclass
 class CacheResult:
@@ -63,7 +119,7 @@ class CacheResult:
         """Where the full list of skipped samples is (for the summary)."""
         if self.failed:
             return f"{self.out / MANIFEST_NAME} once a rerun completes the cache"
-        return f"{self.out / MANIFEST_NAME}, \"skipped\" of each shard, or: distill inspect {self.out} --skipped"
+        return f"{storage.join(self.out, MANIFEST_NAME)}, \"skipped\" of each shard, or: distill inspect {self.out} --skipped"
 
     def summary(self) -> str:
         lines = [f"cache: {self.out}",
@@ -248,7 +304,7 @@ def _placement(cfg: CacheConfig, res: dict) -> Placement:
     return Placement("cpu", workers, threads, min(threads, cpus), 0, max(0, cfg.view_workers))
 
 
-def _tasks(out: Path, plan: Plan) -> tuple[dict, list, list[str]]:
+def _tasks(out: _Out, plan: Plan) -> tuple[dict, list, list[str]]:
     """Finished shards to keep ({name: entry}), the tasks of the rest, and why files found were redone."""
     entries, tasks, redone = {}, [], []
     proofs = _proofs(out, plan.run_id)
@@ -260,29 +316,30 @@ def _tasks(out: Path, plan: Plan) -> tuple[dict, list, list[str]]:
         if why:
             redone.append(f"{name} ({why})")
         st = p.stat()
-        e = {"name": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _input_sha256(plan, p),
-             "file": cache_file_name(name)}
-        tasks.append({"path": str(p), "name": name, "entry": e, "run_id": plan.run_id})
+        # the input's mtime goes to the manifest, not into the file: a file's bytes do not depend on where
+        # its input lies (s3:// or a local copy of the same shard give the same file)
+        e = {"name": name, "bytes": st.st_size, "sha256": _input_sha256(plan, p), "file": cache_file_name(name)}
+        tasks.append({"path": storage.text(p), "name": name, "entry": e, "run_id": plan.run_id,
+                      "mtime_ns": st.st_mtime_ns})
     return entries, tasks, redone
 
 
-def _proofs(out: Path, run_id: str) -> dict[str, dict]:
+def _proofs(out: _Out, run_id: str) -> dict[str, dict]:
     """{file name: {file_bytes, file_sha256}} of the files this run (same identity) finished before: from
     the manifest of an earlier complete run, then the completion records (``CACHE_DONE_DIR``) written as each
     file was finished. A file is reused only when its bytes match these; nothing is hashed and trusted."""
     proofs: dict[str, dict] = {}
     try:
-        m = read_json(out / MANIFEST_NAME, "cache manifest")
-        check_manifest(m, out / MANIFEST_NAME)
+        m = out.read_json("cache manifest", MANIFEST_NAME)
+        check_manifest(m, out.at(MANIFEST_NAME))
         if m["run_id"] == run_id:
             proofs.update((e["file"], e) for e in m["shards"] if e.get("complete", True))
     except UserError:
         pass                              # none, or not one to trust: its files are redone
-    done = out / CACHE_DONE_DIR
-    for f in sorted(done.glob("*.json")) if done.is_dir() else ():
+    for name in out.records():
         try:
-            d = read_json(f, "completion record")
-            if d["run_id"] == run_id and f.name == d["file"] + ".json":
+            d = out.read_json("completion record", CACHE_DONE_DIR, name)
+            if d["run_id"] == run_id and name == d["file"] + ".json":
                 proofs[d["file"]] = d
         except (UserError, KeyError, TypeError):
             continue
@@ -294,10 +351,10 @@ def _input_sha256(plan: Plan, path: Path) -> str:
     for s in (plan.index.shards if plan.index else ()):
         if s.name == path.name and s.sha256 and s.bytes == path.stat().st_size:
             return s.sha256
-    return sha256_file(path)
+    return storage.sha256(path)
 
 
-def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entries: dict, out: Path,
+def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entries: dict, out: _Out,
                label: str = "cache-teacher"):
     """Run the shard tasks on the pool; each finished shard's file is written (atomically) and dropped.
     The bar (named ``label``) counts records; as each shard finishes, its samples skipped or excluded
@@ -308,7 +365,8 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
                 views_of={"policy": plan.identity["policy"], "view": plan.identity["view"]}, epochs=cfg.epochs,
                 cache_seed=cfg.seed, input_size=t["input_size"], mean=tuple(t["mean"]), std=tuple(t["std"]),
                 batch_size=cfg.batch_size, topk=cfg.topk, num_classes=plan.identity["num_classes"],
-                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, view_workers=place.view_workers)
+                prob_dtype=cfg.prob_dtype, exclude=plan.exclude, view_workers=place.view_workers,
+                storage_options=storage.options())
     if not tasks:
         note(f"{label}: all {len(plan.names)} shard(s) reused from an earlier run: nothing to compute", cfg.quiet)
     hints = {t_["name"]: _count_hint(plan.index, t_["name"]) * cfg.epochs for t_ in tasks}
@@ -320,14 +378,17 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
         if o.result is None:
             return
         r = o.result
-        atomic_write_bytes(out / r["entry"]["file"], r["data"])
+        out.write(r["entry"]["file"], r["data"])
         # the file's size and checksum from the bytes in hand: the driver never reads the file back; the
         # completion record lets a resumed run prove the file before it reuses it
         proof = {"file": r["entry"]["file"], "file_bytes": len(r["data"]),
-                 "file_sha256": hashlib.sha256(r["data"]).hexdigest(), "run_id": plan.run_id}
-        (out / CACHE_DONE_DIR).mkdir(exist_ok=True)
-        atomic_write_json(out / CACHE_DONE_DIR / f"{proof['file']}.json", proof)
-        entries[r["name"]] = dict(r["entry"], file_bytes=proof["file_bytes"], file_sha256=proof["file_sha256"])
+                 "file_sha256": hashlib.sha256(r["data"]).hexdigest(), "run_id": plan.run_id,
+                 "mtime_ns": o.task["mtime_ns"]}
+        if out.remote:                           # what proves the object on rerun without reading it back
+            proof["etag"] = storage.etag(out.at(proof["file"]))
+        out.write_json(proof, CACHE_DONE_DIR, f"{proof['file']}.json")
+        entries[r["name"]] = dict(r["entry"], mtime_ns=proof["mtime_ns"], file_bytes=proof["file_bytes"],
+                                  file_sha256=proof["file_sha256"])
         timing["new_records"] += r["entry"]["records"]
         if pbar and pbar.total and hints.get(r["name"]):   # skipped / excluded samples leave the total
             pbar.total = max(pbar.n, pbar.total - max(0, hints[r["name"]] - r["entry"]["records"]))
@@ -343,7 +404,7 @@ def _run_tasks(cfg: CacheConfig, plan: Plan, place: Placement, tasks: list, entr
     outcomes = engine.run_pool(CacheWorker, init, tasks, workers=place.workers, num_cpus=place.num_cpus,
                                num_gpus=place.num_gpus, retries=cfg.retries, on_result=on_result,
                                on_progress=pbar.update if pbar else None, probe=probe,
-                               log_path=out / engine.ERRORS_LOG)
+                               log_path=None if out.remote else out.at(engine.ERRORS_LOG))
     failed = [o for o in outcomes if o.error]
     if pbar:
         if not failed:                           # every shard done: 100% (a retried shard's first try counted too;
@@ -360,10 +421,9 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     Everything that can be refused is refused before --out is touched; the directory is then locked
     for this run; finished shards of an earlier run with the same identity are kept."""
     t_wall = time.perf_counter()
-    out = Path(cfg.out)
+    out = _Out(cfg.out)
     # the directory first: checked and locked before anything slow (a second run is refused at once)
-    with claim_dir(out, "cache-teacher", CACHE_MARKS, inputs=(cfg.shards, cfg.exclude, *cfg.teacher,
-                                                               *cfg.teacher_checkpoint)):
+    with out.claim((cfg.shards, cfg.exclude, *cfg.teacher, *cfg.teacher_checkpoint)):
         plan = _plan(cfg, policy_table, center_crop)
         for n in plan.notes:
             note(f"note: {n}", cfg.quiet)
@@ -392,7 +452,7 @@ def cache_teacher(cfg: CacheConfig, policy_table: dict | None = None, center_cro
     return res
 
 
-def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list[str]) -> CacheResult:
+def _finish(cfg: CacheConfig, plan: Plan, out: _Out, entries: dict, failed: list[str]) -> CacheResult:
     """Check the shards together (errors, duplicate keys), write the manifest when complete, and
     report the teacher's agreement with the given labels."""
     names = plan.names
@@ -414,14 +474,16 @@ def _finish(cfg: CacheConfig, plan: Plan, out: Path, entries: dict, failed: list
         note(f"warning: {w}", cfg.quiet)
     manifest = cache_manifest(plan.identity, shard_entries,
                               exclude=dict(plan.identity["exclude"], filter_dir=cfg.exclude),
-                              source={"shards": str(cfg.shards), "dir": str(plan.paths[0].parent.resolve())},
+                              source={"shards": str(cfg.shards), "dir": storage.text(plan.paths[0].parent) if
+                                      storage.is_remote(plan.paths[0]) else str(plan.paths[0].parent.resolve())},
                               **{AGREEMENT_KEY: agreement, REPLAY_ENV_KEY: replay_env()})
     totals = manifest["totals"]
     if len(have) == len(names) and not dups and not totals["incomplete_shards"]:
-        atomic_write_json(out / MANIFEST_NAME, manifest)
-        shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)     # the manifest proves the files from now on
-    nbytes = cache_bytes(out, [e["file"] for e in have])
-    return CacheResult(out=out, samples=totals["samples"], epochs=cfg.epochs, records=records,
+        out.write_json(manifest, MANIFEST_NAME)
+        out.drop_records()                       # the manifest proves the files from now on
+    nbytes = (sum(storage.size(out.at(n)) for n in [e["file"] for e in have] + [MANIFEST_NAME, RUN_NAME]
+                  if out.exists(n)) if out.remote else cache_bytes(out.loc, [e["file"] for e in have]))
+    return CacheResult(out=out.loc, samples=totals["samples"], epochs=cfg.epochs, records=records,
                        skipped=totals["skipped"], excluded=totals["excluded"], bytes=nbytes,
                        bytes_per_record=nbytes / records if records else float("nan"), records_per_s=0.0,
                        teacher_share=0.0, wall_s=0.0, reused_shards=0, failed=failed,
@@ -460,60 +522,65 @@ def _count_hint(index, name: str) -> int:
 CACHE_MARKS = ((RUN_NAME, {"format": CACHE_FORMAT}), (MANIFEST_NAME, {"format": CACHE_FORMAT}))
 
 
-def _prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
+def _prepare_out(out: _Out, identity: dict, overwrite: bool) -> None:
     """Write the run file; a cache of other settings is refused, or with ``overwrite`` its own files
     deleted (``_own_files``: never another file). ``out`` is claimed (``claim_dir``): empty or a cache."""
-    run_file = out / RUN_NAME
-    if run_file.exists():
-        old = read_json(run_file, "cache run file")
+    if out.exists(RUN_NAME):
+        old = out.read_json("cache run file", RUN_NAME)
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if diff and not overwrite:
-            raise UserError(f"{out} holds a cache built with different {', '.join(diff)}; "
+            raise UserError(f"{out.loc} holds a cache built with different {', '.join(diff)}; "
                             f"use --overwrite to replace it or choose another --out")
         if diff:
-            readers = live_readers(out)
+            readers = [] if out.remote else live_readers(out.loc)
             if readers:
                 r = readers[0]
-                raise UserError(f"{out} is being read by distill {r.get('what')} (pid {r['pid']} on {r.get('host')}): "
+                raise UserError(f"{out.loc} is being read by distill {r.get('what')} (pid {r['pid']} on {r.get('host')}): "
                                 f"--overwrite would delete files under it; wait for it to finish or use another --out")
-            for f in _own_files(out):
-                f.unlink(missing_ok=True)
-            shutil.rmtree(out / CACHE_DONE_DIR, ignore_errors=True)
+            for name in _own_files(out):
+                out.remove(name)
+            out.drop_records()
     # a resume keeps the old manifest until the new one replaces it (atomically, at the end)
-    atomic_write_json(run_file, identity)
+    out.write_json(identity, RUN_NAME)
 
 
-def _own_files(out: Path) -> list[Path]:
+def _own_files(out: _Out) -> list[str]:
     """The files an earlier cache-teacher run wrote in ``out``: run file, manifest, errors log, and the
     shard files its manifest or completion records name (plain names inside ``out``)."""
     names = {RUN_NAME, MANIFEST_NAME, engine.ERRORS_LOG}
     try:
-        names |= {e["file"] for e in json.loads((out / MANIFEST_NAME).read_text())["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        names |= {e["file"] for e in out.read_json("cache manifest", MANIFEST_NAME)["shards"]}
+    except (UserError, OSError, ValueError, KeyError, TypeError):
         pass
-    for proof in (out / CACHE_DONE_DIR).glob("*.json"):
+    for record in out.records():
         try:
-            names.add(json.loads(proof.read_text())["file"])
-        except (OSError, ValueError, KeyError, TypeError):
+            names.add(out.read_json("completion record", CACHE_DONE_DIR, record)["file"])
+        except (UserError, OSError, ValueError, KeyError, TypeError):
             pass
-    return [out / n for n in sorted(names) if isinstance(n, str) and "/" not in n and (out / n).is_file()]
+    return [n for n in sorted(names) if isinstance(n, str) and "/" not in n and out.exists(n)]
 
 
-def _reuse(out: Path, path: Path, name: str, run_id: str, proof: dict | None) -> tuple[dict | None, str | None]:
+def _reuse(out: _Out, path, name: str, run_id: str, proof: dict | None) -> tuple[dict | None, str | None]:
     """(the shard entry of an existing output file made by this same run from this same input, None),
-    or (None, why it is redone) — why is None when there is no file."""
-    f = out / cache_file_name(name)
-    if not f.exists():
+    or (None, why it is redone) — why is None when there is no file. In a store, an object is proven
+    by its size and the entity tag recorded when it was uploaded (else read and hashed)."""
+    f = out.at(cache_file_name(name))
+    if not out.exists(cache_file_name(name)):
         return None, None
     if proof is None:
         return None, "no checksum was recorded for its file"
-    if f.stat().st_size != proof["file_bytes"] or sha256_file(f) != proof["file_sha256"]:
+    if out.remote:
+        same = storage.size(f) == proof["file_bytes"] and (
+            storage.etag(f) == proof["etag"] if proof.get("etag") else storage.sha256(f) == proof["file_sha256"])
+    else:
+        same = f.stat().st_size == proof["file_bytes"] and sha256_file(f) == proof["file_sha256"]
+    if not same:
         return None, "its file's bytes differ from the checksum recorded when it was written"
     try:
         with CacheFile(f) as cf:
             md = cf.schema.metadata or {}
         entry = json.loads(md[ARROW_ENTRY_KEY])
-        if entry.get("name") != name or entry.get("file") != f.name:
+        if entry.get("name") != name or entry.get("file") != cache_file_name(name):
             return None, "its file names another shard"   # its names are never used as paths
         if md.get(ARROW_RUN_ID_KEY, b"").decode() != run_id:
             return None, "its file was written by another run"
@@ -522,13 +589,13 @@ def _reuse(out: Path, path: Path, name: str, run_id: str, proof: dict | None) ->
     if entry.get("errors"):
         return None, "its read hit an error"       # maybe transient: redo it, never keep it
     st = path.stat()
-    if entry.get("bytes") != st.st_size or (entry.get("mtime_ns") != st.st_mtime_ns
-                                            and entry.get("sha256") != sha256_file(path)):
+    mtime = proof.get("mtime_ns", entry.get("mtime_ns"))      # (files before 2026-12-08 hold it in the footer)
+    if entry.get("bytes") != st.st_size or (mtime != st.st_mtime_ns and entry.get("sha256") != storage.sha256(path)):
         return None, "its input shard changed"
-    return dict(entry, file_bytes=proof["file_bytes"], file_sha256=proof["file_sha256"]), None
+    return dict(entry, mtime_ns=st.st_mtime_ns, file_bytes=proof["file_bytes"], file_sha256=proof["file_sha256"]), None
 
 
-def _duplicate_keys(out: Path, entries: list[dict]) -> list[tuple[str, list[str]]]:
+def _duplicate_keys(out, entries: list[dict]) -> list[tuple[str, list[str]]]:
     """Keys that occur twice: inside one shard (the worker recorded them) or across shards. The keys of
     all shards are sorted together as one Arrow string array: no Python object per key."""
     import numpy as np
@@ -540,7 +607,7 @@ def _duplicate_keys(out: Path, entries: list[dict]) -> list[tuple[str, list[str]
             where.setdefault(k, set()).add(e["name"])
     chunks, owner = [], []
     for i, e in enumerate(entries):
-        with CacheFile(out / e["file"]) as f:
+        with CacheFile(out.at(e["file"]) if isinstance(out, _Out) else Path(out) / e["file"]) as f:
             chunks.append(f.keys().cast(pa.large_string()))
         owner.append(np.full(len(chunks[-1]), i, np.int32))
     if chunks and sum(len(c) for c in chunks) > 1:

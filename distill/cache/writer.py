@@ -69,9 +69,11 @@ class CacheWorker:
 
     def __init__(self, *, specs, device, threads, temperature, views_of: dict, epochs, cache_seed, input_size, mean,
                  std, batch_size, topk, num_classes, prob_dtype, precision="fp32", expect=None, exclude=(),
-                 view_workers=0, progress=None, outputs="logits"):
+                 view_workers=0, progress=None, outputs="logits", storage_options=None):
         import torch
-        from .. import teachers
+        from .. import storage, teachers
+        if storage_options:
+            storage.set_options(storage_options)         # the driver's --storage-options, for s3:// shards
         if threads:
             torch.set_num_threads(threads)
         keep_heap()

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .. import hooks
+from .. import hooks, storage
 from ..data import augment, shards as shardio, views
 from ..format import Skip
 from ..files import UserError, error_text
@@ -170,6 +170,7 @@ class DistillDataset(IterableDataset):
         refs, cache, spec, num_classes, exclude = dataset_inputs(shards, cache, exclude, policy, image_size,
                                                                  num_classes, spec, (rank, world))
         self.finish = finish
+        self.storage_options = storage.options()      # the store's options, for this dataset's worker processes
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()   # seen by persistent loader workers
         self.shards, self.spec, self.size, self.batch_size = list(refs), spec, int(image_size), int(batch_size)
         self.seed, self.buffer, self.cache, self.num_classes = int(seed), max(1, shuffle_buffer), cache, num_classes
@@ -229,6 +230,8 @@ class DistillDataset(IterableDataset):
         return plan_levels(point, Split(self.world, max(1, workers), self.batch_size, self.drop_last), self.samples)
 
     def __iter__(self) -> Iterator[dict]:
+        if self.storage_options and not storage.options():
+            storage.set_options(self.storage_options)    # a spawned loader worker: its parent's
         worker, workers = _worker()
         level, start, _, first, turn = self.plan(workers)
         worker = (worker + turn) % workers          # (a resumed loader's round robin starts where it stopped)
