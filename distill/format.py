@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .files import FormatError, UserError, atomic_write_json, digest, inside, plain_name, read_json, sha256_file
+from .files import FormatError, UserError, atomic_write_json, digest, inside, plain_name
 
 SHARD_INDEX_NAME = "index.json"
 # Where a name from a manifest or index must stay (``files.plain_name``), as refusals say it.
@@ -923,7 +923,8 @@ FILTER_SCORES_COLUMNS = ("key", "shard", "label", "label_prob", "label_rank", "t
 
 
 def read_filter_summary(directory: str | os.PathLike) -> dict:
-    d = read_json(Path(directory) / FILTER_SUMMARY_NAME, "filter summary (is this a finished filter-labels output?)")
+    d = storage.read_json(storage.join(directory, FILTER_SUMMARY_NAME),
+                          "filter summary (is this a finished filter-labels output?)")
     if d.get("format") != FILTER_FORMAT or d.get("version") != FILTER_VERSION:
         raise FormatError(f"{directory} is not a distill filter directory of version {FILTER_VERSION}")
     return d
@@ -933,8 +934,8 @@ def read_excluded_keys(directory: str | os.PathLike) -> set[str]:
     """Keys that filter-labels dropped (keep == false), from a ``scores.arrow`` whose bytes and counts
     match its ``summary.json`` (``scores_sha256``, ``samples``, ``dropped``)."""
     summary = read_filter_summary(directory)
-    path = Path(directory) / FILTER_SCORES_NAME
-    if "scores_sha256" in summary and (not path.is_file() or sha256_file(path) != summary["scores_sha256"]):
+    path = storage.join(directory, FILTER_SCORES_NAME)
+    if "scores_sha256" in summary and (not storage.exists(path) or storage.sha256(path) != summary["scores_sha256"]):
         raise FormatError(f"{path} is not the file its {FILTER_SUMMARY_NAME} describes (missing, or its checksum "
                           f"differs): damaged or edited; rerun filter-labels")
     t = read_ipc(path, columns=["key", "keep"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .format import (cache_bytes, FILTER_SUMMARY_NAME, MANIFEST_NAME, RUN_METRICS_NAME, RUN_NAME, RUN_SUMMARY_NAME, SHARD_INDEX_NAME,
                      ShardIndex, Skip, read_filter_summary, skip_lines, skips_tsv)
+from . import storage
 from .files import UserError, read_json
 
 # Shards without an index are counted by reading their tar headers and labels (image bytes are
@@ -43,7 +44,7 @@ def _shard_spec(text: str, p: Path):
 
 def describe(path: str, n: int = 3) -> str:
     text = str(path)
-    p = Path(text).expanduser()
+    p = storage.path(text)
     if not p.exists() and "{" not in text:
         raise UserError(f"path not found: {p}")
     if p.is_file() and p.suffix == ".tar":
@@ -74,7 +75,7 @@ def skipped_tsv(path: str) -> str:
     ``shard\tkey\treason``): a cache's manifest, a filter's summary, a shard index's make-time skips,
     or, for shards without an index, what reading their tar headers finds."""
     text = str(path)
-    p = Path(text).expanduser()
+    p = storage.path(text)
     if not p.exists() and "{" not in text:
         raise UserError(f"path not found: {p}")
     if p.is_file() and p.suffix == ".tar":
@@ -104,7 +105,8 @@ def _describe_cache(p: Path, n: int) -> str:
     from .cache.reader import open_cache
     c = open_cache(p)
     m = c.manifest
-    size = cache_bytes(p, [e["file"] for e in m["shards"]])
+    size = (sum(e["file_bytes"] for e in m["shards"]) + storage.size(p / MANIFEST_NAME) if c.remote
+            else cache_bytes(p, [e["file"] for e in m["shards"]]))
     t = c.to_table(epochs=[0], shards=c.shard_names[:1]).slice(0, n)
     teacher, agree = m["teacher"], m.get("teacher_agreement") or {}
     lines = [repr(c), f"  teacher: {', '.join(x['spec'] for x in teacher['members'])} (input {teacher['input_size']}, "

@@ -261,3 +261,42 @@ def test_cache_teacher_from_a_bucket_to_a_bucket_is_the_local_cache_and_survives
         assert storage.read_bytes(f"{out}/{e['file']}") == (local / w["file"]).read_bytes(), e["file"]
     assert m["run_id"] == want["run_id"] and S3_SECRET not in json.dumps(m)
     assert not storage.exists(f"{out}/.distill.lock") and not storage.listdir(f"{out}/.distill.done")
+
+
+def test_inspect_and_verify_take_a_bucket(cache4, bucket):
+    from distill.cache.transfer import push
+    shards, local = cache4
+    push(local, f"{bucket}/c", quiet=True)
+    _upload_dir(shards, f"{bucket}/train")
+    r = _cli("inspect", f"{bucket}/c")
+    assert r.returncode == 0 and "480 samples x 4 epochs" in r.stdout, r.stdout + r.stderr
+    r = _cli("inspect", f"{bucket}/train")
+    assert r.returncode == 0 and "train-000001.tar" in r.stdout, r.stdout + r.stderr
+    r = _cli("verify", f"{bucket}/c")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _cli("inspect", f"{bucket}/nothing")
+    assert r.returncode == 2 and "\n" not in r.stderr.strip(), r.stderr
+
+
+def test_a_dataset_from_a_bucket_with_exclude_on_the_bucket_is_the_local_one(bucket, ray_local):
+    """DistillDataset over s3:// shards, cache and --exclude (a filter-labels directory in the bucket):
+    the same batches, keys and targets as over the local copies."""
+    import distill
+    import torch
+    fixture = REPO / "tests" / "data" / "view-fixture"
+    for sub in ("shards", "cache", "filter"):
+        _upload_dir(fixture / sub, f"{bucket}/{sub}")
+    kw = dict(image_size=32, batch_size=8, seed=3, rank=0, world=1, drop_last=False)
+    here = distill.DistillDataset(str(fixture / "shards"), str(fixture / "cache"), exclude=str(fixture / "filter"), **kw)
+    there = distill.DistillDataset(f"{bucket}/shards", f"{bucket}/cache", exclude=f"{bucket}/filter", **kw)
+    for epoch in (0, 2):
+        here.set_epoch(epoch)
+        there.set_epoch(epoch)
+        a, b = list(here), list(there)
+        assert [x["key"] for x in a] == [x["key"] for x in b] and len(a) > 1
+        for x, y in zip(a, b):
+            assert torch.equal(x["image"], y["image"]) and torch.equal(x["topk_prob"], y["topk_prob"])
+    from distill.format import read_excluded_keys
+    dropped = read_excluded_keys(f"{bucket}/filter")
+    assert dropped and dropped == read_excluded_keys(fixture / "filter")
+    assert not dropped & {k for x in b for k in x["key"]}

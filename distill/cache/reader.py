@@ -30,7 +30,7 @@ _KEEP_OBJECTS = 64          # remote shard files whose footers a process keeps
 class Cache:
     def __init__(self, path: str | os.PathLike, shards_dir: str | os.PathLike | None = None):
         self.remote = storage.is_remote(path)
-        self.path = os.fspath(path).rstrip("/") if self.remote else storage.local_path(path)
+        self.path = storage.text(path).rstrip("/") if self.remote else storage.local_path(path)
         if self.remote:
             m = _read_remote_manifest(self.path)
         elif not self.path.is_dir():

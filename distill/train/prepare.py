@@ -159,7 +159,7 @@ def _excluded_here(exclude: frozenset, cfg: TrainConfig, names: list[str]) -> di
     """How many --exclude keys lie in each of these shards (the scores table knows each key's shard)."""
     if not exclude:
         return {}
-    t = read_ipc(Path(cfg.exclude) / FILTER_SCORES_NAME, ["shard", "keep"])
+    t = read_ipc(storage.join(cfg.exclude, FILTER_SCORES_NAME), ["shard", "keep"])
     keep = t.column("keep").to_numpy(zero_copy_only=False)
     shard = np.asarray(t.column("shard").to_numpy(zero_copy_only=False))
     dropped = shard[~keep]
