@@ -138,8 +138,7 @@ def pull(url: str, out: str | Path, *, epochs: str | None = None, shards: str | 
         atomic_write_json(d / PULL_MARK, mark)
         (d / DONE_DIR).mkdir(exist_ok=True)
         done = []
-        pbar = bar(len(entries), f"pull {url}", "file", quiet)
-        for e in entries:
+        for e in _counted(entries, f"pull {url}", quiet):
             dst = inside(d, e["file"], f"{src_manifest}: the file of shard {e['name']!r} is", str(d))
             marker = d / DONE_DIR / f"{dst.name}.json"
             prior = read_json(marker, "pull record") if marker.exists() else None
@@ -154,10 +153,6 @@ def pull(url: str, out: str | Path, *, epochs: str | None = None, shards: str | 
                 done.append(entry)
                 res.bytes_written += len(data)
             res.files += 1
-            if pbar:
-                pbar.update(1)
-        if pbar:
-            pbar.close()
         totals = dict(manifest["totals"], samples=sum(e["samples"] for e in done),
                       records=sum(e["records"] for e in done), skipped=sum(len(e["skipped"]) for e in done),
                       excluded=sum(e["excluded"] for e in done))
@@ -170,7 +165,7 @@ def pull(url: str, out: str | Path, *, epochs: str | None = None, shards: str | 
 
 def push(directory: str | Path, url: str, *, quiet: bool = False) -> TransferResult:
     """Upload the cache in ``directory`` to ``url``: each file checked against the manifest, uploaded
-    whole, recorded (``.distill.push/NAME``: its sha256); the manifest last, so a reader never takes
+    whole, recorded (``.distill.push/NAME.json``: its sha256 and the store's ETag); the manifest last, so a reader never takes
     the upload for complete before it is. A rerun skips what its records prove is there."""
     from .reader import open_cache
     before = storage.STATS.snapshot()
@@ -178,31 +173,38 @@ def push(directory: str | Path, url: str, *, quiet: bool = False) -> TransferRes
     if storage.scheme(url) in storage.READ_ONLY:
         raise UserError(f"{url}: {storage.scheme(url)}:// is read-only")
     res = TransferResult(str(directory), url, epochs=cache.epochs)
-    entries = cache.manifest["shards"]
-    pbar = bar(len(entries), f"push {url}", "file", quiet)
-    for e in entries:
+    for e in _counted(cache.manifest["shards"], f"push {url}", quiet):
         path = cache.file(e["name"])               # checked against the manifest (size, sha256, footer)
-        record = storage.join(url, PUSH_DONE, e["file"])
-        dst = storage.join(url, e["file"])
-        if (storage.exists(record) and storage.read_bytes(record).decode() == e["file_sha256"]
-                and storage.exists(dst) and storage.size(dst) == e["file_bytes"]):
+        record, dst = storage.join(url, PUSH_DONE, f"{e['file']}.json"), storage.join(url, e["file"])
+        prior = storage.read_json(record, "push record") if storage.exists(record) else {}
+        if prior.get("file_sha256") == e["file_sha256"] and prior.get("etag") and storage.etag(dst) == prior["etag"]:
             res.reused += 1
         else:
             data = path.read_bytes()
             storage.write_bytes(dst, data)
-            storage.write_bytes(record, e["file_sha256"].encode())
+            storage.write_bytes(record, json.dumps({"file_sha256": e["file_sha256"],
+                                                    "etag": storage.etag(dst)}).encode())
             res.bytes_written += len(data)
         res.files += 1
-        if pbar:
-            pbar.update(1)
-    if pbar:
-        pbar.close()
     for name in (RUN_NAME, MANIFEST_NAME):                   # the manifest last: the commit point
         p = Path(directory) / name
         if p.is_file():
             storage.write_bytes(storage.join(url, name), p.read_bytes())
     res.stats = _since(before)
     return res
+
+
+def _counted(items: list, label: str, quiet: bool):
+    """``items``, one by one, with a progress bar of them."""
+    pbar = bar(len(items), label, "file", quiet)
+    try:
+        for x in items:
+            yield x
+            if pbar:
+                pbar.update(1)
+    finally:
+        if pbar:
+            pbar.close()
 
 
 def _since(before: dict) -> dict:
