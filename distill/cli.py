@@ -243,11 +243,7 @@ def _add_transfer_parsers(sub) -> None:
     s.set_defaults(func=cmd_push)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="distill", description="Offline knowledge distillation: run the teacher once, train students from its cache.")
-    p.add_argument("--version", action="version", version=f"distill {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
+def _add_make_shards_parser(sub) -> None:
     s = sub.add_parser("make-shards", help="image folder tree or CSV -> webdataset shards + index.json",
                        description="Turn an image-folder tree (one folder per class) or a CSV/TSV of path,label into webdataset shards.")
     s.add_argument("src", metavar="SRC", help="image folder (one subfolder per class) or CSV/TSV file of path,label")
@@ -262,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the dataset shuffle (default: 0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_make_shards)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="distill", description="Offline knowledge distillation: run the teacher once, train students from its cache.")
+    p.add_argument("--version", action="version", version=f"distill {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    _add_make_shards_parser(sub)
 
     for name, text in (
             ("adapt-teacher", "fit a pretrained ViT teacher to the shards' classes "

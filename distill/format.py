@@ -676,6 +676,12 @@ class RemoteArrowFile(storage.RangeFile):
         if 0 <= first <= last < len(self.blocks):
             self.prefetch([(self.blocks[first][0], self.blocks[last][0] + self.blocks[last][1])])
 
+    def keep_first(self, batches: int) -> None:
+        """Pin what is read from the first ``batches`` record batches (epoch 0's: the class dictionaries
+        and digests every epoch's read needs), so they are fetched once for the life of this file."""
+        if 0 < batches <= len(self.blocks):
+            self.keep = (self.blocks[0][0], self.blocks[batches - 1][0] + self.blocks[batches - 1][1])
+
 
 class CacheFile:
     """One shard file of a cache, opened for reading: its metadata comes from the IPC footer, and only
@@ -722,6 +728,8 @@ class CacheFile:
             raise self._damaged(f"{self.num_batches} record batches, its metadata says {self.samples} samples x "
                                 f"{self.epochs} epochs in chunks of {self.chunk}")
         self.batches_read = 0
+        if self._remote is not None:
+            self._remote.keep_first(self.per_epoch)
 
     @property
     def checksummed(self) -> bool:

@@ -13,8 +13,8 @@ read: ``if hooks.ACTIVE: hooks.fire(...)``.
   creates it and kills its own worker process.
 * ``DISTILL_FAULT_READ_ONCE=MARKER``: the first shard read that finds MARKER absent creates it and fails
   with an I/O error after the member it just read.
-* ``DISTILL_FAULT_STORE_DELAY_MS=D``: every GET from an object store waits D ms first (a store's request
-  latency on loopback: ``tools/bench_storage.py``).
+* ``DISTILL_FAULT_STORE_DELAY_MS=D``: every request to an object store (GET, HEAD, list, PUT) waits D ms
+  first (a store's request latency, on loopback: ``tools/bench_storage.py``).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def fire(point: str, **at) -> None:
             _writes[want] = _writes.get(want, 0) + 1
             if _writes[want] == int(n):
                 os.kill(os.getpid(), signal.SIGKILL)
-    if point == "store-get" and ENV.get(STORE_DELAY_ENV):
+    if point == "store-request" and ENV.get(STORE_DELAY_ENV):
         import time
         time.sleep(float(ENV[STORE_DELAY_ENV]) / 1000)
     if point == "shard-task" and _first_time(ENV.get(KILL_ONCE_ENV)):

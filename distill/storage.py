@@ -111,7 +111,10 @@ def local_path(location: str | os.PathLike) -> Path:
 
 
 def _fs(location: str):
-    """(fsspec filesystem, its path) of a remote location; a missing backend is one line naming the extra."""
+    """(fsspec filesystem, its path) of a remote location, for one request; a missing backend is one line
+    naming the extra."""
+    if hooks.ACTIVE:
+        hooks.fire("store-request")
     s = scheme(location)
     try:
         import fsspec
@@ -191,8 +194,6 @@ def read_bytes(location: str | os.PathLike, start: int | None = None, end: int |
             f.seek(start or 0)
             return f.read() if end is None else f.read(end - (start or 0))
     fs, path = _fs(loc)
-    if hooks.ACTIVE:
-        hooks.fire("store-get")
     try:
         data = fs.cat_file(path, start=start, end=end)
     except Exception as e:  # noqa: BLE001
@@ -280,17 +281,35 @@ def remove(location: str | os.PathLike) -> None:
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
+_GEN = 0                          # bumped in a forked child: the parent's background fetches are not its own
 
 
 def background(fn, *args):
     """Run ``fn(*args)`` in this process's small pool of request threads (made on first use; a
-    DataLoader worker has its own); returns the Future."""
+    DataLoader worker has its own, forked or spawned); returns the Future."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
             from concurrent.futures import ThreadPoolExecutor
             _POOL = ThreadPoolExecutor(4, thread_name_prefix="distill-store")
-    return _POOL.submit(fn, *args)
+    fut = _POOL.submit(fn, *args)
+    fut.distill_gen = _GEN
+    return fut
+
+
+def _mine(fut) -> bool:
+    """Whether a background fetch belongs to this process (one inherited through fork never finishes)."""
+    return getattr(fut, "distill_gen", None) == _GEN
+
+
+def _after_fork() -> None:
+    global _POOL, _POOL_LOCK, _GEN, _WARM, _WARM_LOCK
+    _POOL, _POOL_LOCK, _GEN = None, threading.Lock(), _GEN + 1
+    _WARM, _WARM_LOCK = {}, threading.Lock()
+    STATS._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class RangeFile:
@@ -298,7 +317,7 @@ class RangeFile:
     is one ranged GET of at least ``block`` bytes; with ``ahead`` (a file read front to back, like a tar
     shard) the next block is fetched in the background meanwhile, so the reader does not wait on the
     store's latency. ``prefetch`` fetches given ranges in one GET each (e.g. one epoch's record
-    batches); ``prefetch_later`` does it in the background. What is held is bounded: the last 8
+    batches); ``prefetch_later`` does it in the background. What is held is bounded: the last 16
     ranges, and those pinned (``pin``). Local files are opened as themselves (``open_input``)."""
 
     def __init__(self, location: str, block: int = 1 << 20, ahead: bool = False):
@@ -307,8 +326,9 @@ class RangeFile:
         self.pos = 0
         self._held: list[tuple[int, bytes]] = []     # (start, bytes), most recent last
         self._pinned: list[tuple[int, bytes]] = []   # kept for good (e.g. a footer)
+        self.keep: tuple[int, int] | None = None     # reads inside [start, end) are kept for good too
         self._pending: dict[tuple[int, int], object] = {}    # (start, end) -> Future of a background fetch
-        self._lock = threading.RLock()
+        self._owner, self._lock_ = os.getpid(), threading.RLock()
         self.closed = False
 
     def cursor(self) -> "RangeFile":
@@ -319,35 +339,42 @@ class RangeFile:
         other.pos = 0
         return other
 
+    @property
+    def _lk(self) -> threading.RLock:
+        """This process's lock (a forked child gets a fresh one, and none of the parent's fetches)."""
+        if self._owner != os.getpid():
+            self._owner, self._lock_, self._pending = os.getpid(), threading.RLock(), {}
+        return self._lock_
+
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_pending")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock_", "_pending", "_owner")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _lock=threading.RLock(), _pending={})
+        self.__dict__.update(state, _owner=os.getpid(), _lock_=threading.RLock(), _pending={})
 
     def prefetch(self, ranges) -> None:
         for start, end in ranges:
             end = min(end, self.size)
             if end > start and self._find(start, end) is None:
                 got = read_bytes(self.location, start, end)
-                with self._lock:
+                with self._lk:
                     self._hold(start, got)
 
     def prefetch_later(self, start: int, end: int) -> None:
         """Fetch [start, end) in the background, unless held or on its way already."""
         end = min(end, self.size)
-        with self._lock:
-            if end <= start or (start, end) in self._pending or self._find(start, end) is not None:
+        with self._lk:
+            if end <= start or _mine(self._pending.get((start, end))) or self._find(start, end) is not None:
                 return
             self._pending[(start, end)] = background(self._fetch_later, start, end)
 
     def _fetch_later(self, start: int, end: int) -> None:
         try:
             got = read_bytes(self.location, start, end)
-            with self._lock:
+            with self._lk:
                 self._hold(start, got)
         finally:
-            with self._lock:
+            with self._lk:
                 self._pending.pop((start, end), None)
 
     def pin(self, start: int, end: int) -> bytes:
@@ -355,16 +382,16 @@ class RangeFile:
         data = self._find(start, end)
         if data is None:
             data = read_bytes(self.location, start, min(end, self.size))
-            with self._lock:
+            with self._lk:
                 self._pinned.append((start, data))
         return data
 
     def _hold(self, start: int, data: bytes) -> None:
         self._held.append((start, data))
-        del self._held[:-8]                          # bounded: the last few ranges only
+        del self._held[:-16]                         # bounded: the last few ranges only
 
     def _find(self, start: int, end: int) -> bytes | None:
-        with self._lock:
+        with self._lk:
             for s, data in (*reversed(self._held), *self._pinned):
                 if s <= start and end <= s + len(data):
                     return data[start - s:end - s]
@@ -372,8 +399,8 @@ class RangeFile:
 
     def _wait(self, start: int, end: int) -> None:
         """Wait for a background fetch that covers [start, end), if one is on its way."""
-        with self._lock:
-            futures = [f for (s, e), f in self._pending.items() if s <= start and end <= e]
+        with self._lk:
+            futures = [f for (s, e), f in self._pending.items() if s <= start and end <= e and _mine(f)]
         for f in futures:
             f.result()
 
@@ -388,8 +415,11 @@ class RangeFile:
         if data is None:
             fetch_end = min(self.size, max(end, self.pos + self.block))
             got = read_bytes(self.location, self.pos, fetch_end)
-            with self._lock:
-                self._hold(self.pos, got)
+            with self._lk:
+                if self.keep and self.keep[0] <= self.pos and fetch_end <= self.keep[1]:
+                    self._pinned.append((self.pos, got))      # a range the owner keeps (``keep``)
+                else:
+                    self._hold(self.pos, got)
             data = got[:end - self.pos]
             if self.ahead and fetch_end < self.size:
                 self.prefetch_later(fetch_end, fetch_end + self.block)
@@ -428,11 +458,46 @@ class RangeFile:
         self.close()
 
 
+_WARM: dict = {}                  # location -> Future of a RangeFile opened ahead (``warm``)
+_WARM_KEEP = 8
+_WARM_LOCK = threading.Lock()
+
+
+def warm(location, block: int = 8 << 20) -> None:
+    """Open an object ahead, in the background: its size and its first ``block`` bytes, for the next
+    ``open_input(location, block, ahead=True)`` to take (a few are kept; local files: nothing to do)."""
+    loc = text(location)
+    if not is_remote(loc):
+        return
+    with _WARM_LOCK:
+        if loc in _WARM:
+            return
+        _WARM[loc] = background(_opened, loc, block)
+        while len(_WARM) > _WARM_KEEP:
+            _WARM.pop(next(iter(_WARM)))
+
+
+def _opened(loc: str, block: int) -> "RangeFile":
+    f = RangeFile(loc, block, ahead=True)
+    f.prefetch([(0, block)])
+    return f
+
+
 def open_input(location: str | os.PathLike, block: int = 1 << 20, ahead: bool = False):
-    """A seekable binary file to read: the local file itself, or a ``RangeFile`` over the object."""
+    """A seekable binary file to read: the local file itself, or a ``RangeFile`` over the object (the one
+    ``warm`` opened, when there is one)."""
     loc = text(location)
     if not is_remote(loc):
         return open(local_path(loc), "rb")
+    with _WARM_LOCK:
+        pending = _WARM.pop(loc, None) if ahead else None
+    if pending is not None:
+        try:
+            f = pending.result()
+            if f.block == block:
+                return f
+        except Exception:  # noqa: BLE001 - opened again below, where a failure is reported
+            pass
     return RangeFile(loc, block, ahead)
 
 

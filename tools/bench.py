@@ -51,7 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PARTS = ("augment", "views", "cache", "scaling", "storage_k", "filter", "train", "notebook", "scale", "cli", "producers", "gpu",
-         "students", "adapt", "integrity", "faults", "projection")
+         "students", "adapt", "integrity", "faults", "object_store", "projection")
 
 # Reference numbers: measured by this project on one H100 (PyTorch 2.11, bf16 autocast, batch 256, random
 # weights, speed only) or published by TinyViT (paper and reference implementation).
@@ -69,7 +69,8 @@ ANCHORS = {
 GOALS = {"efficiency": 0.90, "command": 0.85, "scaling": 1.7, "filter_mb": 2048, "loader": 0.95, "step": 0.97,
          "open_s": 1.0, "table_s": 2.0, "driver_mb_per_1m": 200, "read_amp": 1.5, "bytes_per_record": 27,
          "classes_per_batch": 0.9, "same_class_pairs": 2.0, "help_s": 0.5,
-         "producers_2_over_1": 1.8, "stub_efficiency": 0.90, "integrity_loader": 0.98, "public": 0.98}
+         "producers_2_over_1": 1.8, "stub_efficiency": 0.90, "integrity_loader": 0.98, "public": 0.98,
+         "store_bytes": 1.5, "store_speed": 0.9}
 
 
 # ----------------------------------------------------------------------------- environment
@@ -208,6 +209,10 @@ def part_integrity(quick: bool, tmp: Path) -> dict:
 def part_faults(quick: bool, tmp: Path) -> dict:
     # exit 1 means a case came out silently wrong or crashed: the JSON line is the result either way
     return _json_part("faults.py", ["--quick"] if quick else [], 900 if quick else 2400, status_from_json=True)
+
+
+def part_object_store(quick: bool, tmp: Path) -> dict:
+    return _json_part("bench_storage.py", ["--quick"] if quick else [], 600 if quick else 1800)
 
 
 def part_gpu(quick: bool, tmp: Path) -> dict:
@@ -538,12 +543,22 @@ def render(res: dict, env: dict, quick: bool) -> str:
     fj = res.get("faults", {}).get("json", {})
     v = None if not fj else fj.get("silently_wrong", 0) + fj.get("crashed", 0)
     L.append(f"| fault cases silently wrong or crashed (of {fj.get('cases', '?')}) | {_f(v, '{:d}')} | 0 | {_ok(v, 0, False)} |")
+    oj = res.get("object_store", {}).get("json", {})
+    for when in ("first", "later"):
+        v = (oj.get("bytes") or {}).get(when, {}).get("bytes_per_epoch_bytes")
+        g = (oj.get("bytes") or {}).get(when, {}).get("gets")
+        L.append(f"| s3:// cache, bytes fetched to train one epoch ÷ the epoch's bytes ({when} epoch; {_f(g, '{:d}')} GETs) | "
+                 f"{_f(v, '{:.3f}')} | ≤ {GOALS['store_bytes']} | {_ok(v, GOALS['store_bytes'], False)} |")
+    v = (oj.get("speed") or {}).get("remote_over_local")
+    L.append(f"| train loader, s3:// cache + shards ÷ local disk, {oj.get('delay_ms', '?')} ms per GET, "
+             f"{oj.get('image_size', '?')} px, 2 workers | {_f(v, '{:.3f}')} | ≥ {GOALS['store_speed']} | "
+             f"{_ok(v, GOALS['store_speed'])} |")
     L.append("")
 
     L += _sec_augment(res, env) + _sec_cache(res, env) + _sec_storage(res, env) + _sec_scaling(res, env)
     L += _sec_filter(res, env) + _sec_train(res, env) + _sec_notebook(res, env) + _sec_projection(res, env)
     L += _sec_scale(res, env) + _sec_cli(res, env) + _sec_producers(res, env) + _sec_gpu(res, env) + _sec_students(res, env) + _sec_adapt(res, env)
-    L += _sec_integrity(res, env) + _sec_faults(res, env)
+    L += _sec_integrity(res, env) + _sec_faults(res, env) + _sec_object_store(res, env)
     L += ["## Raw results", "", "<details><summary>JSON of this run (parsed outputs; full stdout omitted)</summary>", "",
           "```json", json.dumps(_strip(res), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(L)
@@ -1092,6 +1107,30 @@ def _sec_projection(res, env):
 
 # ----------------------------------------------------------------------------- main
 
+def _sec_object_store(res, env):
+    r = res.get("object_store")
+    L = ["## 17. Training from object storage", "", _run_line(env, r), ""]
+    if _status(r):
+        return L + [_status(r), ""]
+    j = r["json"]
+    b, s = j["bytes"], j["speed"]
+    return L + [
+        "`tools/bench_storage.py`: a real S3 API (moto's server on 127.0.0.1) holding the same cache (demo teacher, "
+        f"{j['epochs']} epochs, K=10) and shards ({j['shards']} demo shards) as a local directory. (a) One epoch of "
+        "`DistillDataset` over the s3:// cache in the measuring process, every request counted: bytes fetched ÷ the "
+        "epoch's share of the cache's bytes, and GET requests; the first epoch fetches each file's footer, a later "
+        "one reuses them. (b) train-student's loader (2 persistent workers) over s3:// cache + s3:// shards against "
+        f"the same files on local disk, whole epochs alternating, medians compared; every GET waits {j['delay_ms']:.0f} ms "
+        "first (a cloud store's time to first byte; loopback has none).", "",
+        "| | first epoch | later epoch |", "|---|---:|---:|",
+        f"| GET requests | {b['first']['gets']} | {b['later']['gets']} |",
+        f"| bytes fetched | {b['first']['bytes']:,} | {b['later']['bytes']:,} |",
+        f"| ÷ the epoch's bytes ({b['epoch_bytes']:,}) | **{b['first']['bytes_per_epoch_bytes']:.3f}** | "
+        f"**{b['later']['bytes_per_epoch_bytes']:.3f}** |", "",
+        f"Loader at {j['image_size']} px, batch {j['batch_size']}: local {s['local_img_s']:,.1f} img/s, s3:// "
+        f"{s['remote_img_s']:,.1f} img/s: **{s['remote_over_local']:.3f}**.", ""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run (< 5 min on 2 cores); "
@@ -1165,6 +1204,8 @@ def main(argv=None) -> int:
             go("integrity", lambda: part_integrity(a.quick, tmp))
         if "faults" in parts:
             go("faults", lambda: part_faults(a.quick, tmp))
+        if "object_store" in parts:
+            go("object_store", lambda: part_object_store(a.quick, tmp))
         if "scaling" in parts:   # last of the measured parts; it waits for a quiet machine itself (full mode)
             go("scaling", lambda: part_cache(a.quick, tmp, "scaling"))
         if "projection" in parts:

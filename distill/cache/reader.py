@@ -41,7 +41,7 @@ class Cache:
         self._checked: set[str] = set()      # shard files already checked against the manifest
         self._objects: dict[str, RemoteArrowFile] = {}     # a remote cache's files, footers fetched
         self._digests: dict[str, np.ndarray | None] = {}   # a remote cache's digests, fetched ahead
-        self._lock = threading.RLock()
+        self._owner, self._lock_ = os.getpid(), threading.RLock()
         source = m.get("source") if isinstance(m.get("source"), dict) else {}
         self._shards_dir = storage.path(shards_dir if shards_dir else str(source.get("dir", ".")))
 
@@ -94,11 +94,19 @@ class Cache:
             return storage.join(self.path, self._entry(shard)["file"])
         return cache_file_path(self.path, self._entry(shard), self.path / MANIFEST_NAME)
 
-    def __getstate__(self):                      # to DataLoader workers: no fetched bytes, no lock
-        return {k: v for k, v in self.__dict__.items() if k not in ("_objects", "_digests", "_lock")}
+    @property
+    def _lock(self) -> threading.RLock:
+        """This process's lock: a forked DataLoader worker gets a fresh one (and the parent's fetched
+        bytes, which are still good)."""
+        if self._owner != os.getpid():
+            self._owner, self._lock_ = os.getpid(), threading.RLock()
+        return self._lock_
+
+    def __getstate__(self):                      # to spawned DataLoader workers: no fetched bytes, no lock
+        return {k: v for k, v in self.__dict__.items() if k not in ("_objects", "_digests", "_lock_", "_owner")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _objects={}, _digests={}, _lock=threading.RLock())
+        self.__dict__.update(state, _objects={}, _digests={}, _owner=os.getpid(), _lock_=threading.RLock())
 
     def file(self, shard: str) -> Path:
         """The shard's cache file, checked against the manifest the first time it is used: its size, its
@@ -136,9 +144,11 @@ class Cache:
         time against the manifest (size, then the footer's facts); its record batches are checked by
         their CRC-32 as they are read (a store's file is not hashed whole: that would read every epoch)."""
         with self._lock:
-            obj = self._objects.pop(shard, None)
-            if obj is None:
-                obj = RemoteArrowFile(url)
+            obj = self._objects.get(shard)
+        if obj is None:
+            obj = RemoteArrowFile(url)            # its requests made outside the lock: others go on meanwhile
+        with self._lock:
+            obj = self._objects.pop(shard, obj)
             self._objects[shard] = obj
             while len(self._objects) > _KEEP_OBJECTS:
                 self._objects.pop(next(iter(self._objects)))
@@ -151,18 +161,21 @@ class Cache:
                 self._checked.add(shard)
         return cf
 
-    def prefetch_later(self, shard: str, epoch: int) -> None:
-        """A remote cache: fetch the shard file's footer, its digests and epoch ``epoch``'s record batches
-        in the background, so that reading them next does not wait on the store (a failure here is
-        left for that read to meet and report)."""
+    def prefetch_later(self, shard: str, epoch: int, columns=()) -> None:
+        """A remote cache: fetch what reading ``columns`` of the shard at ``epoch`` will read (the file's
+        footer, that epoch's record batches, the class dictionaries) and its digests, in the background,
+        so that the read that follows does not wait on the store (a failure here is left for that read
+        to meet and report)."""
         if self.remote:
-            storage.background(self._prefetch, shard, epoch)
+            storage.background(self._prefetch, shard, epoch, list(columns))
 
-    def _prefetch(self, shard: str, epoch: int) -> None:
+    def _prefetch(self, shard: str, epoch: int, columns: list) -> None:
         try:
             with self.open_file(shard) as cf:
                 pe = cf.per_epoch
                 cf._remote.prefetch_batches(epoch * pe, epoch * pe + pe - 1)
+                if columns:
+                    cf.read(epochs=[epoch], columns=columns)       # the ranges it reads stay held
                 digests = cf.digests()
             with self._lock:
                 self._digests[shard] = digests
@@ -257,7 +270,7 @@ class Cache:
         row order, or None for a cache made before they were recorded."""
         with self._lock:
             if shard in self._digests:
-                return self._digests.pop(shard)
+                return self._digests[shard]
         with self.open_file(shard) as f:
             return f.digests()
 

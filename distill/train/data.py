@@ -268,21 +268,30 @@ class DistillDataset(IterableDataset):
         cut = epoch_segments(self.counts, self.epoch, self.seed, rank, first.world, worker, first.workers,
                              first.batch_size, first.drop_last)
         segs = [self._blocks(i, Segment(self.shards[i], a, b), wanted, stats) for i, a, b in cut]
-        if self.cache is not None and self.cache.remote and wanted is not False:
-            segs = self._fetching_ahead(segs, [self.shards[i].name for i, _, _ in cut])
+        remote = (self.cache is not None and self.cache.remote) or any(storage.is_remote(r.path) for r in self.shards[:1])
+        if remote and wanted is not False:
+            segs = self._fetching_ahead(segs, [self.shards[i] for i, _, _ in cut])
         return schedule(segs, stream_rng(self.seed, self.epoch, rank, worker), self.open_shards, self.buffer)
 
-    def _fetching_ahead(self, segs: list, names: list[str]) -> list:
-        """A remote cache: each segment, when it starts, has the cache fetch the records of the segment
-        ``open_shards + 2`` places later in the background (the first ones at once): a bounded prefetch
-        that keeps the store's request latency off the stream."""
-        ahead, e = self.open_shards + 2, self.epoch % self.cache.epochs
-        for name in names[:ahead]:
-            self.cache.prefetch_later(name, e)
+    def _fetching_ahead(self, segs: list, refs: list[ShardRef]) -> list:
+        """Data in an object store: each segment, when it starts, has the segment ``open_shards + 2``
+        places later fetched in the background (the first ones at once): its cache records (footer,
+        digests, the epoch's span) and the start of its shard. A bounded prefetch that keeps the store's
+        request latency off the stream."""
+        ahead = self.open_shards + 2
+        e = self.epoch % self.cache.epochs if self.cache is not None else self.epoch
+
+        def fetch(ref: ShardRef) -> None:
+            if self.cache is not None:
+                self.cache.prefetch_later(ref.name, e, TRAIN_READ_COLUMNS + (["key"] if self.exclude else []))
+            storage.warm(ref.path)
+
+        for ref in refs[:ahead]:
+            fetch(ref)
 
         def started(k: int, seg):
-            if k + ahead < len(names):
-                self.cache.prefetch_later(names[k + ahead], e)
+            if k + ahead < len(refs):
+                fetch(refs[k + ahead])
             yield from seg
         return [started(k, seg) for k, seg in enumerate(segs)]
 
