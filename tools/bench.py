@@ -550,7 +550,7 @@ def render(res: dict, env: dict, quick: bool) -> str:
         L.append(f"| s3:// cache, bytes fetched to train one epoch ÷ the epoch's bytes ({when} epoch; {_f(g, '{:d}')} GETs) | "
                  f"{_f(v, '{:.3f}')} | ≤ {GOALS['store_bytes']} | {_ok(v, GOALS['store_bytes'], False)} |")
     v = (oj.get("speed") or {}).get("remote_over_local")
-    L.append(f"| train loader, s3:// cache + shards ÷ local disk, {oj.get('delay_ms', '?')} ms per GET, "
+    L.append(f"| train loader, s3:// cache + shards ÷ local disk, {oj.get('delay_ms', '?')} ms per request, "
              f"{oj.get('image_size', '?')} px, 2 workers | {_f(v, '{:.3f}')} | ≥ {GOALS['store_speed']} | "
              f"{_ok(v, GOALS['store_speed'])} |")
     L.append("")
@@ -1120,7 +1120,7 @@ def _sec_object_store(res, env):
         "`DistillDataset` over the s3:// cache in the measuring process, every request counted: bytes fetched ÷ the "
         "epoch's share of the cache's bytes, and GET requests; the first epoch fetches each file's footer, a later "
         "one reuses them. (b) train-student's loader (2 persistent workers) over s3:// cache + s3:// shards against "
-        f"the same files on local disk, whole epochs alternating, medians compared; every GET waits {j['delay_ms']:.0f} ms "
+        f"the same files on local disk, whole epochs alternating, medians compared; every request (GET, HEAD, list) waits {j['delay_ms']:.0f} ms "
         "first (a cloud store's time to first byte; loopback has none).", "",
         "| | first epoch | later epoch |", "|---|---:|---:|",
         f"| GET requests | {b['first']['gets']} | {b['later']['gets']} |",

@@ -6,7 +6,7 @@
     GET requests per epoch; the first epoch (footers fetched) and a later one (footers kept).
 (b) speed: train-student's loader (``DistillLoader``, 2 persistent workers) over s3:// cache + s3://
     shards vs the same files on local disk, whole epochs alternating, median img/s of each: ratio
-    remote ÷ local (goal >= 0.9). Every GET waits ``--delay-ms`` first (default 30 ms: a cloud store's
+    remote ÷ local (goal >= 0.9). Every request (GET, HEAD, list) waits ``--delay-ms`` first (default 30 ms: a cloud store's
     time to first byte within a region; loopback alone has none).
 
     python tools/bench_storage.py [--shards shards/demo/train] [--count 4] [--epochs 4] [--delay-ms 30]
@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--shards", default=str(REPO / "shards" / "demo" / "train"))
     ap.add_argument("--count", type=int, default=4, help="shards used (the first ones)")
     ap.add_argument("--epochs", type=int, default=4, help="epochs cached")
-    ap.add_argument("--delay-ms", type=float, default=30.0, help="added wait before every GET")
+    ap.add_argument("--delay-ms", type=float, default=30.0, help="added wait before every request to the store")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=4)
