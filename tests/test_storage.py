@@ -129,6 +129,9 @@ def test_pull_of_some_shards_and_a_bad_range_are_refused_or_kept(cache4, bucket,
             pull(url, tmp_path / "bad", epochs=bad, quiet=True)
     with pytest.raises(UserError, match="no shard"):
         pull(url, tmp_path / "bad", shards="nope*", quiet=True)
+    with pytest.raises(UserError, match="not found.*complete cache"):
+        pull(f"{bucket}/nothing", tmp_path / "bad", quiet=True)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_flipped_byte_in_the_bucket_is_named_and_nothing_is_pulled(cache4, bucket, tmp_path):

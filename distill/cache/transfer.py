@@ -118,7 +118,8 @@ def pull(url: str, out: str | Path, *, epochs: str | None = None, shards: str | 
     try:
         manifest = json.loads(storage.read_bytes(src_manifest))
     except UserError as e:
-        raise UserError(f"{e} (is {url} a complete cache?)") from None
+        hint = f" (is {url} a complete cache? its manifest is written last)" if str(e).startswith("not found") else ""
+        raise UserError(f"{e}{hint}") from None
     except ValueError as e:
         raise FormatError(f"{src_manifest} is not valid JSON ({e})") from None
     check_manifest(manifest, src_manifest)
