@@ -129,12 +129,12 @@ def _efficiency_of(tmp: Path, name: str, model, *, images: int, shards: int, epo
 
 
 def efficiency(tmp: Path, quick: bool) -> dict:
-    """ResNet-18-like (1.8 GMACs) and ViT-S/16-like (4.6 GMACs) TorchScript teachers; the ViT also as the
-    whole command (1,200 records: 300 images in 2 shards x 4 epochs, batch 32; quick: far fewer)."""
+    """ResNet-18-like (1.8 GMACs, 4 runs: one setup spreads by +-10% on this machine) and ViT-S/16-like
+    (4.6 GMACs, 2 runs) TorchScript teachers; the ViT also as the whole command (1,200 records: 300 images in 2 shards x 4 epochs, batch 32; quick: far fewer)."""
     secs = 5 if quick else 12
     resnet = _efficiency_of(tmp, "ResNet-18-like (TorchScript)", bench_teachers.resnet18_like(),
                             images=32 if quick else 96, shards=1, epochs=2 if quick else 8,
-                            batch=16 if quick else 32, secs=secs, whole=False, repeats=1 if quick else 2)
+                            batch=16 if quick else 32, secs=secs, whole=False, repeats=1 if quick else 4)
     torch.manual_seed(0)
     vit = _efficiency_of(tmp, "ViT-S/16-like (TorchScript)", bench_teachers.ViTLike(dim=384, depth=12, heads=6).eval(),
                          images=32 if quick else 300, shards=2, epochs=1 if quick else 4, batch=16 if quick else 32,
